@@ -1,0 +1,6 @@
+"""asmlp_min: AS-MLP (Lian et al., ICLR 2022) built from small, readable, tested PyTorch modules."""
+from .backbone import ASMLP, ASMLPConfig, PatchEmbed, PatchMerging, create_model, list_models
+from .block import ASMLPBlock, AxialShiftMix, DropPath, Mlp
+from .shift import AxialShift, axial_shift
+
+__version__ = "0.1.0"

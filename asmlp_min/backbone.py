@@ -1,0 +1,234 @@
+"""The AS-MLP backbone (paper Sec. 3.1, Fig. 1a): patches -> four stages of blocks -> classifier or features.
+
+    image (b, 3, H, W) -> PatchEmbed -> (b, C, H/4, W/4) -> stage 0 -> merge -> (b, 2C, H/8, W/8)
+    -> stage 1 -> merge -> stage 2 -> merge -> stage 3 (b, 8C, H/32, W/32) -> norm -> pool -> head
+
+Classification follows timm (``forward_features`` / ``forward_head`` / ``reset_classifier``).
+``features_only=True`` is the official dense-prediction backbone: the map of every stage *before* its
+merge, each through its own ``norm{i}``, at strides 4/8/16/32. Any H, W work: the stem pads to a
+multiple of 4 and each merge pads odd sizes at the right/bottom, as the official mmdet/mmseg code does.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .block import ASMLPBlock, norm_layer
+
+
+@dataclass(frozen=True)
+class ASMLPConfig:
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    shift_size: int = 5
+    drop_path_rate: float = 0.2
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+
+
+# Paper / official yaml configs (../shared/PAPER.md Sec. 3). The mobile config is not in the released code:
+# C=64, depths (2,2,2,2) gives the paper's ~9.6M parameters but is UNCONFIRMED, as are its shift and drop path.
+MODEL_CONFIGS = {
+    "asmlp_mobile": ASMLPConfig(embed_dim=64, depths=(2, 2, 2, 2), drop_path_rate=0.1),
+    "asmlp_tiny": ASMLPConfig(),
+    "asmlp_small": ASMLPConfig(depths=(2, 2, 18, 2), drop_path_rate=0.3),
+    "asmlp_base": ASMLPConfig(embed_dim=128, depths=(2, 2, 18, 2), drop_path_rate=0.5),
+}
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches, linearly embedded: (b, 3, H, W) -> (b, C, ceil(H/p), ceil(W/p))."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96):
+        super().__init__()
+        self.patch_size, self.in_chans = patch_size, in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch_size
+        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))  # right/bottom zeros, as mmdet's backbone
+        return self.norm(self.proj(x))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours stacked into channels, normalised, projected: (b, c, h, w) -> (b, 2c, ceil(h/2), ceil(w/2)).
+
+    Channel order is the official one: [x(0,0), x(1,0), x(0,1), x(1,1)] for (row, col) offsets,
+    i.e. einops ``"b c (h i) (w j) -> b (j i c) h w"``.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = norm_layer(4 * dim)
+        self.reduction = nn.Conv2d(4 * dim, 2 * dim, kernel_size=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))  # odd sizes: one zero row/column
+        x = torch.cat([x[..., 0::2, 0::2], x[..., 1::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 1::2]], dim=1)
+        return self.reduction(self.norm(x))
+
+
+class ASMLPStage(nn.Module):
+    """``depth`` blocks at one resolution, then (except in the last stage) a PatchMerging."""
+
+    def __init__(self, dim: int, depth: int, shift_size: int, drop_path: list[float], downsample: bool,
+                 mlp_ratio: float = 4.0, **block_options):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ASMLPBlock(dim, shift_size, mlp_ratio, drop_path[i], **block_options) for i in range(depth))
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.forward_blocks(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class ASMLP(nn.Module):
+    """AS-MLP classifier, or with ``features_only=True`` the multi-scale backbone for FPN/UperNet.
+
+    Classification: (b, in_chans, H, W) -> (b, num_classes). Features: list of (b, C*2^i, H/2^(i+2), W/2^(i+2))
+    for i in ``out_indices`` (sizes rounded up).
+    """
+
+    def __init__(self, *, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2), shift_size: int = 5,
+                 drop_path_rate: float = 0.2, mlp_ratio: float = 4.0, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, drop_rate: float = 0.0, features_only: bool = False,
+                 out_indices: tuple[int, ...] = (0, 1, 2, 3), dilation: int = 1, padding: str = "zeros",
+                 connection: str = "parallel"):
+        super().__init__()
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.num_stages = len(depths)
+        self.embed_dim, self.in_chans, self.features_only = embed_dim, in_chans, features_only
+        self.num_features = embed_dim * 2 ** (self.num_stages - 1)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth grows linearly
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            self.layers.append(ASMLPStage(
+                embed_dim * 2 ** i, depth, shift_size, rates[first:first + depth],
+                downsample=i < self.num_stages - 1, mlp_ratio=mlp_ratio, drop=drop_rate,
+                dilation=dilation, padding=padding, connection=connection))
+        if features_only:
+            self.out_indices = _normalise_indices(out_indices, self.num_stages)
+            for i in self.out_indices:  # official dense-prediction backbones: one norm per output
+                self.add_module(f"norm{i}", norm_layer(embed_dim * 2 ** i))
+            self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i,
+                                      module=f"layers.{i}") for i in self.out_indices]
+        else:
+            self.num_classes = num_classes
+            self.norm = norm_layer(self.num_features)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** (i + 1),
+                                      module=f"layers.{i}") for i in range(self.num_stages - 1)]
+            self.feature_info.append(dict(num_chs=self.num_features, reduction=patch_size * 2 ** (self.num_stages - 1),
+                                          module="norm"))
+        self.apply(_init_weights)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected an image tensor (b, {self.in_chans}, h, w), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D image batch (b, {self.in_chans}, h, w), got shape {tuple(x.shape)}"
+                             + ("; add a batch dimension with x[None]" if x.dim() == 3 else ""))
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                             "pass in_chans=... to create_model for other inputs")
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self.pos_drop(self.patch_embed(x))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(b, 3, H, W) -> (b, 8C, H/32, W/32): unpooled, after the final norm (timm semantics)."""
+        x = self.forward_stem(x)
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(b, 8C, h, w) -> (b, num_classes), or the pooled (b, 8C) with ``pre_logits``."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.head(x)
+
+    def forward_pyramid(self, x: Tensor) -> list[Tensor]:
+        """(b, 3, H, W) -> maps at strides 4, 8, 16, 32 for ``out_indices``, taken before each merge."""
+        x = self.forward_stem(x)
+        feats = []
+        last = max(self.out_indices)
+        for i, stage in enumerate(self.layers[:last + 1]):
+            x = stage.forward_blocks(x)
+            if i in self.out_indices:
+                feats.append(getattr(self, f"norm{i}")(x))
+            if i < last:
+                x = stage.downsample(x)
+        return feats
+
+    def forward(self, x: Tensor):
+        if self.features_only:
+            return self.forward_pyramid(x)
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh Linear(num_features, num_classes) (Identity for 0)."""
+        if self.features_only:
+            raise ValueError("a features_only model has no classifier")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        _init_weights(self.head)
+
+
+def _normalise_indices(out_indices, num_stages: int) -> tuple[int, ...]:
+    indices = tuple(i % num_stages if -num_stages <= i < num_stages else None for i in out_indices)
+    if not indices or None in indices or len(set(indices)) != len(indices):
+        raise ValueError(f"out_indices must be distinct stage indices in [-{num_stages}, {num_stages - 1}], "
+                         f"got {tuple(out_indices)}")
+    return tuple(sorted(indices))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Official init: truncated normal (std 0.02) for Linear layers only; 1x1 convs keep PyTorch's default."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
+def list_models() -> list[str]:
+    """Registered variant names, e.g. ``['asmlp_base', 'asmlp_mobile', 'asmlp_small', 'asmlp_tiny']``."""
+    return sorted(MODEL_CONFIGS)
+
+
+def create_model(name: str, **kwargs) -> ASMLP:
+    """Build a registered variant; keyword arguments override its config or reach :class:`ASMLP`.
+
+    >>> create_model("asmlp_tiny", num_classes=10, features_only=False)  # doctest: +SKIP
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose from {list_models()}")
+    config = dataclasses.asdict(MODEL_CONFIGS[name])
+    pretrained = kwargs.pop("pretrained", False)
+    if pretrained:
+        raise ValueError("no weights can be downloaded here: build the model, then call "
+                         "asmlp_min.load_official_checkpoint(model, 'path/to/asmlp_tiny_patch4_shift5_224.pth')")
+    config.update(kwargs)
+    return ASMLP(**config)

@@ -1,0 +1,140 @@
+"""The axial shift (paper Sec. 3, Fig. 2 and Algorithm 1). No parameters: learning happens in block.py.
+
+Channels are cut into contiguous groups of ``ceil(c / shift_size)`` (``torch.chunk``; the last group is
+smaller when ``shift_size`` does not divide ``c``). Group ``k`` moves by ``(k - shift_size // 2) * dilation``
+pixels along one axis; positions that fall off the border are dropped, vacated ones are filled by ``padding``:
+
+    Shift_W(z)[c, i, j] = z[c, i, j - o(c)],   o(c) = (c // ceil(C/s) - s // 2) * dilation
+
+``axial_shift`` computes this with one pass over memory (slice copies into an empty tensor), and its
+zero-padding backward is the same shift with the offsets negated: the exact adjoint.
+``reference_shift`` is the paper's Algorithm 1 (pad -> chunk -> roll -> cat -> narrow), kept as the
+oracle for tests and the baseline for ``asmlp-min bench``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PADDINGS = ("zeros", "circular", "reflect", "replicate")
+
+
+def check_shift_args(shift_size: int, dilation: int = 1, padding: str = "zeros") -> None:
+    """Raise a ValueError that says what is wrong with a shift configuration."""
+    if isinstance(shift_size, bool) or not isinstance(shift_size, int):
+        raise TypeError(f"shift_size must be an int, got {type(shift_size).__name__}")
+    if shift_size < 1 or shift_size % 2 == 0:
+        raise ValueError(
+            f"shift_size must be odd and >= 1, got {shift_size}: an even size has no centre group "
+            "(the paper uses 5; 1 means no shift)")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+
+
+def _spatial_dim(x: Tensor, dim: int) -> int:
+    if x.dim() != 4:
+        raise ValueError(f"axial_shift expects a (b, c, h, w) tensor, got shape {tuple(x.shape)}")
+    if dim not in (-1, -2, 2, 3):
+        raise ValueError(f"dim must be a spatial axis: -1/3 (along w) or -2/2 (along h), got {dim}")
+    return dim % 4
+
+
+def group_offsets(channels: int, shift_size: int, dilation: int = 1) -> list[tuple[int, int, int]]:
+    """``(first_channel, last_channel + 1, offset)`` for each group, as ``torch.chunk`` cuts them."""
+    size = math.ceil(channels / shift_size)
+    half = shift_size // 2
+    return [(start, min(start + size, channels), (k - half) * dilation)
+            for k, start in enumerate(range(0, channels, size))]
+
+
+def _zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int) -> Tensor:
+    """One pass: every output element is written once, either copied from x or set to 0."""
+    out = torch.empty_like(x)
+    n = x.shape[dim]
+    for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation):
+        offset *= sign
+        dst, src = out[:, c0:c1], x[:, c0:c1]
+        m = max(n - abs(offset), 0)                         # pixels that stay inside the image
+        keep_to, keep_from = max(offset, 0), max(-offset, 0)
+        if m:
+            dst.narrow(dim, keep_to, m).copy_(src.narrow(dim, keep_from, m))
+        vacated = (0, min(offset, n)) if offset > 0 else (m, n - m)
+        dst.narrow(dim, *vacated).zero_()
+    return out
+
+
+class _ZeroShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, shift_size: int, dim: int, dilation: int) -> Tensor:
+        ctx.config = (shift_size, dim, dilation)
+        return _zero_shift(x, shift_size, dim, dilation, sign=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shift_size, dim, dilation = ctx.config
+        return _zero_shift(grad, shift_size, dim, dilation, sign=-1), None, None, None
+
+
+def _padded_shift(x: Tensor, shift_size: int, dim: int, dilation: int, padding: str) -> Tensor:
+    """Non-zero borders for ablations: pad the axis once with ``padding``, then take one window per group."""
+    reach = (shift_size // 2) * dilation
+    n = x.shape[dim]
+    pad = (reach, reach, 0, 0) if dim == 3 else (0, 0, reach, reach)
+    if (padding == "reflect" and reach >= n) or (padding == "circular" and reach > n):
+        raise ValueError(f"{padding} padding needs the shifted axis longer than the shift's reach "
+                         f"({reach} pixels), got {n}; use padding='zeros' or a smaller shift_size")
+    padded = F.pad(x, pad, mode=padding)
+    windows = [padded[:, c0:c1].narrow(dim, reach - offset, n)
+               for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation)]
+    return torch.cat(windows, dim=1)
+
+
+def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding: str = "zeros") -> Tensor:
+    """Shift channel group k of ``x`` by ``(k - shift_size // 2) * dilation`` pixels along ``dim``.
+
+    x: (b, c, h, w) -> (b, c, h, w). ``dim=-1`` shifts along w (left-right), ``dim=-2`` along h (top-down).
+    Out of place and differentiable; ``shift_size=1`` returns a copy of ``x``.
+    """
+    check_shift_args(shift_size, dilation, padding)
+    axis = _spatial_dim(x, dim)
+    if padding == "zeros":
+        return _ZeroShift.apply(x, shift_size, axis, dilation)
+    return _padded_shift(x, shift_size, axis, dilation, padding)
+
+
+def reference_shift(x: Tensor, shift_size: int, dim: int) -> Tensor:
+    """Paper Algorithm 1, step by step: zero-pad, chunk channels, roll each chunk, concatenate, crop.
+
+    x: (b, c, h, w) -> (b, c, h, w). Slow (several full copies); the oracle and the benchmark baseline.
+    """
+    pad = shift_size // 2
+    axis = _spatial_dim(x, dim)
+    _, _, h, w = x.shape
+    x = F.pad(x, (pad, pad, pad, pad), "constant", 0)
+    chunks = torch.chunk(x, shift_size, 1)
+    rolled = [torch.roll(chunk, shift, axis) for chunk, shift in zip(chunks, range(-pad, pad + 1))]
+    x = torch.cat(rolled, 1)
+    x = torch.narrow(x, 2, pad, h)
+    return torch.narrow(x, 3, pad, w)
+
+
+class AxialShift(nn.Module):
+    """Parameter-free module wrapper of :func:`axial_shift`. (b, c, h, w) -> (b, c, h, w)."""
+
+    def __init__(self, shift_size: int, dim: int, dilation: int = 1, padding: str = "zeros"):
+        super().__init__()
+        check_shift_args(shift_size, dilation, padding)
+        if dim not in (-1, -2, 2, 3):
+            raise ValueError(f"dim must be -1/3 (along w) or -2/2 (along h), got {dim}")
+        self.shift_size, self.dim, self.dilation, self.padding = shift_size, dim, dilation, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return axial_shift(x, self.shift_size, self.dim, self.dilation, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"shift_size={self.shift_size}, dim={self.dim}, dilation={self.dilation}, padding={self.padding!r}"
