@@ -1,0 +1,149 @@
+"""Official checkpoints in, project checkpoints out, safely.
+
+Reading always uses ``torch.load(..., weights_only=True, map_location="cpu")``: a tampered pickle that tries
+to run code is refused, not executed. Writing goes to a temporary file in the same folder and is renamed
+into place, so a failed save never leaves a half-written file or clobbers the previous one.
+
+Accepted layouts (../shared/PAPER.md Sec. 9):
+- official classification ``.pth``: ``{"model": state_dict}``;
+- mmdet / mmseg checkpoints: ``{"state_dict": {"backbone.patch_embed...", "neck...", ...}}`` with per-output
+  ``backbone.norm{i}``, loaded into a ``features_only`` model;
+- a raw state dict, optionally with ``module.`` (DataParallel) or ``backbone.`` prefixes.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_NESTED_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """``torch.load`` with ``weights_only=True`` on CPU, turning every failure into a readable error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to unpickle. It is either corrupt or holds objects other than tensors and plain "
+            f"containers (a tampered file may try to run code; it was NOT executed). Details: {err}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict (a state dict or {{'model': ...}}), got {type(obj).__name__}")
+    return obj
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` with ``torch.save`` to a temp file beside ``path``, then rename it into place (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def extract_state_dict(checkpoint: dict) -> dict[str, Tensor]:
+    """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` and strip ``module.`` and mmdet ``backbone.`` prefixes.
+
+    From an mmdet/mmseg checkpoint only the ``backbone.*`` entries are kept (the neck and heads belong to
+    the detector or segmenter, not to AS-MLP).
+    """
+    sd = checkpoint
+    for key in _NESTED_KEYS:
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not sd or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
+        raise CheckpointError("no state dict found: expected tensors keyed by parameter name, possibly under "
+                              f"one of {_NESTED_KEYS}; top-level keys were {sorted(checkpoint)[:10]}")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_official_checkpoint` did, key by key."""
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint, model)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.skipped:
+            lines.append(f"skipped on request ({len(self.skipped)}): {', '.join(self.skipped)}")
+        for name, keys in (("missing from checkpoint", self.missing), ("unexpected in checkpoint", self.unexpected)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
+                lines.append(f"{name} ({len(keys)}): {shown}")
+        for key, got, want in self.mismatched:
+            lines.append(f"shape mismatch: {key}: checkpoint {got}, model {want}")
+        return "\n".join(lines)
+
+
+def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
+                             skip_head: bool = False) -> LoadReport:
+    """Load official (or project) AS-MLP weights into ``model``; returns a :class:`LoadReport`.
+
+    ``checkpoint``: a path, a loaded checkpoint dict or a state dict. With ``strict=True`` any missing,
+    unexpected or wrongly shaped key raises :class:`CheckpointError` listing them, and the model is left
+    untouched. ``skip_head=True`` ignores ``head.*`` (fine-tuning with another number of classes).
+    With ``strict=False`` the matching tensors are loaded and the rest reported, e.g. an ImageNet
+    checkpoint into a ``features_only`` backbone (``norm0..3`` missing, ``norm``/``head`` unexpected).
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load_checkpoint(checkpoint)
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
+    source = extract_state_dict(checkpoint)
+    target = model.state_dict()
+    report = LoadReport()
+    if skip_head:
+        report.skipped = sorted(k for k in set(source) | set(target) if k.startswith("head."))
+    for key, want in target.items():
+        if key in report.skipped:
+            continue
+        if key not in source:
+            report.missing.append(key)
+        elif source[key].shape != want.shape:
+            report.mismatched.append((key, tuple(source[key].shape), tuple(want.shape)))
+        else:
+            report.loaded.append(key)
+    report.unexpected = [k for k in source if k not in target and k not in report.skipped]
+    if strict and not report.ok:
+        raise CheckpointError(f"checkpoint does not match {type(model).__name__} (strict=True):\n{report}\n"
+                              "Check the variant (tiny/small/base) and features_only; pass skip_head=True for a "
+                              "head of another size, or strict=False to load what matches.")
+    with torch.no_grad():
+        for key in report.loaded:
+            target[key].copy_(source[key])
+    return report
