@@ -1,0 +1,305 @@
+"""Synthetic "shapes" scenes: the embedded dataset for classification, detection and segmentation.
+
+One seeded generator draws 1..``max_shapes`` filled shapes (``CLASSES``) on a textured, noisy background.
+From the same scene come all three tasks' labels:
+
+- classification: the *dominant* shape, i.e. the kind of the instance with the largest visible area
+  (ties go to the shape drawn first);
+- detection / instance segmentation: COCO annotations with ``category_id = kind + 1`` (``CATEGORIES``),
+  ``bbox`` = xywh of the visible mask, RLE ``segmentation``, ``area`` = visible pixels, ``iscrowd = 0``;
+- semantic segmentation: ``0`` = background, ``kind + 1`` = shape pixels (so ``NUM_SEG_CLASSES = 4``).
+  The generator never writes 255, the ignore value the loaders and metrics understand.
+
+Same seed, same bytes on any machine: randomness comes only from ``numpy.random.Generator(PCG64)``
+(integers and uniforms, no normal sampler), and all drawing is integer arithmetic. The only floating
+point step, ``cos``/``sin`` of the rotation, is rounded to a 1/16-pixel grid before rasterising, so a
+last-bit difference between math libraries cannot move a pixel.
+
+Difficulty (defaults): 128x128 images; shapes 16-52 px across (circle diameter, square side, triangle
+side); any colour far enough from the local background; any rotation; centres anywhere in the image so
+shapes are cut by the border; later shapes occlude earlier ones. Every instance keeps at least half
+of its full area visible (border cuts and occlusion together) and at least ``MIN_VISIBLE_PX`` pixels.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+CLASSES = ("circle", "square", "triangle")
+CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+NUM_SEG_CLASSES = len(CLASSES) + 1        # background + one class per kind
+IGNORE_INDEX = 255
+SPLITS = {"train": 0, "val": 1, "test": 2}  # second word of the seed: train/val/test never share a scene
+MIN_VISIBLE_PX = 64
+_SUBPIXEL = 16                             # vertices live on a 1/16-pixel grid (exact integer maths)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One generated scene.
+
+    image: (h, w, 3) uint8 RGB. masks: (n, h, w) bool, the *visible* part of each instance, in drawing
+    order (later ones lie on top). kinds: (n,) int64 index into CLASSES. semantic: (h, w) uint8,
+    0 = background, kind + 1 on the instance's visible pixels.
+    """
+
+    image: np.ndarray
+    masks: np.ndarray
+    kinds: np.ndarray
+    semantic: np.ndarray
+
+    @property
+    def areas(self) -> np.ndarray:
+        """(n,) int64 visible pixels per instance (= COCO ``area``)."""
+        return self.masks.reshape(len(self.masks), -1).sum(1).astype(np.int64)
+
+    @property
+    def label(self) -> int:
+        """Classification label: kind of the largest visible instance (first drawn wins ties)."""
+        return int(self.kinds[int(np.argmax(self.areas))])
+
+    @property
+    def boxes_xyxy(self) -> np.ndarray:
+        """(n, 4) float32 pixel-edge boxes of the visible masks: x1 = first column, x2 = last column + 1."""
+        boxes = np.zeros((len(self.masks), 4), np.float32)
+        for i, m in enumerate(self.masks):
+            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            boxes[i] = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
+        return boxes
+
+    def coco_annotations(self, image_id: int, first_id: int = 1) -> list[dict]:
+        """COCO ``annotations`` entries (ids first_id, first_id + 1, ...; COCOeval needs ids >= 1)."""
+        if first_id < 1:
+            raise ValueError(f"first_id must be >= 1 (COCOeval treats id 0 as 'unmatched'), got {first_id}")
+        anns = []
+        for i, (m, kind, box, area) in enumerate(zip(self.masks, self.kinds, self.boxes_xyxy, self.areas)):
+            x1, y1, x2, y2 = (int(v) for v in box)
+            anns.append({
+                "id": first_id + i, "image_id": int(image_id), "category_id": int(kind) + 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(area), "iscrowd": 0,
+                "segmentation": mask_to_rle(m),
+            })
+        return anns
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """(h, w) bool/uint8 mask -> compressed COCO RLE with a JSON-ready ``counts`` string."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def scene_rng(seed: int, split: str = "train", index: int = 0) -> np.random.Generator:
+    """The generator for scene ``index`` of ``split``: PCG64 seeded by SeedSequence([seed, split, index])."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    for name, value in (("seed", seed), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), SPLITS[split], int(index)])))
+
+
+def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int] = 128, max_shapes: int = 4,
+               size_range: tuple[int, int] = (16, 52), noise: int = 16) -> Scene:
+    """Draw one scene. ``rng`` is a Generator or an int seed (same as ``scene_rng(seed)``).
+
+    image_size: int or (h, w). max_shapes: 1..max_shapes instances. size_range: inclusive shape
+    extent in pixels. noise: per-pixel uniform noise amplitude (0..255) added over everything.
+    """
+    if not isinstance(rng, np.random.Generator):
+        rng = scene_rng(rng)
+    h, w = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else image_size
+    lo, hi = size_range
+    if min(h, w) < 16 or max_shapes < 1 or not 4 <= lo <= hi or not 0 <= noise <= 255:
+        raise ValueError(f"need image_size >= 16, max_shapes >= 1, 4 <= size_range[0] <= size_range[1] and "
+                         f"0 <= noise <= 255; got image_size={image_size}, max_shapes={max_shapes}, "
+                         f"size_range={size_range}, noise={noise}")
+    canvas = _background(rng, h, w)
+    instance_map = np.zeros((h, w), np.int64)             # 0 = background, k = k-th placed instance
+    full_px, kinds, colours = [], [], []
+    n_shapes = int(rng.integers(1, max_shapes + 1))
+    for _ in range(20 * n_shapes):                        # rejection sampling, bounded so it always ends
+        if len(kinds) == n_shapes:
+            break
+        kind = int(rng.integers(len(CLASSES)))
+        size = int(rng.integers(lo, hi + 1))
+        centre = rng.integers(0, (w * _SUBPIXEL, h * _SUBPIXEL), endpoint=True)
+        angle = float(rng.random()) * 2 * math.pi
+        inside, window, full = _rasterise(kind, size, centre, angle, h, w)
+        trial = instance_map.copy()
+        y0, y1, x0, x1 = window
+        trial[y0:y1, x0:x1][inside] = len(kinds) + 1
+        visible = np.bincount(trial.ravel(), minlength=len(kinds) + 2)[1:]
+        needed = np.maximum(np.array(full_px + [full]) / 2, MIN_VISIBLE_PX)
+        if (visible < needed).any():
+            continue
+        instance_map, full_px = trial, full_px + [full]
+        kinds.append(kind)
+        colours.append(_shape_colour(rng, canvas[y0:y1, x0:x1][inside]))
+    ids = np.arange(1, len(kinds) + 1)
+    masks = instance_map[None] == ids[:, None, None]
+    kinds_arr = np.array(kinds, np.int64)
+    palette = np.array([[0, 0, 0]] + colours, np.int64)
+    image = np.where(instance_map[..., None] > 0, palette[instance_map], canvas)
+    image = image + rng.integers(-noise, noise + 1, (h, w, 3))
+    semantic = np.concatenate([[0], kinds_arr + 1])[instance_map].astype(np.uint8)
+    return Scene(np.clip(image, 0, 255).astype(np.uint8), masks, kinds_arr, semantic)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) int64: a smooth colour field (bilinear over a 4x4 grid) plus faint stripes."""
+    grid = rng.integers(0, 256, (4, 4, 3))
+    ys = np.arange(h) * 3 * 1024 // max(h - 1, 1)         # fixed-point positions on the grid, 1/1024 steps
+    xs = np.arange(w) * 3 * 1024 // max(w - 1, 1)
+    yi, xi = np.minimum(ys // 1024, 2), np.minimum(xs // 1024, 2)
+    fy, fx = (ys - yi * 1024)[:, None, None], (xs - xi * 1024)[None, :, None]
+    top = grid[yi][:, xi] * (1024 - fx) + grid[yi][:, xi + 1] * fx
+    bottom = grid[yi + 1][:, xi] * (1024 - fx) + grid[yi + 1][:, xi + 1] * fx
+    smooth = (top * (1024 - fy) + bottom * fy) // (1024 * 1024)
+    dx, dy = rng.integers(-2, 3, 2)
+    period, amplitude = int(rng.integers(4, 13)), int(rng.integers(0, 33))
+    y, x = np.mgrid[:h, :w]
+    stripes = ((x * dx + y * dy) // period) % 2 * amplitude
+    return smooth + stripes[..., None]
+
+
+def _shape_colour(rng: np.random.Generator, under: np.ndarray) -> list[int]:
+    """A random RGB colour at least 150 (L1) away from the mean background under the shape, when possible."""
+    mean = under.mean(0) if len(under) else np.full(3, 128.0)
+    for _ in range(16):
+        colour = rng.integers(0, 256, 3)
+        if np.abs(colour - mean).sum() >= 150:
+            break
+    return [int(c) for c in colour]
+
+
+def _rasterise(kind: int, size: int, centre: np.ndarray, angle: float, h: int, w: int):
+    """Pixels whose centre lies inside the shape, on the integer 1/16-pixel grid.
+
+    Returns (inside, window, full): inside is a bool mask over the image-clipped window
+    (y0, y1, x0, x1), full the pixel count of the whole shape including any part off the image.
+    """
+    cx, cy = int(centre[0]), int(centre[1])
+    s = size * _SUBPIXEL
+    if CLASSES[kind] == "circle":
+        reach = s // 2
+    else:
+        if CLASSES[kind] == "square":
+            corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+            offsets = [(x * s / 2, y * s / 2) for x, y in corners]
+        else:                                              # equilateral triangle, centroid at the centre
+            radius = s / math.sqrt(3)
+            offsets = [(radius * math.cos(2 * math.pi * k / 3), radius * math.sin(2 * math.pi * k / 3))
+                       for k in range(3)]
+        c, si = math.cos(angle), math.sin(angle)
+        verts = [(cx + round(x * c - y * si), cy + round(x * si + y * c)) for x, y in offsets]
+        reach = max(max(abs(vx - cx), abs(vy - cy)) for vx, vy in verts)
+    # whole-shape window in pixels (may extend past the image), then pixel centres on the 1/16 grid
+    gx0, gx1 = (cx - reach) // _SUBPIXEL - 1, (cx + reach) // _SUBPIXEL + 2
+    gy0, gy1 = (cy - reach) // _SUBPIXEL - 1, (cy + reach) // _SUBPIXEL + 2
+    py = (np.arange(gy0, gy1) * _SUBPIXEL + _SUBPIXEL // 2)[:, None]
+    px = (np.arange(gx0, gx1) * _SUBPIXEL + _SUBPIXEL // 2)[None, :]
+    if CLASSES[kind] == "circle":
+        inside = (px - cx) ** 2 + (py - cy) ** 2 <= reach ** 2
+    else:
+        inside = np.ones((len(py), px.shape[1]), bool)
+        orient = _cross(verts[0], verts[1], verts[2][0], verts[2][1]) > 0
+        for a, b in zip(verts, verts[1:] + verts[:1]):
+            cross = _cross(a, b, px, py)
+            inside &= (cross >= 0) if orient else (cross <= 0)
+    full = int(inside.sum())
+    y0, y1, x0, x1 = max(gy0, 0), min(gy1, h), max(gx0, 0), min(gx1, w)
+    clipped = inside[y0 - gy0:max(y1 - gy0, y0 - gy0), x0 - gx0:max(x1 - gx0, x0 - gx0)]
+    return clipped, (y0, max(y1, y0), x0, max(x1, x0)), full
+
+
+def _cross(a, b, px, py):
+    """z of (b - a) x (p - a): > 0 when p is left of a->b. Integers in, integers out (exact)."""
+    return (b[0] - a[0]) * (py - a[1]) - (b[1] - a[1]) * (px - a[0])
+
+
+# ---------------------------------------------------------------- export to real on-disk formats
+
+def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split: str = "train", seed: int = 0,
+                  image_size: int = 128, **scene_kwargs) -> Path:
+    """Write ``n`` scenes of ``split`` in the on-disk format of ``task`` and return the path to load.
+
+    task="cls": ImageFolder tree ``root/{split}/{class}/{i:06d}.png``; returns ``root/{split}``.
+    task="det": COCO ``root/{split}/{i:06d}.png`` + ``root/annotations/instances_{split}.json``
+    (image ids i + 1, annotation ids from 1); returns the JSON path.
+    task="seg": ADE20K-style ``root/images/{split}/{i:06d}.png`` + ``root/annotations/{split}/{i:06d}.png``
+    with 0 = background, kind + 1 = shape (load with ``reduce_zero_label=False, num_classes=4``);
+    returns ``root``.
+    Every file is written to a temporary name and renamed, so an interrupted run leaves no partial
+    file; a re-run keeps the files that already exist (they are identical by determinism).
+    """
+    if task not in ("cls", "det", "seg"):
+        raise ValueError(f"task must be 'cls', 'det' or 'seg', got {task!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    root = Path(root)
+    scene = lambda i: make_scene(scene_rng(seed, split, i), image_size, **scene_kwargs)  # noqa: E731
+    if task == "cls":
+        out = root / split
+        existing = {p.name for p in out.glob("*/*.png")}
+        for i in range(n):
+            if f"{i:06d}.png" not in existing:
+                s = scene(i)
+                _save_png(s.image, out / CLASSES[s.label] / f"{i:06d}.png")
+        return out
+    if task == "seg":
+        for i in range(n):
+            img_path, ann_path = root / "images" / split / f"{i:06d}.png", root / "annotations" / split / f"{i:06d}.png"
+            if not (img_path.exists() and ann_path.exists()):
+                s = scene(i)
+                _save_png(s.image, img_path)
+                _save_png(s.semantic, ann_path)
+        return root
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    images = [root / split / f"{i:06d}.png" for i in range(n)]
+    if ann_file.exists() and all(p.exists() for p in images) and len(json.loads(ann_file.read_text())["images"]) == n:
+        return ann_file
+    coco = {"info": {"description": f"asmlp_min shapes, seed {seed}, split {split}"},
+            "images": [], "annotations": [], "categories": CATEGORIES}
+    for i, path in enumerate(images):
+        s = scene(i)
+        if not path.exists():
+            _save_png(s.image, path)
+        h, w = s.semantic.shape
+        coco["images"].append({"id": i + 1, "file_name": path.name, "height": h, "width": w})
+        coco["annotations"] += s.coco_annotations(image_id=i + 1, first_id=len(coco["annotations"]) + 1)
+    _atomic_write(ann_file, json.dumps(coco).encode())
+    return ann_file
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    _atomic_write(path, buf.getvalue())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then os.replace: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def scenes(n: int, seed: int = 0, split: str = "train", **scene_kwargs) -> Sequence[Scene]:
+    """The first ``n`` scenes of a split, as a list (handy for figures and tests)."""
+    return [make_scene(scene_rng(seed, split, i), **scene_kwargs) for i in range(n)]

@@ -1,0 +1,194 @@
+"""Evaluation metrics of the paper's three tables: ImageNet top-1, COCO AP (bbox and segm), ADE20K mIoU.
+
+All values are fractions in [0, 1]; multiply by 100 for the paper's numbers.
+
+- ``topk_accuracy``: share of samples whose target is among the k highest logits.
+- ``coco_evaluate``: pycocotools ``COCOeval`` (10 IoU thresholds 0.50:0.05:0.95, 101-point interpolated
+  precision, maxDets 1/10/100), silenced, with torchvision-style inputs converted to COCO results.
+- ``SegmentationMeter``: mmseg's ``IoUMetric`` semantics: one confusion matrix summed over the whole
+  dataset (not per-image IoUs averaged), ``ignore_index`` pixels dropped, classes absent from both the
+  prediction and the ground truth left out of the mean (nan-mean).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def topk_accuracy(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """{"top1": ..., "top5": ...}: fraction of rows of ``logits`` (n, classes) whose ``target`` (n,) is in the top k.
+
+    A k larger than the number of classes is clamped to it (every target is then in the top k).
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (n, classes) and target (n,), got {tuple(logits.shape)} and "
+                         f"{tuple(target.shape)}")
+    if len(target) == 0:
+        raise ValueError("topk_accuracy needs at least one sample")
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices                              # (n, kmax), best first
+    hit = top == target[:, None]
+    return {f"top{k}": hit[:, :min(k, kmax)].any(1).sum().item() / len(target) for k in ks}
+
+
+# ---------------------------------------------------------------- COCO AP
+
+def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict],
+                  iou_type: str = "bbox") -> OrderedDict[str, float]:
+    """COCO AP/AR of ``detections`` against ``gt``; returns the 12 ``COCOeval.stats`` by name.
+
+    gt: a pycocotools ``COCO``, a COCO dict, or the path of an ``instances_*.json``.
+    detections: either torchvision-style per-image dicts ``{"image_id", "boxes" (k, 4) xyxy, "scores" (k,),
+    "labels" (k,) category ids, optional "masks" (k, h, w) or (k, 1, h, w), probabilities cut at 0.5}``,
+    or a ready COCO result list (dicts with ``category_id``, ``score`` and ``bbox`` xywh / ``segmentation``).
+    No detections at all gives zeros (pycocotools itself would crash). An area range with no ground
+    truth (e.g. no small objects) is -1, as in COCOeval.
+    """
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    coco_gt = _as_coco(gt)
+    results = to_coco_results(detections, iou_type)
+    if not results:
+        return OrderedDict((name, 0.0) for name in COCO_STAT_NAMES)
+    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(f"detections refer to image ids not in the ground truth: {sorted(unknown)[:5]}")
+    with contextlib.redirect_stdout(io.StringIO()):      # COCOeval prints timings ("DONE (t=0.01s)")
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes edits the dicts it is given
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return OrderedDict((name, float(v)) for name, v in zip(COCO_STAT_NAMES, evaluator.stats))
+
+
+def to_coco_results(detections: Sequence[dict], iou_type: str = "bbox") -> list[dict]:
+    """torchvision-style per-image outputs -> COCO result list (xyxy -> xywh, masks -> compressed RLE)."""
+    results = []
+    for det in detections:
+        if "category_id" in det:                          # already a COCO result
+            if iou_type == "segm" and "segmentation" not in det:
+                raise ValueError("iou_type='segm' needs a 'segmentation' in every COCO result")
+            results.append(dict(det))
+            continue
+        missing = {"image_id", "boxes", "scores", "labels"} - set(det)
+        if missing:
+            raise ValueError(f"a detection dict needs image_id, boxes, scores, labels; missing {sorted(missing)}")
+        boxes = _numpy(det["boxes"]).reshape(-1, 4).astype(np.float64)
+        scores, labels = _numpy(det["scores"]).reshape(-1), _numpy(det["labels"]).reshape(-1)
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"boxes, scores and labels disagree in length: {len(boxes)}, {len(scores)}, {len(labels)}")
+        image_id = int(det["image_id"])
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        if iou_type == "segm":
+            if "masks" not in det:
+                raise ValueError("iou_type='segm' needs 'masks' in every detection dict")
+            masks = _numpy(det["masks"])
+            masks = masks.reshape(len(boxes), *masks.shape[-2:]) > 0.5 if len(boxes) else masks
+        for i in range(len(boxes)):
+            result = {"image_id": image_id, "category_id": int(labels[i]), "score": float(scores[i]),
+                      "bbox": [float(v) for v in xywh[i]]}
+            if iou_type == "segm":
+                rle = mask_utils.encode(np.asfortranarray(masks[i].astype(np.uint8)))
+                result["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+            results.append(result)
+    return results
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _as_coco(gt) -> COCO:
+    if isinstance(gt, COCO):
+        return gt
+    if isinstance(gt, (str, os.PathLike)):
+        with open(gt) as f:
+            gt = json.load(f)
+    if not isinstance(gt, dict):
+        raise TypeError(f"gt must be a pycocotools COCO, a COCO dict or a path, got {type(gt).__name__}")
+    coco = COCO()
+    coco.dataset = gt
+    with contextlib.redirect_stdout(io.StringIO()):      # createIndex prints "creating index..."
+        coco.createIndex()
+    return coco
+
+
+# ---------------------------------------------------------------- mIoU
+
+class SegmentationMeter:
+    """Dataset-level confusion matrix for semantic segmentation (mmseg IoUMetric semantics).
+
+    update(pred, target): pred (b, h, w) class ids or (b, classes, h, w) logits; target (b, h, w) with
+    values in [0, num_classes) or ``ignore_index``. compute() -> {"mIoU", "aAcc", "mAcc", "IoU", "Acc"}:
+
+        IoU_c = n_cc / (sum_j n_cj + sum_i n_ic - n_cc),   Acc_c = n_cc / sum_j n_cj
+
+    with n_ij = pixels of ground-truth class i predicted as j. mIoU/mAcc are nan-means over classes
+    (absent from prediction and ground truth -> nan -> skipped); aAcc = trace / total.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def reset(self) -> None:
+        self.confusion.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        if pred.dim() == target.dim() + 1:
+            pred = pred.argmax(1)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape "
+                             "(resize logits to the label size before the meter)")
+        pred, target = pred.reshape(-1).to("cpu", torch.int64), target.reshape(-1).to("cpu", torch.int64)
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        n = self.num_classes
+        bad = (target < 0) | (target >= n)
+        if bad.any():
+            raise ValueError(f"target has values {sorted(set(target[bad].tolist()))[:5]} outside [0, {n}) other "
+                             f"than ignore_index={self.ignore_index}")
+        if ((pred < 0) | (pred >= n)).any():
+            raise ValueError(f"pred has class ids outside [0, {n})")
+        self.confusion += torch.bincount(n * target + pred, minlength=n * n).reshape(n, n)
+
+    def all_reduce(self) -> None:
+        """Sum the confusion matrix over torch.distributed ranks (no-op when not distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            total = self.confusion.to(backend_device)
+            torch.distributed.all_reduce(total)
+            self.confusion = total.cpu()
+
+    def compute(self) -> dict:
+        cm = self.confusion.double()
+        tp, gt_px, pred_px = cm.diag(), cm.sum(1), cm.sum(0)
+        union = gt_px + pred_px - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        acc = torch.where(gt_px > 0, tp / gt_px.clamp(min=1), torch.full_like(tp, float("nan")))
+        total = cm.sum()
+        return {"mIoU": _nanmean(iou), "aAcc": (tp.sum() / total).item() if total > 0 else float("nan"),
+                "mAcc": _nanmean(acc), "IoU": iou.tolist(), "Acc": acc.tolist()}
+
+
+def _nanmean(x: Tensor) -> float:
+    valid = ~torch.isnan(x)
+    return x[valid].mean().item() if valid.any() else float("nan")
