@@ -1,2 +1,5 @@
 """Data for the three tasks: synthetic shapes (no download) and loaders for the real on-disk formats."""
-from .shapes import CATEGORIES, CLASSES, NUM_SEG_CLASSES, Scene, export_shapes, make_scene, scene_rng, scenes
+from .datasets import (ADE20KSegmentation, CocoDetection, ImageFolderClassification, detection_collate, load_coco,
+                       load_image)
+from .shapes import (CATEGORIES, CLASSES, NUM_SEG_CLASSES, Scene, ShapesClassification, ShapesDetection,
+                     ShapesSegmentation, export_shapes, make_scene, scene_rng, scenes)

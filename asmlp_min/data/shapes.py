@@ -27,13 +27,18 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+import torch
 from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from .datasets import detection_target, to_float_image
 
 CLASSES = ("circle", "square", "triangle")
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
@@ -303,3 +308,77 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def scenes(n: int, seed: int = 0, split: str = "train", **scene_kwargs) -> Sequence[Scene]:
     """The first ``n`` scenes of a split, as a list (handy for figures and tests)."""
     return [make_scene(scene_rng(seed, split, i), **scene_kwargs) for i in range(n)]
+
+
+# ---------------------------------------------------------------- torch Datasets, generated on the fly
+
+class _ShapesDataset(Dataset):
+    """Scene ``i`` of ``split`` is ``make_scene(scene_rng(seed, split, i))``: cheap, so nothing is cached."""
+
+    def __init__(self, n: int, seed: int = 0, split: str = "train", image_size: int = 128,
+                 transform: Callable | None = None, **scene_kwargs):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        scene_rng(seed, split)                              # validates seed and split now, not in a worker
+        self.n, self.seed, self.split, self.image_size = n, seed, split, image_size
+        self.scene_kwargs = scene_kwargs
+        self.transform = transform or to_float_image
+
+    def __len__(self) -> int:
+        return self.n
+
+    def scene(self, index: int) -> Scene:
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} scenes")
+        return make_scene(scene_rng(self.seed, self.split, index % self.n), self.image_size, **self.scene_kwargs)
+
+    @staticmethod
+    def _image(scene: Scene) -> tv_tensors.Image:
+        return tv_tensors.Image(torch.from_numpy(scene.image).permute(2, 0, 1).contiguous())
+
+
+class ShapesClassification(_ShapesDataset):
+    """(image, label): image (3, h, w) float in [0, 1] without a transform; label = CLASSES index of the
+    dominant shape (largest visible area)."""
+
+    classes = CLASSES
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        return self.transform(self._image(scene)), scene.label
+
+
+class ShapesDetection(_ShapesDataset):
+    """(image, target), torchvision style: boxes (n, 4) float32 xyxy of the visible masks, labels (n,) int64
+    COCO category ids (= CLASSES index + 1; 0 is left for background), masks (n, h, w) uint8,
+    image_id = index + 1 (as in ``export_shapes`` and ``coco_dict``), area (n,) float32 visible pixels,
+    iscrowd (n,) int64 zeros."""
+
+    classes = CLASSES
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        target = detection_target(scene.boxes_xyxy, scene.kinds + 1, scene.masks, index % self.n + 1,
+                                  scene.areas, np.zeros(len(scene.kinds)), scene.semantic.shape)
+        return self.transform(self._image(scene), target)
+
+    def coco_dict(self) -> dict:
+        """The ground truth as a COCO instances dict, for ``metrics.coco_evaluate``."""
+        coco = {"images": [], "annotations": [], "categories": CATEGORIES}
+        for i in range(self.n):
+            scene = self.scene(i)
+            h, w = scene.semantic.shape
+            coco["images"].append({"id": i + 1, "file_name": f"{i:06d}.png", "height": h, "width": w})
+            coco["annotations"] += scene.coco_annotations(i + 1, first_id=len(coco["annotations"]) + 1)
+        return coco
+
+
+class ShapesSegmentation(_ShapesDataset):
+    """(image, mask): mask (h, w) int64, 0 = background, CLASSES index + 1 for shapes (NUM_SEG_CLASSES = 4)."""
+
+    classes = ("background",) + CLASSES
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        mask = tv_tensors.Mask(torch.from_numpy(scene.semantic.astype(np.int64)))
+        return self.transform(self._image(scene), mask)

@@ -1,0 +1,251 @@
+"""Loaders for the real on-disk formats: ImageFolder (ImageNet), COCO instances (COCO 2017), ADE20K-style masks.
+
+Every dataset here, and the synthetic ones in ``shapes.py``, returns the same things:
+
+- classification: ``(image, label)``, label = class index (ImageFolder: sorted folder names);
+- detection: ``(image, target)`` with torchvision-style ``target = {"boxes": (n, 4) float32 xyxy
+  BoundingBoxes, "labels": (n,) int64 COCO category ids, "masks": (n, h, w) uint8, "image_id": int,
+  "area": (n,) float32, "iscrowd": (n,) int64}``;
+- segmentation: ``(image, mask)``, mask (h, w) int64 class ids, 255 = ignore.
+
+Without a ``transform`` the image is a (3, h, w) float32 tensor in [0, 1]. With one, the transform gets a
+uint8 ``tv_tensors.Image`` (and the target), so ``torchvision.transforms.v2`` pipelines (``transforms.py``)
+move boxes and masks along with the pixels.
+
+Bad files raise ``ValueError`` naming the file and the field at fault, before anything is trained on them.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+to_float_image = v2.ToDtype(torch.float32, scale=True)    # images only; targets pass through untouched
+
+
+def load_image(path: str | os.PathLike) -> tv_tensors.Image:
+    """(3, h, w) uint8 RGB. Decodes fully now, so a truncated file fails here with its name, not in a worker."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
+        raise ValueError(f"{path}: unreadable or truncated image ({err}); re-download or remove it") from err
+    return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
+
+
+def detection_target(boxes_xyxy, labels, masks, image_id: int, area, iscrowd,
+                     canvas_size: tuple[int, int]) -> dict:
+    """The torchvision detection target dict, with tv_tensors so v2 transforms move boxes and masks."""
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(torch.as_tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4),
+                                          format="XYXY", canvas_size=canvas_size),
+        "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+        "image_id": int(image_id),
+        "area": torch.as_tensor(area, dtype=torch.float32).reshape(-1),
+        "iscrowd": torch.as_tensor(iscrowd, dtype=torch.int64).reshape(-1),
+    }
+    if masks is not None:
+        target["masks"] = tv_tensors.Mask(torch.as_tensor(masks, dtype=torch.uint8).reshape(-1, *canvas_size))
+    return target
+
+
+def detection_collate(batch: list[tuple]) -> tuple[list, list]:
+    """Detection batches stay lists: images differ in size and targets in length."""
+    return tuple(map(list, zip(*batch)))
+
+
+# ---------------------------------------------------------------- classification
+
+class ImageFolderClassification(tv_datasets.ImageFolder):
+    """ImageNet-style tree ``root/<class name>/<image>``; labels are indices of the sorted class names."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+        if not Path(root).is_dir():
+            raise ValueError(f"{root}: not a folder; expected root/<class name>/<image>.jpg (see data/README.md)")
+        try:
+            super().__init__(str(root), transform=transform or to_float_image, loader=load_image,
+                             is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+        except FileNotFoundError as err:                   # torchvision's wording for an empty tree
+            raise ValueError(f"{root}: no images found ({err}); expected root/<class name>/<image>.jpg") from err
+
+
+# ---------------------------------------------------------------- COCO detection / instance segmentation
+
+def validate_coco(dataset: dict, source: str) -> dict:
+    """Check a COCO instances dict field by field; return a copy without degenerate boxes.
+
+    Raises ValueError naming ``source`` and the field for: a missing ``images``/``categories`` list, image
+    or annotation ids that are not unique ints, annotation ``id`` < 1 (COCOeval uses 0 for "unmatched"),
+    ``image_id`` not in ``images``, ``category_id`` not in ``categories``, ``bbox`` not 4 numbers.
+    Boxes with width or height <= 0 are dropped with one warning that counts them. Missing ``iscrowd``
+    defaults to 0 and missing ``area`` to the box area.
+    """
+    if not isinstance(dataset, dict):
+        raise ValueError(f"{source}: top level must be a JSON object with 'images', 'annotations', 'categories'")
+    for field in ("images", "categories"):
+        if not isinstance(dataset.get(field), list):
+            raise ValueError(f"{source}: missing or non-list field '{field}' (a COCO instances file has "
+                             "'images', 'annotations' and 'categories' lists)")
+    image_ids = _unique_ids(dataset["images"], "images", source)
+    category_ids = _unique_ids(dataset["categories"], "categories", source)
+    annotations = dataset.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise ValueError(f"{source}: field 'annotations' must be a list")
+    _unique_ids(annotations, "annotations", source)
+    kept, degenerate = [], 0
+    for i, ann in enumerate(annotations):
+        where = f"{source}: annotations[{i}] (id={ann.get('id')})"
+        if ann["id"] < 1:
+            raise ValueError(f"{where} field 'id' must be >= 1: COCOeval uses 0 to mean 'unmatched'")
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"{where} field 'image_id'={ann.get('image_id')!r} is not the id of any entry in 'images'")
+        if ann.get("category_id") not in category_ids:
+            raise ValueError(f"{where} field 'category_id'={ann.get('category_id')!r} is not in 'categories' "
+                             f"ids {sorted(category_ids)[:10]}")
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise ValueError(f"{where} field 'bbox' must be [x, y, width, height] numbers, got {box!r}")
+        if box[2] <= 0 or box[3] <= 0:
+            degenerate += 1
+            continue
+        kept.append({"iscrowd": 0, "area": float(box[2] * box[3]), **ann})
+    if degenerate:
+        warnings.warn(f"{source}: skipped {degenerate} annotation(s) whose 'bbox' has zero or negative width/height",
+                      stacklevel=3)
+    return {**dataset, "annotations": kept}
+
+
+def _unique_ids(entries: list, field: str, source: str) -> set:
+    ids = set()
+    for i, entry in enumerate(entries):
+        value = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{source}: {field}[{i}] field 'id' must be an int, got {value!r}")
+        if value in ids:
+            raise ValueError(f"{source}: {field}[{i}] field 'id'={value} is a duplicate")
+        ids.add(value)
+    return ids
+
+
+def load_coco(ann_file: str | os.PathLike) -> COCO:
+    """Read, validate and index a COCO instances JSON, without pycocotools' prints."""
+    try:
+        with open(ann_file) as f:
+            dataset = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ann_file}: not valid JSON ({err})") from err
+    coco = COCO()
+    coco.dataset = validate_coco(dataset, str(ann_file))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """COCO instances: images in ``image_root`` named by ``file_name``, annotations in ``ann_file``.
+
+    Returns (image, target) as described in the module docstring; ``labels`` are the COCO
+    ``category_id``s (not remapped: COCO 2017 ids run 1..90 with gaps), ``image_id`` is the COCO image
+    id, so predictions can go straight to ``metrics.coco_evaluate(dataset.coco, ...)``. ``masks`` are
+    present when every annotation of the image has a ``segmentation`` (polygons or RLE).
+    """
+
+    def __init__(self, image_root: str | os.PathLike, ann_file: str | os.PathLike,
+                 transform: Callable | None = None):
+        self.image_root, self.ann_file = Path(image_root), Path(ann_file)
+        if not self.image_root.is_dir():
+            raise ValueError(f"{image_root}: image folder not found")
+        self.coco = load_coco(ann_file)
+        self.ids = sorted(self.coco.imgs)
+        if not self.ids:
+            raise ValueError(f"{ann_file}: field 'images' is empty")
+        self.transform = transform or to_float_image
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        info = self.coco.imgs[self.ids[index]]
+        path = self.image_root / info["file_name"]
+        image = load_image(path)
+        h, w = image.shape[-2:]
+        if (info.get("height", h), info.get("width", w)) != (h, w):
+            raise ValueError(f"{path}: image is {h}x{w} but {self.ann_file} says 'height'x'width' = "
+                             f"{info.get('height')}x{info.get('width')} for image id {info['id']}")
+        anns = self.coco.imgToAnns.get(info["id"], [])
+        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]                                   # xywh -> xyxy
+        masks = (np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)) \
+            if all("segmentation" in a for a in anns) else None
+        target = detection_target(boxes, [a["category_id"] for a in anns], masks, info["id"],
+                                  [a["area"] for a in anns], [a["iscrowd"] for a in anns], (h, w))
+        return self.transform(image, target)
+
+
+# ---------------------------------------------------------------- ADE20K-style semantic segmentation
+
+class ADE20KSegmentation(Dataset):
+    """ADE20K layout: ``root/images/<split>/<name>.jpg|png`` and ``root/annotations/<split>/<name>.png``.
+
+    Masks are single-channel PNGs of class ids. ``reduce_zero_label=True`` follows mmseg for ADE20K,
+    where 0 means "unlabelled": 0 -> 255 (ignored) and every other id moves down by one, so the 150 ADE20K
+    classes become 0..149. After that, values must be < ``num_classes`` or 255. Returns (image, mask)
+    with mask (h, w) int64.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "training", num_classes: int = 150,
+                 reduce_zero_label: bool = True, transform: Callable | None = None):
+        self.root, self.num_classes, self.reduce_zero_label = Path(root), num_classes, reduce_zero_label
+        image_dir, mask_dir = self.root / "images" / split, self.root / "annotations" / split
+        for folder in (image_dir, mask_dir):
+            if not folder.is_dir():
+                raise ValueError(f"{folder}: folder not found; expected root/images/{split} and "
+                                 f"root/annotations/{split} (see data/README.md)")
+        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.images:
+            raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        self.masks = [mask_dir / (p.stem + ".png") for p in self.images]
+        missing = [str(m) for m in self.masks if not m.is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) have no mask, e.g. {missing[0]}")
+        self.transform = transform or to_float_image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image, mask_path = load_image(self.images[index]), self.masks[index]
+        try:
+            with Image.open(mask_path) as png:
+                if png.mode not in ("L", "P"):
+                    raise ValueError(f"{mask_path}: mask must be a single-channel PNG of class ids (mode L or P), "
+                                     f"got mode {png.mode}")
+                mask = np.array(png, dtype=np.int64)
+        except OSError as err:
+            raise ValueError(f"{mask_path}: unreadable or truncated mask ({err})") from err
+        if mask.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but image "
+                             f"{self.images[index]} is {image.shape[-2]}x{image.shape[-1]} (height x width)")
+        if self.reduce_zero_label:
+            mask = np.where(mask == 0, 255, mask - 1)
+            mask[mask == 254] = 255                          # 255 stays ignore after the shift
+        bad = np.unique(mask[(mask >= self.num_classes) & (mask != 255)])
+        if len(bad):
+            raise ValueError(f"{mask_path}: mask values {bad[:5].tolist()} are >= num_classes={self.num_classes} "
+                             f"and not the ignore value 255 (reduce_zero_label={self.reduce_zero_label})")
+        return self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))

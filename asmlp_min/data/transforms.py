@@ -1,0 +1,83 @@
+"""``torchvision.transforms.v2`` pipelines for the three tasks, train and eval.
+
+Inputs are what the datasets hand over: a uint8 ``tv_tensors.Image`` or a PIL image, plus for detection a
+target dict of ``tv_tensors`` (``BoundingBoxes``, ``Mask``) and for segmentation a ``Mask``. Because the
+targets are ``tv_tensors``, every flip, resize and crop moves boxes and masks with the pixels, and
+masks are resampled with nearest neighbour.
+
+- classification, as in the paper (timm data config): train RandomResizedCrop (bicubic) + flip; eval
+  resize the short side to ``int(size * 256 / 224)`` (bicubic), centre crop ``size``; ImageNet mean/std.
+- detection: flip and random resized crop, then ``ClampBoundingBoxes`` + ``SanitizeBoundingBoxes`` drop
+  boxes cut to nothing (with their labels, masks, area, iscrowd). Images stay in [0, 1] by default:
+  torchvision detectors normalise inside the model.
+- segmentation, as mmseg's ADE20K pipeline: random rescale 0.5-2x, random crop padded with 255
+  (ignored), flip, photometric distortion; ImageNet mean/std.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_PCT = 224 / 256          # the paper resizes 224-px crops from 256-px images
+
+
+def eval_resize_size(size: int) -> int:
+    """Short side before the centre crop: int(size * 256 / 224), i.e. 256 for 224."""
+    return int(size / EVAL_CROP_PCT)
+
+
+def _to_float(normalize: bool) -> list[v2.Transform]:
+    ops = [v2.ToDtype(torch.float32, scale=True)]
+    return ops + [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else ops
+
+
+def classification_transforms(train: bool, size: int = 224) -> v2.Compose:
+    """image -> (3, size, size) float32, ImageNet-normalised."""
+    if train:
+        ops = [v2.RandomResizedCrop(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+               v2.RandomHorizontalFlip()]
+    else:
+        ops = [v2.Resize(eval_resize_size(size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+               v2.CenterCrop(size)]
+    return v2.Compose([v2.ToImage(), *ops, *_to_float(normalize=True)])
+
+
+def _sanitize_labels(inputs) -> tuple:
+    """Everything SanitizeBoundingBoxes must filter with the boxes (it finds masks by itself)."""
+    target = inputs[1]
+    return tuple(target[key] for key in ("labels", "area", "iscrowd") if key in target)
+
+
+def detection_transforms(train: bool, size: int | None = None, scale: tuple[float, float] = (0.5, 1.0),
+                         normalize: bool = False) -> v2.Compose:
+    """(image, target) -> (float image, target). size: output side of the train crop / eval resize
+    (None keeps the input size); scale: crop area range relative to the image."""
+    ops: list[v2.Transform] = [v2.ToImage()]
+    if train:
+        ops.append(v2.RandomHorizontalFlip())
+        if size is not None:
+            ops.append(v2.RandomResizedCrop(size, scale=scale, antialias=True))
+        ops += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(labels_getter=_sanitize_labels)]
+    elif size is not None:
+        ops.append(v2.Resize((size, size), antialias=True))
+    return v2.Compose([*ops, *_to_float(normalize)])
+
+
+def segmentation_transforms(train: bool, size: int | None = None, ratio_range: tuple[float, float] = (0.5, 2.0),
+                            ignore_index: int = 255) -> v2.Compose:
+    """(image, mask) -> (normalised float image, int64 mask). Train needs ``size`` (the crop side); eval
+    resizes the short side to ``size`` when given, else keeps the input size (score at full resolution)."""
+    ops: list[v2.Transform] = [v2.ToImage()]
+    if train:
+        if size is None:
+            raise ValueError("segmentation_transforms(train=True) needs size, the side of the random crop")
+        ops += [v2.RandomResize(int(size * ratio_range[0]), int(size * ratio_range[1]) + 1, antialias=True),
+                v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
+                v2.RandomHorizontalFlip(),
+                v2.RandomPhotometricDistort(p=0.5)]
+    elif size is not None:
+        ops.append(v2.Resize(size, antialias=True))
+    return v2.Compose([*ops, *_to_float(normalize=True)])
