@@ -1,0 +1,171 @@
+"""The backbone: exact parameter counts, official key layout, an official-style forward, any input size."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asmlp_min.backbone import create_model, list_models
+from tests.test_block import functional_block
+
+# Exact counts for 1000 classes (PAPER.md Sec. 3: 12d^2+17d per block, 8d^2+8d per merge).
+PARAMS = {"asmlp_mobile": 9_597_480, "asmlp_tiny": 28_282_696, "asmlp_small": 49_594_696, "asmlp_base": 87_752_808}
+
+
+def tiny(**kwargs):
+    return create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 2, 1), **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_parameter_counts_are_exact(name):
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+
+
+def official_keys(depths=(2, 2, 6, 2)):
+    """The official classification checkpoint's key list, written from the layout in PAPER.md / DESIGN.md."""
+    block = ["norm1", "axial_shift.conv1", "axial_shift.norm1", "axial_shift.conv2_1", "axial_shift.conv2_2",
+             "axial_shift.norm2", "axial_shift.conv3", "norm2", "mlp.fc1", "mlp.fc2"]
+    keys = ["patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"]
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            keys += [f"layers.{i}.blocks.{j}.{m}.{p}" for m in block for p in ("weight", "bias")]
+        if i < len(depths) - 1:
+            keys += [f"layers.{i}.downsample.norm.weight", f"layers.{i}.downsample.norm.bias",
+                     f"layers.{i}.downsample.reduction.weight"]
+    return keys + ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+
+
+def test_state_dict_keys_are_the_official_layout():
+    sd = create_model("asmlp_tiny").state_dict()
+    assert list(sd) == official_keys()
+    assert sd["patch_embed.proj.weight"].shape == (96, 3, 4, 4)
+    assert sd["layers.0.downsample.reduction.weight"].shape == (192, 384, 1, 1)
+    assert sd["layers.3.blocks.1.axial_shift.conv2_1.weight"].shape == (768, 768, 1, 1)
+    assert sd["head.weight"].shape == (1000, 768)
+
+
+def test_features_model_keys_are_the_mmdet_backbone_layout():
+    model = create_model("asmlp_tiny", features_only=True)
+    want = official_keys()[:-4] + [f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+    assert sorted(model.state_dict()) == sorted(want)
+
+
+def official_forward(p, x, depths, shift_size):
+    """Official-style classification forward from a state dict, with functional ops only (test oracle)."""
+    def gn(name, t):
+        return F.group_norm(t, 1, p[f"{name}.weight"], p[f"{name}.bias"], eps=1e-5)
+
+    x = gn("patch_embed.norm", F.conv2d(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=4))
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            prefix = f"layers.{i}.blocks.{j}."
+            x = functional_block({k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}, x, shift_size)
+        if i < len(depths) - 1:
+            x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], 1)
+            x = F.conv2d(gn(f"layers.{i}.downsample.norm", x), p[f"layers.{i}.downsample.reduction.weight"])
+    x = gn("norm", x).mean((2, 3))
+    return F.linear(x, p["head.weight"], p["head.bias"])
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)])
+def test_logits_match_official_style_forward(size):
+    torch.manual_seed(0)
+    model = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 3, 1), num_classes=10).eval()
+    with torch.no_grad():  # non-trivial norm affines and biases
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    x = torch.randn(2, 3, *size)
+    want = official_forward(model.state_dict(), x, (1, 1, 3, 1), 5)
+    assert (model(x) - want).abs().max().item() <= 1e-4
+
+
+def test_forward_features_and_head_follow_timm():
+    model = tiny(num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 64, 2, 2) and model.num_features == 64
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 64)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 64)
+
+
+def test_feature_maps_for_tiny_at_224_have_paper_channels_and_strides():
+    model = create_model("asmlp_tiny", features_only=True).eval()
+    assert [f["num_chs"] for f in model.feature_info] == [96, 192, 384, 768]
+    assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+
+
+@pytest.mark.parametrize("size,want", [
+    ((97, 131), [(25, 33), (13, 17), (7, 9), (4, 5)]),   # odd: ceil at the stem and at every merge
+    ((8, 8), [(2, 2), (1, 1), (1, 1), (1, 1)]),
+    ((1, 1), [(1, 1), (1, 1), (1, 1), (1, 1)]),
+])
+def test_feature_shapes_at_odd_and_tiny_sizes(size, want):
+    model = tiny(features_only=True).eval()
+    feats = model(torch.randn(1, 3, *size))
+    assert [tuple(f.shape[-2:]) for f in feats] == want
+    assert [f.shape[1] for f in feats] == [8, 16, 32, 64]
+    assert all(torch.isfinite(f).all() for f in feats)
+
+
+def test_classifier_accepts_any_size():
+    model = tiny(num_classes=5).eval()
+    for size in [(97, 131), (256, 256), (3, 5)]:
+        assert model(torch.randn(1, 3, *size)).shape == (1, 5)
+
+
+def test_padding_is_right_bottom_zeros_like_the_official_stem():
+    """A 62x62 image gives the same features as the same image zero-padded to 64x64 by hand."""
+    model = tiny(features_only=True).eval()
+    x = torch.randn(1, 3, 62, 62)
+    by_hand = model(F.pad(x, (0, 2, 0, 2)))
+    for ours, ref in zip(model(x), by_hand):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_out_indices_select_and_allow_negative():
+    model = tiny(features_only=True, out_indices=(1, -1))
+    assert model.out_indices == (1, 3)
+    assert [f.shape[1] for f in model(torch.randn(1, 3, 32, 32))] == [16, 64]
+    with pytest.raises(ValueError, match="out_indices"):
+        tiny(features_only=True, out_indices=(0, 4))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_parameter_gets_a_gradient(name):
+    model = create_model(name, num_classes=7, depths=(1, 1, 1, 1), embed_dim=8)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_in_chans_option():
+    model = tiny(in_chans=1, num_classes=2)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 2)
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match="unknown model 'asmlp_huge'.*asmlp_tiny"):
+        create_model("asmlp_huge")
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="4-D image batch.*x\\[None\\]"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="expected an image tensor"):
+        model([1, 2, 3])
+    with pytest.raises(ValueError, match="shift_size must be odd"):
+        create_model("asmlp_tiny", shift_size=4)
+    with pytest.raises(ValueError, match="connection must be one of"):
+        create_model("asmlp_tiny", connection="both")
+    with pytest.raises(ValueError, match="padding must be one of"):
+        create_model("asmlp_tiny", padding="mirror")
+    with pytest.raises(TypeError):
+        create_model("asmlp_tiny", embed_dims=96)  # a typo is not silently ignored
+    with pytest.raises(ValueError, match="load_official_checkpoint"):
+        create_model("asmlp_tiny", pretrained=True)
