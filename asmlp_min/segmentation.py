@@ -1,0 +1,282 @@
+"""Semantic segmentation (paper Sec. 4.3): AS-MLP features -> UperNet -> a class for every pixel.
+
+    image (b, 3, H, W) -> backbone -> F1..F4: (b, C, H/4, W/4), (b, 2C, H/8, W/8), (b, 4C, H/16, W/16), (b, 8C, H/32, W/32)
+      -> UperHead: pyramid pooling on F4, lateral 1x1 + top-down sums, 3x3 per level, concat at stride 4,
+         3x3 fuse, 1x1 classifier -> (b, K, H/4, W/4) -> bilinear -> (b, K, H, W)
+    training only: FCNHead on F3 (stage index 2), loss weight 0.4.
+
+The recipe is the official mmseg one (../shared/PAPER.md Sec. 7-9): 512 head channels, pool scales (1, 2, 3, 6),
+dropout 0.1, BatchNorm (SyncBatchNorm when distributed), cross-entropy with ignore_index 255. Parameter names
+follow mmseg (``backbone.*``, ``decode_head.psp_modules.0.1.conv.weight``, ``auxiliary_head.convs.0.bn.bias``, ...),
+so a full mmseg checkpoint's ``state_dict`` loads with ``load_state_dict``; ``pretrained_backbone=`` loads the
+backbone alone (official classification ``.pth``, mmseg checkpoint, or a project checkpoint).
+
+Distributed training: convert the BatchNorms with ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` before
+wrapping in DistributedDataParallel (the engine does this); single-process runs keep plain BatchNorm.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import MODEL_CONFIGS, create_model
+from .checkpoint import CheckpointError, LoadReport, load_official_checkpoint
+
+# Paper Table (../shared/PAPER.md Sec. 7): UperNet + auxiliary head, 150 ADE20K classes, parameters in millions.
+PAPER_PARAMS = {"asmlp_tiny": 60, "asmlp_small": 81, "asmlp_base": 121}
+# Backbone settings of the official mmseg configs (Sec. 8): more drop path than for ImageNet, shift 3 for S.
+SEG_BACKBONE_DEFAULTS = {
+    "asmlp_tiny": dict(drop_path_rate=0.3),
+    "asmlp_small": dict(shift_size=3, drop_path_rate=0.3),
+    "asmlp_base": dict(drop_path_rate=0.5),
+}
+
+
+def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear, align_corners=False (mmseg's choice for every up-sampling in UperNet)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConvBNReLU(nn.Module):
+    """Conv (no bias) -> BatchNorm -> ReLU, mmcv's ``ConvModule`` layout (``conv``, ``bn``).
+
+    (b, c_in, h, w) -> (b, c_out, h, w). When a training batch holds a single value per channel (batch 1 through
+    the 1x1 pyramid-pooling branch) the batch statistics are degenerate: BatchNorm would raise, and even if it did
+    not, x - mean(x) is 0 everywhere. We then normalise with the running statistics and leave them unchanged.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.activate = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule init
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.training and x.numel() == x.shape[1]:
+            bn = self.bn
+            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        else:
+            x = self.bn(x)
+        return self.activate(x)
+
+
+class PyramidPooling(nn.ModuleList):
+    """PSPNet pooling: average F4 into s x s bins for each scale s, project to ``channels``, up-sample back.
+
+    (b, c, h, w) -> list of (b, channels, h, w), one per scale. Each element is ``Sequential(pool, ConvBNReLU)``,
+    mmseg's ``psp_modules.{i}.1`` layout.
+    """
+
+    def __init__(self, pool_scales: tuple[int, ...], in_channels: int, channels: int):
+        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels)) for s in pool_scales)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [resize(branch(x), x.shape[-2:]) for branch in self]
+
+
+class UperHead(nn.Module):
+    """UperNet decode head (Xiao et al. 2018) on the four AS-MLP feature maps.
+
+    feats [(b, C_i, h_i, w_i)] at strides 4, 8, 16, 32 -> logits (b, num_classes, h_1, w_1) at stride 4.
+        L4 = bottleneck(cat[F4, PPM_1(F4), PPM_2(F4), PPM_3(F4), PPM_6(F4)])       3x3, context of the whole image
+        L_i = lateral_i(F_i) + up(L_{i+1})                 i = 3, 2, 1               1x1 then top-down sums (FPN)
+        P_i = fpn_conv_i(L_i) (i < 4),  P4 = L4                                      3x3 per level
+        logits = conv_seg(dropout(fpn_bottleneck(cat[P1, up(P2), up(P3), up(P4)])))   fuse at stride 4
+    """
+
+    def __init__(self, in_channels: tuple[int, ...] = (96, 192, 384, 768), channels: int = 512,
+                 pool_scales: tuple[int, ...] = (1, 2, 3, 6), num_classes: int = 150, dropout: float = 0.1):
+        super().__init__()
+        _check_positive(channels=channels, num_classes=num_classes)
+        if len(in_channels) < 2 or not pool_scales or min(pool_scales) < 1:
+            raise ValueError(f"UperHead needs >= 2 input levels and pool scales >= 1, got in_channels={in_channels}, "
+                             f"pool_scales={pool_scales}")
+        self.in_channels = tuple(in_channels)
+        self.psp_modules = PyramidPooling(pool_scales, in_channels[-1], channels)
+        self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = _classifier(channels, num_classes)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        _check_levels(feats, self.in_channels)
+        top = feats[-1]
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
+        laterals.append(self.bottleneck(torch.cat([top, *self.psp_modules(top)], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):  # coarse to fine: each level receives the one above it
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:])
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [resize(o, size) for o in outs[1:]], dim=1))
+        return self.conv_seg(self.dropout(fused))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head: (b, c_in, h, w) -> 3x3 ConvBNReLU (channels) -> dropout -> 1x1 -> (b, num_classes, h, w).
+
+    Attached to stage index 2 (stride 16) during training only; its loss (weight 0.4) gives the middle of the
+    backbone a direct gradient. mmseg ``FCNHead(num_convs=1, concat_input=False)`` layout.
+    """
+
+    def __init__(self, in_channels: int = 384, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
+        super().__init__()
+        _check_positive(in_channels=in_channels, channels=channels, num_classes=num_classes)
+        self.convs = nn.Sequential(ConvBNReLU(in_channels, channels, 3))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = _classifier(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255) -> Tensor:
+    """Pixel-wise cross-entropy averaged over the pixels that are not ``ignore_index``.
+
+    logits (b, K, h, w) at any resolution are up-sampled to the masks' (b, H, W) first, as mmseg does.
+    A batch with no labelled pixel gives a loss of 0 (not NaN) that still back-propagates.
+    """
+    logits = resize(logits, masks.shape[-2:]) if logits.shape[-2:] != masks.shape[-2:] else logits
+    if not (masks != ignore_index).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, masks, ignore_index=ignore_index)
+
+
+class SemanticSegmenter(nn.Module):
+    """AS-MLP backbone + UperHead (+ FCNHead during training): the paper's ADE20K model.
+
+    Call convention (the engine relies on it):
+      ``model(images)``        images (b, 3, H, W), normalised -> logits (b, num_classes, H, W), whole-image or
+                               sliding-window (``inference="slide"``) in eval mode;
+      ``model(images, masks)`` masks (b, H, W) int64, ``ignore_index`` = unlabelled -> dict of weighted scalar
+                               losses ``{"loss_seg", "loss_aux"}`` (aux only in train mode with ``aux=True``).
+
+    ``backbone``: a variant name; ``backbone_kwargs`` override its config (e.g. ``embed_dim=16, depths=(1,1,1,1)``)
+    on top of the mmseg segmentation defaults in ``SEG_BACKBONE_DEFAULTS``. ``channels``/``aux_channels`` shrink
+    the heads for small experiments (paper: 512 / 256). ``pretrained_backbone``: path or dict, loaded into the
+    ``features_only`` backbone with ``strict=False`` (report in ``backbone_load_report``).
+    """
+
+    def __init__(self, backbone: str = "asmlp_tiny", num_classes: int = 150,
+                 pretrained_backbone: str | os.PathLike | dict | None = None, aux: bool = True,
+                 channels: int = 512, aux_channels: int = 256, pool_scales: tuple[int, ...] = (1, 2, 3, 6),
+                 dropout: float = 0.1, aux_weight: float = 0.4, aux_index: int = 2, ignore_index: int = 255,
+                 inference: str = "whole", crop_size: int | tuple[int, int] = 512,
+                 stride: int | tuple[int, int] = 341, **backbone_kwargs):
+        super().__init__()
+        if backbone not in MODEL_CONFIGS:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(MODEL_CONFIGS)}")
+        if inference not in ("whole", "slide"):
+            raise ValueError(f"inference must be 'whole' or 'slide', got {inference!r}")
+        if "features_only" in backbone_kwargs or "num_classes" in backbone_kwargs:
+            raise ValueError("features_only / num_classes belong to the segmenter, not to backbone_kwargs")
+        self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
+        self.inference, self.crop_size, self.stride = inference, _pair(crop_size), _pair(stride)
+        if min(self.stride) < 1 or min(self.crop_size) < 1:
+            raise ValueError(f"crop_size and stride must be >= 1, got {crop_size}, {stride}")
+        kwargs = {**SEG_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
+        self.backbone = create_model(backbone, features_only=True, out_indices=(0, 1, 2, 3), **kwargs)
+        in_channels = tuple(info["num_chs"] for info in self.backbone.feature_info)
+        self.decode_head = UperHead(in_channels, channels, pool_scales, num_classes, dropout)
+        if aux and not 0 <= aux_index < len(in_channels):
+            raise ValueError(f"aux_index must be a stage index in [0, {len(in_channels) - 1}], got {aux_index}")
+        self.aux_index = aux_index
+        self.auxiliary_head = FCNHead(in_channels[aux_index], aux_channels, num_classes, dropout) if aux else None
+        self.backbone_load_report: LoadReport | None = None
+        if pretrained_backbone is not None:
+            self.backbone_load_report = self.load_backbone(pretrained_backbone)
+
+    def load_backbone(self, checkpoint: str | os.PathLike | dict) -> LoadReport:
+        """Load backbone weights (cls ``.pth``, mmseg ``{"state_dict": {"backbone.…"}}``, project checkpoint).
+
+        Missing keys are expected (an ImageNet checkpoint has no ``norm0..3``); a checkpoint that matches
+        nothing or has tensors of the wrong shape (another variant) raises ``CheckpointError``.
+        """
+        report = load_official_checkpoint(self.backbone, checkpoint, strict=False)
+        if report.mismatched or not report.loaded:
+            raise CheckpointError(f"backbone checkpoint does not fit this backbone:\n{report}\n"
+                                  "Check the variant (tiny/small/base) and backbone_kwargs such as embed_dim.")
+        return report
+
+    def forward(self, images: Tensor, masks: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+        """(b, 3, H, W) -> logits (b, K, H, W); with masks (b, H, W) -> {"loss_seg", "loss_aux"} (weighted)."""
+        if masks is None:
+            if not self.training and self.inference == "slide":
+                return self.slide_inference(images)
+            return self.forward_logits(images)
+        _check_masks(images, masks)
+        feats = self.backbone(images)
+        losses = {"loss_seg": segmentation_loss(self.decode_head(feats), masks, self.ignore_index)}
+        if self.training and self.auxiliary_head is not None:
+            aux_logits = self.auxiliary_head(feats[self.aux_index])
+            losses["loss_aux"] = self.aux_weight * segmentation_loss(aux_logits, masks, self.ignore_index)
+        return losses
+
+    def forward_logits(self, images: Tensor) -> Tensor:
+        """Whole-image inference: (b, 3, H, W) -> (b, K, H, W), the stride-4 logits up-sampled bilinearly."""
+        return resize(self.decode_head(self.backbone(images)), images.shape[-2:])
+
+    @torch.no_grad()
+    def slide_inference(self, images: Tensor) -> Tensor:
+        """Overlapping ``crop_size`` windows every ``stride`` pixels; logits averaged where windows overlap.
+
+        (b, 3, H, W) -> (b, K, H, W). Windows are clamped inside the image (the last one ends at the border), and
+        an image smaller than a crop is one window, as mmseg's ``slide_inference``.
+        """
+        (h, w), (ch, cw), (sh, sw) = images.shape[-2:], self.crop_size, self.stride
+        logits = images.new_zeros(images.shape[0], self.num_classes, h, w)
+        count = images.new_zeros(1, 1, h, w)
+        for top in _window_starts(h, ch, sh):
+            for left in _window_starts(w, cw, sw):
+                crop = images[..., top:top + ch, left:left + cw]
+                logits[..., top:top + ch, left:left + cw] += self.forward_logits(crop)
+                count[..., top:top + ch, left:left + cw] += 1
+        return logits / count
+
+
+def _window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Starts of windows of ``crop`` covering [0, size): every ``stride``, the last one moved back inside."""
+    if size <= crop:
+        return [0]
+    n = math.ceil((size - crop) / stride) + 1
+    return [min(i * stride, size - crop) for i in range(n)]
+
+
+def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    conv = nn.Conv2d(channels, num_classes, kernel_size=1)
+    nn.init.normal_(conv.weight, std=0.01)  # mmseg's conv_seg init: small logits, near-uniform start
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+def _check_levels(feats: list[Tensor], in_channels: tuple[int, ...]) -> None:
+    got = tuple(f.shape[1] for f in feats)
+    if got != in_channels:
+        raise ValueError(f"UperHead expects {len(in_channels)} maps with channels {in_channels}, got {got}; "
+                         "pass the backbone's feature_info channels as in_channels")
+
+
+def _check_masks(images: Tensor, masks: Tensor) -> None:
+    if not isinstance(masks, Tensor) or masks.dtype != torch.int64:
+        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class indices, got "
+                        f"{getattr(masks, 'dtype', type(masks).__name__)}; use masks.long()")
+    if masks.shape != (images.shape[0], *images.shape[-2:]):
+        raise ValueError(f"masks must be (b, H, W) = {(images.shape[0], *images.shape[-2:])} to match the images, "
+                         f"got {tuple(masks.shape)}")

@@ -1,0 +1,230 @@
+"""UperNet segmenter: shapes, batch-1 BatchNorm, ignored pixels, sliding windows, checkpoints, paper parameter counts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asmlp_min.backbone import create_model
+from asmlp_min.checkpoint import CheckpointError
+from asmlp_min.segmentation import ConvBNReLU, SemanticSegmenter, UperHead, segmentation_loss
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin contention on a loaded machine (measured 30x slower with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), drop_path_rate=0.0, channels=32, aux_channels=16)
+
+
+def tiny(num_classes=3, **kw):
+    torch.manual_seed(0)
+    return SemanticSegmenter("asmlp_tiny", num_classes=num_classes, **{**TINY, **kw})
+
+
+def iou_per_class(pred, target, num_classes):
+    """Hand-written IoU: |pred == c and target == c| / |pred == c or target == c| over labelled pixels."""
+    valid = target != 255
+    ious = []
+    for c in range(num_classes):
+        p, t = (pred == c) & valid, (target == c) & valid
+        union = (p | t).sum()
+        if union > 0:
+            ious.append(((p & t).sum() / union).item())
+    return ious
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_eval_logits_have_input_size_for_odd_sizes(batch):
+    model = tiny(num_classes=5).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(batch, 3, 97, 131))
+    assert logits.shape == (batch, 5, 97, 131)
+
+
+def test_train_mode_batch_one_odd_size_gives_losses_and_gradients():
+    model = tiny(num_classes=4).train()
+    images, masks = torch.randn(1, 3, 97, 131), torch.randint(0, 4, (1, 97, 131))
+    assert model(images).shape == (1, 4, 97, 131)  # BatchNorm with one sample must not crash
+    losses = model(images, masks)
+    assert set(losses) == {"loss_seg", "loss_aux"}
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.decode_head.conv_seg.weight.grad.abs().sum() > 0
+
+
+def test_single_value_per_channel_uses_running_statistics():
+    """Batch 1 through the 1x1 pooled branch: normalise like eval mode and keep the running stats unchanged."""
+    block = ConvBNReLU(8, 4)
+    block.bn.running_mean.uniform_(-1, 1)
+    block.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 8, 1, 1)
+    before = block.bn.running_mean.clone()
+    out = block.train()(x)
+    conv = F.conv2d(x, block.conv.weight)
+    expected = torch.relu((conv - before[None, :, None, None]) / torch.sqrt(block.bn.running_var + 1e-5)[None, :, None, None]
+                          * block.bn.weight[None, :, None, None] + block.bn.bias[None, :, None, None])
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(block.bn.running_mean, before)
+    block(torch.randn(2, 8, 1, 1))  # two values per channel: ordinary batch statistics, stats move
+    assert not torch.equal(block.bn.running_mean, before)
+
+
+def test_ignored_pixels_contribute_no_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 6, requires_grad=True)
+    masks = torch.randint(0, 3, (2, 5, 6))
+    masks[0, :2] = 255
+    masks[1, :, 4:] = 255
+    valid = masks != 255
+    log_p = torch.log_softmax(logits, 1)
+    expected = -torch.stack([log_p[b, masks[b, i, j], i, j] for b, i, j in valid.nonzero().tolist()]).mean()
+    loss = segmentation_loss(logits, masks)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    ignored = (~valid)[:, None].expand_as(logits)
+    assert torch.equal(logits.grad[ignored], torch.zeros(int(ignored.sum())))
+    changed = logits.detach().clone()
+    changed[ignored] = 100.0  # whatever the model says on ignored pixels does not matter
+    torch.testing.assert_close(segmentation_loss(changed, masks), expected.detach())
+
+
+def test_all_ignored_batch_gives_zero_loss_not_nan():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = segmentation_loss(logits, torch.full((1, 4, 4), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_aux_loss_weighted_on_stage_two_and_only_in_training():
+    model = tiny(dropout=0.0).train()
+    images, masks = torch.randn(2, 3, 64, 48), torch.randint(0, 3, (2, 64, 48))
+    losses = model(images, masks)
+    feats = model.backbone(images)
+    assert feats[2].shape[1] == 4 * 16  # stage index 2 has 4C channels
+    aux = F.interpolate(model.auxiliary_head(feats[2]), size=(64, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(losses["loss_aux"], 0.4 * F.cross_entropy(aux, masks))
+    assert set(model.eval()(images, masks)) == {"loss_seg"}
+    assert set(tiny(aux=False).train()(images, masks)) == {"loss_seg"}
+
+
+def test_slide_inference_averages_overlapping_windows():
+    model = tiny(inference="slide", crop_size=64, stride=32).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        left, right = model.forward_logits(images[..., :64]), model.forward_logits(images[..., 32:])
+        slid = model(images)
+    torch.testing.assert_close(slid[..., :32], left[..., :32])
+    torch.testing.assert_close(slid[..., 32:64], (left[..., 32:] + right[..., :32]) / 2)
+    torch.testing.assert_close(slid[..., 64:], right[..., 32:])
+
+
+def test_slide_inference_with_crop_larger_than_image_is_whole_image():
+    model = tiny(inference="slide", crop_size=128, stride=64).eval()
+    images = torch.randn(1, 3, 50, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), model.forward_logits(images))
+
+
+def test_parameter_names_follow_mmseg():
+    keys = set(tiny().state_dict())
+    for key in ["backbone.patch_embed.proj.weight", "backbone.norm3.weight",
+                "decode_head.psp_modules.0.1.conv.weight", "decode_head.psp_modules.3.1.bn.running_var",
+                "decode_head.bottleneck.conv.weight", "decode_head.lateral_convs.2.bn.bias",
+                "decode_head.fpn_convs.0.conv.weight", "decode_head.fpn_bottleneck.conv.weight",
+                "decode_head.conv_seg.weight", "decode_head.conv_seg.bias",
+                "auxiliary_head.convs.0.conv.weight", "auxiliary_head.conv_seg.bias"]:
+        assert key in keys, key
+
+
+def test_mmseg_checkpoint_loads_into_backbone(tmp_path):
+    source = tiny(num_classes=7)
+    checkpoint = {"meta": {}, "state_dict": {k: v for k, v in source.state_dict().items()}}
+    path = tmp_path / "upernet_asmlp.pth"
+    torch.save(checkpoint, path)
+    torch.manual_seed(1)
+    model = SemanticSegmenter("asmlp_tiny", num_classes=3, pretrained_backbone=path, **TINY)
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    assert model.backbone_load_report.ok  # every backbone.* tensor, including norm0..3, found; heads not touched
+    assert not torch.equal(model.decode_head.bottleneck.conv.weight, source.decode_head.bottleneck.conv.weight)
+
+
+def test_classification_checkpoint_loads_into_backbone_with_fresh_norms():
+    torch.manual_seed(2)
+    classifier = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=10)
+    model = tiny(pretrained_backbone={"model": classifier.state_dict()})
+    assert torch.equal(model.backbone.layers[3].blocks[0].mlp.fc2.weight, classifier.layers[3].blocks[0].mlp.fc2.weight)
+    assert sorted(k.split(".")[0] for k in model.backbone_load_report.missing) == ["norm0"] * 2 + ["norm1"] * 2 + \
+        ["norm2"] * 2 + ["norm3"] * 2
+
+
+def test_checkpoint_of_another_variant_is_refused():
+    other = create_model("asmlp_tiny", embed_dim=24, depths=(1, 1, 1, 1), features_only=True)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        tiny(pretrained_backbone={"state_dict": {f"backbone.{k}": v for k, v in other.state_dict().items()}})
+
+
+def test_bad_arguments_are_rejected_early():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        SemanticSegmenter("resnet50", num_classes=3)
+    with pytest.raises(ValueError, match="inference"):
+        tiny(inference="tiles")
+    model = tiny()
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(b, H, W\)"):
+        model(torch.randn(1, 3, 32, 32), torch.zeros(1, 16, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="channels"):
+        UperHead((8, 16, 32, 64), channels=8)([torch.randn(1, 8, 8, 8)] * 4)
+
+
+def test_single_image_overfit_reaches_miou_09():
+    """A tiny model memorises one scene (a square and a disc on noise) in 100 steps."""
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    mask = torch.zeros(64, 64, dtype=torch.long)
+    mask[8:30, 10:34] = 1
+    mask[(yy - 44) ** 2 + (xx - 40) ** 2 <= 12 ** 2] = 2
+    colours = torch.tensor([[0.2, 0.3, 0.3], [0.9, 0.2, 0.1], [0.1, 0.4, 0.9]])
+    image = colours[mask].permute(2, 0, 1) + 0.1 * torch.randn(3, 64, 64, generator=gen)
+    images, masks = image[None], mask[None]
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = sum(model.train()(images, masks).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        pred = model.eval()(images).argmax(1)
+    ious = iou_per_class(pred, masks, 3)
+    assert len(ious) == 3 and sum(ious) / 3 >= 0.9, ious
+
+
+# Paper Sec. 7 (AS-MLP + UperNet + auxiliary FCN head, 150 classes): 60M / 81M / 121M.
+@pytest.mark.parametrize("name, paper_millions", [("asmlp_tiny", 60), ("asmlp_small", 81),
+                                                  pytest.param("asmlp_base", 121, marks=pytest.mark.slow)])
+def test_parameter_count_matches_paper(name, paper_millions):
+    model = SemanticSegmenter(name, num_classes=150)
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total - paper_millions * 1e6) <= 1e6, total
+
+
+def test_head_parameters_match_the_mmseg_layout_by_hand():
+    """UperNet(512) + FCN(256) on C = 96, 150 classes, counted from the mmseg layer list (conv without bias + BN)."""
+    cb = lambda c_in, c_out, k: c_in * c_out * k * k + 2 * c_out  # noqa: E731  conv (no bias) + BN weight/bias
+    uper = (4 * cb(768, 512, 1)                       # PPM, scales 1, 2, 3, 6
+            + cb(768 + 4 * 512, 512, 3)               # bottleneck
+            + cb(96, 512, 1) + cb(192, 512, 1) + cb(384, 512, 1)  # lateral convs
+            + 3 * cb(512, 512, 3)                     # fpn convs
+            + cb(4 * 512, 512, 3)                     # fpn bottleneck
+            + 512 * 150 + 150)                        # conv_seg
+    aux = cb(384, 256, 3) + 256 * 150 + 150
+    head = UperHead((96, 192, 384, 768), 512, (1, 2, 3, 6), 150)
+    model_aux = SemanticSegmenter("asmlp_tiny", num_classes=150, channels=8).auxiliary_head
+    assert sum(p.numel() for p in head.parameters()) == uper
+    assert sum(p.numel() for p in model_aux.parameters()) == aux
