@@ -7,8 +7,8 @@ masks are resampled with nearest neighbour.
 
 - classification, as in the paper (timm data config): train RandomResizedCrop (bicubic) + flip; eval
   resize the short side to ``int(size * 256 / 224)`` (bicubic), centre crop ``size``; ImageNet mean/std.
-- detection: flip and random resized crop, then ``ClampBoundingBoxes`` + ``SanitizeBoundingBoxes`` drop
-  boxes cut to nothing (with their labels, masks, area, iscrowd). Images stay in [0, 1] by default:
+- detection: flip and random resized crop; boxes are then re-fitted to their masks (when there are
+  masks) and ``SanitizeBoundingBoxes`` drops those cut to nothing, with their labels, masks, area, iscrowd. Images stay in [0, 1] by default:
   torchvision detectors normalise inside the model.
 - segmentation, as mmseg's ADE20K pipeline: random rescale 0.5-2x, random crop padded with 255
   (ignored), flip, photometric distortion; ImageNet mean/std.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +52,21 @@ def _sanitize_labels(inputs) -> tuple:
     return tuple(target[key] for key in ("labels", "area", "iscrowd") if key in target)
 
 
+class BoxesFromMasks(v2.Transform):
+    """Set each box to the pixel-edge extent of its mask (an emptied mask gets a zero box, which
+    SanitizeBoundingBoxes then drops). After a crop, the clipped box of a rotated shape is larger than
+    what is left of the shape; the mask knows better."""
+
+    def forward(self, image, target):
+        if target.get("masks") is None or len(target["masks"]) == 0:
+            return image, target
+        masks = target["masks"].bool()
+        present = masks.flatten(1).any(1)
+        boxes = torch.zeros(len(masks), 4)
+        boxes[present] = masks_to_boxes(masks[present]) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+        return image, {**target, "boxes": tv_tensors.wrap(boxes, like=target["boxes"])}
+
+
 def detection_transforms(train: bool, size: int | None = None, scale: tuple[float, float] = (0.5, 1.0),
                          normalize: bool = False) -> v2.Compose:
     """(image, target) -> (float image, target). size: output side of the train crop / eval resize
@@ -60,7 +76,8 @@ def detection_transforms(train: bool, size: int | None = None, scale: tuple[floa
         ops.append(v2.RandomHorizontalFlip())
         if size is not None:
             ops.append(v2.RandomResizedCrop(size, scale=scale, antialias=True))
-        ops += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(labels_getter=_sanitize_labels)]
+        ops += [v2.ClampBoundingBoxes(), BoxesFromMasks(),
+                v2.SanitizeBoundingBoxes(labels_getter=_sanitize_labels)]
     elif size is not None:
         ops.append(v2.Resize((size, size), antialias=True))
     return v2.Compose([*ops, *_to_float(normalize)])

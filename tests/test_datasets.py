@@ -1,0 +1,230 @@
+"""Real-format loaders (ImageFolder, COCO, ADE20K-style) read what export_shapes writes, transforms move
+targets with the pixels, and bad files fail early with the file and field named."""
+import contextlib
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
+from torchvision.transforms import v2
+
+from asmlp_min.data.datasets import (ADE20KSegmentation, CocoDetection, ImageFolderClassification,
+                                     detection_collate, load_coco)
+from asmlp_min.data.shapes import CLASSES, ShapesDetection, export_shapes, make_scene, scene_rng
+from asmlp_min.data.transforms import (IMAGENET_MEAN, classification_transforms, detection_transforms,
+                                       eval_resize_size, segmentation_transforms)
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
+
+
+@pytest.fixture(scope="module")
+def coco_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    return root, export_shapes(root, task="det", n=4, seed=5)
+
+
+def test_coco_round_trip(coco_export):
+    root, ann_file = coco_export
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = COCO(str(ann_file))                         # pycocotools reading our JSON on its own
+    dataset = CocoDetection(root / "train", ann_file)
+    assert len(dataset) == 4
+    for i in range(4):
+        scene = make_scene(scene_rng(5, "train", i))
+        anns = reference.imgToAnns[i + 1]
+        ref_masks = np.stack([reference.annToMask(a) for a in anns]).astype(bool)
+        intersection = (ref_masks & scene.masks).sum((1, 2))
+        union = (ref_masks | scene.masks).sum((1, 2))
+        assert (intersection == union).all()                    # mask IoU 1.0
+        ref_xywh = np.array([a["bbox"] for a in anns], np.float32)
+        assert np.abs(ref_xywh[:, :2] + ref_xywh[:, 2:] - scene.boxes_xyxy[:, 2:]).max() <= 1
+        image, target = dataset[i]
+        assert torch.equal((image * 255).round().to(torch.uint8), torch.from_numpy(scene.image).permute(2, 0, 1))
+        assert torch.equal(target["masks"].bool(), torch.from_numpy(scene.masks))
+        assert (target["boxes"] - torch.from_numpy(scene.boxes_xyxy)).abs().max() <= 1
+        assert torch.equal(target["labels"], torch.from_numpy(scene.kinds) + 1)
+        assert target["image_id"] == i + 1
+    images, targets = detection_collate([dataset[0], dataset[1]])
+    assert len(images) == len(targets) == 2
+
+
+def test_image_folder_reads_the_exported_tree(tmp_path):
+    root = export_shapes(tmp_path, task="cls", n=6, seed=6)
+    dataset = ImageFolderClassification(root)
+    present = sorted({make_scene(scene_rng(6, "train", i)).label for i in range(6)})
+    assert dataset.classes == [CLASSES[k] for k in present]
+    for path, label in dataset.samples:                         # the folder name is the dominant shape
+        index = int(path.rsplit("/", 1)[1][:6])
+        assert dataset.classes[label] == CLASSES[make_scene(scene_rng(6, "train", index)).label]
+    image, label = dataset[0]
+    assert image.shape == (3, 128, 128) and image.dtype == torch.float32 and len(dataset) == 6
+
+
+def test_segmentation_folder_reads_the_exported_tree(tmp_path):
+    root = export_shapes(tmp_path, task="seg", n=2, seed=7, split="val")
+    dataset = ADE20KSegmentation(root, split="val", num_classes=4, reduce_zero_label=False)
+    image, mask = dataset[1]
+    assert torch.equal(mask, torch.from_numpy(make_scene(scene_rng(7, "val", 1)).semantic).long())
+
+
+def _write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def _ade_tree(root, mask, image_size=(4, 4)):
+    _write_png(root / "images/training/a.png", np.zeros((*image_size, 3)))
+    _write_png(root / "annotations/training/a.png", mask)
+    return root
+
+
+def test_reduce_zero_label_follows_mmseg(tmp_path):
+    root = _ade_tree(tmp_path, [[0, 1, 2, 255]] * 4)
+    _, mask = ADE20KSegmentation(root, num_classes=2, reduce_zero_label=True)[0]
+    assert mask[0].tolist() == [255, 0, 1, 255]
+
+
+def test_transforms_move_boxes_and_masks_with_pixels():
+    image, target = ShapesDetection(3, seed=8)[2]
+    flip = v2.Compose([v2.RandomHorizontalFlip(p=1.0), detection_transforms(train=False)])
+    flipped, moved = flip(image, target)
+    assert torch.equal(flipped, image.flip(-1))
+    assert torch.equal(moved["masks"], target["masks"].flip(-1))
+    assert torch.equal(moved["boxes"], masks_to_boxes(moved["masks"]) + torch.tensor([0, 0, 1, 1]))
+    torch.manual_seed(0)
+    pipeline = detection_transforms(train=True, size=64, scale=(0.05, 0.2))
+    kept_fewer = False
+    for i in range(3):
+        image, target = ShapesDetection(3, seed=8)[i]
+        out, crop = pipeline(image, target)
+        assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+        n = len(crop["boxes"])
+        assert len(crop["labels"]) == len(crop["area"]) == len(crop["iscrowd"]) == len(crop["masks"]) == n
+        kept_fewer |= n < len(target["boxes"])
+        # boxes are re-fitted to the resampled masks: exactly their pixel-edge extent
+        assert torch.equal(crop["boxes"], masks_to_boxes(crop["masks"]) + torch.tensor([0, 0, 1, 1]))
+    assert kept_fewer                                                      # small crops cut some shapes out
+
+
+def test_classification_eval_follows_the_paper():
+    assert eval_resize_size(224) == 256 and eval_resize_size(112) == 128
+    mean_image = torch.tensor(IMAGENET_MEAN).mul(255).round().to(torch.uint8)[:, None, None].expand(3, 300, 400)
+    out = classification_transforms(train=False, size=224)(mean_image)
+    assert out.shape == (3, 224, 224) and out.abs().max() < 0.01           # the ImageNet mean maps to ~0
+    assert classification_transforms(train=True, size=96)(Image.new("RGB", (50, 70))).shape == (3, 96, 96)
+
+
+def test_segmentation_train_pads_with_ignore():
+    torch.manual_seed(0)
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    mask = torch.ones(20, 30, dtype=torch.int64)
+    out, crop = segmentation_transforms(train=True, size=64, ratio_range=(0.5, 0.5))(
+        tv_tensors.Image(image), tv_tensors.Mask(mask))
+    assert out.shape == (3, 64, 64) and crop.dtype == torch.int64
+    assert set(crop.unique().tolist()) == {1, 255}                         # resized 0.5x: 32 px, padded to 64
+
+
+# ---------------------------------------------------------------- bad input: clear errors naming file and field
+
+def _coco(tmp_path, **changes):
+    data = {"images": [{"id": 1, "file_name": "x.png", "height": 8, "width": 8}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "area": 9,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "circle"}]}
+    for key, value in changes.items():
+        if value is None:
+            del data[key]
+        elif key == "annotations":
+            data[key] = [{**data[key][0], **v} for v in value]
+        else:
+            data[key] = value
+    path = tmp_path / "instances_bad.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"images": None}, "'images'"),
+    ({"annotations": [{"image_id": 2}]}, "'image_id'"),
+    ({"annotations": [{"category_id": 9}]}, "'category_id'"),
+    ({"annotations": [{"id": 0}]}, "'id'"),
+    ({"annotations": [{"bbox": [1, 2, 3]}]}, "'bbox'"),
+    ({"annotations": [{"id": 1}, {"id": 1}]}, "duplicate"),
+])
+def test_malformed_coco_names_file_and_field(tmp_path, changes, field):
+    path = _coco(tmp_path, **changes)
+    with pytest.raises(ValueError, match=field) as err:
+        load_coco(path)
+    assert str(path) in str(err.value)
+
+
+def test_degenerate_boxes_are_skipped_with_one_counting_warning(tmp_path):
+    path = _coco(tmp_path, annotations=[{"id": 1}, {"id": 2, "bbox": [0, 0, 0, 4]}, {"id": 3, "bbox": [0, 0, 5, -1]}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coco = load_coco(path)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "skipped 2 annotation" in messages[0] and str(path) in messages[0]
+    assert sorted(coco.anns) == [1]
+
+
+def test_image_size_disagreeing_with_json(tmp_path):
+    path = _coco(tmp_path)
+    _write_png(tmp_path / "x.png", np.zeros((8, 9, 3)))
+    with pytest.raises(ValueError, match="'height'x'width'") as err:
+        CocoDetection(tmp_path, path)[0]
+    assert "x.png" in str(err.value)
+
+
+def test_truncated_image_names_the_file(tmp_path):
+    _write_png(tmp_path / "cat" / "a.png", np.random.default_rng(0).integers(0, 255, (32, 32, 3)))
+    data = (tmp_path / "cat" / "a.png").read_bytes()
+    (tmp_path / "cat" / "a.png").write_bytes(data[:len(data) // 2])
+    dataset = ImageFolderClassification(tmp_path)
+    with pytest.raises(ValueError, match="truncated") as err:
+        dataset[0]
+    assert "a.png" in str(err.value)
+
+
+def test_empty_folders_are_errors(tmp_path):
+    (tmp_path / "cls" / "circle").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images") as err:
+        ImageFolderClassification(tmp_path / "cls")
+    assert "cls" in str(err.value)
+    (tmp_path / "seg/images/training").mkdir(parents=True)
+    (tmp_path / "seg/annotations/training").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images") as err:
+        ADE20KSegmentation(tmp_path / "seg")
+    assert "images/training" in str(err.value)
+    with pytest.raises(ValueError, match="not found"):
+        ADE20KSegmentation(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("mask, image_size, message", [
+    ([[0, 1], [9, 255]], (2, 2), r"values \[9\] are >= num_classes=4"),
+    ([[0, 1], [2, 3]], (3, 2), "mask is 2x2 but image"),
+])
+def test_bad_masks_name_the_file(tmp_path, mask, image_size, message):
+    root = _ade_tree(tmp_path, mask, image_size)
+    with pytest.raises(ValueError, match=message) as err:
+        ADE20KSegmentation(root, num_classes=4, reduce_zero_label=False)[0]
+    assert "annotations/training/a.png" in str(err.value)
+
+
+def test_colour_mask_is_rejected(tmp_path):
+    root = _ade_tree(tmp_path, np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="single-channel"):
+        ADE20KSegmentation(root, num_classes=4)[0]
+
+
+def test_missing_mask_is_reported_at_construction(tmp_path):
+    root = _ade_tree(tmp_path, np.zeros((4, 4)))
+    _write_png(root / "images/training/b.png", np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="no mask.*b.png"):
+        ADE20KSegmentation(root)

@@ -1,0 +1,164 @@
+"""Metrics against hand-computed values: top-k, COCO AP (101-point interpolation), confusion-matrix mIoU."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from asmlp_min.data.shapes import ShapesDetection
+from asmlp_min.metrics import COCO_STAT_NAMES, SegmentationMeter, coco_evaluate, topk_accuracy
+
+
+def test_topk_accuracy_by_hand():
+    logits = torch.tensor([[0.1, 0.7, 0.2],    # target 1: top-1 hit
+                           [0.5, 0.3, 0.2],    # target 1: second best
+                           [0.6, 0.3, 0.1]])   # target 2: last
+    target = torch.tensor([1, 1, 2])
+    acc = topk_accuracy(logits, target, ks=(1, 2, 5))
+    assert acc == {"top1": 1 / 3, "top2": 2 / 3, "top5": 1.0}    # k=5 > 3 classes: clamped, all hit
+    with pytest.raises(ValueError, match="target"):
+        topk_accuracy(logits, target[:2])
+
+
+# ---------------------------------------------------------------- COCO
+
+@pytest.fixture(scope="module")
+def shapes_gt():
+    dataset = ShapesDetection(6, seed=9)
+    return dataset.coco_dict(), [dataset[i][1] for i in range(len(dataset))]
+
+
+def _as_detections(targets, with_masks=True):
+    return [{"image_id": t["image_id"], "boxes": t["boxes"], "labels": t["labels"],
+             "scores": torch.linspace(1.0, 0.5, len(t["labels"])),
+             **({"masks": t["masks"]} if with_masks else {})} for t in targets]
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_ground_truth_as_detections_scores_one(shapes_gt, iou_type, capsys):
+    coco, targets = shapes_gt
+    stats = coco_evaluate(coco, _as_detections(targets), iou_type=iou_type)
+    assert list(stats) == list(COCO_STAT_NAMES)
+    assert stats["AP"] == stats["AP50"] == stats["AP75"] == stats["AR100"] == 1.0
+    assert capsys.readouterr().out == ""                          # COCOeval's timing prints are swallowed
+
+
+def _one_image_gt():
+    # two 40x40 boxes (area 1600: "medium", between 32^2 and 96^2)
+    return {"images": [{"id": 1, "height": 200, "width": 200, "file_name": "a.png"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600,
+                             "iscrowd": 0},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "area": 1600,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "circle"}]}
+
+
+def test_one_miss_and_one_false_positive_by_hand():
+    # Detections, best score first: a false positive (0.9, far from both objects), then an exact hit on
+    # object 1 (0.8); object 2 is missed. At every IoU threshold the ranked list gives
+    #   after det 1: TP=0, FP=1 -> recall 0.0, precision 0.0
+    #   after det 2: TP=1, FP=1 -> recall 0.5, precision 0.5
+    # COCO makes precision non-increasing from the right (p_interp(r) = max precision at recall >= r),
+    # so p = 0.5 for recall 0.0..0.5, and 0 beyond 0.5 (never reached). Sampled at the 101 recall points
+    # 0.00, 0.01, ..., 1.00: 51 points (0.00..0.50) have 0.5, the other 50 have 0.
+    #   AP = 51 * 0.5 / 101 = 25.5 / 101 (same at all 10 IoU thresholds, so AP = AP50 = AP75).
+    # Recall with 100 detections = 1/2; with 1 detection per image only the false positive counts: 0.
+    detections = [{"image_id": 1, "boxes": torch.tensor([[150.0, 10.0, 190.0, 50.0], [10.0, 10.0, 50.0, 50.0]]),
+                   "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1])}]
+    stats = coco_evaluate(_one_image_gt(), detections)
+    for name in ("AP", "AP50", "AP75", "APm"):
+        assert math.isclose(stats[name], 25.5 / 101, rel_tol=1e-9)
+    assert stats["AR100"] == stats["AR10"] == stats["ARm"] == 0.5 and stats["AR1"] == 0.0
+    assert stats["APs"] == stats["APl"] == -1.0                    # no small/large ground truth
+
+
+def test_coco_result_list_input_matches_dict_input():
+    results = [{"image_id": 1, "category_id": 1, "bbox": [150, 10, 40, 40], "score": 0.9},
+               {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.8}]
+    assert math.isclose(coco_evaluate(_one_image_gt(), results)["AP"], 25.5 / 101, rel_tol=1e-9)
+
+
+def test_empty_detections_give_zeros(shapes_gt, tmp_path):
+    coco, targets = shapes_gt
+    assert set(coco_evaluate(coco, []).values()) == {0.0}
+    empty = [{"image_id": 1, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0),
+              "masks": torch.zeros(0, 1, 128, 128)}]
+    assert set(coco_evaluate(coco, empty, iou_type="segm").values()) == {0.0}
+
+
+def test_coco_evaluate_rejects_bad_input(shapes_gt):
+    coco, targets = shapes_gt
+    with pytest.raises(ValueError, match="iou_type"):
+        coco_evaluate(coco, [], iou_type="keypoints")
+    with pytest.raises(ValueError, match="masks"):
+        coco_evaluate(coco, _as_detections(targets, with_masks=False), iou_type="segm")
+    stray = [{**_as_detections(targets)[0], "image_id": 999}]
+    with pytest.raises(ValueError, match="999"):
+        coco_evaluate(coco, stray)
+
+
+# ---------------------------------------------------------------- mIoU
+
+# 6 pixels, 3 classes; the last is ignored. Confusion (rows = ground truth, columns = prediction):
+#   gt 0: pred 0 x1, pred 1 x1      IoU_0 = 1 / (2 + 2 - 1) = 1/3     Acc_0 = 1/2
+#   gt 1: pred 1 x2                 IoU_1 = 2 / (2 + 3 - 2) = 2/3     Acc_1 = 1
+#   gt 2: pred 0 x1                 IoU_2 = 0 / (1 + 0 - 0) = 0       Acc_2 = 0
+# mIoU = (1/3 + 2/3 + 0) / 3 = 1/3, mAcc = 1/2, aAcc = 3 correct / 5 counted = 3/5
+TARGET = torch.tensor([[0, 0, 1, 1, 2, 255]])
+PRED = torch.tensor([[0, 1, 1, 1, 0, 2]])
+
+
+def test_miou_by_hand():
+    meter = SegmentationMeter(3)
+    meter.update(PRED, TARGET)
+    result = meter.compute()
+    assert np.allclose(result["IoU"], [1 / 3, 2 / 3, 0.0])
+    assert math.isclose(result["mIoU"], 1 / 3) and math.isclose(result["mAcc"], 0.5)
+    assert math.isclose(result["aAcc"], 3 / 5)
+
+
+def test_ignored_pixels_do_not_count():
+    meter = SegmentationMeter(3)
+    meter.update(torch.tensor([[0, 1, 1, 1, 0, 0]]), TARGET)     # different prediction at the ignored pixel
+    assert math.isclose(meter.compute()["mIoU"], 1 / 3)
+    assert meter.confusion.sum() == 5
+
+
+def test_absent_classes_are_left_out_of_the_mean():
+    meter = SegmentationMeter(5)                                  # classes 3 and 4 appear nowhere
+    meter.update(PRED, TARGET)
+    result = meter.compute()
+    assert math.isnan(result["IoU"][3]) and math.isnan(result["IoU"][4])
+    assert math.isclose(result["mIoU"], 1 / 3)
+
+
+def test_dataset_level_accumulation_and_logits():
+    # split the example into two "images": totals are summed first, so the answer is unchanged
+    meter = SegmentationMeter(3)
+    meter.update(PRED[:, :3], TARGET[:, :3])
+    logits = torch.nn.functional.one_hot(PRED[:, 3:], 3).permute(0, 2, 1).float()[..., None]  # (b, c, 3, 1)
+    meter.update(logits, TARGET[:, 3:, None])
+    assert math.isclose(meter.compute()["mIoU"], 1 / 3)
+    meter.reset()
+    assert meter.confusion.sum() == 0
+
+
+def test_matches_the_per_class_set_formula():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (2, 16, 16), generator=gen)
+    target[0, :3] = 255
+    pred = torch.randint(0, 4, (2, 16, 16), generator=gen)
+    meter = SegmentationMeter(4)
+    meter.update(pred, target)
+    valid = target != 255
+    for c, iou in enumerate(meter.compute()["IoU"]):
+        p, t = (pred == c) & valid, (target == c) & valid
+        assert math.isclose(iou, ((p & t).sum() / (p | t).sum()).item(), rel_tol=1e-6)
+
+
+def test_bad_segmentation_input():
+    meter = SegmentationMeter(3)
+    with pytest.raises(ValueError, match=r"values \[7\]"):
+        meter.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([[[0, 7], [1, 2]]]))
+    with pytest.raises(ValueError, match="same shape"):
+        meter.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))

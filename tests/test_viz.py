@@ -1,0 +1,70 @@
+"""Figure helpers draw what they are given: one rectangle per shown box, masks blended in, PNGs written whole."""
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.patches import Rectangle
+
+from asmlp_min.data.shapes import ShapesSegmentation, scenes
+from asmlp_min.viz import draw_scenes, plot_curves
+
+
+def _rectangles(ax):
+    return [p for p in ax.patches if isinstance(p, Rectangle)]
+
+
+def test_draw_scenes_boxes_labels_and_masks():
+    batch = scenes(3, seed=10)
+    fig = draw_scenes(batch, ncols=2)
+    axes = fig.axes
+    assert len(axes) == 4 and not axes[3].images                    # 2x2 grid, last panel empty
+    for ax, scene in zip(axes, batch):
+        assert len(_rectangles(ax)) == len(scene.kinds)
+        x1, y1, x2, y2 = scene.boxes_xyxy[0]
+        first = _rectangles(ax)[0]
+        assert (first.get_x(), first.get_y(), first.get_width(), first.get_height()) == (x1, y1, x2 - x1, y2 - y1)
+        shown = ax.images[0].get_array()
+        inside = scene.masks[0]
+        assert not np.allclose(shown[inside], scene.image[inside] / 255)   # mask colour blended in
+        assert np.allclose(shown[scene.semantic == 0], scene.image[scene.semantic == 0] / 255)
+    plt.close(fig)
+
+
+def test_score_threshold_hides_low_scores():
+    image = torch.zeros(3, 32, 32)
+    target = {"boxes": torch.tensor([[1.0, 1, 10, 10], [5, 5, 20, 20]]), "labels": torch.tensor([1, 2]),
+              "scores": torch.tensor([0.9, 0.2])}
+    fig = draw_scenes([image], [target], score_threshold=0.5)
+    assert len(_rectangles(fig.axes[0])) == 1
+    assert [t.get_text() for t in fig.axes[0].texts] == ["circle 0.90"]
+    plt.close(fig)
+
+
+def test_semantic_masks_and_class_titles():
+    dataset = ShapesSegmentation(2, seed=11)
+    images, masks = zip(*(dataset[i] for i in range(2)))
+    fig = draw_scenes(list(images) + list(images), list(masks) + [0, 2])
+    shown = fig.axes[0].images[0].get_array()
+    image = images[0].permute(1, 2, 0).numpy()
+    background = masks[0].numpy() == 0
+    assert np.allclose(shown[background], image[background]) and not np.allclose(shown[~background], image[~background])
+    assert [ax.get_title() for ax in fig.axes[2:]] == ["circle", "triangle"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="targets"):
+        draw_scenes([image], [0, 1])
+
+
+def test_plot_curves_writes_a_png_and_draws_on_axes(tmp_path):
+    history = [{"epoch": 1, "train_loss": 1.0, "val_mIoU": 0.2, "tag": "a"},
+               {"epoch": 2, "train_loss": 0.5, "val_mIoU": 0.4, "tag": "b"}]
+    path = plot_curves(history, tmp_path / "sub" / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["curves.png"]      # no temporary file left behind
+    fig, ax = plt.subplots()
+    assert plot_curves(history, ax) is ax
+    lines = {line.get_label(): line for a in fig.axes for line in a.get_lines()}
+    assert set(lines) == {"train_loss", "val_mIoU"}                       # the string column is skipped
+    assert list(lines["val_mIoU"].get_ydata()) == [0.2, 0.4] and list(lines["train_loss"].get_xdata()) == [1, 2]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="empty"):
+        plot_curves([], tmp_path / "x.png")
