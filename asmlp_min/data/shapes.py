@@ -129,8 +129,8 @@ def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int]
                          f"0 <= noise <= 255; got image_size={image_size}, max_shapes={max_shapes}, "
                          f"size_range={size_range}, noise={noise}")
     canvas = _background(rng, h, w)
-    instance_map = np.zeros((h, w), np.int64)             # 0 = background, k = k-th placed instance
-    full_px, kinds, colours = [], [], []
+    instance_map = np.zeros((h, w), np.int32)             # 0 = background, k = k-th placed instance
+    full_px, visible, kinds, colours = [], [], [], []
     n_shapes = int(rng.integers(1, max_shapes + 1))
     for _ in range(20 * n_shapes):                        # rejection sampling, bounded so it always ends
         if len(kinds) == n_shapes:
@@ -139,42 +139,40 @@ def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int]
         size = int(rng.integers(lo, hi + 1))
         centre = rng.integers(0, (w * _SUBPIXEL, h * _SUBPIXEL), endpoint=True)
         angle = float(rng.random()) * 2 * math.pi
-        inside, window, full = _rasterise(kind, size, centre, angle, h, w)
-        trial = instance_map.copy()
-        y0, y1, x0, x1 = window
-        trial[y0:y1, x0:x1][inside] = len(kinds) + 1
-        visible = np.bincount(trial.ravel(), minlength=len(kinds) + 2)[1:]
-        needed = np.maximum(np.array(full_px + [full]) / 2, MIN_VISIBLE_PX)
-        if (visible < needed).any():
+        inside, (y0, y1, x0, x1), full = _rasterise(kind, size, centre, angle, h, w)
+        region = instance_map[y0:y1, x0:x1]
+        covered = np.bincount(region[inside], minlength=len(kinds) + 1)[1:]   # pixels the new shape hides
+        trial_visible = np.array(visible + [int(inside.sum())]) - np.append(covered, 0)
+        if (trial_visible < np.maximum(np.array(full_px + [full]) / 2, MIN_VISIBLE_PX)).any():
             continue
-        instance_map, full_px = trial, full_px + [full]
+        region[inside] = len(kinds) + 1
+        full_px.append(full)
+        visible = trial_visible.tolist()
         kinds.append(kind)
         colours.append(_shape_colour(rng, canvas[y0:y1, x0:x1][inside]))
-    ids = np.arange(1, len(kinds) + 1)
-    masks = instance_map[None] == ids[:, None, None]
+    masks = instance_map[None] == np.arange(1, len(kinds) + 1)[:, None, None]
     kinds_arr = np.array(kinds, np.int64)
-    palette = np.array([[0, 0, 0]] + colours, np.int64)
+    palette = np.array([[0, 0, 0]] + colours, np.int32)
     image = np.where(instance_map[..., None] > 0, palette[instance_map], canvas)
-    image = image + rng.integers(-noise, noise + 1, (h, w, 3))
-    semantic = np.concatenate([[0], kinds_arr + 1])[instance_map].astype(np.uint8)
+    image += rng.integers(-noise, noise + 1, (h, w, 3), dtype=np.int32)
+    semantic = np.concatenate([[0], kinds_arr + 1]).astype(np.uint8)[instance_map]
     return Scene(np.clip(image, 0, 255).astype(np.uint8), masks, kinds_arr, semantic)
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """(h, w, 3) int64: a smooth colour field (bilinear over a 4x4 grid) plus faint stripes."""
-    grid = rng.integers(0, 256, (4, 4, 3))
+    """(h, w, 3) int32: a smooth colour field (bilinear over a 4x4 grid) plus faint stripes."""
+    grid = rng.integers(0, 256, (4, 4, 3)).astype(np.int32)
     ys = np.arange(h) * 3 * 1024 // max(h - 1, 1)         # fixed-point positions on the grid, 1/1024 steps
     xs = np.arange(w) * 3 * 1024 // max(w - 1, 1)
     yi, xi = np.minimum(ys // 1024, 2), np.minimum(xs // 1024, 2)
     fy, fx = (ys - yi * 1024)[:, None, None], (xs - xi * 1024)[None, :, None]
-    top = grid[yi][:, xi] * (1024 - fx) + grid[yi][:, xi + 1] * fx
-    bottom = grid[yi + 1][:, xi] * (1024 - fx) + grid[yi + 1][:, xi + 1] * fx
-    smooth = (top * (1024 - fy) + bottom * fy) // (1024 * 1024)
+    rows = grid[:, xi] * (1024 - fx) + grid[:, xi + 1] * fx                    # along x: (4, w, 3)
+    smooth = (rows[yi] * (1024 - fy) + rows[yi + 1] * fy) // (1024 * 1024)   # < 2^31: int32 is exact
     dx, dy = rng.integers(-2, 3, 2)
     period, amplitude = int(rng.integers(4, 13)), int(rng.integers(0, 33))
-    y, x = np.mgrid[:h, :w]
+    y, x = np.ogrid[:h, :w]
     stripes = ((x * dx + y * dy) // period) % 2 * amplitude
-    return smooth + stripes[..., None]
+    return smooth + stripes[..., None].astype(np.int32)
 
 
 def _shape_colour(rng: np.random.Generator, under: np.ndarray) -> list[int]:
