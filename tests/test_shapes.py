@@ -12,6 +12,8 @@ from asmlp_min.data import shapes
 from asmlp_min.data.shapes import (CLASSES, MIN_VISIBLE_PX, ShapesClassification, ShapesDetection,
                                    ShapesSegmentation, export_shapes, make_scene, scene_rng, scenes)
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
+
 
 def _bytes(scene):
     return scene.image.tobytes() + scene.masks.tobytes() + scene.kinds.tobytes() + scene.semantic.tobytes()
@@ -133,12 +135,16 @@ def test_export_is_deterministic_and_reuses_files(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    def fail(src, dst):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(os, "replace", fail)
+    real_replace = os.replace
+
+    def interrupted_on_png(src, dst):
+        if str(dst).endswith(".png"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", interrupted_on_png)
     with pytest.raises(KeyboardInterrupt):
         export_shapes(tmp_path, task="seg", n=1)
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [".shapes-seg-train.json"]
 
 
 def test_generation_uses_no_global_random_state():
@@ -149,3 +155,10 @@ def test_generation_uses_no_global_random_state():
     torch.manual_seed(1)
     assert make_scene(11).image.tobytes() == a
     assert shapes.NUM_SEG_CLASSES == len(CLASSES) + 1
+
+
+def test_export_refuses_to_mix_settings(tmp_path):
+    export_shapes(tmp_path, task="seg", n=1, seed=1)
+    with pytest.raises(ValueError, match="already holds shapes"):
+        export_shapes(tmp_path, task="seg", n=1, seed=2)
+    export_shapes(tmp_path, task="seg", n=1, seed=2, split="val")     # another split is another dataset

@@ -190,8 +190,11 @@ class CocoDetection(Dataset):
         anns = self.coco.imgToAnns.get(info["id"], [])
         boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]                                   # xywh -> xyxy
-        masks = (np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)) \
-            if all("segmentation" in a for a in anns) else None
+        masks = None
+        if all("segmentation" in a for a in anns):
+            with warnings.catch_warnings():              # pycocotools' decode trips a numpy 2 DeprecationWarning
+                warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+                masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
         target = detection_target(boxes, [a["category_id"] for a in anns], masks, info["id"],
                                   [a["area"] for a in anns], [a["iscrowd"] for a in anns], (h, w))
         return self.transform(image, target)

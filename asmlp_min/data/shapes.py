@@ -234,22 +234,27 @@ def _cross(a, b, px, py):
 
 def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split: str = "train", seed: int = 0,
                   image_size: int = 128, **scene_kwargs) -> Path:
-    """Write ``n`` scenes of ``split`` in the on-disk format of ``task`` and return the path to load.
+    """Write scenes 0..n-1 of ``split`` in the on-disk format of ``task`` and return the path to load.
 
     task="cls": ImageFolder tree ``root/{split}/{class}/{i:06d}.png``; returns ``root/{split}``.
     task="det": COCO ``root/{split}/{i:06d}.png`` + ``root/annotations/instances_{split}.json``
-    (image ids i + 1, annotation ids from 1); returns the JSON path.
+    (image ids i + 1, annotation ids from 1); returns the JSON path (images are in ``root/{split}``).
     task="seg": ADE20K-style ``root/images/{split}/{i:06d}.png`` + ``root/annotations/{split}/{i:06d}.png``
     with 0 = background, kind + 1 = shape (load with ``reduce_zero_label=False, num_classes=4``);
     returns ``root``.
     Every file is written to a temporary name and renamed, so an interrupted run leaves no partial
-    file; a re-run keeps the files that already exist (they are identical by determinism).
+    file. A re-run keeps the files that already exist (identical by determinism); a hidden
+    ``root/.shapes-{task}-{split}.json`` records seed and scene settings, and a re-run with different
+    ones is refused rather than mixing two datasets in one folder.
     """
     if task not in ("cls", "det", "seg"):
         raise ValueError(f"task must be 'cls', 'det' or 'seg', got {task!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    scene_rng(seed, split)                                  # validates seed and split before touching disk
     root = Path(root)
+    _check_manifest(root / f".shapes-{task}-{split}.json",
+                    {"seed": seed, "image_size": image_size, "scene_kwargs": scene_kwargs})
     scene = lambda i: make_scene(scene_rng(seed, split, i), image_size, **scene_kwargs)  # noqa: E731
     if task == "cls":
         out = root / split
@@ -261,17 +266,18 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
         return out
     if task == "seg":
         for i in range(n):
-            img_path, ann_path = root / "images" / split / f"{i:06d}.png", root / "annotations" / split / f"{i:06d}.png"
-            if not (img_path.exists() and ann_path.exists()):
+            image_path = root / "images" / split / f"{i:06d}.png"
+            mask_path = root / "annotations" / split / f"{i:06d}.png"
+            if not (image_path.exists() and mask_path.exists()):
                 s = scene(i)
-                _save_png(s.image, img_path)
-                _save_png(s.semantic, ann_path)
+                _save_png(s.image, image_path)
+                _save_png(s.semantic, mask_path)
         return root
     ann_file = root / "annotations" / f"instances_{split}.json"
     images = [root / split / f"{i:06d}.png" for i in range(n)]
     if ann_file.exists() and all(p.exists() for p in images) and len(json.loads(ann_file.read_text())["images"]) == n:
         return ann_file
-    coco = {"info": {"description": f"asmlp_min shapes, seed {seed}, split {split}"},
+    coco = {"info": {"description": f"asmlp_min shapes, split {split}, seed {seed}"},
             "images": [], "annotations": [], "categories": CATEGORIES}
     for i, path in enumerate(images):
         s = scene(i)
@@ -282,6 +288,18 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
         coco["annotations"] += s.coco_annotations(image_id=i + 1, first_id=len(coco["annotations"]) + 1)
     _atomic_write(ann_file, json.dumps(coco).encode())
     return ann_file
+
+
+def _check_manifest(path: Path, settings: dict) -> None:
+    """Refuse to add scenes made with other settings to a folder (they would silently mix)."""
+    settings = json.loads(json.dumps(settings))             # the form it takes once stored (tuples -> lists)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            raise ValueError(f"{path.parent} already holds shapes made with {stored}, not {settings}; "
+                             "export to another folder or delete this one")
+    else:
+        _atomic_write(path, json.dumps(settings).encode())
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
