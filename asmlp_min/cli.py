@@ -1,11 +1,224 @@
-"""Command-line interface: ``asmlp-min SUBCOMMAND --help`` explains each subcommand."""
+"""Command-line interface: ``asmlp-min SUBCOMMAND --help`` explains each subcommand and every flag.
+
+    asmlp-min demo                                   # cls + det + seg on synthetic shapes -> runs/demo/report.md
+    asmlp-min train cls|det|seg [--model ... --data shapes|PATH --epochs ... --amp --resume CKPT]
+    asmlp-min evaluate [cls|det|seg] --checkpoint runs/cls/checkpoint.pt [--data PATH]
+    asmlp-min predict --checkpoint runs/det/checkpoint.pt image.png ...   # PNG with top-5 / boxes / mask
+    asmlp-min info asmlp_tiny                        # params, GMACs, stage shapes vs the paper
+    asmlp-min bench --quick                          # speed / memory table
+    torchrun --nproc_per_node=2 -m asmlp_min train cls ...   # DistributedDataParallel, one process per device
+
+User mistakes (a missing file, an unknown model, a checkpoint of another task) end with one line on
+stderr and exit status 2, not a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+from pathlib import Path
 
 from .backbone import list_models
+from .checkpoint import CheckpointError
 
+_TASK_HELP = "cls (classification), det (detection) or seg (semantic segmentation)"
+
+
+# ---------------------------------------------------------------- train
+
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        depths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block counts such as 2,2,6,2, got {text!r}") from None
+    if not depths or min(depths) < 1:
+        raise argparse.ArgumentTypeError(f"every stage needs at least one block, got {text!r}")
+    return depths
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag. Defaults are None here so that, with --resume, only the flags
+    actually typed override the checkpoint's settings; the help shows the effective defaults."""
+    from .engine import AUGMENTATIONS, SCHEDULES, TASK_DEFAULTS, TrainConfig
+    d = TrainConfig()
+    per_task = lambda key: ", ".join(f"{t} {v[key]}" for t, v in TASK_DEFAULTS.items())  # noqa: E731
+    p.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
+                   help=f"{_TASK_HELP} (default: cls, or the --resume checkpoint's task)")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", help=f"'shapes' (built-in synthetic scenes, generated once per run and kept in memory) "
+                                  f"or a folder: cls PATH/{{train,val}}/<class>/*.png, det COCO "
+                                  f"PATH/annotations/instances_{{train,val}}.json + PATH/{{train,val}}/, seg ADE20K "
+                                  f"PATH/{{images,annotations}}/{{training,validation}} (default: {d.data})")
+    g.add_argument("--model", choices=list_models(), help=f"backbone variant (default: {d.model})")
+    g.add_argument("--embed-dim", type=int, help="override the variant's channel width C (small models: 16-48)")
+    g.add_argument("--depths", type=_depths, help="override blocks per stage, e.g. 1,1,2,1")
+    g.add_argument("--shift-size", type=int, help="override the axial shift size (odd; paper: 5)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the variant's, tiny 0.2)")
+    g.add_argument("--head-channels", type=int,
+                   help="FPN channels (det, paper 256) or UperNet channels (seg, paper 512; aux head half)")
+    g.add_argument("--pretrained", help="backbone weights to start from: official .pth, mmdet/mmseg or our checkpoint")
+    g.add_argument("--num-classes", type=int, help="classes (default: from the data; required for a non-ADE20K "
+                                                   "segmentation folder)")
+    g.add_argument("--image-size", type=int, help=f"training side length in pixels (default: {per_task('image_size')})")
+    g.add_argument("--train-size", type=int, help=f"shapes only: number of training scenes (default: {d.train_size})")
+    g.add_argument("--val-size", type=int, help=f"shapes only: number of validation scenes (default: {d.val_size})")
+    g.add_argument("--augment", choices=AUGMENTATIONS,
+                   help="'paper': the paper's crops/rescales; 'light': resize + flip; 'none': no randomness "
+                        "(default auto: light on shapes, paper on folders)")
+    g = p.add_argument_group("optimisation (AdamW, no weight decay on norms and biases)")
+    g.add_argument("--epochs", type=int, help=f"length of the schedule (default: {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"images per process and step; global batch = batch-size x "
+                                                  f"processes x accum-steps (default: {d.batch_size})")
+    g.add_argument("--accum-steps", type=int, help="micro-batches per optimiser step (gradient accumulation, default 1)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {per_task('lr')}; paper: cls 1e-3 at "
+                                            "batch 1024, det 1e-4 and seg 6e-5 at batch 16 from ImageNet weights)")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {per_task('weight_decay')})")
+    g.add_argument("--schedule", choices=SCHEDULES, help=f"per-iteration lr schedule after warm-up "
+                                                         f"(default: {per_task('schedule')})")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up length in epochs (default: {d.warmup_epochs})")
+    g.add_argument("--clip-grad", type=float, help=f"max gradient norm, 0 = off (default: {per_task('clip_grad')})")
+    g.add_argument("--label-smoothing", type=float, help=f"cls: label smoothing (default: {d.label_smoothing})")
+    g.add_argument("--mixup", type=float, help="cls: mixup alpha, 0 = off (paper: 0.8)")
+    g.add_argument("--cutmix", type=float, help="cls: cutmix alpha, 0 = off (paper: 1.0)")
+    g.add_argument("--seed", type=int, help=f"seed of weights, data order and augmentation (default: {d.seed})")
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", help="auto (cuda when available), cpu or cuda (default: auto)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA (default: off)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory format for model and images (often faster on GPUs; default: off)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0, load in the main process)")
+    g = p.add_argument_group("run folder, checkpoints and resuming")
+    g.add_argument("--output", help="run folder for checkpoint.pt, metrics.jsonl, curves.png (default: runs/<task>, "
+                                    "or the --resume checkpoint's folder)")
+    g.add_argument("--resume", help="continue exactly from a run's checkpoint.pt (its settings are reused; flags "
+                                    "given here override them and must not change the model or data order)")
+    g.add_argument("--stop-at-epoch", type=int, help="end this run after that epoch although the schedule spans "
+                                                     "--epochs (for time-limited jobs; continue with --resume)")
+    g.add_argument("--eval-every", type=int, help="evaluate every N epochs and after the last (default: 1)")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in a folder that already has a checkpoint")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .engine import TrainConfig, Trainer, _read_engine_checkpoint
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.resume:
+        base = TrainConfig.from_dict(_read_engine_checkpoint(args.resume)["config"])
+        overrides.setdefault("output", str(Path(args.resume).parent))
+    else:
+        task = overrides.get("task", "cls")
+        base = TrainConfig(task=task, output=f"runs/{task}")
+        existing = Path(overrides.get("output", base.output)) / "checkpoint.pt"
+        if existing.exists() and not args.overwrite and int(os.environ.get("RANK", "0")) == 0:
+            raise ValueError(f"{existing} exists: continue it with --resume {existing}, or start over with "
+                             "--overwrite or another --output")
+    trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume)
+    try:
+        trainer.log(f"training {trainer.cfg.task} {trainer.cfg.model} on {trainer.cfg.data}: "
+                    f"{trainer.steps_per_epoch} steps/epoch x {trainer.cfg.epochs} epochs, global batch "
+                    f"{trainer.cfg.batch_size * trainer.env.world_size * trainer.cfg.accum_steps}, "
+                    f"{trainer.env.world_size} process(es) on {trainer.env.device}; run folder {trainer.run_dir}")
+        trainer.fit()
+    finally:
+        _leave_process_group()
+    return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- evaluate
+
+def _load_for(args: argparse.Namespace):
+    """The checkpoint's model and config, refusing a checkpoint of another task than the one asked for."""
+    from .engine import load_trained
+    model, cfg, checkpoint = load_trained(args.checkpoint, "cpu")
+    asked = getattr(args, "task", None)
+    if asked and asked != cfg.task:
+        raise ValueError(f"{args.checkpoint} holds a {cfg.task} model, not {asked}: "
+                         f"run 'asmlp-min {args.command} {cfg.task} --checkpoint {args.checkpoint}'")
+    return model, cfg, checkpoint
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .engine import build_data, evaluate, init_distributed
+    model, cfg, _ = _load_for(args)
+    overrides = {k: v for k, v in dict(data=args.data, batch_size=args.batch_size, val_size=args.val_size,
+                                       device=args.device, amp=args.amp).items() if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides).resolved()
+    env = init_distributed(cfg.device)
+    try:
+        data = build_data(cfg, with_train=False)
+        if data.num_classes != cfg.num_classes:
+            raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {cfg.data} has "
+                             f"{data.num_classes}; evaluate on data of the same label set")
+        metrics = evaluate(model.to(env.device), cfg, data, env)
+    finally:
+        _leave_process_group()
+    if env.is_main:
+        print(f"{cfg.task} {cfg.model} on {cfg.data} ({len(data.val)} images):")
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                print(f"  {key:10s} {value:.4f}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+def _predict(args: argparse.Namespace) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data.datasets import load_image
+    from .engine import predict
+    from .viz import draw_scenes
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image {missing[0]!r} does not exist")
+    model, cfg, checkpoint = _load_for(args)
+    classes = list(checkpoint["classes"])
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        image = load_image(path)
+        result = predict(model, cfg, image)
+        if cfg.task == "cls":
+            top = result.topk(min(args.topk, len(classes)))
+            lines = [f"{classes[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist())]
+            fig = draw_scenes([image], [int(top.indices[0])], classes, ncols=1, panel_size=4)
+            fig.axes[0].set_title("\n".join(lines), fontsize=9)
+        elif cfg.task == "det":
+            keep = result["scores"] >= args.score_threshold
+            result = {k: v[keep] for k, v in result.items()}
+            lines = [f"{classes[label - 1] if 1 <= label <= len(classes) else label} {score:.3f} "
+                     f"box xyxy {[round(v, 1) for v in box]}" for box, score, label in
+                     zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist())]
+            fig = draw_scenes([image], [result], classes, ncols=1, panel_size=4)
+        else:
+            shown = classes[1:] if classes and classes[0] == "background" else classes
+            counts = result.flatten().bincount(minlength=len(classes))
+            lines = [f"{classes[c]} {n / result.numel():.1%} of pixels" for c, n in enumerate(counts.tolist()) if n]
+            fig = draw_scenes([image], [result], shown, ncols=1, panel_size=4)
+        destination = output / f"{Path(path).stem}_{cfg.task}.png"
+        tmp = destination.with_name(f".{destination.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, destination)
+        print(f"{path}: " + ("; ".join(lines) if lines else "nothing above the score threshold") + f" -> {destination}")
+    return 0
+
+
+# ---------------------------------------------------------------- info, demo, bench
 
 def _info(args: argparse.Namespace) -> int:
     from .complexity import info_table
@@ -13,22 +226,96 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    report = run_demo(args.output, data_root=args.data_root, quick=args.quick)
+    print(f"report: {report}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    try:
+        from .bench import add_bench_parser
+    except ImportError:
+        bench = sub.add_parser("bench", help="speed and memory benchmarks (not available in this version)")
+        bench.set_defaults(func=lambda args: (_ for _ in ()).throw(ValueError("bench is not available yet")))
+        return
+    add_bench_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asmlp-min", description="AS-MLP: models, training and benchmarks.")
+    parser = argparse.ArgumentParser(prog="asmlp-min", description="AS-MLP: models, training and benchmarks.",
+                                     epilog="Run 'asmlp-min COMMAND --help' for the flags of a command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train and evaluate a small classifier, detector and segmenter on shapes",
+                          description="On the built-in shapes data and the CPU: trains a small AS-MLP classifier, "
+                                      "detector and segmenter, evaluates them, and writes OUTPUT/report.md with "
+                                      "accuracy, AP, mIoU, params/GMACs beside the paper, and figures. About 10 "
+                                      "minutes on 2 cores; a re-run reuses the generated data.")
+    demo.add_argument("--output", default="runs/demo", help="report folder (default: runs/demo)")
+    demo.add_argument("--data-root", default="data/shapes",
+                      help="where the generated shapes datasets are written once and reused (default: data/shapes)")
+    demo.add_argument("--quick", action="store_true", help="a few steps per task: checks the pipeline in ~1 minute, "
+                                                           "numbers are meaningless")
+    demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="train a classifier, detector or segmenter (resumable, AMP, DDP)",
+                           description="Train AS-MLP for one task. Every epoch appends to OUTPUT/metrics.jsonl, "
+                                       "redraws OUTPUT/curves.png and atomically rewrites OUTPUT/checkpoint.pt; "
+                                       "Ctrl-C saves and stops. Multi-process: torchrun --nproc_per_node=N "
+                                       "-m asmlp_min train ... (see README).")
+    _add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="score a trained checkpoint on validation data",
+                        description="Accuracy (cls), COCO box AP (det) or mIoU (seg) of a checkpoint from "
+                                    "'asmlp-min train'. Works under torchrun too.")
+    ev.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
+                    help=f"{_TASK_HELP}; optional, checked against the checkpoint")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    ev.add_argument("--data", help="'shapes' or a folder (default: the data the checkpoint was trained on)")
+    ev.add_argument("--val-size", type=int, help="shapes only: number of validation scenes (default: as trained)")
+    ev.add_argument("--batch-size", type=int, help="images per batch (default: as trained)")
+    ev.add_argument("--device", help="auto, cpu or cuda (default: as trained, auto)")
+    ev.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: as trained)")
+    ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.set_defaults(func=_evaluate)
+
+    pr = sub.add_parser("predict", help="run a checkpoint on images: top-k classes, boxes or a mask overlay PNG",
+                        description="For each image, print the prediction and write OUTPUT/<name>_<task>.png: the "
+                                    "top-k classes as the title (cls), boxes with labels and scores (det), or the "
+                                    "class mask blended over the image (seg).")
+    pr.add_argument("images", nargs="+", help="image files (png, jpg, ...)")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    pr.add_argument("--output", default="runs/predict", help="folder for the PNGs (default: runs/predict)")
+    pr.add_argument("--topk", type=int, default=5, help="cls: classes to list (default: 5)")
+    pr.add_argument("--score-threshold", type=float, default=0.3, help="det: hide boxes scored below (default: 0.3)")
+    pr.set_defaults(func=_predict)
+
     info = sub.add_parser("info", help="parameters, GMACs and per-stage shapes beside the paper's numbers",
                           description="Print parameters, GMACs (measured and analytic) and stage shapes of a "
                                       "variant next to the paper's values.")
     info.add_argument("model", choices=list_models(), help="variant name")
     info.add_argument("--image-size", type=int, default=224, help="square input size (default: 224)")
     info.set_defaults(func=_info)
+
+    _add_bench(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .engine import NonFiniteLossError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes: a sentence, not a traceback
-        print(f"asmlp-min {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes (CheckpointError included)
+        kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
+        print(f"asmlp-min {args.command}: {kind}: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"asmlp-min {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"asmlp-min {args.command}: interrupted", file=sys.stderr)
+        return 130

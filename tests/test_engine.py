@@ -1,0 +1,251 @@
+"""Training engine: schedules, parameter groups, exact resume, Ctrl-C, nan stop, atomic checkpoints, AMP.
+
+Everything runs a tiny AS-MLP (C=8, one block per stage) on a few 32-pixel shapes scenes, so a run is a
+second or two on a CPU.
+"""
+import hashlib
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import asmlp_min.checkpoint
+from asmlp_min.checkpoint import CheckpointError, load_checkpoint
+from asmlp_min.engine import (NonFiniteLossError, TrainConfig, Trainer, build_model, evaluate, load_trained, lr_factor,
+                              param_groups, predict, soft_target_cross_entropy)
+
+
+def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
+    values = dict(task="cls", output=str(tmp_path / name), epochs=2, batch_size=8, train_size=32, val_size=8,
+                  image_size=32, embed_dim=8, depths=(1, 1, 1, 1), drop_path=0.1, mixup=0.2, cutmix=1.0,
+                  warmup_epochs=0.5, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.endswith(("_time_s", "_per_s"))} for row in history]
+
+
+# ---------------------------------------------------------------- schedule and optimiser groups
+
+def test_lr_factor_matches_hand_computed_values():
+    cos = dict(schedule="cosine", total_steps=100, min_ratio=0.1)
+    assert lr_factor(0, **cos) == pytest.approx(1.0)
+    assert lr_factor(50, **cos) == pytest.approx(0.1 + 0.9 * 0.5)          # cos(pi/2) = 0
+    assert lr_factor(100, **cos) == pytest.approx(0.1)
+    assert lr_factor(25, **cos) == pytest.approx(0.1 + 0.9 * (1 + math.sqrt(0.5)) / 2)
+    poly = dict(schedule="poly", total_steps=10, power=1.0)
+    assert [lr_factor(t, **poly) for t in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    step = dict(schedule="step", total_steps=12, milestones=(8, 11))
+    assert [lr_factor(t, **step) for t in (7, 8, 10, 11)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    # warm-up scales the main schedule linearly from warmup_ratio to 1 over the first W steps
+    warm = dict(schedule="poly", total_steps=10, warmup_steps=4, warmup_ratio=0.2)
+    assert lr_factor(0, **warm) == pytest.approx(0.2)
+    assert lr_factor(2, **warm) == pytest.approx(0.8 * (0.2 + 0.8 * 0.5))
+    assert lr_factor(4, **warm) == pytest.approx(0.6)
+
+
+def test_scheduler_follows_lr_factor_per_iteration(tmp_path):
+    trainer = Trainer(tiny(tmp_path, lr=1e-3, warmup_epochs=1.0, schedule="cosine", min_lr_ratio=0.01), log=quiet)
+    steps = trainer.steps_per_epoch * 2
+    seen = []
+    for _ in range(steps):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    want = [1e-3 * lr_factor(t, schedule="cosine", total_steps=steps, warmup_steps=trainer.steps_per_epoch,
+                             warmup_ratio=1e-3, min_ratio=0.01) for t in range(steps)]
+    assert seen == pytest.approx(want)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = build_model("cls", "asmlp_tiny", 3, embed_dim=8, depths=(1, 1, 1, 1))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters()
+                                                         if n.endswith(".bias") or ".norm" in n or n.startswith("norm")}
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_soft_target_cross_entropy_equals_label_smoothing_for_one_hot_targets():
+    logits, labels, eps = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2]), 0.1
+    soft = F.one_hot(labels, 4).float() * (1 - eps) + eps / 4
+    assert torch.allclose(soft_target_cross_entropy(logits, soft), F.cross_entropy(logits, labels, label_smoothing=eps))
+
+
+# ---------------------------------------------------------------- resume, Ctrl-C, nan, atomic writes
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    """2 epochs straight == 1 epoch, a new process state from the checkpoint, 1 more epoch (with drop path,
+    flips, mixup and cutmix all drawing random numbers)."""
+    straight = Trainer(tiny(tmp_path, "straight"), log=quiet)
+    straight.fit()
+    Trainer(tiny(tmp_path, "split", stop_at_epoch=1), log=quiet).fit()
+    first = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert first["epoch"] == 1 and len(first["metrics"]) == 1
+    torch.manual_seed(1234)                                    # whatever the RNG holds now must not matter
+    resumed = Trainer(tiny(tmp_path, "split"), resume=tmp_path / "split" / "checkpoint.pt", log=quiet)
+    resumed.fit()
+    assert resumed.epoch == straight.epoch == 2
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    a, b = resumed.optimizer.state_dict()["state"], straight.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    assert without_times(resumed.history) == without_times(straight.history)
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path):
+    straight = Trainer(tiny(tmp_path, "straight"), log=quiet)
+    straight.fit()
+    trainer = Trainer(tiny(tmp_path, "interrupted"), log=quiet)
+    calls = []
+
+    def press_ctrl_c(module, inputs, output):  # the 6th forward: 4 train + 1 eval in epoch 1, then epoch 2's first
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+    handle = trainer.model.register_forward_hook(press_ctrl_c)
+    trainer.fit()                                              # returns instead of raising KeyboardInterrupt
+    handle.remove()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler was removed
+    saved = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 1, 5)
+    resumed = Trainer(tiny(tmp_path, "interrupted"), resume=tmp_path / "interrupted" / "checkpoint.pt", log=quiet)
+    resumed.fit()
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    assert without_times(resumed.history) == without_times(straight.history)
+
+
+def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    before, files = sha256(path), sorted(os.listdir(tmp_path / "run"))
+    trainer = Trainer(tiny(tmp_path), resume=path, log=quiet)
+    trainer.model.head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"nan in epoch 2 .*checkpoint.pt \(epoch 1\) is unchanged"):
+        trainer.fit()
+    assert sha256(path) == before
+    assert sorted(os.listdir(tmp_path / "run")) == files
+    assert_same_state(trainer.model.state_dict(), load_checkpoint(path)["model"])  # no nan update applied
+
+
+def test_interrupted_checkpoint_write_leaves_previous_file_intact(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet)
+    trainer.fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    before, files = sha256(path), sorted(os.listdir(tmp_path / "run"))
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise OSError("simulated: disk full")
+    monkeypatch.setattr(asmlp_min.checkpoint.torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert sha256(path) == before
+    assert sorted(os.listdir(tmp_path / "run")) == files        # no temporary file left behind
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_resume_errors_say_what_is_wrong(tmp_path):
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    good = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(tiny(tmp_path), resume=tmp_path / "nope.pt", log=quiet)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        Trainer(tiny(tmp_path), resume=corrupt, log=quiet)
+    foreign = tmp_path / "weights.pt"
+    torch.save({"model": load_checkpoint(good)["model"]}, foreign)
+    with pytest.raises(CheckpointError, match="not written by 'asmlp-min train'"):
+        Trainer(tiny(tmp_path), resume=foreign, log=quiet)
+    with pytest.raises(CheckpointError, match="embed_dim: checkpoint 8, now 16"):
+        Trainer(tiny(tmp_path, embed_dim=16), resume=good, log=quiet)
+    with pytest.raises(CheckpointError, match="scheduled for 2 epochs, now 3"):
+        Trainer(tiny(tmp_path, epochs=3), resume=good, log=quiet)
+
+
+# ---------------------------------------------------------------- numerics of the step
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    exact = dict(augment="none", drop_path=0.0, mixup=0.0, cutmix=0.0, epochs=1)
+    big = Trainer(tiny(tmp_path, "big", batch_size=16, **exact), log=quiet)
+    accumulated = Trainer(tiny(tmp_path, "accumulated", batch_size=8, accum_steps=2, **exact), log=quiet)
+    big.fit()
+    accumulated.fit()
+    assert big.step == accumulated.step == 2
+    for (name, p), q in zip(big.model.named_parameters(), accumulated.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    exact = dict(augment="none", drop_path=0.0, mixup=0.0, cutmix=0.0, epochs=1)
+    plain = Trainer(tiny(tmp_path, "plain", **exact), log=quiet)
+    nhwc = Trainer(tiny(tmp_path, "nhwc", channels_last=True, **exact), log=quiet)
+    plain.fit()
+    nhwc.fit()
+    assert nhwc.model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(plain.model.parameters(), nhwc.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_bfloat16_amp_on_cpu_runs_and_overfits(tmp_path):
+    trainer = Trainer(tiny(tmp_path, amp=True, train_size=8, epochs=20, lr=3e-3, eval_every=20, augment="none",
+                           drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0, warmup_epochs=0), log=quiet)
+    dtypes = set()
+    trainer.model.head.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+    history = trainer.fit()
+    assert dtypes == {torch.bfloat16}
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+
+
+# ---------------------------------------------------------------- run folder, evaluation, prediction
+
+def test_run_folder_has_metrics_curves_and_a_loadable_model(tmp_path, capsys):
+    history = Trainer(tiny(tmp_path), log=quiet).fit()
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in lines] == [1, 2]
+    assert {"train_loss", "lr", "val_loss", "top1", "top5", "train_img_per_s"} <= lines[-1].keys()
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "it/s" not in capsys.readouterr().err              # no progress bar when stderr is not a terminal
+    model, cfg, checkpoint = load_trained(run / "checkpoint.pt")
+    assert checkpoint["classes"] == ["circle", "square", "triangle"]
+    from asmlp_min.engine import build_data
+    again = evaluate(model, cfg, build_data(cfg, with_train=False))
+    assert again["top1"] == history[-1]["top1"] and again["val_loss"] == pytest.approx(history[-1]["val_loss"])
+    probs = predict(model, cfg, torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8))
+    assert probs.shape == (3,) and torch.isclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_bad_settings_raise_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'asmlp_huge'"):
+        Trainer(tiny(tmp_path, model="asmlp_huge"), log=quiet)
+    with pytest.raises(ValueError, match="task must be one of"):
+        Trainer(tiny(tmp_path, task="pose"), log=quiet)
+    with pytest.raises(ValueError, match="fewer than one step"):
+        Trainer(tiny(tmp_path, batch_size=64), log=quiet)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        Trainer(tiny(tmp_path, data=str(tmp_path / "missing")), log=quiet)
+    with pytest.raises(ValueError, match="mixup/cutmix apply to classification only"):
+        Trainer(tiny(tmp_path, task="seg"), log=quiet)
