@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -43,7 +43,6 @@ from .datasets import detection_target, to_float_image
 CLASSES = ("circle", "square", "triangle")
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
 NUM_SEG_CLASSES = len(CLASSES) + 1        # background + one class per kind
-IGNORE_INDEX = 255
 SPLITS = {"train": 0, "val": 1, "test": 2}  # second word of the seed: train/val/test never share a scene
 MIN_VISIBLE_PX = 64
 _SUBPIXEL = 16                             # vertices live on a 1/16-pixel grid (exact integer maths)
