@@ -106,7 +106,9 @@ def _train(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.resume:
-        base = TrainConfig.from_dict(_read_engine_checkpoint(args.resume)["config"])
+        # the checkpoint's settings, except the one that only concerned the run that wrote it
+        base = dataclasses.replace(TrainConfig.from_dict(_read_engine_checkpoint(args.resume)["config"]),
+                                   stop_at_epoch=None)
         overrides.setdefault("output", str(Path(args.resume).parent))
     else:
         task = overrides.get("task", "cls")
