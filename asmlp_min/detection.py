@@ -1,0 +1,487 @@
+"""Object detection on AS-MLP (paper Sec. 4.2): a small anchor-free detector, and the paper's Mask R-CNN.
+
+``SimpleFPNDetector`` is FCOS (Tian et al., ICCV 2019) written from scratch on an AS-MLP + FPN body:
+
+    images: list of (3, h_i, w_i) in [0, 1] -> resize, normalise, pad to a multiple of 32 -> (b, 3, H, W)
+    -> AS-MLP maps at strides 8, 16, 32 (stages 1-3) -> FPN -> P3, P4, P5 (b, d, H/s, W/s)
+    -> one head shared by all levels, at every location (x, y) of every level:
+         class logits (K), distances to the box sides (l, t, r, b) in pixels, centre-ness logit (1)
+    train: each location learns the smallest ground-truth box that contains it, near the box centre,
+           if the box's size suits the level; losses are normalised by the number of such positives:
+           sigmoid focal loss (classes) + GIoU loss (boxes) + binary cross-entropy (centre-ness)
+    eval:  score = sqrt(sigmoid(class) * sigmoid(centre-ness)) -> threshold -> top-k per level
+           -> class-wise NMS -> boxes xyxy in the pixels of each input image.
+
+Labels are dataset category ids 1..num_classes (COCO-style, 0 never used); there is no background class:
+a location whose K class probabilities are all low is background. Outputs use the same ids.
+
+``build_maskrcnn`` is the paper's setup (../shared/PAPER.md Sec. 8-9): torchvision's ``MaskRCNN`` on AS-MLP
+with an FPN over strides 4-32 plus a max-pooled stride-64 level, 256 channels, taking mmdet-format backbone
+weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+
+from .backbone import ASMLP, MODEL_CONFIGS, create_model
+from .checkpoint import CheckpointError, LoadReport, load_official_checkpoint
+from .fpn import FPN
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the official backbones were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- backbone: build, load, freeze
+
+def build_backbone(name: str, out_indices: Sequence[int], pretrained_backbone=None, frozen_stages: int = -1,
+                   **backbone_kwargs) -> tuple[ASMLP, LoadReport | None]:
+    """A ``features_only`` AS-MLP with ``out_indices``, its weights loaded and its first stages frozen."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(MODEL_CONFIGS)}")
+    if "features_only" in backbone_kwargs or "num_classes" in backbone_kwargs:
+        raise ValueError("features_only / num_classes belong to the detector, not to backbone_kwargs")
+    backbone = create_model(name, features_only=True, out_indices=tuple(out_indices), **backbone_kwargs)
+    if not -1 <= frozen_stages <= len(backbone.layers):
+        raise ValueError(f"frozen_stages must be in [-1, {len(backbone.layers)}], got {frozen_stages}: "
+                         "-1 trains everything, 0 freezes the patch embedding, k also freezes stages 0..k-1")
+    report = None if pretrained_backbone is None else load_backbone_weights(backbone, pretrained_backbone)
+    freeze_stages(backbone, frozen_stages)
+    return backbone, report
+
+
+def load_backbone_weights(backbone: ASMLP, checkpoint: str | os.PathLike | dict) -> LoadReport:
+    """Official classification ``.pth``, mmdet ``{"state_dict": {"backbone.…"}}`` or a project checkpoint.
+
+    Missing ``norm{i}`` keys are expected from a classification checkpoint (the per-output norms are new);
+    other missing keys are reported with a warning. A checkpoint that matches nothing, or has tensors of
+    the wrong shape (another variant), raises ``CheckpointError``.
+    """
+    report = load_official_checkpoint(backbone, checkpoint, strict=False)
+    if report.mismatched or not report.loaded:
+        raise CheckpointError(f"backbone checkpoint does not fit this backbone:\n{report}\n"
+                              "Check the variant (tiny/small/base) and backbone kwargs such as embed_dim.")
+    surprising = [k for k in report.missing if not k.startswith("norm")]
+    if surprising:
+        warnings.warn(f"backbone checkpoint lacks {len(surprising)} tensors, left at their random init: "
+                      f"{surprising[:5]}", stacklevel=3)
+    return report
+
+
+def freeze_stages(backbone: ASMLP, frozen_stages: int) -> None:
+    """mmdet's ResNet convention: -1 nothing, 0 the patch embedding, k >= 1 also ``layers[0..k-1]``.
+
+    Frozen parts get no gradient and stay in eval mode (no drop path), so call this again after ``.train()``.
+    """
+    for module in [backbone.patch_embed, *backbone.layers][:frozen_stages + 1]:
+        module.eval()
+        module.requires_grad_(False)
+
+
+# ---------------------------------------------------------------- images and targets in, batch out
+
+def resized_size(h: int, w: int, min_size: int | None, max_size: int | None) -> tuple[int, int]:
+    """Short side to ``min_size`` unless the long side would pass ``max_size`` (torchvision/mmdet rule)."""
+    scale = 1.0
+    if min_size is not None:
+        scale = min_size / min(h, w)
+    if max_size is not None:
+        scale = min(scale, max_size / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def pad_batch(images: Sequence[Tensor], size_divisible: int = 32) -> Tensor:
+    """list of (3, h_i, w_i) -> (b, 3, H, W), zeros at the right/bottom; H, W multiples of ``size_divisible``."""
+    h = math.ceil(max(img.shape[-2] for img in images) / size_divisible) * size_divisible
+    w = math.ceil(max(img.shape[-1] for img in images) / size_divisible) * size_divisible
+    batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+    for slot, img in zip(batch, images):
+        slot[:, :img.shape[-2], :img.shape[-1]].copy_(img)
+    return batch
+
+
+def sanitize_boxes(boxes: Tensor, labels: Tensor, image_size: tuple[int, int],
+                   where: str = "image") -> tuple[Tensor, Tensor]:
+    """Clip xyxy ``boxes`` to the image; drop (with one warning) boxes that are empty or not finite after it."""
+    h, w = image_size
+    finite = boxes.isfinite().all(dim=1)
+    boxes = torch.where(finite[:, None], boxes, torch.zeros_like(boxes))
+    boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
+                         boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+    keep = finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if not keep.all():
+        warnings.warn(f"{where}: dropped {int((~keep).sum())} of {len(keep)} boxes that are empty after clipping "
+                      f"to the {h}x{w} image (x2 <= x1, y2 <= y1, or outside it) or not finite", stacklevel=4)
+    return boxes[keep], labels[keep]
+
+
+# ---------------------------------------------------------------- the shared head
+
+class FCOSHead(nn.Module):
+    """Two towers of 3x3 conv + GroupNorm + ReLU, shared by every pyramid level (FCOS, Fig. 2).
+
+    pyramid: list of (b, d, h_l, w_l) -> per level (class logits (b, K, h_l, w_l), distances l, t, r, b
+    (b, 4, h_l, w_l) in pixels (>= 0), centre-ness logits (b, 1, h_l, w_l)). The distances are
+    ReLU(scale_l * conv) * stride_l: a learnable scale per level lets one head serve every stride.
+    """
+
+    def __init__(self, channels: int, num_classes: int, strides: Sequence[int], num_convs: int = 4,
+                 prior_prob: float = 0.01):
+        super().__init__()
+        self.strides = tuple(strides)
+        groups = math.gcd(32, channels)  # GroupNorm(32, d) as in FCOS, fewer groups for narrow heads
+        tower = lambda: nn.Sequential(*[m for _ in range(num_convs) for m in (  # noqa: E731
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU())])
+        self.cls_tower, self.box_tower = tower(), tower()
+        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(channels, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(channels, 1, 3, padding=1)
+        self.scales = nn.Parameter(torch.ones(len(self.strides)))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.01)
+                nn.init.zeros_(module.bias)
+        # Focal loss init: every class starts at probability prior_prob, so the many easy negatives
+        # do not swamp the first updates (RetinaNet Sec. 4.1).
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, pyramid: Sequence[Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        if len(pyramid) != len(self.strides):
+            raise ValueError(f"head built for {len(self.strides)} levels, got {len(pyramid)}")
+        outputs = []
+        for level, (feat, stride) in enumerate(zip(pyramid, self.strides)):
+            cls_feat, box_feat = self.cls_tower(feat), self.box_tower(feat)
+            ltrb = F.relu(self.scales[level] * self.bbox_pred(box_feat)) * stride
+            outputs.append((self.cls_logits(cls_feat), ltrb, self.centerness(box_feat)))
+        return outputs
+
+
+# ---------------------------------------------------------------- locations, targets, losses
+
+def level_points(height: int, width: int, stride: int, device=None) -> Tensor:
+    """(h * w, 2) pixel centres (x, y) = ((j + 1/2) s, (i + 1/2) s) of a stride-s map, row by row."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    return (torch.stack([xs, ys], dim=-1).reshape(-1, 2).float() + 0.5) * stride
+
+
+def fcos_regress_ranges(strides: Sequence[int], factor: float = 8.0) -> tuple[tuple[float, float], ...]:
+    """Level l takes boxes whose largest side distance m = max(l, t, r, b) lies in (factor s_{l-1}, factor s_l].
+
+    factor 8 on strides 8..128 gives FCOS's (0, 64], (64, 128], (128, 256], (256, 512], (512, inf).
+    """
+    bounds = [0.0] + [factor * s for s in strides[:-1]] + [math.inf]
+    return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+def assign_targets(points: Tensor, strides: Tensor, regress_ranges: Tensor, boxes: Tensor, labels: Tensor,
+                   center_sampling_radius: float = 1.5) -> tuple[Tensor, Tensor]:
+    """FCOS target assignment for one image.
+
+    points (P, 2) xy, strides (P,), regress_ranges (P, 2) for every location of every level; boxes (N, 4)
+    xyxy, labels (N,) class indices 0..K-1. A location is positive for box g when it lies inside g, within
+    ``center_sampling_radius * stride`` of g's centre along x and y (centre sampling, FCOS improvements),
+    and max(l, t, r, b) to g's sides lies in (lo, hi] of its level. Several candidates: the smallest area wins.
+    Returns (P,) class index or -1 for background, and (P, 4) the matched box (zeros for background).
+    """
+    num_points = len(points)
+    if len(boxes) == 0:
+        return labels.new_full((num_points,), -1), boxes.new_zeros(num_points, 4)
+    x, y = points[:, 0, None], points[:, 1, None]                                          # (P, 1)
+    ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=-1)  # (P, N, 4)
+    inside = ltrb.min(dim=-1).values > 0
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2                                            # (N, 2)
+    reach = center_sampling_radius * strides[:, None]                                      # (P, 1)
+    near_centre = ((x - centres[:, 0]).abs() < reach) & ((y - centres[:, 1]).abs() < reach)
+    reach_max = ltrb.max(dim=-1).values
+    right_level = (reach_max > regress_ranges[:, 0, None]) & (reach_max <= regress_ranges[:, 1, None])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])                      # (N,)
+    cost = torch.where(inside & near_centre & right_level, areas, torch.full_like(areas, math.inf))
+    best_cost, best = cost.min(dim=1)
+    matched_labels = torch.where(best_cost.isfinite(), labels[best], labels.new_full((), -1))
+    matched_boxes = torch.where(best_cost.isfinite()[:, None], boxes[best], boxes.new_zeros(()))
+    return matched_labels, matched_boxes
+
+
+def decode_boxes(points: Tensor, ltrb: Tensor) -> Tensor:
+    """(..., 2) centres and (..., 4) distances -> (..., 4) xyxy = (x - l, y - t, x + r, y + b)."""
+    return torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)
+
+
+def centerness_target(points: Tensor, boxes: Tensor) -> Tensor:
+    """FCOS Eq. 3: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of each point in its box. (P,)"""
+    l, t = points[:, 0] - boxes[:, 0], points[:, 1] - boxes[:, 1]
+    r, b = boxes[:, 2] - points[:, 0], boxes[:, 3] - points[:, 1]
+    lr = torch.minimum(l, r) / torch.maximum(l, r)
+    tb = torch.minimum(t, b) / torch.maximum(t, b)
+    return (lr * tb).clamp(min=0).sqrt()
+
+
+def fcos_losses(cls_logits: Tensor, ltrb: Tensor, ctr_logits: Tensor, points: Tensor, target_labels: Tensor,
+                target_boxes: Tensor, num_classes: int) -> dict[str, Tensor]:
+    """The three FCOS losses, each summed and divided by the number of positive locations (at least 1).
+
+    cls_logits (b, P, K), ltrb (b, P, 4) pixels, ctr_logits (b, P), points (P, 2),
+    target_labels (b, P) in -1..K-1, target_boxes (b, P, 4). Focal loss (alpha 0.25, gamma 2) over all
+    locations and classes; GIoU loss and centre-ness BCE over the positives only.
+    """
+    positive = target_labels >= 0
+    num_pos = positive.sum().clamp(min=1).float()
+    one_hot = F.one_hot(target_labels.clamp(min=0), num_classes).to(cls_logits.dtype) * positive[..., None]
+    loss_cls = sigmoid_focal_loss(cls_logits, one_hot, alpha=0.25, gamma=2.0, reduction="sum") / num_pos
+    pos_points = points.expand(len(ltrb), -1, -1)[positive]
+    pred_boxes, gt_boxes = decode_boxes(pos_points, ltrb[positive]), target_boxes[positive]
+    loss_box = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="sum") / num_pos
+    loss_ctr = F.binary_cross_entropy_with_logits(
+        ctr_logits[positive], centerness_target(pos_points, gt_boxes), reduction="sum") / num_pos
+    return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_centerness": loss_ctr}
+
+
+# ---------------------------------------------------------------- the detector
+
+class SimpleFPNDetector(nn.Module):
+    """FCOS-style detector on AS-MLP + FPN (see the module docstring for the data path).
+
+    Call convention (torchvision's, the engine relies on it):
+      train: ``model(images, targets)`` -> ``{"loss_cls", "loss_box", "loss_centerness"}`` (sum them);
+      eval:  ``model(images)`` -> one ``{"boxes" (k, 4) xyxy, "scores" (k,), "labels" (k,)}`` per image.
+    images: list of (3, h, w) float tensors in [0, 1] (sizes may differ), or a (b, 3, h, w) batch;
+    targets: list of ``{"boxes" (n, 4) xyxy pixels, "labels" (n,) ids in 1..num_classes}`` (``iscrowd`` = 1
+    boxes are ignored; boxes are clipped to the image, empty ones dropped with a warning).
+
+    num_classes: the largest category id (COCO 2017: 90, ids 1..90 with gaps; shapes: 3).
+    levels: backbone stages fed to the FPN (1, 2, 3 = strides 8, 16, 32); extra_levels: P6, P7 by stride-2
+    convs (FCOS on COCO: ``extra_levels=2``). regress_ranges: (lo, hi] per level for max(l, t, r, b); the
+    default is FCOS's rule ``fcos_regress_ranges(strides, 8)``, for COCO-sized images (``min_size=800,
+    max_size=1333``). min_size / max_size: resize rule; None keeps the input size.
+    frozen_stages: see ``freeze_stages``; channels_last: NHWC memory format (faster convs on some devices).
+    backbone_kwargs override the backbone config (e.g. ``embed_dim=16, depths=(1, 1, 1, 1)``, ``drop_path_rate``).
+    """
+
+    def __init__(self, backbone: str = "asmlp_tiny", num_classes: int = 90,
+                 pretrained_backbone: str | os.PathLike | dict | None = None,
+                 min_size: int | None = None, max_size: int | None = None, *,
+                 levels: Sequence[int] = (1, 2, 3), extra_levels: int = 0, fpn_channels: int = 256,
+                 num_convs: int = 4, regress_ranges: Sequence[tuple[float, float]] | None = None,
+                 center_sampling_radius: float = 1.5, score_thresh: float = 0.05, nms_thresh: float = 0.6,
+                 detections_per_img: int = 100, topk_candidates: int = 1000, frozen_stages: int = -1,
+                 channels_last: bool = False, **backbone_kwargs):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int (the largest category id), got {num_classes!r}")
+        for name, size in (("min_size", min_size), ("max_size", max_size)):
+            if size is not None and size < 32:
+                raise ValueError(f"{name} must be None (keep the input size) or >= 32, got {size}")
+        self.num_classes, self.min_size, self.max_size = num_classes, min_size, max_size
+        self.center_sampling_radius, self.score_thresh, self.nms_thresh = center_sampling_radius, score_thresh, nms_thresh
+        self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
+        self.frozen_stages, self.channels_last = frozen_stages, channels_last
+        self.backbone, self.backbone_load_report = build_backbone(
+            backbone, levels, pretrained_backbone, frozen_stages, **backbone_kwargs)
+        in_channels = [info["num_chs"] for info in self.backbone.feature_info]
+        strides = [info["reduction"] for info in self.backbone.feature_info]
+        strides += [strides[-1] * 2 ** (k + 1) for k in range(extra_levels)]
+        self.strides = tuple(strides)
+        self.fpn = FPN(in_channels, fpn_channels, extra_levels, extra_block="conv")
+        self.head = FCOSHead(fpn_channels, num_classes, self.strides, num_convs)
+        ranges = fcos_regress_ranges(self.strides) if regress_ranges is None else tuple(map(tuple, regress_ranges))
+        if len(ranges) != len(self.strides) or any(not lo < hi for lo, hi in ranges):
+            raise ValueError(f"regress_ranges needs one (lo, hi) with lo < hi per level ({len(self.strides)} levels, "
+                             f"strides {self.strides}), got {ranges}")
+        self.regress_ranges = ranges
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN)[:, None, None], persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD)[:, None, None], persistent=False)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def load_backbone(self, checkpoint: str | os.PathLike | dict) -> LoadReport:
+        """Load backbone weights after construction; see ``load_backbone_weights``."""
+        self.backbone_load_report = load_backbone_weights(self.backbone, checkpoint)
+        return self.backbone_load_report
+
+    def train(self, mode: bool = True) -> SimpleFPNDetector:
+        super().train(mode)
+        freeze_stages(self.backbone, self.frozen_stages)
+        return self
+
+    # ---- input side
+
+    def preprocess(self, images, targets=None) -> tuple[Tensor, list[tuple[int, int]], list[tuple[int, int]], list]:
+        """Resize, normalise and pad a list of images (and scale their boxes the same way).
+
+        Returns the (b, 3, H, W) batch, the resized (h, w) of each image, the original (h, w), and targets
+        as plain ``{"boxes" (n, 4), "labels" (n,) class indices 0..K-1}`` (None in eval without targets).
+        """
+        images = _check_images(images)
+        if targets is not None:
+            if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+                raise ValueError(f"targets must be a list with one dict per image ({len(images)}), "
+                                 f"got {type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        resized, sizes, clean = [], [], []
+        for i, img in enumerate(images):
+            h, w = original_sizes[i]
+            new_h, new_w = resized_size(h, w, self.min_size, self.max_size)
+            if (new_h, new_w) != (h, w):
+                img = F.interpolate(img[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+            resized.append((img - self.image_mean) / self.image_std)
+            sizes.append((new_h, new_w))
+            if targets is not None:
+                boxes, labels = self._check_target(targets[i], i, (h, w))
+                scale = boxes.new_tensor([new_w / w, new_h / h, new_w / w, new_h / h])
+                clean.append({"boxes": boxes * scale, "labels": labels - 1})
+        batch = pad_batch(resized)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch, sizes, original_sizes, clean if targets is not None else None
+
+    def _check_target(self, target, index: int, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+            raise ValueError(f"targets[{index}] must be a dict with 'boxes' (n, 4) xyxy and 'labels' (n,)")
+        device = self.image_mean.device
+        boxes = torch.as_tensor(target["boxes"]).as_subclass(Tensor).to(device, torch.float32)
+        labels = torch.as_tensor(target["labels"]).as_subclass(Tensor).to(device)
+        if boxes.numel() == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"targets[{index}]: boxes must be (n, 4) and labels (n,), got {tuple(boxes.shape)} "
+                             f"and {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"targets[{index}]: labels must be integer category ids, got {labels.dtype}")
+        if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
+            raise ValueError(f"targets[{index}]: labels must be category ids in 1..{self.num_classes} "
+                             f"(num_classes = the largest id), got {labels.tolist()}")
+        if "iscrowd" in target:  # crowd regions are not objects to learn (mmdet ignores them too)
+            keep = torch.as_tensor(target["iscrowd"]).to(device) == 0
+            boxes, labels = boxes[keep], labels[keep]
+        return sanitize_boxes(boxes, labels.long(), image_size, where=f"targets[{index}]")
+
+    # ---- forward
+
+    def forward(self, images, targets: list[dict] | None = None):
+        if self.training and targets is None:
+            raise ValueError("in train mode the detector needs targets (list of dicts with 'boxes' and 'labels'); "
+                             "call model.eval() for predictions")
+        batch, sizes, original_sizes, targets = self.preprocess(images, targets)
+        levels = self.head(self.fpn(self.backbone(batch)))
+        shapes = [cls.shape[-2:] for cls, _, _ in levels]
+        cls_logits = torch.cat([rearrange(c, "b k h w -> b (h w) k") for c, _, _ in levels], dim=1)
+        ltrb = torch.cat([rearrange(d, "b f h w -> b (h w) f") for _, d, _ in levels], dim=1)
+        ctr_logits = torch.cat([rearrange(c, "b 1 h w -> b (h w)") for _, _, c in levels], dim=1)
+        points = torch.cat([level_points(h, w, s, batch.device) for (h, w), s in zip(shapes, self.strides)])
+        if self.training:
+            return self.losses(cls_logits, ltrb, ctr_logits, points, shapes, targets)
+        counts = [h * w for h, w in shapes]
+        return [self.postprocess(c, d, t, points, counts, size, original)
+                for c, d, t, size, original in zip(cls_logits, ltrb, ctr_logits, sizes, original_sizes)]
+
+    def location_targets(self, points: Tensor, shapes: list, targets: list[dict]) -> tuple[Tensor, Tensor]:
+        """assign_targets for every image: (b, P) class indices (-1 background) and (b, P, 4) boxes."""
+        counts = [h * w for h, w in shapes]
+        strides = torch.cat([points.new_full((n,), s) for n, s in zip(counts, self.strides)])
+        ranges = torch.cat([points.new_tensor(r).expand(n, 2) for n, r in zip(counts, self.regress_ranges)])
+        assigned = [assign_targets(points, strides, ranges, t["boxes"], t["labels"], self.center_sampling_radius)
+                    for t in targets]
+        return torch.stack([a[0] for a in assigned]), torch.stack([a[1] for a in assigned])
+
+    def losses(self, cls_logits, ltrb, ctr_logits, points, shapes, targets) -> dict[str, Tensor]:
+        with torch.no_grad():
+            target_labels, target_boxes = self.location_targets(points, shapes, targets)
+        return fcos_losses(cls_logits, ltrb, ctr_logits, points, target_labels, target_boxes, self.num_classes)
+
+    @torch.no_grad()
+    def postprocess(self, cls_logits: Tensor, ltrb: Tensor, ctr_logits: Tensor, points: Tensor, counts: list[int],
+                    size: tuple[int, int], original_size: tuple[int, int]) -> dict[str, Tensor]:
+        """One image: (P, K), (P, 4), (P,) -> boxes (k, 4) xyxy in original pixels, scores (k,), labels (k,)."""
+        scores_all = torch.sqrt(cls_logits.sigmoid() * ctr_logits.sigmoid()[:, None])
+        boxes, scores, classes = [], [], []
+        for s, d, p in zip(scores_all.split(counts), ltrb.split(counts), points.split(counts)):
+            flat = s.flatten()
+            candidates = torch.nonzero(flat > self.score_thresh).squeeze(1)
+            top = flat[candidates].topk(min(self.topk_candidates, len(candidates))).indices
+            candidates = candidates[top]
+            where, cls = candidates // self.num_classes, candidates % self.num_classes
+            boxes.append(decode_boxes(p[where], d[where]))
+            scores.append(flat[candidates])
+            classes.append(cls)
+        boxes, scores, classes = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
+        h, w = size
+        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
+                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+        keep = batched_nms(boxes, scores, classes, self.nms_thresh)[:self.detections_per_img]
+        scale = boxes.new_tensor([original_size[1] / w, original_size[0] / h] * 2)
+        return {"boxes": boxes[keep] * scale, "scores": scores[keep], "labels": classes[keep] + 1}
+
+
+def _check_images(images) -> list[Tensor]:
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"a tensor batch must be (b, 3, h, w), got shape {tuple(images.shape)}; "
+                             "pass a list of (3, h, w) images for different sizes")
+        images = list(images)
+    if not isinstance(images, (list, tuple)) or not images:
+        raise TypeError(f"images must be a non-empty list of (3, h, w) tensors, got {type(images).__name__}")
+    for i, img in enumerate(images):
+        if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
+            raise ValueError(f"images[{i}] must be a (3, h, w) tensor, got {shape}")
+        if not img.dtype.is_floating_point:
+            raise TypeError(f"images[{i}] has dtype {img.dtype}; pass floats in [0, 1] "
+                            "(e.g. torchvision.transforms.v2.ToDtype(torch.float32, scale=True))")
+    return [img.as_subclass(Tensor) for img in images]
+
+
+# ---------------------------------------------------------------- the paper's Mask R-CNN
+
+class ASMLPWithFPN(nn.Module):
+    """AS-MLP + FPN in the form torchvision's two-stage detectors expect.
+
+    (b, 3, H, W) -> OrderedDict "0".."3" (strides 4-32) and "pool" (stride 64, max-pooled), each
+    (b, out_channels, H/s, W/s); ``out_channels`` is read by ``MaskRCNN``. ``body`` is the AS-MLP.
+    """
+
+    def __init__(self, body: ASMLP, out_channels: int = 256, frozen_stages: int = -1):
+        super().__init__()
+        self.body, self.frozen_stages, self.out_channels = body, frozen_stages, out_channels
+        self.fpn = FPN([info["num_chs"] for info in body.feature_info], out_channels, extra_levels=1,
+                       extra_block="maxpool")
+
+    def train(self, mode: bool = True) -> ASMLPWithFPN:
+        super().train(mode)
+        freeze_stages(self.body, self.frozen_stages)
+        return self
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        pyramid = self.fpn(self.body(images))
+        names = [str(i) for i in range(len(pyramid) - 1)] + ["pool"]  # torchvision's default RoI/anchor names
+        return OrderedDict(zip(names, pyramid))
+
+
+def build_maskrcnn(backbone: str = "asmlp_tiny", num_classes: int = 91,
+                   pretrained_backbone: str | os.PathLike | dict | None = None, *, min_size: int = 800,
+                   max_size: int = 1333, frozen_stages: int = -1, maskrcnn_kwargs: dict | None = None,
+                   **backbone_kwargs) -> MaskRCNN:
+    """The paper's Mask R-CNN: torchvision ``MaskRCNN`` on AS-MLP (strides 4-32) + FPN (256 ch, + P6 max-pool).
+
+    num_classes follows torchvision and *includes* background: COCO's 80 classes are ``num_classes=81``
+    (the default 91 covers the raw COCO ids 1..90). torchvision's defaults are the mmdet config of the paper:
+    anchors 32-512 (scale 8 x strides 4-64), ratios 0.5/1/2, RoIAlign 7 (boxes) and 14 (masks), two 1024-d FC
+    layers, four 3x3 mask convs. ``min_size``/``max_size``: test scale 800x1333. ``pretrained_backbone``:
+    official classification ``.pth`` or mmdet checkpoint (``backbone.*`` keys), loaded into ``model.backbone.body``.
+    ``maskrcnn_kwargs`` go to ``MaskRCNN`` (e.g. ``box_batch_size_per_image``); ``backbone_kwargs`` to the AS-MLP.
+    The backbone keeps the variant's drop path (0.2 for T, as the paper's Mask R-CNN T configs).
+    """
+    body, report = build_backbone(backbone, (0, 1, 2, 3), pretrained_backbone, frozen_stages, **backbone_kwargs)
+    model = MaskRCNN(ASMLPWithFPN(body, 256, frozen_stages), num_classes=num_classes, min_size=min_size,
+                     max_size=max_size, **(maskrcnn_kwargs or {}))
+    model.backbone_load_report = report
+    return model
