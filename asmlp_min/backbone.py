@@ -14,10 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block import ASMLPBlock, norm_layer
+from .block import ASMLPBlock, conv1x1, norm_layer
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,33 @@ MODEL_CONFIGS = {
 }
 
 
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the input size
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Zero-pad right/bottom so h and w are multiples of ``multiple`` (as mmdet's backbone); no copy if they are."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the device
+def to_fast_layout(x: Tensor) -> Tensor:
+    """channels_last on CPU, where it makes every 1x1 conv one GEMM (block.pointwise_conv); NCHW elsewhere,
+    because CUDA's GroupNorm reads only NCHW and would copy a channels_last tensor in and out of every norm."""
+    layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    return x.contiguous(memory_format=layout)
+
+
+@torch.fx.wrap  # a leaf for FX tracing (create_feature_extractor): its checks look at Python types and shapes
+def check_image_batch(x: Tensor, in_chans: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected an image tensor (b, {in_chans}, h, w), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D image batch (b, {in_chans}, h, w), got shape {tuple(x.shape)}"
+                         + ("; add a batch dimension with x[None]" if x.dim() == 3 else ""))
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                         "pass in_chans=... to create_model for other inputs")
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches, linearly embedded: (b, 3, H, W) -> (b, C, ceil(H/p), ceil(W/p))."""
 
@@ -50,9 +78,7 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        p = self.patch_size
-        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))  # right/bottom zeros, as mmdet's backbone
-        return self.norm(self.proj(x))
+        return self.norm(self.proj(pad_to_multiple(x, self.patch_size)))
 
 
 class PatchMerging(nn.Module):
@@ -65,10 +91,10 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Conv2d(4 * dim, 2 * dim, kernel_size=1, bias=False)
+        self.reduction = conv1x1(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))  # odd sizes: one zero row/column
+        x = pad_to_multiple(x, 2)  # odd sizes: one zero row/column
         x = torch.cat([x[..., 0::2, 0::2], x[..., 1::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 1::2]], dim=1)
         return self.reduction(self.norm(x))
 
@@ -112,6 +138,7 @@ class ASMLP(nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_stages = len(depths)
         self.embed_dim, self.in_chans, self.features_only = embed_dim, in_chans, features_only
+        self.fast_layout = True  # to_fast_layout() at the stem; False keeps the input's layout (the official NCHW)
         self.num_features = embed_dim * 2 ** (self.num_stages - 1)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -140,18 +167,10 @@ class ASMLP(nn.Module):
                                           module="norm"))
         self.apply(_init_weights)
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected an image tensor (b, {self.in_chans}, h, w), got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4-D image batch (b, {self.in_chans}, h, w), got shape {tuple(x.shape)}"
-                             + ("; add a batch dimension with x[None]" if x.dim() == 3 else ""))
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                             "pass in_chans=... to create_model for other inputs")
-
     def forward_stem(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        check_image_batch(x, self.in_chans)
+        if self.fast_layout:
+            x = to_fast_layout(x)
         return self.pos_drop(self.patch_embed(x))
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -5,11 +5,14 @@
 
 Everything runs in (b, c, h, w); every "linear layer" is a 1x1 convolution, and "Norm" is
 GroupNorm(1, c) as in the official code. Parameter names match the official checkpoints.
+Speed: on a channels_last tensor a 1x1 convolution is one matrix product over channels
+(:func:`pointwise_conv`); the backbone keeps CPU activations channels_last for that reason.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .shift import axial_shift, check_shift_args
@@ -24,8 +27,30 @@ def norm_layer(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(1, channels)
 
 
-def conv1x1(c_in: int, c_out: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias)
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """1x1 convolution (b, c_in, h, w) -> (b, c_out, h, w), computed in the layout ``x`` is stored in.
+
+    channels_last: "b c h w -> (b h w) c" is a free view, so the conv is a single GEMM (``F.linear``) and the
+    result is channels_last again. Other layouts: ``F.conv2d``. Equal up to float rounding.
+    """
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias)
+
+
+class Conv1x1(nn.Conv2d):
+    """An ``nn.Conv2d`` with a 1x1 kernel (official parameter names and shapes) run by :func:`pointwise_conv`."""
+
+    def __init__(self, c_in: int, c_out: int, bias: bool = True):
+        super().__init__(c_in, c_out, kernel_size=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pointwise_conv(x, self.weight, self.bias)
+
+
+def conv1x1(c_in: int, c_out: int, bias: bool = True) -> Conv1x1:
+    return Conv1x1(c_in, c_out, bias)
 
 
 class AxialShiftMix(nn.Module):
