@@ -1,0 +1,493 @@
+"""``asmlp-min bench``: speed and memory of asmlp_min beside the official configuration and torchvision peers.
+
+Every figure comes from one run, and the candidates of each table are timed in turns (one call of each, then
+the next round), so a busy neighbour slows them all alike and the *ratios* stay meaningful on a shared
+machine. A time is the median over ``repeats`` rounds after ``warmup`` untimed rounds.
+
+What is measured for AS-MLP-T at 224x224 (CPU: fp32, inference batch 16, training batch 8;
+CUDA: batch 64 with fp16 autocast):
+
+* shift: :func:`~asmlp_min.shift.axial_shift` vs the paper's Algorithm 1 (pad, chunk, roll, cat, narrow)
+  vs ``clone()`` (the memory-copy floor) at the four stage shapes, in the layout the model runs in.
+* inference: images/s in eval mode without autograd: asmlp_min vs the *official configuration* (the same
+  weights run the way the official code runs them: NCHW tensors, ``nn.Conv2d`` 1x1 convs, Algorithm 1)
+  vs ``torchvision.models.swin_t`` and ``convnext_tiny``. A square fp32 matmul is timed in the same rounds:
+  achieved GFLOP/s (2 x GMACs x images/s) over its GFLOP/s is how close a model gets to the hardware.
+* training: images/s of one SGD step (forward, cross-entropy, backward, update) and its peak memory, for
+  asmlp_min vs the official configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .backbone import ASMLP, MODEL_CONFIGS, create_model
+from .block import AxialShiftMix, Conv1x1
+from .complexity import count_gmacs, stage_resolutions
+from .shift import axial_shift, reference_shift
+
+# The issue's targets (issue 7): name -> (json path of the ratio, threshold, "min" = ratio must be >= threshold).
+TARGETS = {
+    "shift <= 1.3x clone at every stage": ("shift_vs_clone_worst", 1.3, "max"),
+    "shift >= 4x faster than Algorithm 1 at every stage": ("shift_speedup_worst", 4.0, "min"),
+    "inference >= 1.5x official configuration": ("inference_vs_official", 1.5, "min"),
+    "inference >= 1.4x swin_t": ("inference_vs_swin_t", 1.4, "min"),
+    "inference >= convnext_tiny": ("inference_vs_convnext_tiny", 1.0, "min"),
+    "inference >= 85% of matmul GFLOP/s": ("matmul_fraction", 0.85, "min"),
+    "training step >= 1.3x official configuration": ("training_vs_official", 1.3, "min"),
+    "training peak memory <= official configuration": ("training_memory_vs_official", 1.0, "max"),
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one ``asmlp-min bench`` run measures; :func:`settings_for` gives the defaults per device."""
+    device: str = "cpu"
+    model: str = "asmlp_tiny"
+    model_kwargs: dict = field(default_factory=dict)  # create_model overrides (tests use tiny widths)
+    image_size: int = 224
+    batch: int = 16            # inference and shift tensors
+    train_batch: int = 8
+    amp: bool = False          # fp16 autocast (CUDA)
+    warmup: int = 2
+    repeats: int = 10
+    shift_repeats: int = 30
+    matmul_size: int = 2048
+    peers: tuple[str, ...] = ("swin_t", "convnext_tiny")
+    compile: bool = False      # also time torch.compile(asmlp_min); never part of the default path
+
+
+def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> BenchSettings:
+    """CPU: fp32, batch 16 (training 8). CUDA: batch 64 with fp16 autocast, as the paper's throughput protocol.
+    ``quick`` trims warm-up and repeats so the whole run takes well under a minute on 2 CPU cores."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
+    values = dict(device=device)
+    if device == "cuda":
+        values.update(batch=64, train_batch=64, amp=True, matmul_size=8192)
+    if quick:
+        values.update(warmup=1, repeats=3, shift_repeats=10)
+    values.update(overrides)
+    settings = BenchSettings(**values)
+    if settings.model not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {settings.model!r}; choose from {sorted(MODEL_CONFIGS)}")
+    sizes = (settings.batch, settings.train_batch, settings.image_size, settings.repeats, settings.shift_repeats)
+    if min(sizes) < 1 or settings.warmup < 0:
+        raise ValueError("batch sizes, image size and repeats must be >= 1 and warmup >= 0, got batch "
+                         f"{settings.batch}, train batch {settings.train_batch}, image size {settings.image_size}, "
+                         f"repeats {settings.repeats}/{settings.shift_repeats}, warmup {settings.warmup}")
+    return settings
+
+
+# ---------------------------------------------------------------- the official configuration
+
+def algorithm1_shift(shift_size: int, z: Tensor, dim: int) -> Tensor:
+    return reference_shift(z, shift_size, dim)
+
+
+def official_configuration(model: ASMLP) -> ASMLP:
+    """A copy of ``model`` (same weights) run the way the official code runs it: NCHW activations,
+    ``nn.Conv2d`` for every 1x1 conv and the Algorithm 1 shift. The baseline for speed and memory."""
+    official = copy.deepcopy(model)
+    official.fast_layout = False
+    for module in list(official.modules()):
+        if isinstance(module, AxialShiftMix):
+            module.shift = functools.partial(algorithm1_shift, module.shift_size)  # shadows the method
+        for name, child in module.named_children():
+            if isinstance(child, Conv1x1):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                setattr(module, name, plain.to(child.weight.device))
+    return official
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_in_turns(candidates: dict[str, Callable[[], object]], warmup: int, repeats: int, device: str = "cpu",
+                  progress: tqdm | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, measured round-robin: every round calls each candidate once."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_index in range(warmup + repeats):
+        for name, fn in candidates.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+            if progress is not None:
+                progress.update()
+    return times
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The CPU profiler's tracing library prints start/stop and 'no GPU' lines straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Most bytes held at once by tensors allocated while ``fn`` runs (tensors alive before it are not counted).
+
+    CUDA: the caching allocator's peak. CPU: PyTorch keeps no allocator statistics, so the profiler records
+    every CPU allocation and free with its size and time; the peak of their running sum is the answer.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with _native_stderr_silenced():
+        events = prof.profiler.kineto_results.events()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+# ---------------------------------------------------------------- the measurements
+
+def stage_shapes(settings: BenchSettings) -> list[tuple[int, int, int, int]]:
+    """(b, c, h, w) entering the shifts of each stage, e.g. (16, 96, 56, 56) ... (16, 768, 7, 7) for AS-MLP-T."""
+    cfg = MODEL_CONFIGS[settings.model]
+    depths = settings.model_kwargs.get("depths", cfg.depths)
+    embed_dim = settings.model_kwargs.get("embed_dim", cfg.embed_dim)
+    sizes = stage_resolutions(settings.image_size, len(depths), cfg.patch_size)
+    return [(settings.batch, embed_dim * 2 ** i, h, w) for i, (h, w) in enumerate(sizes)]
+
+
+def measure_shift(settings: BenchSettings, progress: tqdm | None = None) -> list[dict]:
+    """Per stage: ms of asmlp_min's shift (along w and h), of Algorithm 1 and of clone(), on one tensor."""
+    shift_size = settings.model_kwargs.get("shift_size", MODEL_CONFIGS[settings.model].shift_size)
+    layout = torch.channels_last if settings.device == "cpu" else torch.contiguous_format  # as the model runs
+    rows = []
+    for stage, shape in enumerate(stage_shapes(settings)):
+        x = torch.randn(shape, device=settings.device).contiguous(memory_format=layout)
+        candidates = {
+            "clone": x.clone,
+            "asmlp_min_w": lambda: axial_shift(x, shift_size, -1),
+            "asmlp_min_h": lambda: axial_shift(x, shift_size, -2),
+            "algorithm1_w": lambda: reference_shift(x, shift_size, -1),
+            "algorithm1_h": lambda: reference_shift(x, shift_size, -2),
+        }
+        with torch.no_grad():
+            times = time_in_turns(candidates, settings.warmup, settings.shift_repeats, settings.device, progress)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        ours = max(ms["asmlp_min_w"], ms["asmlp_min_h"])
+        rows.append(dict(stage=stage, shape=list(shape), memory_format=str(layout).split(".")[-1], ms=ms,
+                         vs_clone=ours / ms["clone"],
+                         speedup_vs_algorithm1=min(ms["algorithm1_w"] / ms["asmlp_min_w"],
+                                                   ms["algorithm1_h"] / ms["asmlp_min_h"])))
+    return rows
+
+
+def _peer(name: str) -> nn.Module:
+    import torchvision
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def _autocast(settings: BenchSettings):
+    if settings.amp:
+        return torch.autocast(device_type=settings.device, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
+                      progress: tqdm | None = None) -> dict:
+    """Images/s of each model (eval, no autograd) and of a square matmul, timed in the same rounds."""
+    device = settings.device
+    models = {"asmlp_min": ours, "official configuration": official}
+    models.update({name: _peer(name).to(device) for name in settings.peers})
+    if settings.compile:
+        models["asmlp_min + torch.compile"] = torch.compile(ours)
+    for model in models.values():
+        model.eval()
+    images = torch.randn(settings.batch, 3, settings.image_size, settings.image_size, device=device)
+    n = settings.matmul_size
+    mm_dtype = torch.float16 if settings.amp else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
+    gmacs = {name: count_gmacs(getattr(model, "_orig_mod", model), (3, settings.image_size, settings.image_size))
+             for name, model in models.items()}
+
+    def forward(model: nn.Module) -> Callable[[], Tensor]:
+        return lambda: model(images)
+
+    candidates = {name: forward(model) for name, model in models.items()}
+    candidates["matmul"] = lambda: torch.mm(a, b)
+    compile_s = None
+    with torch.no_grad(), _autocast(settings):
+        if settings.compile:
+            start = time.perf_counter()
+            candidates["asmlp_min + torch.compile"]()  # the first call compiles; not part of any timing
+            compile_s = time.perf_counter() - start
+        times = time_in_turns(candidates, settings.warmup, settings.repeats, device, progress)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    matmul_gflops = 2 * n ** 3 / seconds.pop("matmul") / 1e9
+    result = dict(batch=settings.batch, matmul=dict(n=n, dtype=str(mm_dtype).split(".")[-1], gflops=matmul_gflops),
+                  models={}, compile_seconds=compile_s)
+    for name, s in seconds.items():
+        images_per_s = settings.batch / s
+        gflops = 2 * gmacs[name] * images_per_s
+        result["models"][name] = dict(ms_per_batch=1e3 * s, images_per_s=images_per_s, gmacs=gmacs[name],
+                                      gflops=gflops, matmul_fraction=gflops / matmul_gflops)
+    return result
+
+
+def measure_training(settings: BenchSettings, ours: ASMLP, official: ASMLP,
+                     progress: tqdm | None = None) -> dict:
+    """Images/s of one SGD step (momentum 0.9) and the step's peak memory, for the two AS-MLP configurations."""
+    device = settings.device
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(settings.train_batch, 3, settings.image_size, settings.image_size, generator=generator)
+    labels = torch.randint(0, ours.num_classes, (settings.train_batch,), generator=generator)
+    images, labels = images.to(device), labels.to(device)
+    steps = {}
+    for name, model in (("asmlp_min", ours), ("official configuration", official)):
+        model = copy.deepcopy(model).train()  # the update must not touch the models of the inference table
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        scaler = torch.amp.GradScaler(device, enabled=settings.amp)
+
+        def step(model=model, optimizer=optimizer, scaler=scaler) -> None:
+            with _autocast(settings):
+                loss = F.cross_entropy(model(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    times = time_in_turns(steps, settings.warmup, settings.repeats, device, progress)
+    result = dict(batch=settings.train_batch, models={})
+    for name, step in steps.items():
+        s = statistics.median(times[name])
+        result["models"][name] = dict(ms_per_step=1e3 * s, images_per_s=settings.train_batch / s,
+                                      peak_memory_mib=peak_memory_bytes(step, device) / 2 ** 20)
+        if progress is not None:
+            progress.update()
+    return result
+
+
+def summarise(results: dict) -> dict:
+    """The ratios the targets are stated in, and whether each target is met."""
+    inference = results["inference"]["models"]
+    training = results["training"]["models"]
+    ours = inference["asmlp_min"]["images_per_s"]
+    ratios = dict(
+        shift_vs_clone_worst=max(row["vs_clone"] for row in results["shift"]),
+        shift_speedup_worst=min(row["speedup_vs_algorithm1"] for row in results["shift"]),
+        inference_vs_official=ours / inference["official configuration"]["images_per_s"],
+        matmul_fraction=inference["asmlp_min"]["matmul_fraction"],
+        training_vs_official=training["asmlp_min"]["images_per_s"]
+        / training["official configuration"]["images_per_s"],
+        training_memory_vs_official=training["asmlp_min"]["peak_memory_mib"]
+        / training["official configuration"]["peak_memory_mib"],
+    )
+    for peer in ("swin_t", "convnext_tiny"):
+        if peer in inference:
+            ratios[f"inference_vs_{peer}"] = ours / inference[peer]["images_per_s"]
+    targets = {}
+    for text, (key, threshold, kind) in TARGETS.items():
+        if key in ratios:
+            value = ratios[key]
+            targets[text] = dict(value=value, met=value >= threshold if kind == "min" else value <= threshold)
+    return dict(ratios=ratios, targets=targets)
+
+
+def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
+    """Every measurement of one run, as a JSON-ready dict (see :func:`format_table` for the layout)."""
+    torch.manual_seed(0)
+    ours = create_model(settings.model, **settings.model_kwargs).to(settings.device).eval()
+    official = official_configuration(ours)
+    n_shift = len(stage_shapes(settings)) * 5 * (settings.warmup + settings.shift_repeats)
+    n_models = 3 + len(settings.peers) + settings.compile
+    total = n_shift + (n_models + 2) * (settings.warmup + settings.repeats) + 2
+    started = time.perf_counter()
+    load_before = _loadavg()
+    with tqdm(total=total, desc="asmlp-min bench", file=sys.stderr, disable=None if progress else True,
+              dynamic_ncols=True, leave=False) as bar:
+        results = dict(shift=measure_shift(settings, bar),
+                       inference=measure_inference(settings, ours, official, bar),
+                       training=measure_training(settings, ours, official, bar))
+    results.update(_environment(settings), loadavg_before=load_before, loadavg_after=_loadavg(),
+                   seconds=time.perf_counter() - started)
+    results.update(summarise(results))
+    return results
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:  # not available on this platform
+        return None
+
+
+def _environment(settings: BenchSettings) -> dict:
+    device_name = torch.cuda.get_device_name() if settings.device == "cuda" else (platform.processor() or
+                                                                                 platform.machine())
+    return dict(settings=asdict(settings), torch=torch.__version__, device_name=device_name,
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), python=platform.python_version())
+
+
+# ---------------------------------------------------------------- output
+
+def format_table(results: dict) -> str:
+    """Markdown: settings, the three tables, and the targets with their measured ratios."""
+    s = results["settings"]
+    load = results.get("loadavg_before")
+    lines = [
+        f"## asmlp-min bench: {s['model']} at {s['image_size']}x{s['image_size']} on {s['device']}"
+        f" ({results['device_name']})",
+        "",
+        f"torch {results['torch']}, {results['threads']} threads ({results['cpu_count']} CPUs), "
+        f"{'fp16 autocast' if s['amp'] else 'fp32'}; median of {s['repeats']} rounds "
+        f"({s['shift_repeats']} for the shift) after {s['warmup']} warm-up rounds, candidates timed in turns"
+        + (f"; load average {load[0]:.2f} before, {results['loadavg_after'][0]:.2f} after" if load else "")
+        + f"; {results['seconds']:.0f} s in all.",
+        "",
+        f"### Shift ({results['shift'][0]['memory_format']}), ms per call",
+        "",
+        "| stage | (b, c, h, w) | clone | asmlp_min w / h | Algorithm 1 w / h | asmlp_min / clone | speed-up vs Alg. 1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results["shift"]:
+        ms = row["ms"]
+        lines.append(f"| {row['stage']} | {tuple(row['shape'])} | {ms['clone']:.3f} | {ms['asmlp_min_w']:.3f} / "
+                     f"{ms['asmlp_min_h']:.3f} | {ms['algorithm1_w']:.3f} / {ms['algorithm1_h']:.3f} | "
+                     f"{row['vs_clone']:.2f}x | {row['speedup_vs_algorithm1']:.1f}x |")
+    inf = results["inference"]
+    ours = inf["models"]["asmlp_min"]["images_per_s"]
+    lines += [
+        "",
+        f"### Inference, batch {inf['batch']}, eval, no autograd",
+        "",
+        "| model | ms / batch | images/s | asmlp_min speed-up | GMACs | GFLOP/s | of matmul |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in inf["models"].items():
+        lines.append(f"| {name} | {m['ms_per_batch']:.0f} | {m['images_per_s']:.1f} | "
+                     f"{ours / m['images_per_s']:.2f}x | {m['gmacs']:.2f} | {m['gflops']:.0f} | "
+                     f"{100 * m['matmul_fraction']:.0f}% |")
+    mm = inf["matmul"]
+    lines.append(f"| matmul {mm['n']}x{mm['n']} {mm['dtype']} (same rounds) | | | | | {mm['gflops']:.0f} | 100% |")
+    if inf.get("compile_seconds") is not None:
+        lines += ["", f"torch.compile took {inf['compile_seconds']:.0f} s before timing (not included)."]
+    tr = results["training"]
+    ours_t = tr["models"]["asmlp_min"]["images_per_s"]
+    lines += [
+        "",
+        f"### Training step, batch {tr['batch']} (forward, cross-entropy, backward, SGD update)",
+        "",
+        "| model | ms / step | images/s | asmlp_min speed-up | peak memory (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in tr["models"].items():
+        lines.append(f"| {name} | {m['ms_per_step']:.0f} | {m['images_per_s']:.1f} | "
+                     f"{ours_t / m['images_per_s']:.2f}x | {m['peak_memory_mib']:.0f} |")
+    lines += ["", "Peak memory: the most bytes held at once by tensors allocated during one step (activations, "
+                  "gradients, temporaries; weights and optimizer state excluded)"
+              + (", from the profiler's CPU allocation events." if s["device"] == "cpu" else
+                 ", from torch.cuda.max_memory_allocated."),
+              "", "### Targets (issue 7)", "", "| target | measured | met |", "|---|---|---|"]
+    for text, t in results["targets"].items():
+        lines.append(f"| {text} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- command line
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``asmlp-min bench`` on the CLI's subparsers (cli.py calls this)."""
+    parser = subparsers.add_parser(
+        "bench", help="speed and memory vs the official configuration, swin_t and convnext_tiny",
+        description="Time the axial shift, inference and a training step of AS-MLP-T against the official "
+                    "configuration (NCHW, nn.Conv2d, Algorithm 1 shift), torchvision's swin_t and convnext_tiny "
+                    "and a matmul, all in one run with the candidates timed in turns. Prints a markdown table.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (fp32, batch 16, training batch 8) or cuda (batch 64, fp16 autocast)")
+    parser.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="asmlp_tiny",
+                        help="AS-MLP variant to time (default: asmlp_tiny, the peers' size class)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 warm-up round and 3 timed rounds (under a minute on 2 CPU cores; noisier)")
+    parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, reported)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per table (default: 10, --quick 3)")
+    parser.add_argument("--batch", type=int, help="inference and shift batch (default: cpu 16, cuda 64)")
+    parser.add_argument("--train-batch", type=int, help="training-step batch (default: cpu 8, cuda 64)")
+    parser.add_argument("--image-size", type=int, help="square input side (default: 224)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(asmlp_min); compilation takes minutes on a small CPU")
+    parser.add_argument("--no-peers", action="store_true", help="skip torchvision's swin_t and convnext_tiny")
+    parser.set_defaults(func=bench_command)
+    return parser
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    overrides = {key: value for key in ("repeats", "batch", "train_batch", "image_size")
+                 if (value := getattr(args, key)) is not None}
+    if args.no_peers:
+        overrides["peers"] = ()
+    settings = settings_for(args.device, args.quick, model=args.model, compile=args.compile, **overrides)
+    results = run_bench(settings)
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"\nJSON: {args.json}")
+    return 0

@@ -1,0 +1,267 @@
+"""The fast paths against Algorithm 1 / the official NCHW configuration, and the benchmark's own machinery.
+
+No test here looks at a time: only at what was measured, in which order, and at exact or hand-computed values.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asmlp_min.backbone import create_model, pad_to_multiple, to_fast_layout
+from asmlp_min.bench import (BenchSettings, format_table, official_configuration, peak_memory_bytes, run_bench,
+                             settings_for, summarise, time_in_turns, write_json)
+from asmlp_min.block import AxialShiftMix, Conv1x1, pointwise_conv
+from asmlp_min.cli import main
+from asmlp_min.shift import axial_shift
+from tests.test_block import randomise
+from tests.test_shift import algorithm1
+
+CL = torch.channels_last
+AXES = [(-1, 3), (-2, 2)]  # (our dim, Algorithm 1's dim)
+
+
+def tiny(**kwargs):
+    return create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 2, 1), **kwargs)
+
+
+# ---------------------------------------------------------------- the shift in the model's layout (channels_last)
+
+@pytest.mark.parametrize("channels", [3, 96, 97, 768])
+@pytest.mark.parametrize("shift_size", [1, 3, 5, 7])
+@pytest.mark.parametrize("dims", AXES)
+@pytest.mark.parametrize("hw", [(7, 11), (2, 3)])  # non-square; (2, 3) is smaller than the shift's reach
+def test_channels_last_shift_equals_algorithm1_forward_and_backward(channels, shift_size, dims, hw):
+    ours, theirs = dims
+    x = torch.randn(2, channels, *hw)
+    x_cl = x.contiguous(memory_format=CL).requires_grad_()
+    out = axial_shift(x_cl, shift_size, ours)
+    assert out.is_contiguous(memory_format=CL)  # the layout is kept, so the next 1x1 conv stays a plain GEMM
+    assert torch.equal(out, algorithm1(x, shift_size, theirs))
+    grad_out = torch.randn_like(out)
+    x_ref = x.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(algorithm1(x_ref, shift_size, theirs), x_ref, grad_out)
+    (g_ours,) = torch.autograd.grad(out, x_cl, grad_out.contiguous(memory_format=CL))
+    assert torch.equal(g_ours, g_ref)
+
+
+# ---------------------------------------------------------------- 1x1 conv as a GEMM, layout helpers
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_on_channels_last_is_conv2d(bias):
+    torch.manual_seed(0)
+    conv = Conv1x1(12, 20, bias=bias)
+    x = torch.randn(3, 12, 5, 7)
+    want = F.conv2d(x, conv.weight, conv.bias)
+    x_cl = x.contiguous(memory_format=CL).requires_grad_()
+    out = conv(x_cl)
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv(x), want, rtol=0, atol=0)  # NCHW input takes F.conv2d itself
+    grad_out = torch.randn_like(want)
+    grads = torch.autograd.grad(out, [x_cl, conv.weight], grad_out)
+    x_ref = x.clone().requires_grad_()
+    want_grads = torch.autograd.grad(F.conv2d(x_ref, conv.weight, conv.bias), [x_ref, conv.weight], grad_out)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1x1_keeps_the_official_parameters():
+    conv = Conv1x1(8, 32)
+    assert isinstance(conv, torch.nn.Conv2d)
+    assert [(n, tuple(p.shape)) for n, p in conv.named_parameters()] == [("weight", (32, 8, 1, 1)), ("bias", (32,))]
+    assert pointwise_conv(torch.zeros(1, 8, 2, 2), conv.weight, None).shape == (1, 32, 2, 2)
+
+
+def test_pad_to_multiple_pads_right_bottom_and_copies_only_when_needed():
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    assert pad_to_multiple(x, 2).shape == (1, 1, 4, 4)
+    assert torch.equal(pad_to_multiple(x, 2)[0, 0, 3], torch.zeros(4))  # one zero row at the bottom
+    assert torch.equal(pad_to_multiple(x, 2)[0, 0, :3], x[0, 0])
+    even = torch.randn(1, 2, 4, 6)
+    assert pad_to_multiple(even, 2) is even  # no copy of an already even map
+
+
+def test_model_runs_channels_last_on_cpu_by_default():
+    model = tiny().eval()
+    seen = []
+    model.layers[0].blocks[0].axial_shift.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=CL)))
+    model(torch.randn(2, 3, 32, 32))  # an NCHW image goes in
+    assert seen == [True]
+    assert to_fast_layout(torch.randn(2, 3, 4, 5)).is_contiguous(memory_format=CL)
+
+
+# ---------------------------------------------------------------- the official configuration (the baseline)
+
+def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weights():
+    model = randomise(tiny(num_classes=10))
+    official = official_configuration(model)
+    assert not official.fast_layout and model.fast_layout
+    assert not any(isinstance(m, Conv1x1) for m in official.modules())
+    assert sum(isinstance(m, Conv1x1) for m in model.modules()) == 5 * 6 + 3  # the original is untouched
+    sd, sd_off = model.state_dict(), official.state_dict()
+    assert list(sd) == list(sd_off) and all(torch.equal(sd[k], sd_off[k]) for k in sd)
+    mix = next(m for m in official.modules() if isinstance(m, AxialShiftMix))
+    z = torch.randn(1, 16, 5, 6)
+    assert torch.equal(mix.shift(z, -1), algorithm1(z, 5, 3)) and torch.equal(mix.shift(z, -2), algorithm1(z, 5, 2))
+    seen = []
+    official.layers[0].blocks[0].axial_shift.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous()))
+    official(torch.randn(1, 3, 32, 32))
+    assert seen == [True]  # NCHW inside
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 71)])
+def test_fast_model_equals_official_configuration_forward_and_backward(size):
+    """Logits within 1e-5 and every parameter gradient within float32 rounding, odd sizes included."""
+    torch.manual_seed(0)
+    model = randomise(tiny(num_classes=10, drop_path_rate=0.0)).train()
+    official = official_configuration(model)
+    x = torch.randn(2, 3, *size)
+    logits, want = model(x), official(x)
+    assert (logits - want).abs().max().item() <= 1e-5
+    grad = torch.randn_like(want)
+    logits.backward(grad)
+    want.backward(grad)
+    for (name, p), p_off in zip(model.named_parameters(), official.parameters()):
+        torch.testing.assert_close(p.grad, p_off.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fast_features_equal_official_configuration():
+    torch.manual_seed(0)
+    model = randomise(tiny(features_only=True)).eval()
+    official = official_configuration(model)
+    x = torch.randn(1, 3, 45, 61)
+    for ours, ref in zip(model(x), official(x)):
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- measurement machinery
+
+def test_time_in_turns_interleaves_candidates_and_drops_warmup():
+    calls = []
+    times = time_in_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, repeats=3)
+    assert calls == ["a", "b"] * 5
+    assert [len(t) for t in times.values()] == [3, 3] and all(v >= 0 for t in times.values() for v in t)
+
+
+def test_peak_memory_counts_what_is_held_at_once():
+    mib = 2 ** 20
+
+    def step():
+        a = torch.ones(mib, dtype=torch.uint8)        # 1 MiB
+        b = torch.ones(3 * mib, dtype=torch.uint8)    # + 3 MiB held together: 4 MiB
+        del a, b
+        c = torch.ones(2 * mib, dtype=torch.uint8)    # 2 MiB alone: below the peak
+        del c
+
+    kept = torch.ones(8 * mib, dtype=torch.uint8)  # allocated before: not counted
+    peak = peak_memory_bytes(step, "cpu")
+    assert 4 * mib <= peak <= 4 * mib + 64 * 1024
+    assert kept.numel() == 8 * mib
+
+
+def test_settings_defaults_and_errors():
+    cpu, quick = settings_for("cpu"), settings_for("cpu", quick=True)
+    assert (cpu.batch, cpu.train_batch, cpu.amp, cpu.image_size) == (16, 8, False, 224)
+    assert quick.repeats < cpu.repeats and quick.warmup < cpu.warmup
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        settings_for("tpu")
+    with pytest.raises(ValueError, match="batch sizes, image size and repeats must be >= 1"):
+        settings_for("cpu", batch=0)
+    with pytest.raises(ValueError, match="unknown model"):
+        settings_for("cpu", model="asmlp_huge")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch.cuda.is_available"):
+            settings_for("cuda")
+
+
+def fake_results():
+    shift = [dict(stage=i, shape=[16, 96 * 2 ** i, 56 >> i, 56 >> i], memory_format="channels_last",
+                  ms=dict(clone=1.0, asmlp_min_w=1.2, asmlp_min_h=1.1 + i / 10, algorithm1_w=6.0, algorithm1_h=5.0),
+                  vs_clone=max(1.2, 1.1 + i / 10), speedup_vs_algorithm1=min(5.0, 5.0 / (1.1 + i / 10)))
+             for i in range(4)]
+    models = {name: dict(ms_per_batch=16e3 / ips, images_per_s=ips, gmacs=4.4, gflops=8.8 * ips,
+                         matmul_fraction=8.8 * ips / 200)
+              for name, ips in [("asmlp_min", 20.0), ("official configuration", 10.0), ("swin_t", 16.0),
+                                ("convnext_tiny", 25.0)]}
+    training = {"asmlp_min": dict(ms_per_step=800, images_per_s=10.0, peak_memory_mib=900.0),
+                "official configuration": dict(ms_per_step=1000, images_per_s=8.0, peak_memory_mib=1000.0)}
+    return dict(shift=shift, inference=dict(batch=16, models=models, matmul=dict(n=2048, dtype="float32", gflops=200),
+                                            compile_seconds=None),
+                training=dict(batch=8, models=training), settings=vars(BenchSettings()) | dict(model_kwargs={}),
+                device_name="x86_64", torch="2.x", threads=2, cpu_count=2, loadavg_before=[1.0, 1, 1],
+                loadavg_after=[1.5, 1, 1], seconds=42.0)
+
+
+def test_summarise_computes_each_target_ratio():
+    summary = summarise(fake_results())
+    r, t = summary["ratios"], summary["targets"]
+    assert r["inference_vs_official"] == 2.0 and r["inference_vs_swin_t"] == 1.25
+    assert r["inference_vs_convnext_tiny"] == 0.8 and r["training_vs_official"] == 1.25
+    assert r["training_memory_vs_official"] == 0.9 and r["shift_vs_clone_worst"] == pytest.approx(1.4)
+    assert r["matmul_fraction"] == pytest.approx(8.8 * 20 / 200)
+    assert r["shift_speedup_worst"] == pytest.approx(5.0 / 1.4)
+    met = {name: v["met"] for name, v in t.items()}
+    assert met == {
+        "shift <= 1.3x clone at every stage": False, "shift >= 4x faster than Algorithm 1 at every stage": False,
+        "inference >= 1.5x official configuration": True, "inference >= 1.4x swin_t": False,
+        "inference >= convnext_tiny": False, "inference >= 85% of matmul GFLOP/s": True,  # 176 of 200
+        "training step >= 1.3x official configuration": False, "training peak memory <= official configuration": True}
+
+
+def test_format_table_lists_every_candidate_and_target():
+    results = fake_results()
+    results.update(summarise(results))
+    table = format_table(results)
+    for text in ["| asmlp_min | 800 | 20.0 | 1.00x |", "| official configuration | 1600 | 10.0 | 2.00x |",
+                 "| swin_t |", "| convnext_tiny |", "| 3 | (16, 768, 7, 7) |", "matmul 2048x2048 float32",
+                 "load average 1.00 before, 1.50 after", "| inference >= 1.4x swin_t | 1.25 | no |",
+                 "| training peak memory <= official configuration | 0.90 | yes |"]:
+        assert text in table, text
+
+
+def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
+    settings = settings_for("cpu", quick=True, image_size=32, batch=2, train_batch=2, warmup=0, repeats=1,
+                            shift_repeats=1, peers=(), model_kwargs=dict(embed_dim=8, depths=(1, 1, 1, 1)))
+    results = run_bench(settings, progress=False)
+    assert [row["shape"] for row in results["shift"]] == [[2, 8, 8, 8], [2, 16, 4, 4], [2, 32, 2, 2], [2, 64, 1, 1]]
+    assert set(results["inference"]["models"]) == {"asmlp_min", "official configuration"}
+    assert set(results["training"]["models"]) == {"asmlp_min", "official configuration"}
+    assert results["training"]["models"]["asmlp_min"]["peak_memory_mib"] > 0
+    assert results["threads"] == torch.get_num_threads()
+    path = tmp_path / "out" / "bench.json"
+    write_json(results, path)
+    assert json.loads(path.read_text())["inference"]["batch"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary file left behind
+
+
+def test_cli_bench_passes_its_flags_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
+    seen = []
+
+    def fake_run(settings, progress=True):
+        seen.append(settings)
+        results = fake_results()
+        results.update(summarise(results))
+        return results
+
+    monkeypatch.setattr("asmlp_min.bench.run_bench", fake_run)
+    path = tmp_path / "b.json"
+    code = main(["bench", "--quick", "--no-peers", "--model=asmlp_small", "--image-size=32", "--batch=1",
+                 "--train-batch=2", "--repeats=5", f"--json={path}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "### Targets (issue 7)" in out and "| official configuration | 1600 | 10.0 | 2.00x |" in out
+    (settings,) = seen
+    assert (settings.model, settings.image_size, settings.batch, settings.train_batch) == ("asmlp_small", 32, 1, 2)
+    assert (settings.repeats, settings.warmup, settings.peers, settings.device) == (5, 1, (), "cpu")
+    assert json.loads(path.read_text())["inference"]["models"]["swin_t"]["images_per_s"] == 16.0
+
+
+def test_cli_bench_errors_are_one_line(capsys):
+    assert main(["bench", "--threads=0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device=cuda"]) == 2
+        assert "torch.cuda.is_available() is False" in capsys.readouterr().err

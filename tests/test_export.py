@@ -1,0 +1,81 @@
+"""Static graphs: torch.export of the classifier and the features model, FX tracing, torchvision's feature extractor."""
+import pytest
+import torch
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from asmlp_min.backbone import create_model
+from tests.test_block import randomise
+
+
+def tiny(**kwargs):
+    return randomise(create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), **kwargs)).eval()
+
+
+def test_export_classifier_runs_like_the_model():
+    model = tiny(num_classes=7)
+    x = torch.randn(2, 3, 64, 64)
+    program = torch.export.export(model, (x,))
+    exported = program.module()
+    other = torch.randn(2, 3, 64, 64)  # not the example input: the graph is general, not a recording of one call
+    for inp in (x, other):
+        torch.testing.assert_close(exported(inp), model(inp), rtol=1e-5, atol=1e-5)
+    assert len(program.graph_signature.parameters) == len(list(model.parameters()))
+
+
+def test_export_features_model_returns_the_four_maps():
+    model = tiny(features_only=True)
+    x = torch.randn(1, 3, 48, 80)
+    exported = torch.export.export(model, (x,)).module()
+    got, want = exported(x), model(x)
+    assert [tuple(f.shape) for f in got] == [(1, 16, 12, 20), (1, 32, 6, 10), (1, 64, 3, 5), (1, 128, 2, 3)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_export_at_an_odd_size_keeps_the_padding():
+    model = tiny(num_classes=3)
+    x = torch.randn(1, 3, 37, 50)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_symbolic_trace_of_the_whole_model():
+    model = tiny(num_classes=5)
+    traced = torch.fx.symbolic_trace(model)
+    called = {node.target.__name__ for node in traced.graph.nodes if node.op == "call_function"
+              and hasattr(node.target, "__name__")}
+    assert {"axial_shift", "pointwise_conv", "check_image_batch"} <= called  # kept as leaves
+    x = torch.randn(2, 3, 40, 40)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected 3 input channels"):
+        traced(torch.randn(1, 1, 32, 32))  # the input check still runs inside the traced graph
+
+
+EVAL_ONLY = pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing the model in eval mode")
+
+
+@EVAL_ONLY
+def test_create_feature_extractor_taps_stages_and_a_shift():
+    model = tiny(num_classes=5)
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert "layers.0.blocks.0.axial_shift.axial_shift" in eval_nodes  # the shift is a node of its own
+    extractor = create_feature_extractor(model, return_nodes={
+        "layers.0.blocks.0.axial_shift.axial_shift": "shifted_w", "layers.0": "stage0", "layers.3": "stage3",
+        "norm": "features", "head": "logits"})
+    x = torch.randn(2, 3, 64, 64)
+    out = extractor(x)
+    assert tuple(out["shifted_w"].shape) == (2, 16, 16, 16)
+    assert tuple(out["stage0"].shape) == (2, 32, 8, 8)  # stage 0 ends with its merge
+    assert tuple(out["stage3"].shape) == (2, 128, 2, 2)
+    torch.testing.assert_close(out["features"], model.forward_features(x), rtol=0, atol=0)
+    torch.testing.assert_close(out["logits"], model(x), rtol=0, atol=0)
+
+
+@EVAL_ONLY
+def test_create_feature_extractor_on_the_features_model():
+    model = tiny(features_only=True)
+    extractor = create_feature_extractor(model, return_nodes={f"norm{i}": f"p{i + 2}" for i in range(4)})
+    x = torch.randn(1, 3, 64, 64)
+    out = extractor(x)
+    assert list(out) == ["p2", "p3", "p4", "p5"]
+    for got, want in zip(out.values(), model(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
