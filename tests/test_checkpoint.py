@@ -107,6 +107,7 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the hand-made pickle
 def test_a_pickle_that_runs_code_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "tampered.pth"
