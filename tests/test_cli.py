@@ -129,3 +129,22 @@ def test_unknown_model_is_rejected_by_argparse(capsys):
         main(["train", "--model=asmlp_huge"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'asmlp_huge'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report_and_a_rerun_reuses_data_and_runs(tmp_path, capsys):
+    out, data = tmp_path / "demo", tmp_path / "data"
+    assert main(["demo", "--quick", f"--output={out}", f"--data-root={data}"]) == 0
+    report = (out / "report.md").read_text()
+    for needle in ("top-1", "box AP", "mIoU", "| asmlp_tiny | 28.3M | 28M |", "figures/axial_shift.png"):
+        assert needle in report
+    for name in ("axial_shift", "curves", "predictions_cls", "predictions_det", "predictions_seg"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    stamps = {p: p.stat().st_mtime_ns for p in data.rglob("*.png")}
+    checkpoints = {p: p.read_bytes() for p in out.glob("*/checkpoint.pt")}
+    assert len(checkpoints) == 3 and len(stamps) > 0
+    capsys.readouterr()
+    assert main(["demo", "--quick", f"--output={out}", f"--data-root={data}"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*.png")} == stamps      # data not rewritten
+    assert all(p.read_bytes() == b for p, b in checkpoints.items())              # finished runs not retrained
+    assert "nothing to do" in capsys.readouterr().out
