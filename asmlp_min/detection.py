@@ -200,10 +200,10 @@ def assign_targets(points: Tensor, strides: Tensor, regress_ranges: Tensor, boxe
     ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=-1)  # (P, N, 4)
     inside = ltrb.min(dim=-1).values > 0
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2                                            # (N, 2)
-    reach = center_sampling_radius * strides[:, None]                                      # (P, 1)
-    near_centre = ((x - centres[:, 0]).abs() < reach) & ((y - centres[:, 1]).abs() < reach)
-    reach_max = ltrb.max(dim=-1).values
-    right_level = (reach_max > regress_ranges[:, 0, None]) & (reach_max <= regress_ranges[:, 1, None])
+    radius = center_sampling_radius * strides[:, None]                                     # (P, 1) pixels
+    near_centre = ((x - centres[:, 0]).abs() < radius) & ((y - centres[:, 1]).abs() < radius)
+    max_distance = ltrb.max(dim=-1).values
+    right_level = (max_distance > regress_ranges[:, 0, None]) & (max_distance <= regress_ranges[:, 1, None])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])                      # (N,)
     cost = torch.where(inside & near_centre & right_level, areas, torch.full_like(areas, math.inf))
     best_cost, best = cost.min(dim=1)
@@ -374,9 +374,10 @@ class SimpleFPNDetector(nn.Module):
         batch, sizes, original_sizes, targets = self.preprocess(images, targets)
         levels = self.head(self.fpn(self.backbone(batch)))
         shapes = [cls.shape[-2:] for cls, _, _ in levels]
-        cls_logits = torch.cat([rearrange(c, "b k h w -> b (h w) k") for c, _, _ in levels], dim=1)
-        ltrb = torch.cat([rearrange(d, "b f h w -> b (h w) f") for _, d, _ in levels], dim=1)
-        ctr_logits = torch.cat([rearrange(c, "b 1 h w -> b (h w)") for _, _, c in levels], dim=1)
+        # losses and NMS in float32 even under autocast (bf16 GIoU and sigmoids lose small boxes)
+        cls_logits = torch.cat([rearrange(c, "b k h w -> b (h w) k") for c, _, _ in levels], dim=1).float()
+        ltrb = torch.cat([rearrange(d, "b f h w -> b (h w) f") for _, d, _ in levels], dim=1).float()
+        ctr_logits = torch.cat([rearrange(c, "b 1 h w -> b (h w)") for _, _, c in levels], dim=1).float()
         points = torch.cat([level_points(h, w, s, batch.device) for (h, w), s in zip(shapes, self.strides)])
         if self.training:
             return self.losses(cls_logits, ltrb, ctr_logits, points, shapes, targets)
