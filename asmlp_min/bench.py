@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import json
 import os
 import platform
@@ -37,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .backbone import ASMLP, MODEL_CONFIGS, create_model
-from .block import AxialShiftMix, Conv1x1
+from .backbone import ASMLP, MODEL_CONFIGS, PatchMerging, create_model, pad_to_multiple
+from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU
 from .complexity import count_gmacs, stage_resolutions
 from .shift import axial_shift, reference_shift
 
@@ -98,25 +97,73 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
 
 
 # ---------------------------------------------------------------- the official configuration
+# Twins of our modules with the same parameters, whose forward is the official code's: NCHW tensors (no
+# channels_last conversion at the stem), nn.Conv2d 1x1 convs, the Algorithm 1 shift, a concatenating merge, and
+# out-of-place GELU and sums (ours work in place during inference).
 
-def algorithm1_shift(shift_size: int, z: Tensor, dim: int) -> Tensor:
-    return reference_shift(z, shift_size, dim)
+class OfficialAxialShiftMix(AxialShiftMix):
+    def shift(self, z: Tensor, dim: int) -> Tensor:
+        return reference_shift(z, self.shift_size, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.actn(self.norm1(self.conv1(x)))
+        z_lr = self.actn(self.conv2_1(self.shift(z, -1)))
+        if self.connection == "parallel":
+            return self.conv3(self.norm2(z_lr + self.actn(self.conv2_2(self.shift(z, -2)))))
+        return self.conv3(self.norm2(self.actn(self.conv2_2(self.shift(z_lr, -2)))))
+
+
+class OfficialASMLPBlock(ASMLPBlock):
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.axial_shift(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class OfficialPatchMerging(PatchMerging):
+    def forward(self, x: Tensor) -> Tensor:
+        x = pad_to_multiple(x, 2)
+        x = torch.cat([x[..., 0::2, 0::2], x[..., 1::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 1::2]], dim=1)
+        return self.reduction(self.norm(x))
+
+
+def _official_twin(module: nn.Module) -> nn.Module | None:
+    """The official-style replacement of one of our modules (same parameters), or None to keep it."""
+    if isinstance(module, ASMLPBlock) and not isinstance(module, OfficialASMLPBlock):
+        mix, mlp = module.axial_shift, module.mlp
+        if mix.dilation != 1 or mix.padding != "zeros":
+            raise ValueError("the official code has no dilation and only zero padding: build the model with the "
+                             "default shift options to compare it with the official configuration")
+        return OfficialASMLPBlock(module.norm1.num_channels, mix.shift_size, mlp.fc1.out_channels / mlp.fc1.in_channels,
+                                  module.drop_path.p, mlp.drop.p, connection=mix.connection)
+    if isinstance(module, AxialShiftMix) and not isinstance(module, OfficialAxialShiftMix):
+        return OfficialAxialShiftMix(module.conv1.in_channels, module.shift_size, connection=module.connection,
+                                     bias=module.conv1.bias is not None)
+    if isinstance(module, PatchMerging) and not isinstance(module, OfficialPatchMerging):
+        return OfficialPatchMerging(module.reduction.in_channels // 4)
+    if isinstance(module, Conv1x1):
+        return nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+    if isinstance(module, GELU):
+        return nn.GELU()
+    return None
 
 
 def official_configuration(model: ASMLP) -> ASMLP:
-    """A copy of ``model`` (same weights) run the way the official code runs it: NCHW activations,
-    ``nn.Conv2d`` for every 1x1 conv and the Algorithm 1 shift. The baseline for speed and memory."""
+    """A copy of ``model`` with the same weights, run the way the official code runs it (see the twins above).
+    The speed and memory baseline of ``asmlp-min bench``; its outputs equal ours up to float rounding."""
     official = copy.deepcopy(model)
     official.fast_layout = False
-    for module in list(official.modules()):
-        if isinstance(module, AxialShiftMix):
-            module.shift = functools.partial(algorithm1_shift, module.shift_size)  # shadows the method
-        for name, child in module.named_children():
-            if isinstance(child, Conv1x1):
-                plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
-                plain.load_state_dict(child.state_dict())
-                setattr(module, name, plain.to(child.weight.device))
+    _swap_in_twins(official, next(model.parameters()).device)
     return official
+
+
+def _swap_in_twins(parent: nn.Module, device: torch.device) -> None:
+    for name, child in list(parent.named_children()):
+        twin = _official_twin(child)
+        if twin is not None:
+            twin.load_state_dict(child.state_dict())
+            child = twin.to(device).train(child.training)
+            setattr(parent, name, child)
+        _swap_in_twins(child, device)  # also reaches the modules inside a new twin
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -359,9 +406,16 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux
+        return platform.processor() or platform.machine()
+
+
 def _environment(settings: BenchSettings) -> dict:
-    device_name = torch.cuda.get_device_name() if settings.device == "cuda" else (platform.processor() or
-                                                                                 platform.machine())
+    device_name = torch.cuda.get_device_name() if settings.device == "cuda" else _cpu_name()
     return dict(settings=asdict(settings), torch=torch.__version__, device_name=device_name,
                 threads=torch.get_num_threads(), cpu_count=os.cpu_count(), python=platform.python_version())
 

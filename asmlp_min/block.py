@@ -39,6 +39,35 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.conv2d(x, weight, bias)
 
 
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout and the autograd mode
+def gelu(x: Tensor) -> Tensor:
+    """GELU, exactly. Two CPU speed-ups that change no value:
+
+    * a channels_last ``x`` is passed as the (b, h, w, c) view in which it is contiguous: PyTorch's GELU kernels
+      (forward and backward) run about 1.6x slower on the channels_last (b, c, h, w) view of the same memory;
+    * without autograd (inference) ``x``, a fresh intermediate, is overwritten: no new tensor, which spares
+      mapping fresh pages for the 4c-wide hidden layer of every block.
+    """
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    values = x.permute(0, 2, 3, 1) if channels_last else x
+    values = F.gelu(values) if torch.is_grad_enabled() else torch.ops.aten.gelu_(values)
+    return values.permute(0, 3, 1, 2) if channels_last else values
+
+
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the autograd mode
+def add(x: Tensor, fresh: Tensor) -> Tensor:
+    """``x + fresh``; without autograd the sum is written into ``fresh``, an intermediate nobody else holds.
+    Bit-identical either way (float addition commutes)."""
+    return x + fresh if torch.is_grad_enabled() else fresh.add_(x)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` run by :func:`gelu` (in place during inference)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
+
+
 class Conv1x1(nn.Conv2d):
     """An ``nn.Conv2d`` with a 1x1 kernel (official parameter names and shapes) run by :func:`pointwise_conv`."""
 
@@ -75,7 +104,7 @@ class AxialShiftMix(nn.Module):
         self.conv2_2 = conv1x1(dim, dim, bias)  # after the top-down (h) shift
         self.norm2 = norm_layer(dim)
         self.conv3 = conv1x1(dim, dim, bias)
-        self.actn = nn.GELU()
+        self.actn = GELU()
 
     def shift(self, z: Tensor, dim: int) -> Tensor:
         return axial_shift(z, self.shift_size, dim, self.dilation, self.padding)
@@ -85,7 +114,7 @@ class AxialShiftMix(nn.Module):
         z_lr = self.actn(self.conv2_1(self.shift(z, -1)))
         if self.connection == "parallel":
             z_td = self.actn(self.conv2_2(self.shift(z, -2)))
-            mixed = z_lr + z_td                                # Eq. 3: the two axes are summed
+            mixed = add(z_td, z_lr)                            # Eq. 3: the two axes are summed
         else:
             mixed = self.actn(self.conv2_2(self.shift(z_lr, -2)))
         return self.conv3(self.norm2(mixed))
@@ -98,7 +127,7 @@ class Mlp(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.fc1 = conv1x1(dim, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = conv1x1(hidden, dim)
         self.drop = nn.Dropout(drop)
 
@@ -141,5 +170,5 @@ class ASMLPBlock(nn.Module):
         self.mlp = Mlp(dim, mlp_ratio, drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.axial_shift(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = add(x, self.drop_path(self.axial_shift(self.norm1(x))))
+        return add(x, self.drop_path(self.mlp(self.norm2(x))))

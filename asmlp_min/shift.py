@@ -63,8 +63,9 @@ def _zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int) 
         keep_to, keep_from = max(offset, 0), max(-offset, 0)
         if m:
             dst.narrow(dim, keep_to, m).copy_(src.narrow(dim, keep_from, m))
-        vacated = (0, min(offset, n)) if offset > 0 else (m, n - m)
-        dst.narrow(dim, *vacated).zero_()
+        if offset:  # the centre group vacates nothing
+            vacated = (0, min(offset, n)) if offset > 0 else (m, n - m)
+            dst.narrow(dim, *vacated).zero_()
     return out
 
 
@@ -103,7 +104,9 @@ def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding
     check_shift_args(shift_size, dilation, padding)
     axis = _spatial_dim(x, dim)
     if padding == "zeros":
-        return _ZeroShift.apply(x, shift_size, axis, dilation)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _ZeroShift.apply(x, shift_size, axis, dilation)
+        return _zero_shift(x, shift_size, axis, dilation, sign=1)  # inference: skip autograd.Function's overhead
     return _padded_shift(x, shift_size, axis, dilation, padding)
 
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from asmlp_min.backbone import create_model, pad_to_multiple, to_fast_layout
-from asmlp_min.bench import (BenchSettings, format_table, official_configuration, peak_memory_bytes, run_bench,
-                             settings_for, summarise, time_in_turns, write_json)
+from asmlp_min.bench import (BenchSettings, OfficialASMLPBlock, OfficialAxialShiftMix, OfficialPatchMerging, format_table,
+                             official_configuration, peak_memory_bytes, run_bench, settings_for, summarise,
+                             time_in_turns, write_json)
 from asmlp_min.block import AxialShiftMix, Conv1x1, pointwise_conv
 from asmlp_min.cli import main
 from asmlp_min.shift import axial_shift
@@ -99,6 +100,10 @@ def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weigh
     official = official_configuration(model)
     assert not official.fast_layout and model.fast_layout
     assert not any(isinstance(m, Conv1x1) for m in official.modules())
+    assert sum(isinstance(m, OfficialAxialShiftMix) for m in official.modules()) == 5
+    assert sum(isinstance(m, OfficialASMLPBlock) for m in official.modules()) == 5
+    assert sum(type(m) is torch.nn.GELU for m in official.modules()) == 10  # out of place, as the official code
+    assert sum(isinstance(m, OfficialPatchMerging) for m in official.modules()) == 3
     assert sum(isinstance(m, Conv1x1) for m in model.modules()) == 5 * 6 + 3  # the original is untouched
     sd, sd_off = model.state_dict(), official.state_dict()
     assert list(sd) == list(sd_off) and all(torch.equal(sd[k], sd_off[k]) for k in sd)
