@@ -32,7 +32,8 @@ def _depths(text: str) -> tuple[int, ...]:
     try:
         depths = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block counts such as 2,2,6,2, got {text!r}") from None
+        message = f"expected comma-separated block counts such as 2,2,6,2, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
     if not depths or min(depths) < 1:
         raise argparse.ArgumentTypeError(f"every stage needs at least one block, got {text!r}")
     return depths
@@ -71,7 +72,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help=f"length of the schedule (default: {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"images per process and step; global batch = batch-size x "
                                                   f"processes x accum-steps (default: {d.batch_size})")
-    g.add_argument("--accum-steps", type=int, help="micro-batches per optimiser step (gradient accumulation, default 1)")
+    g.add_argument("--accum-steps", type=int,
+                   help="micro-batches per optimiser step (gradient accumulation, default 1)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default: {per_task('lr')}; paper: cls 1e-3 at "
                                             "batch 1024, det 1e-4 and seg 6e-5 at batch 16 from ImageNet weights)")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {per_task('weight_decay')})")

@@ -383,7 +383,8 @@ def build_data(cfg: TrainConfig, with_train: bool = True) -> TaskData:
     root = Path(cfg.data)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {cfg.data!r}: no such folder (use --data shapes for the built-in data)")
-    return {"cls": _folder_cls, "det": _folder_det, "seg": _folder_seg}[cfg.task](root, cfg, train_tf, val_tf, with_train)
+    folder = {"cls": _folder_cls, "det": _folder_det, "seg": _folder_seg}[cfg.task]
+    return folder(root, cfg, train_tf, val_tf, with_train)
 
 
 def _shapes_data(cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
@@ -463,7 +464,9 @@ def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head
         net = create_model(model, num_classes=num_classes, **backbone_kwargs)
         if pretrained:
             from .checkpoint import load_official_checkpoint
-            load_official_checkpoint(net, pretrained, strict=False, skip_head=True)
+            report = load_official_checkpoint(net, pretrained, strict=False, skip_head=True)
+            if report.mismatched or not report.loaded:  # another variant or not a backbone at all
+                raise CheckpointError(f"--pretrained {pretrained} does not fit {model} with these settings:\n{report}")
         return net
     if task == "det":
         from .detection import SimpleFPNDetector

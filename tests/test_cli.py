@@ -74,7 +74,8 @@ def test_resume_reuses_the_checkpoint_settings(runs, tmp_path, capsys):
 
 
 def test_evaluate_prints_and_writes_metrics(runs, tmp_path, capsys):
-    assert main(["evaluate", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), "--json", str(tmp_path / "m.json")]) == 0
+    checkpoint = str(runs / "cls" / "checkpoint.pt")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert f"top1       {metrics['top1']:.4f}" in out

@@ -249,3 +249,14 @@ def test_bad_settings_raise_before_training(tmp_path):
         Trainer(tiny(tmp_path, data=str(tmp_path / "missing")), log=quiet)
     with pytest.raises(ValueError, match="mixup/cutmix apply to classification only"):
         Trainer(tiny(tmp_path, task="seg"), log=quiet)
+
+
+def test_pretrained_backbone_is_loaded_and_a_mismatch_refused(tmp_path):
+    trainer = Trainer(tiny(tmp_path, epochs=1), log=quiet)
+    trainer.fit()
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    net = build_model("cls", "asmlp_tiny", 5, pretrained=path, embed_dim=8, depths=(1, 1, 1, 1))  # new 5-class head
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items() if not k.startswith("head."))
+    with pytest.raises(CheckpointError, match="does not fit asmlp_tiny"):
+        build_model("cls", "asmlp_tiny", 3, pretrained=path, embed_dim=16, depths=(1, 1, 1, 1))
