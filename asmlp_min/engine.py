@@ -467,6 +467,7 @@ def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head
             report = load_official_checkpoint(net, pretrained, strict=False, skip_head=True)
             if report.mismatched or not report.loaded:  # another variant or not a backbone at all
                 raise CheckpointError(f"--pretrained {pretrained} does not fit {model} with these settings:\n{report}")
+            net.backbone_load_report = report  # as the detector and segmenter keep theirs
         return net
     if task == "det":
         from .detection import SimpleFPNDetector
@@ -715,6 +716,11 @@ class Trainer:
         seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = model if model is not None else build_model(
             cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, cfg.pretrained, **cfg.backbone_kwargs())
+        report = getattr(self.model, "backbone_load_report", None)
+        if report is not None and checkpoint is None and self.env.rank == 0:
+            self.log(f"--pretrained {cfg.pretrained}: {len(report.loaded)} backbone tensors loaded"
+                     + (f", {len(report.missing)} new ({', '.join(report.missing[:4])}"
+                        f"{', ...' if len(report.missing) > 4 else ''})" if report.missing else ""))
         self.model.to(self.env.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -260,3 +260,13 @@ def test_pretrained_backbone_is_loaded_and_a_mismatch_refused(tmp_path):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items() if not k.startswith("head."))
     with pytest.raises(CheckpointError, match="does not fit asmlp_tiny"):
         build_model("cls", "asmlp_tiny", 3, pretrained=path, embed_dim=16, depths=(1, 1, 1, 1))
+
+
+def test_trainer_reports_what_pretrained_loaded(tmp_path):
+    Trainer(tiny(tmp_path, epochs=1), log=quiet).fit()
+    lines = []
+    Trainer(tiny(tmp_path, output=str(tmp_path / "second"), pretrained=str(tmp_path / "run" / "checkpoint.pt")),
+            log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    n_backbone = sum(1 for k in build_model("cls", "asmlp_tiny", 3, embed_dim=8, depths=(1, 1, 1, 1)).state_dict()
+                     if not k.startswith("head."))
+    assert any(f"{n_backbone} backbone tensors loaded" in line for line in lines), lines
