@@ -88,7 +88,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed")
     g.add_argument("--device", help="auto (cuda when available), cpu or cuda (default: auto)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA (default: off)")
+                   help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA (default: off; "
+                        "on a CPU without bfloat16 units, AVX512-BF16 or AMX, it is many times slower)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="NHWC memory format for model and images (often faster on GPUs; default: off)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0, load in the main process)")
