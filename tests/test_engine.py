@@ -125,9 +125,10 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path):
         if len(calls) == 6:
             os.kill(os.getpid(), signal.SIGINT)
     handle = trainer.model.register_forward_hook(press_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a shell's background job
     trainer.fit()                                              # returns instead of raising KeyboardInterrupt
     handle.remove()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler was removed
+    assert signal.getsignal(signal.SIGINT) == before           # our handler was removed, the caller's restored
     saved = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pt")
     assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 1, 5)
     resumed = Trainer(tiny(tmp_path, "interrupted"), resume=tmp_path / "interrupted" / "checkpoint.pt", log=quiet)
