@@ -146,3 +146,15 @@ def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
         for key in report.loaded:
             target[key].copy_(source[key])
     return report
+
+
+def load_backbone_checkpoint(model: nn.Module, checkpoint, skip_head: bool = False,
+                             name: str = "this backbone") -> LoadReport:
+    """``load_official_checkpoint(strict=False)`` for pretrained backbones: missing keys are fine (new heads or
+    per-stage norms), but a checkpoint that matches nothing, or has tensors of the wrong shape (another variant),
+    raises :class:`CheckpointError` naming ``name``."""
+    report = load_official_checkpoint(model, checkpoint, strict=False, skip_head=skip_head)
+    if report.mismatched or not report.loaded:
+        raise CheckpointError(f"backbone checkpoint does not fit {name}:\n{report}\n"
+                              "Check the variant (tiny/small/base) and settings such as embed_dim.")
+    return report

@@ -35,7 +35,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .backbone import ASMLP, MODEL_CONFIGS, create_model
-from .checkpoint import CheckpointError, LoadReport, load_official_checkpoint
+from .checkpoint import LoadReport, load_backbone_checkpoint
 from .fpn import FPN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the official backbones were trained with
@@ -67,10 +67,7 @@ def load_backbone_weights(backbone: ASMLP, checkpoint: str | os.PathLike | dict)
     other missing keys are reported with a warning. A checkpoint that matches nothing, or has tensors of
     the wrong shape (another variant), raises ``CheckpointError``.
     """
-    report = load_official_checkpoint(backbone, checkpoint, strict=False)
-    if report.mismatched or not report.loaded:
-        raise CheckpointError(f"backbone checkpoint does not fit this backbone:\n{report}\n"
-                              "Check the variant (tiny/small/base) and backbone kwargs such as embed_dim.")
+    report = load_backbone_checkpoint(backbone, checkpoint)
     surprising = [k for k in report.missing if not k.startswith("norm")]
     if surprising:
         warnings.warn(f"backbone checkpoint lacks {len(surprising)} tensors, left at their random init: "

@@ -463,11 +463,9 @@ def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head
     if task == "cls":
         net = create_model(model, num_classes=num_classes, **backbone_kwargs)
         if pretrained:
-            from .checkpoint import load_official_checkpoint
-            report = load_official_checkpoint(net, pretrained, strict=False, skip_head=True)
-            if report.mismatched or not report.loaded:  # another variant or not a backbone at all
-                raise CheckpointError(f"--pretrained {pretrained} does not fit {model} with these settings:\n{report}")
-            net.backbone_load_report = report  # as the detector and segmenter keep theirs
+            from .checkpoint import load_backbone_checkpoint
+            # kept on the model, as the detector and segmenter keep theirs
+            net.backbone_load_report = load_backbone_checkpoint(net, pretrained, skip_head=True, name=model)
         return net
     if task == "det":
         from .detection import SimpleFPNDetector
@@ -717,7 +715,7 @@ class Trainer:
         self.model = model if model is not None else build_model(
             cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, cfg.pretrained, **cfg.backbone_kwargs())
         report = getattr(self.model, "backbone_load_report", None)
-        if report is not None and checkpoint is None and self.env.rank == 0:
+        if report is not None and checkpoint is None:  # self.log is silent on ranks other than 0
             self.log(f"--pretrained {cfg.pretrained}: {len(report.loaded)} backbone tensors loaded"
                      + (f", {len(report.missing)} new ({', '.join(report.missing[:4])}"
                         f"{', ...' if len(report.missing) > 4 else ''})" if report.missing else ""))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import MODEL_CONFIGS, create_model
-from .checkpoint import CheckpointError, LoadReport, load_official_checkpoint
+from .checkpoint import LoadReport, load_backbone_checkpoint
 
 # Paper Table (../shared/PAPER.md Sec. 7): UperNet + auxiliary head, 150 ADE20K classes, parameters in millions.
 PAPER_PARAMS = {"asmlp_tiny": 60, "asmlp_small": 81, "asmlp_base": 121}
@@ -199,11 +199,7 @@ class SemanticSegmenter(nn.Module):
         Missing keys are expected (an ImageNet checkpoint has no ``norm0..3``); a checkpoint that matches
         nothing or has tensors of the wrong shape (another variant) raises ``CheckpointError``.
         """
-        report = load_official_checkpoint(self.backbone, checkpoint, strict=False)
-        if report.mismatched or not report.loaded:
-            raise CheckpointError(f"backbone checkpoint does not fit this backbone:\n{report}\n"
-                                  "Check the variant (tiny/small/base) and backbone_kwargs such as embed_dim.")
-        return report
+        return load_backbone_checkpoint(self.backbone, checkpoint)
 
     def forward(self, images: Tensor, masks: Tensor | None = None) -> Tensor | dict[str, Tensor]:
         """(b, 3, H, W) -> logits (b, K, H, W); with masks (b, H, W) -> {"loss_seg", "loss_aux"} (weighted)."""
