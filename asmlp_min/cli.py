@@ -82,6 +82,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up length in epochs (default: {d.warmup_epochs})")
     g.add_argument("--clip-grad", type=float, help=f"max gradient norm, 0 = off (default: {per_task('clip_grad')})")
     g.add_argument("--label-smoothing", type=float, help=f"cls: label smoothing (default: {d.label_smoothing})")
+    g.add_argument("--class-weight", help="seg: per-class loss weights, 'balanced' (sqrt(n_max / n_c) from the "
+                                          "training masks' pixel counts) or one number per class, e.g. 1,4.8,4.2,6.1 "
+                                          "(default: none, plain cross-entropy as in the paper)")
     g.add_argument("--mixup", type=float, help="cls: mixup alpha, 0 = off (paper: 0.8)")
     g.add_argument("--cutmix", type=float, help="cls: cutmix alpha, 0 = off (paper: 1.0)")
     g.add_argument("--seed", type=int, help=f"seed of weights, data order and augmentation (default: {d.seed})")

@@ -91,6 +91,7 @@ class TrainConfig:
     clip_grad: float | None = None
     drop_path: float | None = None
     label_smoothing: float = 0.1
+    class_weight: str | None = None
     mixup: float = 0.0
     cutmix: float = 0.0
     amp: bool = False
@@ -142,6 +143,11 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
         if (cfg.mixup or cfg.cutmix) and cfg.task != "cls":
             raise ValueError("mixup/cutmix apply to classification only")
+        if cfg.class_weight is not None:
+            if cfg.task != "seg":
+                raise ValueError("class_weight applies to segmentation only")
+            if cfg.class_weight != "balanced":
+                _parse_class_weight(cfg.class_weight)
         if cfg.stop_at_epoch is not None and not 1 <= cfg.stop_at_epoch <= cfg.epochs:
             raise ValueError(f"stop_at_epoch must be in [1, epochs={cfg.epochs}], got {cfg.stop_at_epoch}")
         return cfg
@@ -160,6 +166,17 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if k == "depths" and v is not None else v for k, v in values.items() if k in names})
+
+
+def _parse_class_weight(text: str) -> list[float]:
+    try:
+        weights = [float(v) for v in text.split(",")]
+    except ValueError:
+        weights = []
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"class_weight must be 'balanced' or positive numbers separated by commas, one per class "
+                         f"(e.g. 1,4.8,4.2,6.1), got {text!r}")
+    return weights
 
 
 # Fields that must match for --resume: they define the model and the data order.
@@ -719,6 +736,8 @@ class Trainer:
             self.log(f"--pretrained {cfg.pretrained}: {len(report.loaded)} backbone tensors loaded"
                      + (f", {len(report.missing)} new ({', '.join(report.missing[:4])}"
                         f"{', ...' if len(report.missing) > 4 else ''})" if report.missing else ""))
+        if cfg.class_weight is not None:
+            self.model.set_class_weight(self._class_weight())
         self.model.to(self.env.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -750,6 +769,21 @@ class Trainer:
         self._stopping = False         # agreed by all ranks: stop after this optimiser step
 
     # -- pieces -------------------------------------------------------------------------------------
+
+    def _class_weight(self) -> list[float]:
+        """--class-weight as numbers: given, or 'balanced' from the training masks' pixel counts."""
+        from .segmentation import balanced_class_weights, class_pixel_counts
+        if self.cfg.class_weight == "balanced":
+            counts = class_pixel_counts(self.data.train, self.cfg.num_classes)
+            weights = balanced_class_weights(counts).tolist()
+            share = ", ".join(f"{c / counts.sum():.1%}" for c in counts.tolist())
+            self.log(f"class_weight balanced: pixel shares {share} -> weights "
+                     f"{', '.join(f'{w:.2f}' for w in weights)}")
+            return weights
+        weights = _parse_class_weight(self.cfg.class_weight)
+        if len(weights) != self.cfg.num_classes:
+            raise ValueError(f"--class-weight gives {len(weights)} weights for {self.cfg.num_classes} classes")
+        return weights
 
     def autocast(self):
         return _autocast(self.env.device, self.cfg.amp)

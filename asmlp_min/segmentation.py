@@ -137,16 +137,47 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(self.convs(x)))
 
 
-def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255) -> Tensor:
+def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255,
+                      class_weight: Tensor | None = None) -> Tensor:
     """Pixel-wise cross-entropy averaged over the pixels that are not ``ignore_index``.
 
     logits (b, K, h, w) at any resolution are up-sampled to the masks' (b, H, W) first, as mmseg does.
+    class_weight (K,): pixel i counts w[y_i] times, loss = sum_i w[y_i] CE_i / sum_i w[y_i] (torch's weighted mean).
     A batch with no labelled pixel gives a loss of 0 (not NaN) that still back-propagates.
     """
     logits = resize(logits, masks.shape[-2:]) if logits.shape[-2:] != masks.shape[-2:] else logits
     if not (masks != ignore_index).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, masks, ignore_index=ignore_index)
+    return F.cross_entropy(logits, masks, weight=class_weight, ignore_index=ignore_index)
+
+
+def class_pixel_counts(dataset, num_classes: int, ignore_index: int = 255, max_images: int = 500) -> Tensor:
+    """(num_classes,) int64 labelled pixels per class over ``max_images`` evenly spaced ``(image, mask)`` items."""
+    n = len(dataset)
+    indices = sorted({i * n // min(n, max_images) for i in range(min(n, max_images))})
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for i in indices:
+        mask = torch.as_tensor(dataset[i][1]).flatten()
+        mask = mask[mask != ignore_index].long()
+        if mask.numel() and (mask.min() < 0 or mask.max() >= num_classes):
+            raise ValueError(f"item {i}: mask values must be in [0, {num_classes}) or {ignore_index}, "
+                             f"got {mask.min().item()}..{mask.max().item()}")
+        counts += torch.bincount(mask, minlength=num_classes)
+    return counts
+
+
+def balanced_class_weights(pixel_counts: Tensor) -> Tensor:
+    """(K,) pixel counts -> (K,) float32 loss weights w_c = sqrt(n_max / n_c); absent classes get 1.
+
+    The most frequent class (on shapes: the background, 89% of pixels) keeps weight 1 and a class 36x rarer gets 6.
+    Without it a small model first learns "everything is background" and a rare class whose logit falls
+    behind the background's on every pixel gets no argmax at all (IoU 0) long after it is recognisable.
+    """
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    if counts.ndim != 1 or (counts < 0).any() or counts.max() <= 0:
+        raise ValueError(f"pixel_counts must be a 1-d tensor of counts >= 0 with some pixels, got {pixel_counts}")
+    weights = (counts.max() / counts.clamp(min=1)).sqrt()
+    return torch.where(counts > 0, weights, torch.ones_like(weights)).float()
 
 
 class SemanticSegmenter(nn.Module):
@@ -161,7 +192,8 @@ class SemanticSegmenter(nn.Module):
     ``backbone``: a variant name; ``backbone_kwargs`` override its config (e.g. ``embed_dim=16, depths=(1,1,1,1)``)
     on top of the mmseg segmentation defaults in ``SEG_BACKBONE_DEFAULTS``. ``channels``/``aux_channels`` shrink
     the heads for small experiments (paper: 512 / 256). ``pretrained_backbone``: path or dict, loaded into the
-    ``features_only`` backbone with ``strict=False`` (report in ``backbone_load_report``).
+    ``features_only`` backbone with ``strict=False`` (report in ``backbone_load_report``). ``class_weight``: (K,)
+    loss weights, e.g. ``balanced_class_weights(class_pixel_counts(train_set, K))``; kept out of the state_dict.
     """
 
     def __init__(self, backbone: str = "asmlp_tiny", num_classes: int = 150,
@@ -169,7 +201,8 @@ class SemanticSegmenter(nn.Module):
                  channels: int = 512, aux_channels: int = 256, pool_scales: tuple[int, ...] = (1, 2, 3, 6),
                  dropout: float = 0.1, aux_weight: float = 0.4, aux_index: int = 2, ignore_index: int = 255,
                  inference: str = "whole", crop_size: int | tuple[int, int] = 512,
-                 stride: int | tuple[int, int] = 341, **backbone_kwargs):
+                 stride: int | tuple[int, int] = 341, class_weight: Tensor | list[float] | None = None,
+                 **backbone_kwargs):
         super().__init__()
         if backbone not in MODEL_CONFIGS:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(MODEL_CONFIGS)}")
@@ -189,6 +222,8 @@ class SemanticSegmenter(nn.Module):
             raise ValueError(f"aux_index must be a stage index in [0, {len(in_channels) - 1}], got {aux_index}")
         self.aux_index = aux_index
         self.auxiliary_head = FCNHead(in_channels[aux_index], aux_channels, num_classes, dropout) if aux else None
+        self.register_buffer("class_weight", None, persistent=False)  # not in state_dict: mmseg keys stay exact
+        self.set_class_weight(class_weight)
         self.backbone_load_report: LoadReport | None = None
         if pretrained_backbone is not None:
             self.backbone_load_report = self.load_backbone(pretrained_backbone)
@@ -201,6 +236,17 @@ class SemanticSegmenter(nn.Module):
         """
         return load_backbone_checkpoint(self.backbone, checkpoint)
 
+    def set_class_weight(self, class_weight: Tensor | list[float] | None) -> None:
+        """Per-class loss weights (num_classes,) > 0, or None for plain cross-entropy (mmseg ``class_weight``)."""
+        if class_weight is not None:
+            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
+            if class_weight.shape != (self.num_classes,) or not (class_weight > 0).all():
+                raise ValueError(f"class_weight must hold {self.num_classes} positive numbers, one per class, "
+                                 f"got {class_weight.tolist()}")
+            device = next(self.parameters()).device
+            class_weight = class_weight.to(device)
+        self.class_weight = class_weight
+
     def forward(self, images: Tensor, masks: Tensor | None = None) -> Tensor | dict[str, Tensor]:
         """(b, 3, H, W) -> logits (b, K, H, W); with masks (b, H, W) -> {"loss_seg", "loss_aux"} (weighted)."""
         if masks is None:
@@ -209,10 +255,11 @@ class SemanticSegmenter(nn.Module):
             return self.forward_logits(images)
         _check_masks(images, masks)
         feats = self.backbone(images)
-        losses = {"loss_seg": segmentation_loss(self.decode_head(feats), masks, self.ignore_index)}
+        weight = self.class_weight
+        losses = {"loss_seg": segmentation_loss(self.decode_head(feats), masks, self.ignore_index, weight)}
         if self.training and self.auxiliary_head is not None:
             aux_logits = self.auxiliary_head(feats[self.aux_index])
-            losses["loss_aux"] = self.aux_weight * segmentation_loss(aux_logits, masks, self.ignore_index)
+            losses["loss_aux"] = self.aux_weight * segmentation_loss(aux_logits, masks, self.ignore_index, weight)
         return losses
 
     def forward_logits(self, images: Tensor) -> Tensor:

@@ -252,6 +252,26 @@ def test_bad_settings_raise_before_training(tmp_path):
         Trainer(tiny(tmp_path, task="seg"), log=quiet)
 
 
+def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
+    seg = dict(task="seg", mixup=0.0, cutmix=0.0, train_size=16, val_size=4, batch_size=4, epochs=1)
+    lines = []
+    trainer = Trainer(tiny(tmp_path, class_weight="balanced", **seg), log=lines.append)
+    counts = torch.zeros(4, dtype=torch.int64)
+    for i in range(16):
+        counts += torch.bincount(trainer.data.train[i][1].flatten(), minlength=4)
+    expected = (counts.max() / counts).sqrt().float()
+    torch.testing.assert_close(trainer.model.class_weight, expected)
+    assert any(line.startswith("class_weight balanced: pixel shares") for line in lines)
+    given = Trainer(tiny(tmp_path, name="given", class_weight="1,2,3,4", **seg), log=quiet)
+    assert given.model.class_weight.tolist() == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="gives 2 weights for 4 classes"):
+        Trainer(tiny(tmp_path, name="short", class_weight="1,2", **seg), log=quiet)
+    with pytest.raises(ValueError, match="'balanced' or positive numbers"):
+        Trainer(tiny(tmp_path, name="bad", class_weight="1,-2,3,4", **seg), log=quiet)
+    with pytest.raises(ValueError, match="segmentation only"):
+        Trainer(tiny(tmp_path, name="cls", class_weight="balanced"), log=quiet)
+
+
 def test_pretrained_backbone_is_loaded_and_a_mismatch_refused(tmp_path):
     trainer = Trainer(tiny(tmp_path, epochs=1), log=quiet)
     trainer.fit()

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from asmlp_min.backbone import create_model
 from asmlp_min.checkpoint import CheckpointError
-from asmlp_min.segmentation import ConvBNReLU, SemanticSegmenter, UperHead, segmentation_loss
+from asmlp_min.segmentation import (ConvBNReLU, SemanticSegmenter, UperHead, balanced_class_weights,
+                                    class_pixel_counts, segmentation_loss)
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -90,6 +91,53 @@ def test_ignored_pixels_contribute_no_loss():
     changed = logits.detach().clone()
     changed[ignored] = 100.0  # whatever the model says on ignored pixels does not matter
     torch.testing.assert_close(segmentation_loss(changed, masks), expected.detach())
+
+
+def test_class_weighted_loss_is_the_weighted_mean_over_labelled_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 6)
+    masks = torch.randint(0, 3, (2, 5, 6))
+    masks[0, :2] = 255
+    w = torch.tensor([1.0, 3.0, 0.5])
+    log_p = torch.log_softmax(logits, 1)
+    pixels = (masks != 255).nonzero().tolist()
+    terms = torch.stack([-w[masks[b, i, j]] * log_p[b, masks[b, i, j], i, j] for b, i, j in pixels])
+    expected = terms.sum() / torch.stack([w[masks[b, i, j]] for b, i, j in pixels]).sum()
+    torch.testing.assert_close(segmentation_loss(logits, masks, class_weight=w), expected)
+    assert not torch.allclose(segmentation_loss(logits, masks), expected)  # the weights change the loss
+
+
+def test_balanced_class_weights_are_sqrt_of_frequency_ratio():
+    weights = balanced_class_weights(torch.tensor([900, 100, 25, 0]))
+    torch.testing.assert_close(weights, torch.tensor([1.0, 3.0, 6.0, 1.0]))  # sqrt(900/100), sqrt(900/25); absent: 1
+    with pytest.raises(ValueError, match="counts >= 0 with some pixels"):
+        balanced_class_weights(torch.zeros(3))
+
+
+def test_class_pixel_counts_skip_ignored_pixels_and_reject_bad_labels():
+    masks = [torch.tensor([[0, 0, 1], [255, 2, 2]]), torch.tensor([[0, 255, 255], [1, 1, 1]])]
+    data = [(None, m) for m in masks]
+    assert class_pixel_counts(data, 3).tolist() == [3, 4, 2]
+    assert class_pixel_counts(data, 3, max_images=1).tolist() == [2, 1, 2]
+    with pytest.raises(ValueError, match=r"mask values must be in \[0, 2\)"):
+        class_pixel_counts(data, 2)
+
+
+def test_class_weight_reaches_both_heads_and_stays_out_of_the_state_dict():
+    model = tiny(num_classes=3)
+    x, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    torch.manual_seed(1)
+    plain = model(x, masks)
+    model.set_class_weight([1.0, 5.0, 2.0])
+    torch.manual_seed(1)
+    weighted = model(x, masks)
+    assert all(not torch.allclose(plain[k], weighted[k]) for k in ("loss_seg", "loss_aux"))
+    assert "class_weight" not in model.state_dict()
+    SemanticSegmenter("asmlp_tiny", num_classes=3, **TINY).load_state_dict(model.state_dict())  # strict: same keys
+    with pytest.raises(ValueError, match="3 positive numbers, one per class"):
+        model.set_class_weight([1.0, 2.0])
+    with pytest.raises(ValueError, match="3 positive numbers"):
+        model.set_class_weight([1.0, 0.0, 2.0])
 
 
 def test_all_ignored_batch_gives_zero_loss_not_nan():
