@@ -11,6 +11,7 @@ from .data import (ADE20KSegmentation, CocoDetection, ImageFolderClassification,
 from .detection import SimpleFPNDetector, build_maskrcnn
 from .fpn import FPN
 from .metrics import SegmentationMeter, coco_evaluate, topk_accuracy
+from .runtime import keep_freed_memory
 from .segmentation import FCNHead, SemanticSegmenter, UperHead
 from .shift import AxialShift, axial_shift
 

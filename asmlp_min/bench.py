@@ -39,6 +39,7 @@ from tqdm import tqdm
 from .backbone import ASMLP, MODEL_CONFIGS, PatchMerging, create_model, pad_to_multiple
 from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU
 from .complexity import count_gmacs, stage_resolutions
+from .runtime import freed_memory_kept
 from .shift import axial_shift, reference_shift
 
 # The issue's targets (issue 7): name -> (json path of the ratio, threshold, "min" = ratio must be >= threshold).
@@ -417,7 +418,8 @@ def _cpu_name() -> str:
 def _environment(settings: BenchSettings) -> dict:
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else _cpu_name()
     return dict(settings=asdict(settings), torch=torch.__version__, device_name=device_name,
-                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), python=platform.python_version())
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), python=platform.python_version(),
+                freed_memory_kept=freed_memory_kept())
 
 
 # ---------------------------------------------------------------- output
@@ -434,7 +436,9 @@ def format_table(results: dict) -> str:
         f"{'fp16 autocast' if s['amp'] else 'fp32'}; median of {s['repeats']} rounds "
         f"({s['shift_repeats']} for the shift) after {s['warmup']} warm-up rounds, candidates timed in turns"
         + (f"; load average {load[0]:.2f} before, {results['loadavg_after'][0]:.2f} after" if load else "")
-        + f"; {results['seconds']:.0f} s in all.",
+        + f"; {results['seconds']:.0f} s in all. "
+        + ("malloc keeps freed memory for reuse (asmlp_min.runtime), for every candidate alike."
+           if results.get("freed_memory_kept") else "malloc at its defaults (asmlp_min.runtime not applied)."),
         "",
         f"### Shift ({results['shift'][0]['memory_format']}), ms per call",
         "",
