@@ -119,6 +119,17 @@ def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
     With ``strict=False`` the matching tensors are loaded and the rest reported, e.g. an ImageNet
     checkpoint into a ``features_only`` backbone (``norm0..3`` missing, ``norm``/``head`` unexpected).
     """
+    report, source = _match(model, checkpoint, skip_head)
+    if strict and not report.ok:
+        raise CheckpointError(f"checkpoint does not match {type(model).__name__} (strict=True):\n{report}\n"
+                              "Check the variant (tiny/small/base) and features_only; pass skip_head=True for a "
+                              "head of another size, or strict=False to load what matches.")
+    _copy_loaded(model, source, report)
+    return report
+
+
+def _match(model: nn.Module, checkpoint, skip_head: bool) -> tuple[LoadReport, dict]:
+    """Compare a checkpoint with ``model.state_dict()`` key by key; nothing is copied yet."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = load_checkpoint(checkpoint)
     if not isinstance(checkpoint, dict):
@@ -138,14 +149,14 @@ def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
         else:
             report.loaded.append(key)
     report.unexpected = [k for k in source if k not in target and k not in report.skipped]
-    if strict and not report.ok:
-        raise CheckpointError(f"checkpoint does not match {type(model).__name__} (strict=True):\n{report}\n"
-                              "Check the variant (tiny/small/base) and features_only; pass skip_head=True for a "
-                              "head of another size, or strict=False to load what matches.")
+    return report, source
+
+
+def _copy_loaded(model: nn.Module, source: dict, report: LoadReport) -> None:
+    target = model.state_dict()
     with torch.no_grad():
         for key in report.loaded:
             target[key].copy_(source[key])
-    return report
 
 
 def load_backbone_checkpoint(model: nn.Module, checkpoint, skip_head: bool = False,
@@ -153,8 +164,9 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint, skip_head: bool = Fal
     """``load_official_checkpoint(strict=False)`` for pretrained backbones: missing keys are fine (new heads or
     per-stage norms), but a checkpoint that matches nothing, or has tensors of the wrong shape (another variant),
     raises :class:`CheckpointError` naming ``name``."""
-    report = load_official_checkpoint(model, checkpoint, strict=False, skip_head=skip_head)
-    if report.mismatched or not report.loaded:
+    report, source = _match(model, checkpoint, skip_head)
+    if report.mismatched or not report.loaded:  # refused before anything is copied: the model stays as it was
         raise CheckpointError(f"backbone checkpoint does not fit {name}:\n{report}\n"
                               "Check the variant (tiny/small/base) and settings such as embed_dim.")
+    _copy_loaded(model, source, report)
     return report

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from asmlp_min.backbone import create_model
-from asmlp_min.checkpoint import (CheckpointError, load_checkpoint, load_official_checkpoint, save_checkpoint)
+from asmlp_min.checkpoint import (CheckpointError, load_backbone_checkpoint, load_checkpoint, load_official_checkpoint,
+                                  save_checkpoint)
 
 
 def tiny(**kwargs):
@@ -62,6 +63,18 @@ def test_mismatched_keys_raise_with_a_report_and_leave_the_model_untouched():
         load_official_checkpoint(model, renamed)
     assert "layers.0.blocks.0.axial_shift.conv2_1.weight" in str(err.value)
     assert "layers.0.blocks.0.axial_shift.conv_w.weight" in str(err.value)
+
+
+def test_refused_backbone_checkpoint_copies_nothing():
+    model = tiny(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = tiny(num_classes=10, shift_size=3).state_dict()        # same shapes: every tensor would load ...
+    other["layers.3.blocks.0.mlp.fc2.weight"] = torch.zeros(64, 7, 1, 1)  # ... but one has the wrong shape
+    with pytest.raises(CheckpointError, match="does not fit the tiny model"):
+        load_backbone_checkpoint(model, other, name="the tiny model")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no partial load
+    report = load_backbone_checkpoint(model, tiny(num_classes=10, shift_size=3).state_dict())
+    assert report.loaded and not torch.equal(before["patch_embed.proj.weight"], model.patch_embed.proj.weight)
 
 
 def test_skip_head_for_fine_tuning():
