@@ -39,7 +39,7 @@ from tqdm import tqdm
 from .backbone import ASMLP, MODEL_CONFIGS, PatchMerging, create_model, pad_to_multiple
 from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU
 from .complexity import count_gmacs, stage_resolutions
-from .runtime import freed_memory_kept
+from .runtime import freed_memory_kept, keep_freed_memory
 from .shift import axial_shift, reference_shift
 
 # The issue's targets (issue 7): name -> (json path of the ratio, threshold, "min" = ratio must be >= threshold).
@@ -437,8 +437,8 @@ def format_table(results: dict) -> str:
         f"({s['shift_repeats']} for the shift) after {s['warmup']} warm-up rounds, candidates timed in turns"
         + (f"; load average {load[0]:.2f} before, {results['loadavg_after'][0]:.2f} after" if load else "")
         + f"; {results['seconds']:.0f} s in all. "
-        + ("malloc keeps freed memory for reuse (asmlp_min.runtime), for every candidate alike."
-           if results.get("freed_memory_kept") else "malloc at its defaults (asmlp_min.runtime not applied)."),
+        + ("malloc keeps freed memory for reuse (--keep-freed-memory), for every candidate alike."
+           if results.get("freed_memory_kept") else "malloc at its defaults."),
         "",
         f"### Shift ({results['shift'][0]['memory_format']}), ms per call",
         "",
@@ -529,6 +529,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(asmlp_min); compilation takes minutes on a small CPU")
     parser.add_argument("--no-peers", action="store_true", help="skip torchvision's swin_t and convnext_tiny")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run every candidate with asmlp_min.keep_freed_memory() (glibc keeps freed memory for "
+                             "reuse: no page faults for re-allocated activations), to see what allocation costs")
     parser.set_defaults(func=bench_command)
     return parser
 
@@ -543,6 +546,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.no_peers:
         overrides["peers"] = ()
     settings = settings_for(args.device, args.quick, model=args.model, compile=args.compile, **overrides)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise ValueError("--keep-freed-memory needs glibc's malloc (Linux); this platform has another")
     results = run_bench(settings)
     print(format_table(results))
     if args.json:

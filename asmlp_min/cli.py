@@ -314,9 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .engine import NonFiniteLossError
-    from .runtime import keep_freed_memory
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # no page faults for re-allocated activations (asmlp_min/runtime.py); results unchanged
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes (CheckpointError included)

@@ -264,6 +264,18 @@ def test_cli_bench_passes_its_flags_prints_the_table_and_writes_json(tmp_path, c
     assert json.loads(path.read_text())["inference"]["models"]["swin_t"]["images_per_s"] == 16.0
 
 
+def test_cli_bench_keep_freed_memory_flag_applies_the_setting(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr("asmlp_min.bench.keep_freed_memory", lambda: calls.append(1) or True)
+    results = {**fake_results(), **summarise(fake_results())}
+    monkeypatch.setattr("asmlp_min.bench.run_bench", lambda settings, progress=True: results)
+    assert main(["bench", "--quick"]) == 0 and calls == []
+    assert main(["bench", "--quick", "--keep-freed-memory"]) == 0 and calls == [1]
+    monkeypatch.setattr("asmlp_min.bench.keep_freed_memory", lambda: False)
+    assert main(["bench", "--keep-freed-memory"]) == 2
+    assert "needs glibc's malloc" in capsys.readouterr().err
+
+
 def test_cli_bench_errors_are_one_line(capsys):
     assert main(["bench", "--threads=0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
