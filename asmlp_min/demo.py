@@ -263,9 +263,9 @@ def render_report(results: dict[str, Trainer], figures: dict[str, str], total_s:
               "see `asmlp_min/demo.py`). Classification scenes hold one shape of 40-80 px (before resizing to 64), "
               "detection and segmentation scenes one to four of 16-52 px. AP is COCO box AP (IoU 0.50:0.95); mIoU "
               "counts the background as a class (4 classes); segmentation weighs each pixel's loss by its class "
-              "(`--class-weight balanced`: sqrt(background pixels / class pixels)). Chance is 33% top-1. These numbers show that the "
-              "pipeline learns in minutes on a CPU, not how AS-MLP compares with other models: the paper trains "
-              "300 ImageNet epochs before detection and segmentation.", ""]
+              "(`--class-weight balanced`: sqrt(background pixels / class pixels)). Chance is 33% top-1. "
+              "These numbers show that the pipeline learns in minutes on a CPU, not how AS-MLP compares with other "
+              "models: the paper trains 300 ImageNet epochs before detection and segmentation.", ""]
     lines += complexity_table()
     lines += ["", "## Figures", ""]
     captions = {"shift": "The axial shift, the operation AS-MLP is built on",
