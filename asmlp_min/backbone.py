@@ -51,8 +51,9 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 
 @torch.fx.wrap  # a leaf for FX tracing: it branches on the device
 def to_fast_layout(x: Tensor) -> Tensor:
-    """channels_last on CPU, where it makes every 1x1 conv one GEMM (block.pointwise_conv); NCHW elsewhere,
-    because CUDA's GroupNorm reads only NCHW and would copy a channels_last tensor in and out of every norm."""
+    """channels_last on CPU, where it makes every 1x1 conv one GEMM (block.pointwise_conv); NCHW elsewhere.
+    On an H200, channels_last AS-MLP-T ran fp16 inference no faster (4037 vs 4116 images/s), fp16 training slower
+    (724 vs 775) and fp32 inference much slower (2837 vs 4192: its GEMMs run in full fp32, cuDNN's convs in TF32)."""
     layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
     return x.contiguous(memory_format=layout)
 

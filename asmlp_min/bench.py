@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .backbone import ASMLP, MODEL_CONFIGS, PatchMerging, create_model, pad_to_multiple
-from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU
+from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU, GroupNorm1
 from .complexity import count_gmacs, stage_resolutions
 from .runtime import freed_memory_kept, keep_freed_memory
 from .shift import axial_shift, reference_shift
@@ -82,7 +82,8 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
     values = dict(device=device)
     if device == "cuda":
-        values.update(batch=64, train_batch=64, amp=True, matmul_size=8192)
+        # a GPU idles at a low clock: more warm-up rounds (each is milliseconds) let it reach its working clock
+        values.update(batch=64, train_batch=64, amp=True, matmul_size=8192, warmup=10, repeats=20)
     if quick:
         values.update(warmup=1, repeats=3, shift_repeats=10)
     values.update(overrides)
@@ -99,8 +100,8 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
 
 # ---------------------------------------------------------------- the official configuration
 # Twins of our modules with the same parameters, whose forward is the official code's: NCHW tensors (no
-# channels_last conversion at the stem), nn.Conv2d 1x1 convs, the Algorithm 1 shift, a concatenating merge, and
-# out-of-place GELU and sums (ours work in place during inference).
+# channels_last conversion at the stem), nn.Conv2d 1x1 convs, nn.GroupNorm, the Algorithm 1 shift, a concatenating
+# merge, and out-of-place GELU and sums (ours work in place during inference).
 
 class OfficialAxialShiftMix(AxialShiftMix):
     def shift(self, z: Tensor, dim: int) -> Tensor:
@@ -141,6 +142,8 @@ def _official_twin(module: nn.Module) -> nn.Module | None:
                                      bias=module.conv1.bias is not None)
     if isinstance(module, PatchMerging) and not isinstance(module, OfficialPatchMerging):
         return OfficialPatchMerging(module.reduction.in_channels // 4)
+    if isinstance(module, GroupNorm1):
+        return nn.GroupNorm(1, module.num_channels, module.eps)
     if isinstance(module, Conv1x1):
         return nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
     if isinstance(module, GELU):
@@ -522,7 +525,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         help="1 warm-up round and 3 timed rounds (under a minute on 2 CPU cores; noisier)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, reported)")
-    parser.add_argument("--repeats", type=int, help="timed rounds per table (default: 10, --quick 3)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per table (default: cpu 10, cuda 20; --quick 3)")
     parser.add_argument("--batch", type=int, help="inference and shift batch (default: cpu 16, cuda 64)")
     parser.add_argument("--train-batch", type=int, help="training-step batch (default: cpu 8, cuda 64)")
     parser.add_argument("--image-size", type=int, help="square input side (default: 224)")
