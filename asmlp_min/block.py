@@ -36,9 +36,14 @@ def group_norm_1(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     fp16 inference time on an H200, and this path raised asmlp-min bench's inference there from 3769 / 3726 to
     3942 / 3916 images/s (two runs each). With autograd its backward (several kernels) was slower than the native
     one (775 vs 1170 training images/s) and kept 13% more memory, and on CPU its reduction is 5x slower than the
-    native kernel: both use ``F.group_norm``.
+    native kernel: both use ``F.group_norm``. One exception: PyTorch 2.11's CPU group_norm backward crashes
+    (segmentation fault) on a channels_last input that needs no gradient when the weights do, which is the first
+    norm after frozen stages (``frozen_stages`` in detection); that norm takes :func:`var_mean_group_norm` too.
     """
     if x.is_cuda and not torch.is_grad_enabled():
+        return var_mean_group_norm(x, weight, bias, eps)
+    if (torch.is_grad_enabled() and weight.requires_grad and not x.requires_grad and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return var_mean_group_norm(x, weight, bias, eps)
     return F.group_norm(x, 1, weight, bias, eps)
 

@@ -134,3 +134,18 @@ def test_var_mean_group_norm_keeps_float32_statistics_for_bfloat16_input():
     want = F.group_norm(x.double(), 1, weight.double(), bias.double(), 1e-5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, want.bfloat16())
+
+
+def test_norm_after_a_frozen_part_trains_its_weights():
+    """A channels_last input without gradient into a norm whose weights train (the first norm after frozen stages):
+    PyTorch 2.11's CPU group_norm backward crashed here. The gradients equal those of the NCHW computation."""
+    torch.manual_seed(0)
+    norm = randomise(GroupNorm1(16))
+    x = torch.randn(2, 16, 5, 6)
+    grad = torch.randn_like(x)
+    norm(x.contiguous(memory_format=torch.channels_last)).backward(grad)
+    got = norm.weight.grad.clone(), norm.bias.grad.clone()
+    norm.zero_grad()
+    F.group_norm(x, 1, norm.weight, norm.bias, norm.eps).backward(grad)
+    torch.testing.assert_close(got[0], norm.weight.grad)
+    torch.testing.assert_close(got[1], norm.bias.grad)
