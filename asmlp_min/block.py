@@ -40,10 +40,11 @@ def group_norm_1(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     (segmentation fault) on a channels_last input that needs no gradient when the weights do, which is the first
     norm after frozen stages (``frozen_stages`` in detection); that norm takes :func:`var_mean_group_norm` too.
     """
-    if x.is_cuda and not torch.is_grad_enabled():
-        return var_mean_group_norm(x, weight, bias, eps)
-    if (torch.is_grad_enabled() and weight.requires_grad and not x.requires_grad and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)):
+    grad = torch.is_grad_enabled()
+    gpu_inference = x.is_cuda and not grad
+    after_frozen = (grad and weight.requires_grad and not x.requires_grad and not x.is_contiguous()
+                    and x.is_contiguous(memory_format=torch.channels_last))
+    if gpu_inference or after_frozen:
         return var_mean_group_norm(x, weight, bias, eps)
     return F.group_norm(x, 1, weight, bias, eps)
 

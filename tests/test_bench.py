@@ -117,13 +117,12 @@ def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weigh
     assert seen == [True]  # NCHW inside
 
 
-@pytest.mark.parametrize("size", [(64, 64), (50, 71)])
-def test_fast_model_equals_official_configuration_forward_and_backward(size):
-    """Logits within 1e-5 and every parameter gradient within float32 rounding, odd sizes included."""
+def assert_fast_model_equals_official_configuration(size, device="cpu"):
+    """Logits within 1e-5 and every parameter gradient within float32 rounding (tests/test_cuda.py too)."""
     torch.manual_seed(0)
-    model = randomise(tiny(num_classes=10, drop_path_rate=0.0)).train()
+    model = randomise(tiny(num_classes=10, drop_path_rate=0.0)).to(device).train()
     official = official_configuration(model)
-    x = torch.randn(2, 3, *size)
+    x = torch.randn(2, 3, *size, device=device)
     logits, want = model(x), official(x)
     assert (logits - want).abs().max().item() <= 1e-5
     grad = torch.randn_like(want)
@@ -131,6 +130,12 @@ def test_fast_model_equals_official_configuration_forward_and_backward(size):
     want.backward(grad)
     for (name, p), p_off in zip(model.named_parameters(), official.parameters()):
         torch.testing.assert_close(p.grad, p_off.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 71)])
+def test_fast_model_equals_official_configuration_forward_and_backward(size):
+    """Odd sizes included."""
+    assert_fast_model_equals_official_configuration(size)
 
 
 def test_fast_features_equal_official_configuration():

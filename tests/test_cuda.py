@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from asmlp_min.backbone import create_model
-from asmlp_min.bench import official_configuration
 from asmlp_min.block import GroupNorm1
 from asmlp_min.detection import SimpleFPNDetector
 from asmlp_min.engine import Trainer, TrainConfig, load_trained
 from asmlp_min.segmentation import SemanticSegmenter
 from asmlp_min.shift import axial_shift
+from tests.test_bench import assert_fast_model_equals_official_configuration
 from tests.test_block import randomise
 from tests.test_shift import algorithm1
 
@@ -95,18 +95,7 @@ def test_asmlp_t_on_cuda_gives_the_cpu_logits(features_only):
 
 
 def test_fast_model_equals_official_configuration_on_cuda_forward_and_backward():
-    torch.manual_seed(0)
-    model = randomise(create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 2, 1), num_classes=10,
-                                   drop_path_rate=0.0)).to(CUDA).train()
-    official = official_configuration(model)
-    x = torch.randn(2, 3, 50, 71, device=CUDA)
-    logits, want = model(x), official(x)
-    assert (logits - want).abs().max().item() <= 1e-5
-    grad = torch.randn_like(want)
-    logits.backward(grad)
-    want.backward(grad)
-    for (name, p), p_off in zip(model.named_parameters(), official.parameters()):
-        torch.testing.assert_close(p.grad, p_off.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_fast_model_equals_official_configuration((50, 71), CUDA)
 
 
 def test_fp16_autocast_follows_the_float32_logits():
