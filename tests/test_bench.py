@@ -59,6 +59,10 @@ def test_pointwise_conv_on_channels_last_is_conv2d(bias):
     assert out.is_contiguous(memory_format=CL)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv(x), want, rtol=0, atol=0)  # NCHW input takes F.conv2d itself
+    with torch.no_grad():  # inference on channels_last: oneDNN's conv, layout kept
+        out_inference = conv(x_cl)
+    assert out_inference.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out_inference, want, rtol=1e-5, atol=1e-5)
     grad_out = torch.randn_like(want)
     grads = torch.autograd.grad(out, [x_cl, conv.weight], grad_out)
     x_ref = x.clone().requires_grad_()
