@@ -58,6 +58,26 @@ def to_fast_layout(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=layout)
 
 
+PIECE_BYTES = 16 * 2**20
+
+
+def inference_pieces(x: Tensor, hidden: int) -> int:
+    """Into how many pieces CPU inference cuts a batch so that each piece's MLP hidden layer (b, hidden, h, w)
+    holds at most 16 MiB; 1 (no cut) with autograd, on other devices, and while FX or torch.export traces.
+
+    Every block treats the images of a batch independently (GroupNorm(1, c) normalises each image on its own),
+    so pieces give the same result. They are faster because glibc's malloc serves blocks above 32 MiB with
+    fresh ``mmap`` pages that the kernel zero-fills on first touch, every time: AS-MLP-T's stage-0 hidden
+    layer is 77 MiB at batch 16. Cutting stages 0-2 into 5, 3 and 2 pieces made batch-16 inference 1.13x
+    faster on 2 cores (paired rounds; whole batch 1385 ms, pieces 1247 ms).
+    """
+    if (isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.is_grad_enabled()
+            or x.device.type != "cpu"):
+        return 1
+    b, _, h, w = x.shape
+    return min(b, -(-b * hidden * h * w * x.element_size() // PIECE_BYTES))
+
+
 @torch.fx.wrap  # a leaf for FX tracing (create_feature_extractor): its checks look at Python types and shapes
 def check_image_batch(x: Tensor, in_chans: int) -> None:
     if not isinstance(x, Tensor):
@@ -124,6 +144,13 @@ class ASMLPStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward_blocks(self, x: Tensor) -> Tensor:
+        """(b, c, h, w) -> (b, c, h, w) through the blocks; CPU inference runs them on pieces of the batch."""
+        pieces = inference_pieces(x, self.blocks[0].mlp.fc1.out_channels) if self.blocks else 1
+        if pieces > 1:
+            return torch.cat([self.run_blocks(piece) for piece in x.tensor_split(pieces)])
+        return self.run_blocks(x)
+
+    def run_blocks(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
         return x

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .backbone import ASMLP, MODEL_CONFIGS, PatchMerging, create_model, pad_to_multiple
+from .backbone import ASMLP, MODEL_CONFIGS, ASMLPStage, PatchMerging, create_model, pad_to_multiple
 from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU, GroupNorm1
 from .complexity import count_gmacs, stage_resolutions
 from .runtime import freed_memory_kept, keep_freed_memory
@@ -101,7 +101,8 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
 # ---------------------------------------------------------------- the official configuration
 # Twins of our modules with the same parameters, whose forward is the official code's: NCHW tensors (no
 # channels_last conversion at the stem), nn.Conv2d 1x1 convs, nn.GroupNorm, the Algorithm 1 shift, a concatenating
-# merge, and out-of-place GELU and sums (ours work in place during inference).
+# merge, out-of-place GELU and sums (ours work in place during inference), and the whole batch through every
+# stage (ours cuts it into pieces during CPU inference).
 
 class OfficialAxialShiftMix(AxialShiftMix):
     def shift(self, z: Tensor, dim: int) -> Tensor:
@@ -119,6 +120,11 @@ class OfficialASMLPBlock(ASMLPBlock):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.axial_shift(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class OfficialASMLPStage(ASMLPStage):
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        return self.run_blocks(x)  # the whole batch at once
 
 
 class OfficialPatchMerging(PatchMerging):
@@ -140,6 +146,13 @@ def _official_twin(module: nn.Module) -> nn.Module | None:
     if isinstance(module, AxialShiftMix) and not isinstance(module, OfficialAxialShiftMix):
         return OfficialAxialShiftMix(module.conv1.in_channels, module.shift_size, connection=module.connection,
                                      bias=module.conv1.bias is not None)
+    if isinstance(module, ASMLPStage) and not isinstance(module, OfficialASMLPStage):
+        first = module.blocks[0]
+        return OfficialASMLPStage(first.norm1.num_channels, len(module.blocks), first.axial_shift.shift_size,
+                                  [block.drop_path.p for block in module.blocks], module.downsample is not None,
+                                  first.mlp.fc1.out_channels / first.mlp.fc1.in_channels, drop=first.mlp.drop.p,
+                                  dilation=first.axial_shift.dilation, padding=first.axial_shift.padding,
+                                  connection=first.axial_shift.connection)  # the block twins check these
     if isinstance(module, PatchMerging) and not isinstance(module, OfficialPatchMerging):
         return OfficialPatchMerging(module.reduction.in_channels // 4)
     if isinstance(module, GroupNorm1):

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from asmlp_min.backbone import create_model, pad_to_multiple, to_fast_layout
-from asmlp_min.bench import (BenchSettings, OfficialASMLPBlock, OfficialAxialShiftMix, OfficialPatchMerging, format_table,
+from asmlp_min import backbone
+from asmlp_min.bench import (BenchSettings, OfficialASMLPBlock, OfficialASMLPStage, OfficialAxialShiftMix,
+                             OfficialPatchMerging, format_table,
                              official_configuration, peak_memory_bytes, run_bench, settings_for, summarise,
                              time_in_turns, write_json)
 from asmlp_min.block import AxialShiftMix, Conv1x1, pointwise_conv
@@ -108,6 +110,7 @@ def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weigh
     assert sum(isinstance(m, OfficialASMLPBlock) for m in official.modules()) == 5
     assert sum(type(m) is torch.nn.GELU for m in official.modules()) == 10  # out of place, as the official code
     assert sum(isinstance(m, OfficialPatchMerging) for m in official.modules()) == 3
+    assert sum(isinstance(m, OfficialASMLPStage) for m in official.modules()) == 4
     assert sum(isinstance(m, Conv1x1) for m in model.modules()) == 5 * 6 + 3  # the original is untouched
     sd, sd_off = model.state_dict(), official.state_dict()
     assert list(sd) == list(sd_off) and all(torch.equal(sd[k], sd_off[k]) for k in sd)
@@ -119,6 +122,23 @@ def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weigh
         lambda module, args: seen.append(args[0].is_contiguous()))
     official(torch.randn(1, 3, 32, 32))
     assert seen == [True]  # NCHW inside
+
+
+def test_official_configuration_runs_the_whole_batch_where_ours_cuts_it(monkeypatch):
+    model = randomise(tiny(num_classes=10)).eval()
+    official = official_configuration(model)
+    monkeypatch.setattr(backbone, "PIECE_BYTES", 2 * 64 * 16 * 16 * 4)  # two images of stage 0's hidden layer
+    batches = []
+    run_blocks = backbone.ASMLPStage.run_blocks
+    monkeypatch.setattr(backbone.ASMLPStage, "run_blocks", lambda stage, x: batches.append(len(x)) or run_blocks(stage, x))
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(x)
+        assert batches[:3] == [2, 2, 1] and sum(batches) == 4 * 5  # stage 0 in three pieces
+        batches.clear()
+        theirs = official(x)
+    assert batches == [5, 5, 5, 5]
+    assert (ours - theirs).abs().max().item() <= 1e-5
 
 
 def assert_fast_model_equals_official_configuration(size, device="cpu"):
