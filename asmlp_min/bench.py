@@ -12,7 +12,8 @@ CUDA: batch 64 with fp16 autocast):
 * inference: images/s in eval mode without autograd: asmlp_min vs the *official configuration* (the same
   weights run the way the official code runs them: NCHW tensors, ``nn.Conv2d`` 1x1 convs, Algorithm 1)
   vs ``torchvision.models.swin_t`` and ``convnext_tiny``. A square fp32 matmul is timed in the same rounds:
-  achieved GFLOP/s (2 x GMACs x images/s) over its GFLOP/s is how close a model gets to the hardware.
+  achieved GFLOP/s (2 x GMACs x images/s) over its GFLOP/s is how close a model gets to the hardware. On CPU,
+  the page faults of one more call of each model show what allocating fresh memory costs it.
 * training: images/s of one SGD step (forward, cross-entropy, backward, update) and its peak memory, for
   asmlp_min vs the official configuration.
 """
@@ -190,6 +191,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def page_faults(fn: Callable[[], object]) -> int | None:
+    """Minor page faults of this process during one call of ``fn``: fresh pages the kernel maps and zero-fills,
+    which is what allocating a large tensor anew costs. None where the platform does not count them (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def time_in_turns(candidates: dict[str, Callable[[], object]], warmup: int, repeats: int, device: str = "cpu",
                   progress: tqdm | None = None) -> dict[str, list[float]]:
     """Seconds per call of each candidate, measured round-robin: every round calls each candidate once."""
@@ -323,6 +336,7 @@ def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
             candidates["asmlp_min + torch.compile"]()  # the first call compiles; not part of any timing
             compile_s = time.perf_counter() - start
         times = time_in_turns(candidates, settings.warmup, settings.repeats, device, progress)
+        faults = {name: page_faults(fn) if device == "cpu" else None for name, fn in candidates.items()}
     seconds = {name: statistics.median(t) for name, t in times.items()}
     matmul_gflops = 2 * n ** 3 / seconds.pop("matmul") / 1e9
     result = dict(batch=settings.batch, matmul=dict(n=n, dtype=str(mm_dtype).split(".")[-1], gflops=matmul_gflops),
@@ -331,7 +345,8 @@ def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
         images_per_s = settings.batch / s
         gflops = 2 * gmacs[name] * images_per_s
         result["models"][name] = dict(ms_per_batch=1e3 * s, images_per_s=images_per_s, gmacs=gmacs[name],
-                                      gflops=gflops, matmul_fraction=gflops / matmul_gflops)
+                                      gflops=gflops, matmul_fraction=gflops / matmul_gflops,
+                                      page_faults=faults[name])
     return result
 
 
@@ -472,15 +487,19 @@ def format_table(results: dict) -> str:
         "",
         f"### Inference, batch {inf['batch']}, eval, no autograd",
         "",
-        "| model | ms / batch | images/s | asmlp_min speed-up | GMACs | GFLOP/s | of matmul |",
-        "|---|---|---|---|---|---|---|",
+        "| model | ms / batch | images/s | asmlp_min speed-up | GMACs | GFLOP/s | of matmul | page faults / batch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in inf["models"].items():
+        faults = m.get("page_faults")
         lines.append(f"| {name} | {m['ms_per_batch']:.0f} | {m['images_per_s']:.1f} | "
                      f"{ours / m['images_per_s']:.2f}x | {m['gmacs']:.2f} | {m['gflops']:.0f} | "
-                     f"{100 * m['matmul_fraction']:.0f}% |")
+                     f"{100 * m['matmul_fraction']:.0f}% | {'n/a' if faults is None else f'{faults:,}'} |")
     mm = inf["matmul"]
-    lines.append(f"| matmul {mm['n']}x{mm['n']} {mm['dtype']} (same rounds) | | | | | {mm['gflops']:.0f} | 100% |")
+    lines.append(f"| matmul {mm['n']}x{mm['n']} {mm['dtype']} (same rounds) | | | | | {mm['gflops']:.0f} | 100% | |")
+    if any(m.get("page_faults") is not None for m in inf["models"].values()):
+        lines += ["", "Page faults: fresh memory pages the kernel mapped and zero-filled during one more call of each "
+                      "model after the timed rounds (getrusage)."]
     if inf.get("compile_seconds") is not None:
         lines += ["", f"torch.compile took {inf['compile_seconds']:.0f} s before timing (not included)."]
     tr = results["training"]

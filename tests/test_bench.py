@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asmlp_min.backbone import create_model, pad_to_multiple, to_fast_layout
 from asmlp_min import backbone
+from asmlp_min.backbone import create_model, pad_to_multiple, to_fast_layout
 from asmlp_min.bench import (BenchSettings, OfficialASMLPBlock, OfficialASMLPStage, OfficialAxialShiftMix,
-                             OfficialPatchMerging, format_table,
-                             official_configuration, peak_memory_bytes, run_bench, settings_for, summarise,
-                             time_in_turns, write_json)
+                             OfficialPatchMerging, format_table, official_configuration, page_faults,
+                             peak_memory_bytes, run_bench, settings_for, summarise, time_in_turns, write_json)
 from asmlp_min.block import AxialShiftMix, Conv1x1, pointwise_conv
 from asmlp_min.cli import main
 from asmlp_min.shift import axial_shift
@@ -178,6 +177,17 @@ def test_fast_features_equal_official_configuration():
 
 # ---------------------------------------------------------------- measurement machinery
 
+def test_page_faults_counts_the_pages_of_a_fresh_tensor():
+    if page_faults(lambda: None) is None:  # Windows: no counter, and the table says n/a
+        return
+    touched = []
+    fresh = page_faults(lambda: touched.append(torch.ones(64 * 2**20 // 4)))  # 64 MiB, written: mapped page by page
+    assert len(touched) == 1
+    assert fresh >= 64 * 2**20 // (2 * 2**20)  # at least one fault per 2 MiB (huge pages), 16384 with 4 KiB pages
+    touched.clear()
+    assert page_faults(lambda: None) < fresh
+
+
 def test_time_in_turns_interleaves_candidates_and_drops_warmup():
     calls = []
     times = time_in_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, repeats=3)
@@ -222,9 +232,9 @@ def fake_results():
                   vs_clone=max(1.2, 1.1 + i / 10), speedup_vs_algorithm1=min(5.0, 5.0 / (1.1 + i / 10)))
              for i in range(4)]
     models = {name: dict(ms_per_batch=16e3 / ips, images_per_s=ips, gmacs=4.4, gflops=8.8 * ips,
-                         matmul_fraction=8.8 * ips / 200)
-              for name, ips in [("asmlp_min", 20.0), ("official configuration", 10.0), ("swin_t", 16.0),
-                                ("convnext_tiny", 25.0)]}
+                         matmul_fraction=8.8 * ips / 200, page_faults=faults)
+              for name, ips, faults in [("asmlp_min", 20.0, 1234), ("official configuration", 10.0, 567890),
+                                        ("swin_t", 16.0, None), ("convnext_tiny", 25.0, 0)]}
     training = {"asmlp_min": dict(ms_per_step=800, images_per_s=10.0, peak_memory_mib=900.0),
                 "official configuration": dict(ms_per_step=1000, images_per_s=8.0, peak_memory_mib=1000.0)}
     return dict(shift=shift, inference=dict(batch=16, models=models, matmul=dict(n=2048, dtype="float32", gflops=200),
@@ -255,6 +265,7 @@ def test_format_table_lists_every_candidate_and_target():
     results.update(summarise(results))
     table = format_table(results)
     for text in ["| asmlp_min | 800 | 20.0 | 1.00x |", "| official configuration | 1600 | 10.0 | 2.00x |",
+                 "| 88% | 1,234 |", "| 44% | 567,890 |", "| 70% | n/a |", "| 110% | 0 |", "Page faults: fresh",
                  "| swin_t |", "| convnext_tiny |", "| 3 | (16, 768, 7, 7) |", "matmul 2048x2048 float32",
                  "load average 1.00 before, 1.50 after", "| inference >= 1.4x swin_t | 1.25 | no |",
                  "| training peak memory <= official configuration | 0.90 | yes |"]:
