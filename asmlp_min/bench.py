@@ -124,6 +124,13 @@ class OfficialASMLPBlock(ASMLPBlock):
 
 
 class OfficialASMLPStage(ASMLPStage):
+    """The stage's own blocks and merge (official_configuration works on a copy, and _swap_in_twins then puts in
+    their twins), run on the whole batch at once."""
+
+    def __init__(self, stage: ASMLPStage):
+        nn.Module.__init__(self)  # not ASMLPStage.__init__: the blocks exist already
+        self.blocks, self.downsample = stage.blocks, stage.downsample
+
     def forward_blocks(self, x: Tensor) -> Tensor:
         return self.run_blocks(x)  # the whole batch at once
 
@@ -148,12 +155,7 @@ def _official_twin(module: nn.Module) -> nn.Module | None:
         return OfficialAxialShiftMix(module.conv1.in_channels, module.shift_size, connection=module.connection,
                                      bias=module.conv1.bias is not None)
     if isinstance(module, ASMLPStage) and not isinstance(module, OfficialASMLPStage):
-        first = module.blocks[0]
-        return OfficialASMLPStage(first.norm1.num_channels, len(module.blocks), first.axial_shift.shift_size,
-                                  [block.drop_path.p for block in module.blocks], module.downsample is not None,
-                                  first.mlp.fc1.out_channels / first.mlp.fc1.in_channels, drop=first.mlp.drop.p,
-                                  dilation=first.axial_shift.dilation, padding=first.axial_shift.padding,
-                                  connection=first.axial_shift.connection)  # the block twins check these
+        return OfficialASMLPStage(module)
     if isinstance(module, PatchMerging) and not isinstance(module, OfficialPatchMerging):
         return OfficialPatchMerging(module.reduction.in_channels // 4)
     if isinstance(module, GroupNorm1):
@@ -336,7 +338,7 @@ def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
             candidates["asmlp_min + torch.compile"]()  # the first call compiles; not part of any timing
             compile_s = time.perf_counter() - start
         times = time_in_turns(candidates, settings.warmup, settings.repeats, device, progress)
-        faults = {name: page_faults(fn) if device == "cpu" else None for name, fn in candidates.items()}
+        faults = {name: page_faults(candidates[name]) if device == "cpu" else None for name in models}
     seconds = {name: statistics.median(t) for name, t in times.items()}
     matmul_gflops = 2 * n ** 3 / seconds.pop("matmul") / 1e9
     result = dict(batch=settings.batch, matmul=dict(n=n, dtype=str(mm_dtype).split(".")[-1], gflops=matmul_gflops),

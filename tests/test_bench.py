@@ -123,6 +123,12 @@ def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weigh
     assert seen == [True]  # NCHW inside
 
 
+@pytest.mark.parametrize("option", [dict(dilation=2), dict(padding="circular")])
+def test_official_configuration_refuses_shift_options_the_official_code_lacks(option):
+    with pytest.raises(ValueError, match="no dilation and only zero padding"):
+        official_configuration(tiny(**option))
+
+
 def test_official_configuration_runs_the_whole_batch_where_ours_cuts_it(monkeypatch):
     model = randomise(tiny(num_classes=10)).eval()
     official = official_configuration(model)
