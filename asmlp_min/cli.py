@@ -14,6 +14,7 @@ stderr and exit status 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -124,29 +125,32 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"{existing} exists: continue it with --resume {existing}, or start over with "
                              "--overwrite or another --output")
     trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume)
-    finished = False
-    try:
+    with _process_group_closed_at_exit():
         trainer.log(f"training {trainer.cfg.task} {trainer.cfg.model} on {trainer.cfg.data}: "
                     f"{trainer.steps_per_epoch} steps/epoch x {trainer.cfg.epochs} epochs, global batch "
                     f"{trainer.cfg.batch_size * trainer.env.world_size * trainer.cfg.accum_steps}, "
                     f"{trainer.env.world_size} process(es) on {trainer.env.device}; run folder {trainer.run_dir}")
         trainer.fit()
-        finished = True
-    finally:
-        _leave_process_group(finished)
     return 0
 
 
-def _leave_process_group(finished: bool) -> None:
-    """After a run that ``finished`` on every process, a barrier first: PyTorch 2.11's gloo process group deadlocked
-    at exit (its worker thread waited for the GIL to free the last collective's Python-made tensors while the main
-    thread, holding the GIL, waited for that thread); after a barrier the last collective holds none. After an error
-    the other processes may never reach a barrier, so there is none."""
+@contextlib.contextmanager
+def _process_group_closed_at_exit():
+    """Destroy the torch.distributed process group, if one is up, when the block ends. After a block that finished
+    on every process, a barrier first: PyTorch 2.11's gloo process group deadlocked at exit (its worker thread
+    waited for the GIL to free the last collective's Python-made tensors while the main thread, holding the GIL,
+    waited for that thread); after a barrier the last collective holds none. After an error the other processes
+    may never reach a barrier, so there is none."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- evaluate
@@ -169,16 +173,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        device=args.device, amp=args.amp).items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides).resolved()
     env = init_distributed(cfg.device)
-    finished = False
-    try:
+    with _process_group_closed_at_exit():
         data = build_data(cfg, with_train=False)
         if data.num_classes != cfg.num_classes:
             raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {cfg.data} has "
                              f"{data.num_classes}; evaluate on data of the same label set")
         metrics = evaluate(model.to(env.device), cfg, data, env)
-        finished = True
-    finally:
-        _leave_process_group(finished)
     if env.is_main:
         print(f"{cfg.task} {cfg.model} on {cfg.data} ({len(data.val)} images):")
         for key, value in metrics.items():
