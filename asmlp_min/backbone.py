@@ -78,6 +78,24 @@ def inference_pieces(x: Tensor, hidden: int) -> int:
     return min(b, -(-b * hidden * h * w * x.element_size() // PIECE_BYTES))
 
 
+class FeatureInfo(list):
+    """timm's ``feature_info``: one dict per feature map, ``num_chs``, ``reduction`` (stride) and ``module``,
+    the name of the submodule whose output it is (for ``create_feature_extractor`` or a forward hook), with
+    timm's accessors: ``channels()``, ``reduction()``, ``module_name()``, each for all maps or one index."""
+
+    def get(self, key: str, idx: int | None = None):
+        return [info[key] for info in self] if idx is None else self[idx][key]
+
+    def channels(self, idx: int | None = None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | None = None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | None = None):
+        return self.get("module", idx)
+
+
 @torch.fx.wrap  # a leaf for FX tracing (create_feature_extractor): its checks look at Python types and shapes
 def check_image_batch(x: Tensor, in_chans: int) -> None:
     if not isinstance(x, Tensor):
@@ -177,6 +195,8 @@ class ASMLP(nn.Module):
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if len(depths) == 0 or any(d < 1 for d in depths):
+            raise ValueError(f"depths needs one block count >= 1 per stage, e.g. (2, 2, 6, 2); got {tuple(depths)}")
         self.num_stages = len(depths)
         self.embed_dim, self.in_chans, self.features_only = embed_dim, in_chans, features_only
         self.fast_layout = True  # to_fast_layout() at the stem; False keeps the input's layout (the official NCHW)
@@ -195,15 +215,17 @@ class ASMLP(nn.Module):
             self.out_indices = _normalise_indices(out_indices, self.num_stages)
             for i in self.out_indices:  # official dense-prediction backbones: one norm per output
                 self.add_module(f"norm{i}", norm_layer(embed_dim * 2 ** i))
-            self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i,
-                                      module=f"layers.{i}") for i in self.out_indices]
+            self.feature_info = FeatureInfo(dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i,
+                                                 module=f"norm{i}") for i in self.out_indices)
         else:
             self.num_classes = num_classes
             self.norm = norm_layer(self.num_features)
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-            self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** (i + 1),
-                                      module=f"layers.{i}") for i in range(self.num_stages - 1)]
+            # a stage ends with its merge, so a stage's own map is the output of its last block
+            self.feature_info = FeatureInfo(dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i,
+                                                 module=f"layers.{i}.blocks.{depths[i] - 1}")
+                                            for i in range(self.num_stages - 1))
             self.feature_info.append(dict(num_chs=self.num_features, reduction=patch_size * 2 ** (self.num_stages - 1),
                                           module="norm"))
         self.apply(_init_weights)

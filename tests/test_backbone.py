@@ -196,3 +196,26 @@ def test_inference_in_pieces_equals_the_whole_batch(monkeypatch):
     for got, want in zip(cut_maps, whole_maps):
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_feature_info_names_the_module_whose_output_is_each_map(features_only):
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = create_model("asmlp_tiny", embed_dim=16, depths=(1, 2, 1, 1), num_classes=5,
+                         features_only=features_only).eval()
+    info = model.feature_info
+    assert info.channels() == [16, 32, 64, 128] and info.reduction() == [4, 8, 16, 32]
+    assert info.channels(1) == 32 and info.module_name(1) == info[1]["module"]
+    extractor = create_feature_extractor(model, return_nodes=info.module_name())
+    x = torch.randn(2, 3, 64, 64)
+    maps = list(extractor(x).values())
+    assert [tuple(m.shape) for m in maps] == [(2, c, 64 // r, 64 // r) for c, r in zip(info.channels(), info.reduction())]
+    if features_only:  # the tapped maps are the ones the model returns
+        for got, want in zip(maps, model(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depths", [(), (2, 0, 6, 2), (2, -1)])
+def test_depths_without_blocks_are_refused(depths):
+    with pytest.raises(ValueError, match="depths needs one block count >= 1 per stage"):
+        create_model("asmlp_tiny", depths=depths)
