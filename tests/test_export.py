@@ -1,4 +1,6 @@
 """Static graphs: torch.export of the classifier and the features model, FX tracing, torchvision's feature extractor."""
+import functools
+
 import pytest
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
@@ -79,3 +81,29 @@ def test_create_feature_extractor_on_the_features_model():
     assert list(out) == ["p2", "p3", "p4", "p5"]
     for got, want in zip(out.values(), model(x)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_intermediate_outputs_are_not_overwritten_during_inference():
+    """Forward hooks and create_feature_extractor keep references to module outputs: no later in-place op (a GELU,
+    a residual sum) may change them, with or without autograd."""
+    model = tiny(num_classes=5)
+    names = ["layers.0.blocks.0.axial_shift.norm1", "layers.0.blocks.0.axial_shift.conv2_1",
+             "layers.0.blocks.0.axial_shift", "layers.0.blocks.0.mlp.fc1", "layers.1.blocks.0.mlp"]
+    x = torch.randn(2, 3, 64, 64)
+    kept, copied = {}, {}
+
+    def keep(module, args, out, name):
+        kept[name], copied[name] = out, out.clone()
+
+    for name in names:
+        model.get_submodule(name).register_forward_hook(functools.partial(keep, name=name))
+    with torch.no_grad():
+        model(x)
+    for name in names:
+        torch.testing.assert_close(kept[name], copied[name], rtol=0, atol=0, msg=name)
+    extractor = create_feature_extractor(tiny(num_classes=5), return_nodes=names + ["norm"])
+    with torch.no_grad():
+        inference = extractor(x)
+    training_mode = extractor(x)  # autograd on
+    for name in names:
+        torch.testing.assert_close(inference[name], training_mode[name], rtol=1e-6, atol=1e-6, msg=name)
