@@ -38,12 +38,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path}: refused to unpickle. It is either corrupt or holds objects other than tensors and plain "
-            f"containers (a tampered file may try to run code; it was NOT executed). Details: {err}") from None
+            f"containers (a tampered file may try to run code; it was NOT executed). Details: "
+            f"{_refusal_detail(err)}") from None
     except Exception as err:  # torch.load fails in many ways on damaged bytes (EOFError, IndexError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict (a state dict or {{'model': ...}}), got {type(obj).__name__}")
     return obj
+
+
+def _refusal_detail(err: Exception) -> str:
+    """What torch refused (an unknown opcode, a global such as ``os.system``), without its advice to retry with
+    ``weights_only=False``: wrong for a corrupt file, dangerous for a tampered one."""
+    text = " ".join(str(err).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.rsplit("WeightsUnpickler error:", 1)[1]
+    elif "Trying to load" in text:
+        text = text[text.index("Trying to load"):]
+    for advice in ("Please use", "Check the documentation"):
+        text = text.split(advice, 1)[0]
+    return text.strip()
 
 
 def save_checkpoint(obj, path: str | os.PathLike) -> Path:

@@ -126,14 +126,16 @@ def test_a_pickle_that_runs_code_is_not_executed(tmp_path):
     path = tmp_path / "tampered.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": _Exploit(str(marker))}, f)
-    with pytest.raises(CheckpointError, match="NOT executed"):
+    with pytest.raises(CheckpointError, match="NOT executed") as refused:
         load_checkpoint(path)
     assert not marker.exists()
+    assert "weights_only" not in str(refused.value)  # no advice to retry with weights_only=False
     torch.save({"model": _Exploit(str(marker))}, tmp_path / "tampered_zip.pth")  # the zip format too
     marker.unlink(missing_ok=True)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="(?i)unsupported global.*open") as refused:  # names what it refused
         load_checkpoint(tmp_path / "tampered_zip.pth")
     assert not marker.exists()
+    assert "weights_only" not in str(refused.value)
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
