@@ -97,7 +97,9 @@ class FeatureInfo(list):
 
 
 @torch.fx.wrap  # a leaf for FX tracing (create_feature_extractor): its checks look at Python types and shapes
-def check_image_batch(x: Tensor, in_chans: int) -> None:
+def check_image_batch(x: Tensor, in_chans: int, dtype: torch.dtype) -> None:
+    """Raise a ValueError/TypeError saying what to change unless x is a (b, in_chans, h, w) batch of ``dtype``
+    (the weights' dtype; any floating dtype under autocast) with h, w >= 1."""
     if not isinstance(x, Tensor):
         raise TypeError(f"expected an image tensor (b, {in_chans}, h, w), got {type(x).__name__}")
     if x.dim() != 4:
@@ -106,6 +108,14 @@ def check_image_batch(x: Tensor, in_chans: int) -> None:
     if x.shape[1] != in_chans:
         raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
                          "pass in_chans=... to create_model for other inputs")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"got an empty image batch of shape {tuple(x.shape)}: height and width must be >= 1")
+    if not x.is_floating_point():
+        raise TypeError(f"expected float images, got {x.dtype}; convert 0-255 images with x.float() / 255 and "
+                        "normalise them as in training")
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"the images are {x.dtype} but the weights are {dtype}: convert with x.to({dtype}), "
+                        "or run under torch.autocast")
 
 
 @torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout
@@ -195,6 +205,14 @@ class ASMLP(nn.Module):
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        for name, value in (("embed_dim", embed_dim), ("patch_size", patch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0 (the paper uses 4), got {mlp_ratio}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head, the model returns pooled features), "
+                             f"got {num_classes!r}")
         if len(depths) == 0 or any(d < 1 for d in depths):
             raise ValueError(f"depths needs one block count >= 1 per stage, e.g. (2, 2, 6, 2); got {tuple(depths)}")
         self.num_stages = len(depths)
@@ -231,7 +249,7 @@ class ASMLP(nn.Module):
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
-        check_image_batch(x, self.in_chans)
+        check_image_batch(x, self.in_chans, self.patch_embed.proj.weight.dtype)
         if self.fast_layout:
             x = to_fast_layout(x)
         return self.pos_drop(self.patch_embed(x))
@@ -271,6 +289,8 @@ class ASMLP(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh Linear(num_features, num_classes) (Identity for 0)."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if self.features_only:
             raise ValueError("a features_only model has no classifier")
         if global_pool not in (None, "avg"):

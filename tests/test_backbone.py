@@ -172,6 +172,32 @@ def test_bad_inputs_get_clear_errors():
         create_model("asmlp_tiny", pretrained=True)
 
 
+def test_image_dtype_and_size_are_checked():
+    model = tiny().eval()
+    with pytest.raises(TypeError, match=r"expected float images, got torch.uint8.*x.float\(\) / 255"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="images are torch.float64 but the weights are torch.float32"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty image batch"):
+        model(torch.zeros(1, 3, 0, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input itself
+        assert model(torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("option,match", [
+    (dict(num_classes=-1), "num_classes must be an integer >= 0"), (dict(num_classes=2.5), "num_classes"),
+    (dict(embed_dim=0), "embed_dim must be an integer >= 1"), (dict(patch_size=0), "patch_size"),
+    (dict(mlp_ratio=0.0), "mlp_ratio must be > 0")])
+def test_bad_sizes_are_refused_at_construction(option, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("asmlp_tiny", **option)
+
+
+def test_reset_classifier_refuses_a_negative_class_count():
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
+        tiny().reset_classifier(-3)
+
+
 def test_inference_pieces_count():
     x = torch.zeros(16, 96, 56, 56)  # AS-MLP-T stage 0: a 77 MiB hidden layer (384 channels)
     with torch.no_grad():
