@@ -90,7 +90,9 @@ def info_table(name: str, image_size: int = 224) -> str:
         "|---|---|---|",
         f"| parameters | {params:,} ({params / 1e6:.2f}M) | {fmt(paper['params'], 'M')} |",
         f"| GMACs, measured (FlopCounterMode / 2) | {measured:.3f} | {fmt(paper['gmacs'], '')} |",
-        f"| GMACs, analytic (official formula) | {analytic:.3f} | {OFFICIAL_ANALYTIC_GMACS.get(name, 'n/a')} |",
+        f"| GMACs, analytic (the official code's flops() formula) | {analytic:.3f} | "
+        + (f"{OFFICIAL_ANALYTIC_GMACS[name]} (official code's total, not in the paper) |"
+           if name in OFFICIAL_ANALYTIC_GMACS else "n/a |"),
         f"| ImageNet-1K top-1 (paper) | - | {fmt(paper['top1'], '%')} |",
         "",
         "| stage | blocks | output (c, h, w) | stride |",
@@ -99,6 +101,8 @@ def info_table(name: str, image_size: int = 224) -> str:
     cfg = MODEL_CONFIGS[name]
     for i, ((h, w), depth) in enumerate(zip(stage_resolutions(image_size, len(cfg.depths)), cfg.depths)):
         rows.append(f"| {i} | {depth} | ({cfg.embed_dim * 2 ** i}, {h}, {w}) | {cfg.patch_size * 2 ** i} |")
+    rows += ["", "The paper gives GMACs to one decimal; the formula counts one MAC per norm element, the measurement "
+                 "counts the matrix products and convolutions only."]
     if name == "asmlp_mobile":
         rows += ["", "Note: the paper's mobile configuration was not released; C=64, depths (2,2,2,2) is a guess "
                      "that matches its ~9.6M parameters."]
