@@ -43,9 +43,10 @@ def _depths(text: str) -> tuple[int, ...]:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag. Defaults are None here so that, with --resume, only the flags
     actually typed override the checkpoint's settings; the help shows the effective defaults."""
-    from .engine import AUGMENTATIONS, SCHEDULES, TASK_DEFAULTS, TrainConfig
+    from .engine import AUGMENTATIONS, FOLDER_IMAGE_SIZE, SCHEDULES, TASK_DEFAULTS, TrainConfig
     d = TrainConfig()
     per_task = lambda key: ", ".join(f"{t} {v[key]}" for t, v in TASK_DEFAULTS.items())  # noqa: E731
+    folder_sizes = ", ".join(f"{t} {v}" for t, v in FOLDER_IMAGE_SIZE.items())
     p.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
                    help=f"{_TASK_HELP} (default: cls, or the --resume checkpoint's task)")
     g = p.add_argument_group("data and model")
@@ -63,12 +64,16 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", help="backbone weights to start from: official .pth, mmdet/mmseg or our checkpoint")
     g.add_argument("--num-classes", type=int, help="classes (default: from the data; required for a non-ADE20K "
                                                    "segmentation folder)")
-    g.add_argument("--image-size", type=int, help=f"training side length in pixels (default: {per_task('image_size')})")
+    g.add_argument("--image-size", type=int,
+                   help=f"input size in pixels: cls the square crop, det the short side every image is resized to "
+                        f"for training and evaluation (long side <= 1333/800 of it), seg the training crop "
+                        f"(default: {per_task('image_size')} on shapes; {folder_sizes} on a folder, as in the paper)")
     g.add_argument("--train-size", type=int, help=f"shapes only: number of training scenes (default: {d.train_size})")
     g.add_argument("--val-size", type=int, help=f"shapes only: number of validation scenes (default: {d.val_size})")
     g.add_argument("--augment", choices=AUGMENTATIONS,
-                   help="'paper': the paper's crops/rescales; 'light': resize + flip; 'none': no randomness "
-                        "(default auto: light on shapes, paper on folders)")
+                   help="'paper': the paper's pipelines (cls random resized crop, det flip, seg rescale + crop); "
+                        "'light': resize + flip; 'none': no randomness (default auto: light on shapes, paper on "
+                        "folders)")
     g = p.add_argument_group("optimisation (AdamW, no weight decay on norms and biases)")
     g.add_argument("--epochs", type=int, help=f"length of the schedule (default: {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"images per process and step; global batch = batch-size x "

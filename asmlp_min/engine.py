@@ -52,6 +52,7 @@ CHECKPOINT_FORMAT = "asmlp_min.engine/1"
 
 # Per-task recipe (../shared/PAPER.md Sec. 8, 11). lr and image_size are tuned for shapes from scratch;
 # the paper uses 1e-3 @ batch 1024 (cls), 1e-4 @ 16 (det, from ImageNet weights), 6e-5 @ 16 (seg).
+# On a dataset folder image_size defaults to the paper's instead (FOLDER_IMAGE_SIZE).
 TASK_DEFAULTS = {
     "cls": dict(lr=1e-3, weight_decay=0.05, clip_grad=5.0, schedule="cosine", warmup_ratio=1e-3, min_lr_ratio=0.01,
                 image_size=64, main_metric="top1"),
@@ -60,6 +61,10 @@ TASK_DEFAULTS = {
     "seg": dict(lr=1e-3, weight_decay=0.01, clip_grad=0.0, schedule="poly", warmup_ratio=1e-6, min_lr_ratio=0.0,
                 image_size=128, main_metric="mIoU"),
 }
+# The paper's input sizes (Sec. 8, 11): ImageNet crops 224 (eval: resize 256, centre crop), COCO short side 800
+# (long side <= 1333, DET_MAX_SIZE_RATIO), ADE20K training crops 512.
+FOLDER_IMAGE_SIZE = {"cls": 224, "det": 800, "seg": 512}
+DET_MAX_SIZE_RATIO = 1333 / 800
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +79,9 @@ class TrainConfig:
 
     ``None`` means "the task's default" (``TASK_DEFAULTS``, the model registry); :meth:`resolved` fills them.
     ``batch_size`` is per process: the global batch is ``batch_size * world_size * accum_steps``.
+    ``image_size``: cls the square input (paper: the crop); det the short side the detector resizes every image
+    to, in training and evaluation (long side <= 1333/800 of it); seg the training crop. Default:
+    ``TASK_DEFAULTS`` on shapes, ``FOLDER_IMAGE_SIZE`` (the paper's) on a folder.
     """
 
     task: str = "cls"
@@ -121,7 +129,9 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; choose from {sorted(MODEL_CONFIGS)}")
         defaults = TASK_DEFAULTS[self.task]
         filled = {k: defaults[k] for k in ("lr", "weight_decay", "clip_grad", "schedule", "warmup_ratio",
-                                           "min_lr_ratio", "image_size") if getattr(self, k) is None}
+                                           "min_lr_ratio") if getattr(self, k) is None}
+        if self.image_size is None:  # sizes for the small shapes scenes; the paper's for real data
+            filled["image_size"] = defaults["image_size"] if self.data == "shapes" else FOLDER_IMAGE_SIZE[self.task]
         if self.augment == "auto":  # the paper's crops on real data; flips only on the small shapes scenes
             filled["augment"] = "light" if self.data == "shapes" else "paper"
         cfg = dataclasses.replace(self, **filled)
@@ -130,6 +140,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "image_size", "train_size", "val_size", "eval_every"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.task == "det" and cfg.image_size < 32:
+            raise ValueError(f"det: image_size is the short side the detector resizes images to and must be >= 32, "
+                             f"got {cfg.image_size}")
         if cfg.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}")
         for name in ("lr", "weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix"):
@@ -350,12 +363,16 @@ def light_transforms(task: str, train: bool, size: int):
 
 
 def paper_transforms(task: str, train: bool, size: int):
-    """The data pipelines of the paper's recipes (asmlp_min.data.transforms)."""
+    """The data pipelines of the paper's recipes (asmlp_min.data.transforms).
+
+    det: flips only; the detector resizes every image to short side ``size`` itself (``build_model``), so
+    training and evaluation see the same scale (COCO: 800, single scale; the paper trains at 480-800).
+    """
     from .data import transforms as T
     if task == "cls":
         return T.classification_transforms(train, size)
     if task == "det":
-        return T.detection_transforms(train, size if train else None)
+        return T.detection_transforms(train)
     return T.segmentation_transforms(train, size if train else None)
 
 
@@ -469,13 +486,15 @@ def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
 # ---------------------------------------------------------------- the three tasks
 
 def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head_channels: int | None = None,
-                pretrained: str | None = None, **backbone_kwargs) -> nn.Module:
+                pretrained: str | None = None, image_size: int | None = None, **backbone_kwargs) -> nn.Module:
     """The one factory for every task (a checkpoint's config rebuilds the same model through it).
 
     cls: ``create_model(model, num_classes)``; det: ``SimpleFPNDetector`` (num_classes = largest category id);
     seg: ``SemanticSegmenter``. ``backbone_kwargs`` override the variant (embed_dim, depths, shift_size,
     drop_path_rate); ``head_channels`` shrinks the FPN (det) or UperNet (seg; auxiliary head half of it)
     channels; ``pretrained`` is a backbone checkpoint (official ``.pth``, mmdet/mmseg, or ours).
+    ``image_size`` (det only; None keeps each image's size): the detector resizes every image to this short side,
+    long side at most ``image_size * 1333 / 800``; the transforms size cls and seg images.
     """
     if task == "cls":
         net = create_model(model, num_classes=num_classes, **backbone_kwargs)
@@ -487,8 +506,10 @@ def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head
     if task == "det":
         from .detection import SimpleFPNDetector
         head = {} if head_channels is None else {"fpn_channels": head_channels}
+        resize = {} if image_size is None else {"min_size": image_size,
+                                                "max_size": round(image_size * DET_MAX_SIZE_RATIO)}
         return SimpleFPNDetector(backbone=model, num_classes=num_classes, pretrained_backbone=pretrained,
-                                 **head, **backbone_kwargs)
+                                 **head, **resize, **backbone_kwargs)
     if task == "seg":
         from .segmentation import SemanticSegmenter
         head = {} if head_channels is None else {"channels": head_channels, "aux_channels": max(head_channels // 2, 1)}
@@ -560,7 +581,8 @@ class DetectionTask:
     def prepare(self, batch, device: torch.device, channels_last: bool):
         images, targets = batch
         images = [img.to(device, non_blocking=True) for img in images]  # [0, 1]: the detector normalises
-        targets = [{"boxes": t["boxes"].to(device).as_subclass(Tensor), "labels": t["labels"].to(device),
+        # iscrowd travels with the boxes: the detector ignores crowd regions in training (as mmdet, torchvision)
+        targets = [{**{k: t[k].to(device).as_subclass(Tensor) for k in ("boxes", "labels", "iscrowd") if k in t},
                     "image_id": t["image_id"]} for t in targets]
         return images, targets
 
@@ -697,7 +719,8 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """(model in eval mode, its TrainConfig, the checkpoint) from a ``checkpoint.pt`` written by :class:`Trainer`."""
     checkpoint = _read_engine_checkpoint(path)
     cfg = TrainConfig.from_dict(checkpoint["config"]).resolved()
-    model = build_model(cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, None, **cfg.backbone_kwargs())
+    model = build_model(cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, None, cfg.image_size,
+                        **cfg.backbone_kwargs())
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), cfg, checkpoint
 
@@ -730,7 +753,8 @@ class Trainer:
 
         seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = model if model is not None else build_model(
-            cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, cfg.pretrained, **cfg.backbone_kwargs())
+            cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, cfg.pretrained, cfg.image_size,
+            **cfg.backbone_kwargs())
         report = getattr(self.model, "backbone_load_report", None)
         if report is not None and checkpoint is None:  # self.log is silent on ranks other than 0
             self.log(f"--pretrained {cfg.pretrained}: {len(report.loaded)} backbone tensors loaded"

@@ -114,7 +114,10 @@ def _numpy(x) -> np.ndarray:
 
 
 def _as_coco(gt) -> COCO:
+    """gt as a pycocotools ``COCO`` with an ``info`` entry (added in place to a given ``COCO``, never to a given
+    dict): ``loadRes`` of pycocotools 2.0.9 and 2.0.10 reads it."""
     if isinstance(gt, COCO):
+        gt.dataset.setdefault("info", {})
         return gt
     if isinstance(gt, (str, os.PathLike)):
         with open(gt) as f:
@@ -122,7 +125,7 @@ def _as_coco(gt) -> COCO:
     if not isinstance(gt, dict):
         raise TypeError(f"gt must be a pycocotools COCO, a COCO dict or a path, got {type(gt).__name__}")
     coco = COCO()
-    coco.dataset = gt
+    coco.dataset = {"info": {}, **gt}
     with contextlib.redirect_stdout(io.StringIO()):      # createIndex prints "creating index..."
         coco.createIndex()
     return coco

@@ -55,6 +55,14 @@ def test_train_help_states_task_defaults(capsys):
     assert "cls 0.001" in text and "--nproc_per_node" in text and "shapes" in text
 
 
+def test_image_size_help_gives_the_shapes_and_the_folder_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())              # argparse wraps lines anywhere
+    assert "cls 64, det 128, seg 128 on shapes" in text
+    assert "cls 224, det 800, seg 512 on a folder" in text
+
+
 def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(runs, capsys):
     for task in ("cls", "det", "seg"):
         assert {p.name for p in (runs / task).iterdir()} == {"checkpoint.pt", "metrics.jsonl", "curves.png"}

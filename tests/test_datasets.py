@@ -149,6 +149,15 @@ def _coco(tmp_path, **changes):
     return path
 
 
+def test_coco_ground_truth_always_has_info(tmp_path):
+    """pycocotools 2.0.9 and 2.0.10 need dataset['info'] in COCO.loadRes: every COCO dict we build or load has one."""
+    assert isinstance(ShapesDetection(2, seed=1).coco_dict()["info"], dict)
+    assert isinstance(json.loads(export_shapes(tmp_path, task="det", n=1, seed=1).read_text())["info"], dict)
+    path = _coco(tmp_path)
+    assert "info" not in json.loads(path.read_text())
+    assert load_coco(path).dataset["info"] == {}
+
+
 @pytest.mark.parametrize("changes, field", [
     ({"images": None}, "'images'"),
     ({"annotations": [{"image_id": 2}]}, "'image_id'"),

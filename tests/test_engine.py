@@ -3,6 +3,7 @@
 Everything runs a tiny AS-MLP (C=8, one block per stage) on a few 32-pixel shapes scenes, so a run is a
 second or two on a CPU.
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 
 import asmlp_min.checkpoint
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
-from asmlp_min.engine import (NonFiniteLossError, TrainConfig, Trainer, build_model, evaluate, load_trained, lr_factor,
-                              param_groups, predict, soft_target_cross_entropy)
+from asmlp_min.engine import (DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data, build_model,
+                              evaluate, load_trained, lr_factor, param_groups, predict, soft_target_cross_entropy)
 
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -232,7 +233,6 @@ def test_run_folder_has_metrics_curves_and_a_loadable_model(tmp_path, capsys):
     assert "it/s" not in capsys.readouterr().err              # no progress bar when stderr is not a terminal
     model, cfg, checkpoint = load_trained(run / "checkpoint.pt")
     assert checkpoint["classes"] == ["circle", "square", "triangle"]
-    from asmlp_min.engine import build_data
     again = evaluate(model, cfg, build_data(cfg, with_train=False))
     assert again["top1"] == history[-1]["top1"] and again["val_loss"] == pytest.approx(history[-1]["val_loss"])
     probs = predict(model, cfg, torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8))
@@ -250,6 +250,8 @@ def test_bad_settings_raise_before_training(tmp_path):
         Trainer(tiny(tmp_path, data=str(tmp_path / "missing")), log=quiet)
     with pytest.raises(ValueError, match="mixup/cutmix apply to classification only"):
         Trainer(tiny(tmp_path, task="seg"), log=quiet)
+    with pytest.raises(ValueError, match="det: image_size is the short side .* >= 32, got 16"):
+        Trainer(tiny(tmp_path, task="det", image_size=16, mixup=0.0, cutmix=0.0), log=quiet)
 
 
 def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
@@ -291,3 +293,61 @@ def test_trainer_reports_what_pretrained_loaded(tmp_path):
     n_backbone = sum(1 for k in build_model("cls", "asmlp_tiny", 3, embed_dim=8, depths=(1, 1, 1, 1)).state_dict()
                      if not k.startswith("head."))
     assert any(f"{n_backbone} backbone tensors loaded" in line for line in lines), lines
+
+
+# ---------------------------------------------------------------- detection: crowd boxes, the paper's scale on folders
+
+def test_crowd_boxes_reach_the_detector_and_are_not_learned():
+    """COCO ``iscrowd`` = 1 regions are ignored in training (mmdet, torchvision): the batch the engine hands
+    to the detector must still say which boxes they are."""
+    from asmlp_min.detection import SimpleFPNDetector
+    torch.manual_seed(0)
+    model = SimpleFPNDetector("asmlp_tiny", num_classes=3, embed_dim=8, depths=(1, 1, 1, 1), fpn_channels=16,
+                              num_convs=1, drop_path_rate=0.0).train()
+    image = torch.rand(3, 64, 64)
+    boxes, labels = torch.tensor([[2.0, 2, 62, 62], [8, 8, 40, 40]]), torch.tensor([1, 2])
+    task = DetectionTask(TrainConfig(task="det"), TaskData(None, [], 3))
+    target = {"boxes": boxes, "labels": labels, "iscrowd": torch.tensor([1, 0]), "image_id": 1}
+    batch = task.prepare(([image], [target]), torch.device("cpu"), False)
+    assert batch[1][0]["iscrowd"].tolist() == [1, 0]
+    loss = task.loss(model, batch)
+    only_the_object = sum(model([image], [{"boxes": boxes[1:], "labels": labels[1:]}]).values())
+    crowd_as_object = sum(model([image], [{"boxes": boxes, "labels": labels}]).values())
+    assert torch.allclose(loss, only_the_object) and not torch.allclose(loss, crowd_as_object)
+
+
+def test_folders_default_to_the_papers_image_sizes_and_shapes_keeps_its_own():
+    """PAPER.md Sec. 8, 11: ImageNet crops 224, COCO short side 800 (long side <= 1333), ADE20K crops 512."""
+    for task, on_shapes, on_folder in (("cls", 64, 224), ("det", 128, 800), ("seg", 128, 512)):
+        assert TrainConfig(task=task).resolved().image_size == on_shapes
+        assert TrainConfig(task=task, data="/datasets/real").resolved().image_size == on_folder
+        assert TrainConfig(task=task, data="/datasets/real", image_size=96).resolved().image_size == 96
+
+
+def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):
+    """On a COCO folder the detector resizes every image to short side 800, long side <= 1333, in training,
+    evaluation and prediction alike; the checkpoint's config rebuilds that model, and resume checks the size."""
+    from asmlp_min.data.shapes import export_shapes
+    for split, n in (("train", 4), ("val", 2)):
+        export_shapes(tmp_path / "coco", task="det", n=n, split=split, seed=3, image_size=64)
+    cfg = TrainConfig(task="det", data=str(tmp_path / "coco"), output=str(tmp_path / "run"), epochs=1, batch_size=2,
+                      embed_dim=8, depths=(1, 1, 1, 1), head_channels=16, drop_path=0.0, device="cpu")
+    trainer = Trainer(cfg, log=quiet)
+    assert (trainer.cfg.image_size, trainer.cfg.augment) == (800, "paper")
+    seen = []
+    record = lambda module, inputs, output: seen.append(tuple(inputs[0].shape))  # noqa: E731
+    handle = trainer.model.backbone.register_forward_hook(record)
+    trainer.fit()
+    handle.remove()
+    assert seen == [(2, 3, 800, 800)] * 3                   # 2 training batches, then the validation batch
+    path = tmp_path / "run" / "checkpoint.pt"
+    model, saved, _ = load_trained(path)
+    assert (saved.image_size, model.min_size, model.max_size) == (800, 800, 1333)
+    seen.clear()
+    model.backbone.register_forward_hook(record)
+    evaluate(model, saved, build_data(saved, with_train=False))
+    predict(model, saved, torch.randint(0, 256, (3, 100, 250), dtype=torch.uint8))
+    assert seen == [(2, 3, 800, 800), (1, 3, 544, 1344)]  # 100x250 -> 533x1333 (long side capped), padded to 32
+    Trainer(cfg, resume=path, log=quiet)                    # the default resolves to the same size
+    with pytest.raises(CheckpointError, match="image_size: checkpoint 800, now 640"):
+        Trainer(dataclasses.replace(cfg, image_size=640), resume=path, log=quiet)

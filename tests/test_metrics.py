@@ -1,9 +1,14 @@
 """Metrics against hand-computed values: top-k, COCO AP (101-point interpolation), confusion-matrix mIoU."""
+import contextlib
+import copy
+import io
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO
 
 from asmlp_min.data.shapes import ShapesDetection
 from asmlp_min.metrics import COCO_STAT_NAMES, SegmentationMeter, coco_evaluate, topk_accuracy
@@ -76,6 +81,41 @@ def test_coco_result_list_input_matches_dict_input():
     results = [{"image_id": 1, "category_id": 1, "bbox": [150, 10, 40, 40], "score": 0.9},
                {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.8}]
     assert math.isclose(coco_evaluate(_one_image_gt(), results)["AP"], 25.5 / 101, rel_tol=1e-9)
+
+
+@pytest.fixture
+def pycocotools_2_0_9(monkeypatch):
+    """``COCO.loadRes`` as pycocotools 2.0.9 and 2.0.10 have it: it copies the ground truth's 'info' (KeyError
+    without one; 2.0.11 made it optional, and the project allows >= 2.0.7)."""
+    load_res = COCO.loadRes
+
+    def strict_load_res(self, results):
+        info = copy.deepcopy(self.dataset["info"])
+        loaded = load_res(self, results)
+        loaded.dataset["info"] = info
+        return loaded
+    monkeypatch.setattr(COCO, "loadRes", strict_load_res)
+
+
+def test_ground_truth_without_info_evaluates_on_every_pycocotools(pycocotools_2_0_9, tmp_path):
+    gt = _one_image_gt()                                           # hand-made, no "info", like many custom files
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(gt))
+    coco = COCO()
+    coco.dataset = copy.deepcopy(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    results = [{"image_id": 1, "category_id": 1, "bbox": [150, 10, 40, 40], "score": 0.9},
+               {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.8}]
+    for source in (gt, path, coco):
+        assert math.isclose(coco_evaluate(source, results)["AP"], 25.5 / 101, rel_tol=1e-9)
+    assert "info" not in gt                                        # the caller's dict is left as it was
+
+
+def test_shapes_ground_truth_evaluates_on_every_pycocotools(pycocotools_2_0_9, shapes_gt):
+    coco, targets = shapes_gt
+    assert "info" in coco
+    assert coco_evaluate(coco, _as_detections(targets))["AP"] == 1.0
 
 
 def test_empty_detections_give_zeros(shapes_gt, tmp_path):

@@ -93,7 +93,8 @@ def validate_coco(dataset: dict, source: str) -> dict:
     or annotation ids that are not unique ints, annotation ``id`` < 1 (COCOeval uses 0 for "unmatched"),
     ``image_id`` not in ``images``, ``category_id`` not in ``categories``, ``bbox`` not 4 numbers.
     Boxes with width or height <= 0 are dropped with one warning that counts them. Missing ``iscrowd``
-    defaults to 0 and missing ``area`` to the box area.
+    defaults to 0, missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and
+    2.0.10 need it to evaluate).
     """
     if not isinstance(dataset, dict):
         raise ValueError(f"{source}: top level must be a JSON object with 'images', 'annotations', 'categories'")
@@ -127,7 +128,7 @@ def validate_coco(dataset: dict, source: str) -> dict:
     if degenerate:
         warnings.warn(f"{source}: skipped {degenerate} annotation(s) whose 'bbox' has zero or negative width/height",
                       stacklevel=3)
-    return {**dataset, "annotations": kept}
+    return {"info": {}, **dataset, "annotations": kept}
 
 
 def _unique_ids(entries: list, field: str, source: str) -> set:

@@ -379,7 +379,8 @@ class ShapesDetection(_ShapesDataset):
 
     def coco_dict(self) -> dict:
         """The ground truth as a COCO instances dict, for ``metrics.coco_evaluate``."""
-        coco = {"images": [], "annotations": [], "categories": CATEGORIES}
+        coco = {"info": {"description": f"asmlp_min shapes, split {self.split}, seed {self.seed}"},
+                "images": [], "annotations": [], "categories": CATEGORIES}
         for i in range(self.n):
             scene = self.scene(i)
             h, w = scene.semantic.shape
