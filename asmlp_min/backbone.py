@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -162,7 +163,13 @@ class PatchMerging(nn.Module):
 
 
 class ASMLPStage(nn.Module):
-    """``depth`` blocks at one resolution, then (except in the last stage) a PatchMerging."""
+    """``depth`` blocks at one resolution, then (except in the last stage) a PatchMerging.
+
+    ``grad_checkpointing`` (``ASMLP.set_grad_checkpointing``): under autograd each block keeps only its input and
+    recomputes the rest in the backward pass (same dropout and drop-path draws), trading time for memory.
+    """
+
+    grad_checkpointing = False
 
     def __init__(self, dim: int, depth: int, shift_size: int, drop_path: list[float], downsample: bool,
                  mlp_ratio: float = 4.0, **block_options):
@@ -180,7 +187,10 @@ class ASMLPStage(nn.Module):
 
     def run_blocks(self, x: Tensor) -> Tensor:
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
     def forward(self, x: Tensor) -> Tensor:
@@ -256,6 +266,8 @@ class ASMLP(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(b, 3, H, W) -> (b, 8C, H/32, W/32): unpooled, after the final norm (timm semantics)."""
+        if self.features_only:
+            raise ValueError("a features_only model has no final norm or head: model(x) returns its feature maps")
         x = self.forward_stem(x)
         for stage in self.layers:
             x = stage(x)
@@ -283,6 +295,11 @@ class ASMLP(nn.Module):
         if self.features_only:
             return self.forward_pyramid(x)
         return self.forward_head(self.forward_features(x))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each block's activations in the backward pass instead of storing them."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -245,3 +245,33 @@ def test_feature_info_names_the_module_whose_output_is_each_map(features_only):
 def test_depths_without_blocks_are_refused(depths):
     with pytest.raises(ValueError, match="depths needs one block count >= 1 per stage"):
         create_model("asmlp_tiny", depths=depths)
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_stores_less():
+    model = create_model("asmlp_tiny", embed_dim=8, depths=(2, 1, 1, 1), num_classes=3, drop_path_rate=0.3).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+
+    def step():
+        torch.manual_seed(0)  # the same drop-path draws in both runs
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], sum(saved)
+
+    loss, grads, stored = step()
+    model.set_grad_checkpointing()
+    assert all(stage.grad_checkpointing for stage in model.layers)
+    loss_ckpt, grads_ckpt, stored_ckpt = step()
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    for got, want in zip(grads_ckpt, grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert stored_ckpt < stored / 2  # only each block's input is kept through the forward pass
+    model.set_grad_checkpointing(False)
+    assert step()[2] == stored
+
+
+def test_forward_features_of_a_features_model_says_what_to_call():
+    with pytest.raises(ValueError, match="model\\(x\\) returns its feature maps"):
+        tiny(features_only=True).forward_features(torch.randn(1, 3, 32, 32))
