@@ -358,7 +358,11 @@ class SimpleFPNDetector(nn.Module):
             raise ValueError(f"targets[{index}]: labels must be category ids in 1..{self.num_classes} "
                              f"(num_classes = the largest id), got {labels.tolist()}")
         if "iscrowd" in target:  # crowd regions are not objects to learn (mmdet ignores them too)
-            keep = torch.as_tensor(target["iscrowd"]).to(device) == 0
+            iscrowd = torch.as_tensor(target["iscrowd"]).to(device).reshape(-1)
+            if iscrowd.shape != labels.shape:
+                raise ValueError(f"targets[{index}]: 'iscrowd' must be (n,) like 'labels' ({len(labels)}), got "
+                                 f"{len(iscrowd)} values; give one 0/1 flag per box or leave 'iscrowd' out")
+            keep = iscrowd == 0
             boxes, labels = boxes[keep], labels[keep]
         return sanitize_boxes(boxes, labels.long(), image_size, where=f"targets[{index}]")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,6 +24,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+
+from .data.datasets import load_coco, validate_coco
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -39,6 +40,10 @@ def topk_accuracy(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) ->
                          f"{tuple(target.shape)}")
     if len(target) == 0:
         raise ValueError("topk_accuracy needs at least one sample")
+    bad = (target < 0) | (target >= logits.shape[1])
+    if bad.any():
+        raise ValueError(f"target has class indices {sorted(set(target[bad].tolist()))[:5]} outside [0, "
+                         f"{logits.shape[1]}) for logits of {logits.shape[1]} classes; targets are 0-based indices")
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices                              # (n, kmax), best first
     hit = top == target[:, None]
@@ -51,12 +56,14 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
                   iou_type: str = "bbox") -> OrderedDict[str, float]:
     """COCO AP/AR of ``detections`` against ``gt``; returns the 12 ``COCOeval.stats`` by name.
 
-    gt: a pycocotools ``COCO``, a COCO dict, or the path of an ``instances_*.json``.
+    gt: a pycocotools ``COCO``, a COCO dict, or the path of an ``instances_*.json``; checked with
+    ``data.datasets.validate_coco`` (clear errors for bad fields, defaults for missing ``iscrowd``/``area``).
     detections: either torchvision-style per-image dicts ``{"image_id", "boxes" (k, 4) xyxy, "scores" (k,),
     "labels" (k,) category ids, optional "masks" (k, h, w) or (k, 1, h, w), probabilities cut at 0.5}``,
     or a ready COCO result list (dicts with ``category_id``, ``score`` and ``bbox`` xywh / ``segmentation``).
     No detections at all gives zeros (pycocotools itself would crash). An area range with no ground
-    truth (e.g. no small objects) is -1, as in COCOeval.
+    truth (e.g. no small objects) is -1, as in COCOeval. Boxes must be finite and labels must be category ids
+    of ``gt`` (ValueError otherwise: a NaN box or a 0-based label would be scored silently).
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
@@ -67,6 +74,12 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise ValueError(f"detections refer to image ids not in the ground truth: {sorted(unknown)[:5]}")
+    known = set(coco_gt.getCatIds())
+    unknown = {r["category_id"] for r in results} - known
+    if unknown:
+        raise ValueError(f"detections have labels {sorted(unknown)[:10]} that are not category ids of the ground "
+                         f"truth {sorted(known)[:10]}; labels must be the dataset's category ids (COCO: from 1), "
+                         "not 0-based class indices")
     with contextlib.redirect_stdout(io.StringIO()):      # COCOeval prints timings ("DONE (t=0.01s)")
         coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes edits the dicts it is given
         evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
@@ -83,6 +96,8 @@ def to_coco_results(detections: Sequence[dict], iou_type: str = "bbox") -> list[
         if "category_id" in det:                          # already a COCO result
             if iou_type == "segm" and "segmentation" not in det:
                 raise ValueError("iou_type='segm' needs a 'segmentation' in every COCO result")
+            if "bbox" in det:
+                _check_finite(np.asarray(det["bbox"], dtype=np.float64), det.get("image_id"), "bbox", "xywh")
             results.append(dict(det))
             continue
         missing = {"image_id", "boxes", "scores", "labels"} - set(det)
@@ -93,6 +108,7 @@ def to_coco_results(detections: Sequence[dict], iou_type: str = "bbox") -> list[
         if not len(boxes) == len(scores) == len(labels):
             raise ValueError(f"boxes, scores and labels disagree in length: {len(boxes)}, {len(scores)}, {len(labels)}")
         image_id = int(det["image_id"])
+        _check_finite(boxes, image_id, "boxes", "xyxy")
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
         if iou_type == "segm":
             if "masks" not in det:
@@ -109,23 +125,29 @@ def to_coco_results(detections: Sequence[dict], iou_type: str = "bbox") -> list[
     return results
 
 
+def _check_finite(boxes: np.ndarray, image_id, field: str, layout: str) -> None:
+    if not np.isfinite(boxes).all():
+        raise ValueError(f"detections for image_id={image_id}: '{field}' has NaN or inf values; detections must "
+                         f"be finite {layout} boxes (check the model's outputs, e.g. a diverged training run)")
+
+
 def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 def _as_coco(gt) -> COCO:
-    """gt as a pycocotools ``COCO`` with an ``info`` entry (added in place to a given ``COCO``, never to a given
-    dict): ``loadRes`` of pycocotools 2.0.9 and 2.0.10 reads it."""
-    if isinstance(gt, COCO):
-        gt.dataset.setdefault("info", {})
-        return gt
+    """gt checked by ``validate_coco`` and indexed as a new pycocotools ``COCO`` (never edits what it is given);
+    the check adds the ``info`` entry that ``loadRes`` of pycocotools 2.0.9 and 2.0.10 reads."""
     if isinstance(gt, (str, os.PathLike)):
-        with open(gt) as f:
-            gt = json.load(f)
-    if not isinstance(gt, dict):
+        return load_coco(gt)
+    if isinstance(gt, COCO):
+        dataset, source = gt.dataset, "ground truth (a pycocotools COCO)"
+    elif isinstance(gt, dict):
+        dataset, source = gt, "ground truth (a COCO dict)"
+    else:
         raise TypeError(f"gt must be a pycocotools COCO, a COCO dict or a path, got {type(gt).__name__}")
     coco = COCO()
-    coco.dataset = {"info": {}, **gt}
+    coco.dataset = validate_coco(dataset, source)
     with contextlib.redirect_stdout(io.StringIO()):      # createIndex prints "creating index..."
         coco.createIndex()
     return coco

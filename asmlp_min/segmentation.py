@@ -143,8 +143,15 @@ def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255,
 
     logits (b, K, h, w) at any resolution are up-sampled to the masks' (b, H, W) first, as mmseg does.
     class_weight (K,): pixel i counts w[y_i] times, loss = sum_i w[y_i] CE_i / sum_i w[y_i] (torch's weighted mean).
-    A batch with no labelled pixel gives a loss of 0 (not NaN) that still back-propagates.
+    A batch with no labelled pixel gives a loss of 0 (not NaN) that still back-propagates. Mask values other than
+    ``ignore_index`` must be class ids in [0, K) (ValueError, not torch's IndexError or a CUDA device-side assert).
     """
+    num_classes = logits.shape[1]
+    bad = (masks != ignore_index) & ((masks < 0) | (masks >= num_classes))
+    if bad.any():
+        raise ValueError(f"masks have values {masks[bad].unique()[:5].tolist()} that are neither class ids in "
+                         f"[0, num_classes={num_classes}) nor ignore_index={ignore_index}; check the dataset's "
+                         "num_classes and reduce_zero_label")
     logits = resize(logits, masks.shape[-2:]) if logits.shape[-2:] != masks.shape[-2:] else logits
     if not (masks != ignore_index).any():
         return logits.sum() * 0.0
@@ -240,9 +247,10 @@ class SemanticSegmenter(nn.Module):
         """Per-class loss weights (num_classes,) > 0, or None for plain cross-entropy (mmseg ``class_weight``)."""
         if class_weight is not None:
             class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
-            if class_weight.shape != (self.num_classes,) or not (class_weight > 0).all():
-                raise ValueError(f"class_weight must hold {self.num_classes} positive numbers, one per class, "
-                                 f"got {class_weight.tolist()}")
+            if (class_weight.shape != (self.num_classes,) or not (class_weight > 0).all()
+                    or not class_weight.isfinite().all()):
+                raise ValueError(f"class_weight must hold {self.num_classes} positive numbers, one per class, all "
+                                 f"finite (no inf or nan), got {class_weight.tolist()}")
             device = next(self.parameters()).device
             class_weight = class_weight.to(device)
         self.class_weight = class_weight

@@ -165,11 +165,56 @@ def test_coco_ground_truth_always_has_info(tmp_path):
     ({"annotations": [{"id": 0}]}, "'id'"),
     ({"annotations": [{"bbox": [1, 2, 3]}]}, "'bbox'"),
     ({"annotations": [{"id": 1}, {"id": 1}]}, "duplicate"),
+    ({"annotations": [{"bbox": [1, 1, float("nan"), 3]}]}, "'bbox' must be .* finite numbers"),
+    ({"annotations": [{"bbox": [1, 1, float("inf"), 3]}]}, "'bbox' must be .* finite numbers"),
+    ({"annotations": [{"bbox": [True, 1, 3, 3]}]}, "'bbox' must be .* finite numbers"),
+    ({"categories": []}, "'categories' is empty"),
+    ({"categories": [{"id": 1}]}, "needs a 'name'"),
+    ({"categories": [{"id": 0, "name": "circle"}], "annotations": [{"category_id": 0}]}, "'id'=0 must be >= 1"),
+    ({"annotations": [{"iscrowd": "0"}]}, "'iscrowd' must be 0 or 1"),
+    ({"annotations": [{"iscrowd": 2}]}, "'iscrowd' must be 0 or 1"),
+    ({"annotations": [{"area": "9"}]}, "'area' must be a finite number"),
+    ({"annotations": [{"image_id": "1"}]}, "'image_id' must be an int"),
+    ({"annotations": [{"image_id": True}]}, "'image_id' must be an int"),
+    ({"annotations": [{"segmentation": [1, 1, 4, 1, 4, 4]}]}, "'segmentation' must be a list of polygons"),
+    ({"annotations": [{"segmentation": {"counts": "abc"}}]}, "'segmentation' must be .* RLE dict"),
+    ({"annotations": [{"segmentation": "abc"}]}, "'segmentation' must be"),
 ])
 def test_malformed_coco_names_file_and_field(tmp_path, changes, field):
     path = _coco(tmp_path, **changes)
     with pytest.raises(ValueError, match=field) as err:
         load_coco(path)
+    assert str(path) in str(err.value)
+
+
+def test_valid_segmentations_pass(tmp_path):
+    polygon, rle = [[1, 1, 4, 1, 4, 4]], {"counts": [0, 64], "size": [8, 8]}
+    coco = load_coco(_coco(tmp_path, annotations=[{"id": 1, "segmentation": polygon},
+                                                  {"id": 2, "segmentation": rle}]))
+    assert coco.annToMask(coco.anns[1]).sum() > 0 and coco.annToMask(coco.anns[2]).sum() == 64
+
+
+def test_polygons_of_fewer_than_three_points_are_dropped_with_a_warning(tmp_path):
+    good, short = [1, 1, 4, 1, 4, 4], [1, 2, 3, 4]
+    path = _coco(tmp_path, annotations=[{"id": 1, "segmentation": [short, good]}, {"id": 2, "segmentation": [short]}])
+    with pytest.warns(UserWarning, match="dropped polygons of fewer than 3 points from 2 annotation"):
+        coco = load_coco(path)
+    assert list(coco.anns) == [1] and coco.anns[1]["segmentation"] == [good]
+
+
+@pytest.mark.parametrize("changes", [{"annotations": []}, {"annotations": None}])
+def test_split_without_annotations_warns_that_ap_is_undefined(tmp_path, changes):
+    path = _coco(tmp_path, **changes)
+    with pytest.warns(UserWarning, match=r"no annotations: AP will be -1 \(undefined\)") as caught:
+        coco = load_coco(path)
+    assert str(path) in str(caught[0].message) and coco.anns == {}
+
+
+def test_images_without_file_name_fail_at_load_time_only_for_a_dataset(tmp_path):
+    path = _coco(tmp_path, images=[{"id": 1, "height": 8, "width": 8}])
+    assert sorted(load_coco(path).imgs) == [1]                     # evaluation needs no file names
+    with pytest.raises(ValueError, match=r"images\[0\] \(id=1\) needs a 'file_name'") as err:
+        CocoDetection(tmp_path, path)
     assert str(path) in str(err.value)
 
 

@@ -372,3 +372,11 @@ def test_maskrcnn_loads_mmdet_backbone_weights():
     with pytest.raises(CheckpointError, match="does not fit"):
         build_maskrcnn("asmlp_tiny", num_classes=4, embed_dim=32, depths=(1, 1, 1, 1),
                        pretrained_backbone={"state_dict": state})
+
+
+def test_iscrowd_of_another_length_than_labels_is_a_clear_error():
+    model = tiny_detector()
+    for iscrowd in ([0], [0, 0, 1]):
+        with pytest.raises(ValueError, match=r"targets\[0\]: 'iscrowd' must be \(n,\) like 'labels' \(2\)"):
+            model.preprocess([torch.rand(3, 64, 64)], [{**target([[0, 0, 9, 9], [5, 5, 30, 30]], [1, 2]),
+                                                        "iscrowd": torch.tensor(iscrowd)}])

@@ -202,3 +202,77 @@ def test_bad_segmentation_input():
         meter.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([[[0, 7], [1, 2]]]))
     with pytest.raises(ValueError, match="same shape"):
         meter.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- bad input: clear errors, nothing scored silently
+
+def test_topk_accuracy_rejects_targets_out_of_range():
+    logits = torch.zeros(2, 3)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"\[{bad}\] outside \[0, 3\)"):
+            topk_accuracy(logits, torch.tensor([0, bad]))
+
+
+def test_non_finite_box_is_an_error_not_a_perfect_score():
+    exact = torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 140.0, 140.0]])
+    for value in (float("nan"), float("inf")):
+        boxes = exact.clone()
+        boxes[1, 2] = value
+        detections = [{"image_id": 1, "boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1])}]
+        with pytest.raises(ValueError, match="image_id=1.*finite xyxy boxes"):
+            coco_evaluate(_one_image_gt(), detections)
+    results = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, float("nan"), 40], "score": 0.9}]
+    with pytest.raises(ValueError, match="image_id=1.*finite"):
+        coco_evaluate(_one_image_gt(), results)
+
+
+def test_labels_that_are_not_category_ids_are_listed():
+    # 0-based class indices instead of the ground truth's category ids (which start at 1)
+    detections = [{"image_id": 1, "boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 140.0, 140.0]]),
+                   "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 0])}]
+    with pytest.raises(ValueError, match=r"labels \[0\] that are not category ids of the ground truth \[1\]"):
+        coco_evaluate(_one_image_gt(), detections)
+
+
+def _exact_results():
+    return [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "score": 0.8}]
+
+
+def test_ground_truth_without_iscrowd_and_area_gets_defaults():
+    gt = _one_image_gt()
+    for ann in gt["annotations"]:
+        del ann["iscrowd"], ann["area"]
+    coco = COCO()
+    coco.dataset = copy.deepcopy(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    for source in (gt, coco):
+        assert coco_evaluate(source, _exact_results())["AP"] == 1.0
+    assert "iscrowd" not in gt["annotations"][0]                   # the caller's dict is left as it was
+
+
+def test_annotation_id_zero_is_an_error_not_a_zero_score(tmp_path):
+    gt = _one_image_gt()
+    gt["annotations"][0]["id"] = 0                                 # COCOeval would score the exact hit 0.0
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(gt))
+    coco = COCO()
+    coco.dataset = copy.deepcopy(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    for source in (gt, path, coco):
+        with pytest.raises(ValueError, match="field 'id' must be >= 1"):
+            coco_evaluate(source, _exact_results())
+
+
+def test_bad_ground_truth_files_and_dicts_are_named(tmp_path):
+    path = tmp_path / "instances_val.json"
+    path.write_text('{"images": [')
+    with pytest.raises(ValueError, match="not valid JSON") as err:
+        coco_evaluate(path, _exact_results())
+    assert str(path) in str(err.value)
+    gt = _one_image_gt()
+    del gt["categories"]
+    with pytest.raises(ValueError, match="'categories'"):
+        coco_evaluate(gt, _exact_results())

@@ -278,3 +278,21 @@ def test_head_parameters_match_the_mmseg_layout_by_hand():
     model_aux = SemanticSegmenter("asmlp_tiny", num_classes=150, channels=8).auxiliary_head
     assert sum(p.numel() for p in head.parameters()) == uper
     assert sum(p.numel() for p in model_aux.parameters()) == aux
+
+
+def test_mask_values_beyond_num_classes_are_a_clear_error():
+    model = tiny(num_classes=3).train()
+    masks = torch.zeros(1, 32, 32, dtype=torch.long)
+    masks[0, 0, :3] = torch.tensor([7, 255, -1])                   # 255 is ignored; 7 and -1 are not classes
+    with pytest.raises(ValueError, match=r"values \[-1, 7\].*num_classes=3"):
+        model(torch.randn(1, 3, 32, 32), masks)
+    with pytest.raises(ValueError, match=r"values \[7\].*num_classes=3"):
+        segmentation_loss(torch.randn(1, 3, 4, 4), torch.tensor([[[0, 1, 2, 7]] * 4]))
+
+
+@pytest.mark.parametrize("weight", [[1.0, float("inf"), 2.0], [1.0, float("nan"), 2.0], [1.0, -2.0, 2.0]])
+def test_class_weight_must_be_finite_and_positive(weight):
+    model = tiny(num_classes=3)
+    with pytest.raises(ValueError, match="3 positive numbers, one per class, all finite"):
+        model.set_class_weight(weight)
+    assert model.class_weight is None                              # the refused weights were not kept

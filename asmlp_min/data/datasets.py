@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -86,15 +87,18 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
 
 # ---------------------------------------------------------------- COCO detection / instance segmentation
 
-def validate_coco(dataset: dict, source: str) -> dict:
+def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -> dict:
     """Check a COCO instances dict field by field; return a copy without degenerate boxes.
 
-    Raises ValueError naming ``source`` and the field for: a missing ``images``/``categories`` list, image
-    or annotation ids that are not unique ints, annotation ``id`` < 1 (COCOeval uses 0 for "unmatched"),
-    ``image_id`` not in ``images``, ``category_id`` not in ``categories``, ``bbox`` not 4 numbers.
-    Boxes with width or height <= 0 are dropped with one warning that counts them. Missing ``iscrowd``
-    defaults to 0, missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and
-    2.0.10 need it to evaluate).
+    Raises ValueError naming ``source`` and the field for: a missing ``images``/``categories`` list, an empty
+    ``categories``, a category without ``name`` or with ``id`` < 1, image or annotation ids that are not unique
+    ints, annotation ``id`` < 1 (COCOeval uses 0 for "unmatched"), ``image_id`` not an int of ``images``,
+    ``category_id`` not in ``categories``, ``bbox`` not 4 finite numbers, ``iscrowd`` not 0/1, ``area`` not a
+    finite number >= 0, ``segmentation`` neither polygons nor RLE, and (``require_file_name``, for datasets that
+    read the pixels) an image without ``file_name``. Boxes with width or height <= 0 are dropped with one
+    warning that counts them; no annotations at all warns that AP will be -1. Missing ``iscrowd`` defaults to 0,
+    missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to
+    evaluate).
     """
     if not isinstance(dataset, dict):
         raise ValueError(f"{source}: top level must be a JSON object with 'images', 'annotations', 'categories'")
@@ -103,32 +107,83 @@ def validate_coco(dataset: dict, source: str) -> dict:
             raise ValueError(f"{source}: missing or non-list field '{field}' (a COCO instances file has "
                              "'images', 'annotations' and 'categories' lists)")
     image_ids = _unique_ids(dataset["images"], "images", source)
+    if require_file_name:
+        for i, image in enumerate(dataset["images"]):
+            if not isinstance(image.get("file_name"), str):
+                raise ValueError(f"{source}: images[{i}] (id={image['id']}) needs a 'file_name' string: the "
+                                 "image file to read, relative to the image folder")
     category_ids = _unique_ids(dataset["categories"], "categories", source)
+    if not category_ids:
+        raise ValueError(f"{source}: field 'categories' is empty; list every class as {{'id': 1, 'name': ...}}")
+    for i, category in enumerate(dataset["categories"]):
+        if category["id"] < 1:
+            raise ValueError(f"{source}: categories[{i}] field 'id'={category['id']} must be >= 1 (COCO category "
+                             "ids start at 1; the detector predicts 1..K)")
+        if not isinstance(category.get("name"), str):
+            raise ValueError(f"{source}: categories[{i}] (id={category['id']}) needs a 'name' string")
     annotations = dataset.get("annotations", [])
     if not isinstance(annotations, list):
         raise ValueError(f"{source}: field 'annotations' must be a list")
+    if not annotations:
+        warnings.warn(f"{source}: no annotations: AP will be -1 (undefined) because there are no objects to find",
+                      stacklevel=3)
     _unique_ids(annotations, "annotations", source)
-    kept, degenerate = [], 0
+    kept, degenerate, short_polygons = [], 0, 0
     for i, ann in enumerate(annotations):
         where = f"{source}: annotations[{i}] (id={ann.get('id')})"
         if ann["id"] < 1:
             raise ValueError(f"{where} field 'id' must be >= 1: COCOeval uses 0 to mean 'unmatched'")
-        if ann.get("image_id") not in image_ids:
+        if not _is_int(ann.get("image_id")):
+            raise ValueError(f"{where} field 'image_id' must be an int, got {ann.get('image_id')!r}")
+        if ann["image_id"] not in image_ids:
             raise ValueError(f"{where} field 'image_id'={ann.get('image_id')!r} is not the id of any entry in 'images'")
-        if ann.get("category_id") not in category_ids:
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
             raise ValueError(f"{where} field 'category_id'={ann.get('category_id')!r} is not in 'categories' "
                              f"ids {sorted(category_ids)[:10]}")
         box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise ValueError(f"{where} field 'bbox' must be [x, y, width, height] numbers, got {box!r}")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_finite_number(v) for v in box)):
+            raise ValueError(f"{where} field 'bbox' must be [x, y, width, height] finite numbers, got {box!r}")
+        if "iscrowd" in ann and not (_is_int(ann["iscrowd"]) and ann["iscrowd"] in (0, 1)):
+            raise ValueError(f"{where} field 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+        if "area" in ann and not (_is_finite_number(ann["area"]) and ann["area"] >= 0):
+            raise ValueError(f"{where} field 'area' must be a finite number >= 0 (pixels), got {ann['area']!r}")
         if box[2] <= 0 or box[3] <= 0:
             degenerate += 1
             continue
+        if "segmentation" in ann:
+            polygons = _checked_segmentation(ann["segmentation"], where)
+            if polygons is not None and len(polygons) < len(ann["segmentation"]):
+                short_polygons += 1
+                if not polygons:
+                    continue
+                ann = {**ann, "segmentation": polygons}
         kept.append({"iscrowd": 0, "area": float(box[2] * box[3]), **ann})
     if degenerate:
         warnings.warn(f"{source}: skipped {degenerate} annotation(s) whose 'bbox' has zero or negative width/height",
                       stacklevel=3)
+    if short_polygons:  # real COCO has a few; detectron2 drops them the same way
+        warnings.warn(f"{source}: dropped polygons of fewer than 3 points from {short_polygons} annotation(s); "
+                      "those left with no polygon were skipped", stacklevel=3)
     return {"info": {}, **dataset, "annotations": kept}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)   # JSON true is a bool, and bool is an int
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked_segmentation(segmentation, where: str) -> list | None:
+    """An RLE dict (returns None) or a list of polygons, of which those with >= 3 points (6 numbers) are
+    returned; anything else is a ValueError. Coordinates are not checked one by one (COCO has millions)."""
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        return None
+    if isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation):
+        return [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+    raise ValueError(f"{where} field 'segmentation' must be a list of polygons (each a list of numbers x1, y1, "
+                     f"x2, y2, ...) or an RLE dict with 'counts' and 'size', got {str(segmentation)[:80]}")
 
 
 def _unique_ids(entries: list, field: str, source: str) -> set:
@@ -143,15 +198,15 @@ def _unique_ids(entries: list, field: str, source: str) -> set:
     return ids
 
 
-def load_coco(ann_file: str | os.PathLike) -> COCO:
-    """Read, validate and index a COCO instances JSON, without pycocotools' prints."""
+def load_coco(ann_file: str | os.PathLike, require_file_name: bool = False) -> COCO:
+    """Read, validate (``validate_coco``) and index a COCO instances JSON, without pycocotools' prints."""
     try:
         with open(ann_file) as f:
             dataset = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{ann_file}: not valid JSON ({err})") from err
     coco = COCO()
-    coco.dataset = validate_coco(dataset, str(ann_file))
+    coco.dataset = validate_coco(dataset, str(ann_file), require_file_name)
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -171,7 +226,7 @@ class CocoDetection(Dataset):
         self.image_root, self.ann_file = Path(image_root), Path(ann_file)
         if not self.image_root.is_dir():
             raise ValueError(f"{image_root}: image folder not found")
-        self.coco = load_coco(ann_file)
+        self.coco = load_coco(ann_file, require_file_name=True)
         self.ids = sorted(self.coco.imgs)
         if not self.ids:
             raise ValueError(f"{ann_file}: field 'images' is empty")
