@@ -36,10 +36,10 @@ class ASMLPConfig:
 # Paper / official yaml configs (../shared/PAPER.md Sec. 3). The mobile config is not in the released code:
 # C=64, depths (2,2,2,2) gives the paper's ~9.6M parameters but is UNCONFIRMED, as are its shift and drop path.
 MODEL_CONFIGS = {
-    "asmlp_mobile": ASMLPConfig(embed_dim=64, depths=(2, 2, 2, 2), drop_path_rate=0.1),
-    "asmlp_tiny": ASMLPConfig(),
-    "asmlp_small": ASMLPConfig(depths=(2, 2, 18, 2), drop_path_rate=0.3),
-    "asmlp_base": ASMLPConfig(embed_dim=128, depths=(2, 2, 18, 2), drop_path_rate=0.5),
+    "asmlp_mobile": ASMLPConfig(embed_dim=64, depths=(2, 2, 2, 2), shift_size=5, drop_path_rate=0.1),
+    "asmlp_tiny": ASMLPConfig(embed_dim=96, depths=(2, 2, 6, 2), shift_size=5, drop_path_rate=0.2),
+    "asmlp_small": ASMLPConfig(embed_dim=96, depths=(2, 2, 18, 2), shift_size=5, drop_path_rate=0.3),
+    "asmlp_base": ASMLPConfig(embed_dim=128, depths=(2, 2, 18, 2), shift_size=5, drop_path_rate=0.5),
 }
 
 
@@ -58,6 +58,12 @@ def to_fast_layout(x: Tensor) -> Tensor:
     layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
     return x.contiguous(memory_format=layout)
 
+
+# The data the official ImageNet weights expect (timm's data config for AS-MLP, ../shared/ECOSYSTEM.md):
+# bicubic resize to 256 and a 224 centre crop at test time, ImageNet mean and std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_PCT = 224 / 256
 
 PIECE_BYTES = 16 * 2**20
 
@@ -194,6 +200,7 @@ class ASMLPStage(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        """(b, c, h, w) -> (b, 2c, ceil(h/2), ceil(w/2)) after the merge, or (b, c, h, w) in the last stage."""
         x = self.forward_blocks(x)
         return x if self.downsample is None else self.downsample(x)
 
@@ -256,6 +263,10 @@ class ASMLP(nn.Module):
                                             for i in range(self.num_stages - 1))
             self.feature_info.append(dict(num_chs=self.num_features, reduction=patch_size * 2 ** (self.num_stages - 1),
                                           module="norm"))
+        self.pretrained_cfg = dict(  # timm's data config (resolve_data_config reads it), for the official weights
+            input_size=(in_chans, 224, 224), interpolation="bicubic", crop_pct=EVAL_CROP_PCT, mean=IMAGENET_MEAN,
+            std=IMAGENET_STD, num_classes=0 if features_only else num_classes, first_conv="patch_embed.proj",
+            classifier=None if features_only else "head")
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
@@ -291,7 +302,8 @@ class ASMLP(nn.Module):
                 x = stage.downsample(x)
         return feats
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        """(b, in_chans, H, W) -> logits (b, num_classes), or with ``features_only`` the list of maps."""
         if self.features_only:
             return self.forward_pyramid(x)
         return self.forward_head(self.forward_features(x))

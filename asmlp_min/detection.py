@@ -34,12 +34,9 @@ from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
-from .backbone import ASMLP, MODEL_CONFIGS, create_model
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, ASMLP, MODEL_CONFIGS, create_model
 from .checkpoint import LoadReport, load_backbone_checkpoint
 from .fpn import FPN
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the official backbones were trained with
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------- backbone: build, load, freeze

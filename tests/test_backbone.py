@@ -275,3 +275,15 @@ def test_grad_checkpointing_gives_the_same_gradients_and_stores_less():
 def test_forward_features_of_a_features_model_says_what_to_call():
     with pytest.raises(ValueError, match="model\\(x\\) returns its feature maps"):
         tiny(features_only=True).forward_features(torch.randn(1, 3, 32, 32))
+
+
+def test_pretrained_cfg_is_the_data_config_of_the_official_weights():
+    from asmlp_min.data.transforms import classification_transforms
+    cfg = tiny(num_classes=7).pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["num_classes"] == 7 and cfg["classifier"] == "head"
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert isinstance(tiny().get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
+    resize = classification_transforms(train=False, size=224).transforms[1]  # what evaluation applies
+    assert resize.size == [int(224 / cfg["crop_pct"])] and resize.interpolation.value == cfg["interpolation"]
+    assert tiny(features_only=True).pretrained_cfg["classifier"] is None

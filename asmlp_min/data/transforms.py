@@ -20,9 +20,7 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import InterpolationMode, v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_CROP_PCT = 224 / 256          # the paper resizes 224-px crops from 256-px images
+from ..backbone import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 
 
 def eval_resize_size(size: int) -> int:
