@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from .backbone import ASMLP, MODEL_CONFIGS, ASMLPStage, PatchMerging, create_model, pad_to_multiple
 from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU, GroupNorm1
+from .checkpoint import atomic_write
 from .complexity import count_gmacs, stage_resolutions
 from .runtime import freed_memory_kept, keep_freed_memory
 from .shift import axial_shift, reference_shift
@@ -516,19 +516,10 @@ def format_table(results: dict) -> str:
 
 
 def write_json(results: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Write atomically (:func:`asmlp_min.checkpoint.atomic_write`): a temporary file in the same folder, then a
+    rename."""
+    with atomic_write(path, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 # ---------------------------------------------------------------- command line

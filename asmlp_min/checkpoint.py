@@ -12,6 +12,7 @@ Accepted layouts (../shared/PAPER.md Sec. 9):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -60,21 +61,51 @@ def _refusal_detail(err: Exception) -> str:
     return text.strip()
 
 
-def save_checkpoint(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` to a temp file beside ``path``, then rename it into place (atomic)."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a file to write ``path`` all or nothing: ``with atomic_write(path) as f: f.write(data)``.
+
+    The data goes to a uniquely named temp file in the same folder (created if needed), which is flushed to disk
+    and renamed over ``path`` when the block ends; on any error, Ctrl-C included, the temp file is removed and
+    ``path`` is left as it was. The file gets the usual permissions (0o666 minus the umask), not mkstemp's 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` with ``torch.save`` through :func:`atomic_write`: a failed save leaves the old file intact."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
     return path
+
+
+def non_finite_keys(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors in ``state_dict`` that hold a NaN or an infinity."""
+    return [key for key, value in state_dict.items()
+            if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def _shown(keys: list[str], limit: int = 12) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def extract_state_dict(checkpoint: dict) -> dict[str, Tensor]:
@@ -116,8 +147,7 @@ class LoadReport:
             lines.append(f"skipped on request ({len(self.skipped)}): {', '.join(self.skipped)}")
         for name, keys in (("missing from checkpoint", self.missing), ("unexpected in checkpoint", self.unexpected)):
             if keys:
-                shown = ", ".join(keys[:12]) + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
-                lines.append(f"{name} ({len(keys)}): {shown}")
+                lines.append(f"{name} ({len(keys)}): {_shown(keys)}")
         for key, got, want in self.mismatched:
             lines.append(f"shape mismatch: {key}: checkpoint {got}, model {want}")
         return "\n".join(lines)
@@ -163,6 +193,11 @@ def _match(model: nn.Module, checkpoint, skip_head: bool) -> tuple[LoadReport, d
         else:
             report.loaded.append(key)
     report.unexpected = [k for k in source if k not in target and k not in report.skipped]
+    broken = non_finite_keys({k: source[k] for k in report.loaded})
+    if broken:  # refused before anything is copied: the model stays as it was
+        raise CheckpointError(f"the checkpoint's weights are damaged: {len(broken)} tensor(s) hold NaN or inf: "
+                              f"{_shown(broken)}. They were not loaded; the run that wrote them probably diverged. "
+                              "Use another checkpoint (or an earlier one from that run).")
     return report, source
 
 

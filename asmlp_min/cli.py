@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -119,8 +118,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.resume:
         # the checkpoint's settings, except the one that only concerned the run that wrote it
-        base = dataclasses.replace(TrainConfig.from_dict(_read_engine_checkpoint(args.resume)["config"]),
-                                   stop_at_epoch=None)
+        saved = _read_engine_checkpoint(args.resume, resume=True)["config"]
+        base = dataclasses.replace(TrainConfig.from_dict(saved), stop_at_epoch=None)
         overrides.setdefault("output", str(Path(args.resume).parent))
     else:
         task = overrides.get("task", "cls")
@@ -171,9 +170,21 @@ def _load_for(args: argparse.Namespace):
     return model, cfg, checkpoint
 
 
+def _writable_file(path: str, flag: str) -> Path:
+    """Check now, before minutes of work, that ``path`` can be written: not a folder, in a writable folder."""
+    from .engine import prepare_output_folder
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--{flag} {str(path)!r} is a folder; give a file name such as {str(path / 'metrics.json')!r}")
+    prepare_output_folder(path.parent, flag)
+    return path
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from .engine import build_data, evaluate, init_distributed
-    model, cfg, _ = _load_for(args)
+    from .checkpoint import atomic_write
+    from .engine import _check_classes, build_data, evaluate, init_distributed, strict_json
+    json_path = _writable_file(args.json, "json") if args.json else None
+    model, cfg, checkpoint = _load_for(args)
     overrides = {k: v for k, v in dict(data=args.data, batch_size=args.batch_size, val_size=args.val_size,
                                        device=args.device, amp=args.amp).items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides).resolved()
@@ -183,15 +194,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         if data.num_classes != cfg.num_classes:
             raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {cfg.data} has "
                              f"{data.num_classes}; evaluate on data of the same label set")
+        _check_classes(checkpoint, data.classes, args.checkpoint)
         metrics = evaluate(model.to(env.device), cfg, data, env)
     if env.is_main:
         print(f"{cfg.task} {cfg.model} on {cfg.data} ({len(data.val)} images):")
         for key, value in metrics.items():
             if isinstance(value, float):
                 print(f"  {key:10s} {value:.4f}")
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")
+        if json_path is not None:
+            with atomic_write(json_path, "w") as f:
+                f.write(strict_json(metrics, indent=1) + "\n")
     return 0
 
 
@@ -202,16 +214,18 @@ def _predict(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .checkpoint import atomic_write
     from .data.datasets import load_image
-    from .engine import predict
+    from .engine import predict, prepare_output_folder
     from .viz import draw_scenes
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"image {missing[0]!r} does not exist")
+    output = prepare_output_folder(args.output, "output")
     model, cfg, checkpoint = _load_for(args)
     classes = list(checkpoint["classes"])
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     for path in args.images:
         image = load_image(path)
         result = predict(model, cfg, image)
@@ -233,10 +247,11 @@ def _predict(args: argparse.Namespace) -> int:
             lines = [f"{classes[c]} {n / result.numel():.1%} of pixels" for c, n in enumerate(counts.tolist()) if n]
             fig = draw_scenes([image], [result], shown, ncols=1, panel_size=4)
         destination = output / f"{Path(path).stem}_{cfg.task}.png"
-        tmp = destination.with_name(f".{destination.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, destination)
+        try:
+            with atomic_write(destination) as f:
+                fig.savefig(f, dpi=100, format="png")
+        finally:
+            plt.close(fig)
         print(f"{path}: " + ("; ".join(lines) if lines else "nothing above the score threshold") + f" -> {destination}")
     return 0
 
@@ -245,6 +260,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from .complexity import info_table
+    if args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
     print(info_table(args.model, args.image_size))
     return 0
 
@@ -254,16 +271,6 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(args.output, data_root=args.data_root, quick=args.quick)
     print(f"report: {report}")
     return 0
-
-
-def _add_bench(sub) -> None:
-    try:
-        from .bench import add_bench_parser
-    except ImportError:
-        bench = sub.add_parser("bench", help="speed and memory benchmarks (not available in this version)")
-        bench.set_defaults(func=lambda args: (_ for _ in ()).throw(ValueError("bench is not available yet")))
-        return
-    add_bench_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--image-size", type=int, default=224, help="square input size (default: 224)")
     info.set_defaults(func=_info)
 
-    _add_bench(sub)
+    from .bench import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 
@@ -335,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes (CheckpointError included)
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
         print(f"asmlp-min {args.command}: {kind}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written (permissions, a file where a folder should be)
+        where = f" {err.filename}" if err.filename else ""
+        print(f"asmlp-min {args.command}: error: cannot use{where}: {err.strerror or err}; check the path and its "
+              "permissions", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"asmlp-min {args.command}: stopped: {err}", file=sys.stderr)

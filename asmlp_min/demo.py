@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .engine import CHECKPOINT_NAME, TASK_DEFAULTS, TrainConfig, Trainer, build_model, predict
 
 # One small backbone for all three tasks: C=32, depths (1, 1, 2, 1), shift 5 (paper default), drop path 0.05.
@@ -107,10 +107,8 @@ def _write_png(array: np.ndarray, path: Path) -> None:
 
 def _write_bytes(data: bytes, path: Path) -> None:
     """Temporary file, then rename: an interrupted demo never leaves half a file to be reused."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def train_or_reuse(cfg: TrainConfig) -> Trainer:
@@ -119,7 +117,8 @@ def train_or_reuse(cfg: TrainConfig) -> Trainer:
     resume = None
     if path.exists():
         saved = load_checkpoint(path)
-        same = {**saved.get("config", {}), "num_classes": None} == {**cfg.resolved().to_dict(), "num_classes": None}
+        config = saved.get("config")
+        same = isinstance(config, dict) and {**config, "num_classes": None} == {**cfg.resolved().to_dict(), "num_classes": None}
         resume = path if same else None
     trainer = Trainer(cfg, resume=resume)
     if resume is not None and trainer.epoch < cfg.epochs:
@@ -149,9 +148,8 @@ def run_demo(output: str | os.PathLike = "runs/demo", data_root: str | os.PathLi
     figures = write_figures(results, output / "figures")
     report = output / "report.md"
     text = render_report(results, figures, time.perf_counter() - start, quick)
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, report)
+    with atomic_write(report, "w") as f:
+        f.write(text)
     return report
 
 
@@ -226,10 +224,11 @@ def shift_figure():
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
     fig.tight_layout(rect=(0, 0, 1, 0.94) if fig._suptitle is not None else (0, 0, 1, 1))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=90, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

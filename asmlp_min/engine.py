@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,7 +45,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm.auto import tqdm
 
 from .backbone import MODEL_CONFIGS, create_model
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, LoadReport, atomic_write, load_checkpoint, non_finite_keys, save_checkpoint
 
 TASKS = ("cls", "det", "seg")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -68,7 +69,7 @@ DET_MAX_SIZE_RATIO = 1333 / 800
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became nan/inf; training stopped before the bad step touched the weights or the checkpoint."""
+    """The loss, the validation loss or the weights became nan/inf; training stopped without writing a checkpoint."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -143,14 +144,24 @@ class TrainConfig:
         if cfg.task == "det" and cfg.image_size < 32:
             raise ValueError(f"det: image_size is the short side the detector resizes images to and must be >= 32, "
                              f"got {cfg.image_size}")
+        if cfg.task != "det" and cfg.image_size < PATCH_SIZE:
+            raise ValueError(f"{cfg.task}: image_size must be >= {PATCH_SIZE}, got {cfg.image_size}: the model cuts the "
+                             f"image into {PATCH_SIZE}x{PATCH_SIZE} patches, and a smaller image has none")
+        if cfg.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 loads data in the main process), got {cfg.workers}")
+        if not _DEVICE.fullmatch(cfg.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (N a GPU index), got {cfg.device!r}")
         if cfg.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}")
-        for name in ("lr", "weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix"):
+        for name in ("lr", "weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix",
+                     "warmup_ratio", "min_lr_ratio"):
+            if not math.isfinite(getattr(cfg, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(cfg, name)}")
             if getattr(cfg, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
         if not 0 <= cfg.label_smoothing < 1 or not 0 < cfg.warmup_ratio <= 1 or not 0 <= cfg.min_lr_ratio <= 1:
             raise ValueError("need 0 <= label_smoothing < 1, 0 < warmup_ratio <= 1 and 0 <= min_lr_ratio <= 1")
-        if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:  # also refuses nan
             raise ValueError(f"drop_path must be in [0, 1), got {cfg.drop_path}")
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
@@ -177,8 +188,28 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if k == "depths" and v is not None else v for k, v in values.items() if k in names})
+        """The inverse of :meth:`to_dict`; a value of the wrong type (``epochs: "ten"``) raises TypeError naming it."""
+        if not isinstance(values, dict):
+            raise TypeError(f"a config must be a dict, got {type(values).__name__}")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        wrong = [f"{k}: {v!r} (expected {fields[k]})" for k, v in values.items()
+                 if k in fields and not _has_type(v, fields[k])]
+        if wrong:
+            raise TypeError("config values of the wrong type: " + "; ".join(wrong))
+        return cls(**{k: tuple(v) if k == "depths" and v is not None else v for k, v in values.items() if k in fields})
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether ``value`` fits a TrainConfig annotation such as ``'float | None'`` (ints count as floats)."""
+    kinds = annotation.split(" | ")
+    if value is None:
+        return "None" in kinds
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    checks = {"int": is_int, "float": is_int or isinstance(value, float), "str": isinstance(value, str),
+              "bool": isinstance(value, bool),
+              "tuple[int, ...]": isinstance(value, (list, tuple))
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value)}
+    return any(checks.get(kind, False) for kind in kinds)
 
 
 def _parse_class_weight(text: str) -> list[float]:
@@ -191,6 +222,9 @@ def _parse_class_weight(text: str) -> list[float]:
                          f"(e.g. 1,4.8,4.2,6.1), got {text!r}")
     return weights
 
+
+PATCH_SIZE = 4  # the backbone's patch embedding (../shared/PAPER.md Sec. 3)
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 # Fields that must match for --resume: they define the model and the data order.
 _RESUME_MUST_MATCH = ("task", "model", "embed_dim", "depths", "shift_size", "head_channels", "num_classes",
@@ -718,10 +752,8 @@ def predict(model: nn.Module, cfg: TrainConfig, image: Tensor):
 def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, dict]:
     """(model in eval mode, its TrainConfig, the checkpoint) from a ``checkpoint.pt`` written by :class:`Trainer`."""
     checkpoint = _read_engine_checkpoint(path)
-    cfg = TrainConfig.from_dict(checkpoint["config"]).resolved()
-    model = build_model(cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, None, cfg.image_size,
-                        **cfg.backbone_kwargs())
-    model.load_state_dict(checkpoint["model"])
+    cfg = _saved_config(checkpoint, path)
+    model = _model_for(checkpoint, cfg, path)
     return model.to(device).eval(), cfg, checkpoint
 
 
@@ -737,10 +769,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None, data: TaskData | None = None,
                  env: DistEnv | None = None, resume: str | os.PathLike | None = None, log: Callable = print):
         cfg = config.resolved()
-        checkpoint = _read_engine_checkpoint(resume) if resume else None
+        checkpoint = _read_engine_checkpoint(resume, resume=True) if resume else None
         self.env = env or init_distributed(cfg.device)
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.output)
+        if self.env.is_main:  # before data and model are built: an unusable folder fails in a second
+            prepare_output_folder(self.run_dir, "output")
         self.data = data or build_data(cfg)
         if cfg.num_classes is None:
             cfg.num_classes = self.data.num_classes
@@ -749,6 +783,7 @@ class Trainer:
         if checkpoint is not None:
             _check_compatible(checkpoint, cfg, resume)
         self.cfg = cfg
+        self._verified_epoch = None  # epoch of the checkpoint on disk whose weights this run checked finite
         self.task = make_task(cfg, self.data)
 
         seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -779,7 +814,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.history = 0, 0, 0, []
         self.epoch_totals = torch.zeros(3, dtype=torch.float64)  # loss * images, images, seconds (this epoch)
         if checkpoint is not None:
-            self._load_state(checkpoint)
+            self._load_state(checkpoint, resume)
         self.ddp_model = self.model
         if self.env.distributed:
             if self.env.device.type == "cuda":
@@ -788,7 +823,10 @@ class Trainer:
                 self.model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None)
         seed_everything(cfg.seed + self.env.rank)  # per-rank streams for dropout, drop path, augmentation
         if checkpoint is not None:
-            set_rng_state(checkpoint["rng"], self.env)
+            try:
+                set_rng_state(checkpoint["rng"], self.env)
+            except (RuntimeError, TypeError, IndexError, KeyError) as err:
+                raise _damaged(resume, f"its random generator state does not load ({err})") from None
         self._signal_received = False  # set by Ctrl-C on this rank
         self._stopping = False         # agreed by all ranks: stop after this optimiser step
 
@@ -870,6 +908,9 @@ class Trainer:
             start = time.perf_counter()
             record.update(self.evaluate())
             record["eval_time_s"] = time.perf_counter() - start
+            if "val_loss" in record and not math.isfinite(record["val_loss"]):
+                raise NonFiniteLossError(self._non_finite_weights_message(f"the validation loss became "
+                                                                          f"{record['val_loss']}"))
         self.history.append(record)
         self.save()
         self._write_metrics()
@@ -928,11 +969,24 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def _non_finite_message(self, value: float) -> str:
-        where = (f"the last good checkpoint {self.checkpoint_path} (epoch {self.epoch}) is unchanged"
-                 if self.checkpoint_path.exists() else "no checkpoint had been written yet")
         return (f"the training loss became {value} in epoch {self.epoch + 1} (step {self.step + 1}); stopped before "
-                f"updating the weights; {where}. Try a lower --lr (now {self.cfg.lr:g}), gradient clipping "
-                "(--clip-grad 1), or training without --amp.")
+                f"updating the weights; {self._checkpoint_on_disk()}. {self._advice()}")
+
+    def _non_finite_weights_message(self, what: str) -> str:
+        return (f"{what} after step {self.step} (epoch {self.epoch}); stopped without saving a checkpoint; "
+                f"{self._checkpoint_on_disk()}. {self._advice()}")
+
+    def _checkpoint_on_disk(self) -> str:
+        """Only a checkpoint whose weights this run checked (written or resumed from) is called good."""
+        if self._verified_epoch is not None:
+            return f"the last good checkpoint {self.checkpoint_path} (epoch {self._verified_epoch}) is unchanged"
+        if self.checkpoint_path.exists():
+            return f"{self.checkpoint_path}, from an earlier run and not checked by this one, is unchanged"
+        return "no checkpoint had been written yet"
+
+    def _advice(self) -> str:
+        return (f"Try a lower --lr (now {self.cfg.lr:g}), gradient clipping (--clip-grad 1), or training "
+                "without --amp.")
 
     @contextlib.contextmanager
     def _graceful_stop(self):
@@ -978,31 +1032,54 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Atomic write by rank 0 (every rank takes part in gathering the generator states)."""
+        """Atomic write by rank 0 (every rank takes part in gathering the generator states), of finite weights
+        only: nan/inf weights raise :class:`NonFiniteLossError` and leave the file on disk as it was."""
         state = self.state_dict()
+        broken = non_finite_keys(state["model"])
+        if broken:
+            raise NonFiniteLossError(self._non_finite_weights_message(
+                f"the weights became nan/inf ({len(broken)} tensors, e.g. {', '.join(broken[:3])})"))
         if self.env.is_main:
             save_checkpoint(state, self.checkpoint_path)
+        self._verified_epoch = self.epoch
 
-    def _load_state(self, checkpoint: dict) -> None:
+    def _load_state(self, checkpoint: dict, path) -> None:
         if checkpoint["world_size"] != self.env.world_size:
             raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es) and this run "
                                   f"has {self.env.world_size}; resume with the same number (the data order and "
                                   "random streams are per process)")
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        _check_weights(self.model, checkpoint, self.cfg, path)
+        if checkpoint["epoch"] > self.cfg.epochs or not (0 <= checkpoint["batch_in_epoch"] < self.batches_per_epoch
+                                                         and checkpoint["batch_in_epoch"] % self.cfg.accum_steps == 0):
+            raise _damaged(path, f"its position (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}) "
+                                 f"does not fit {self.cfg.epochs} epochs of {self.batches_per_epoch} batches")
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.scaler.load_state_dict(checkpoint["scaler"])
+            for group in self.optimizer.param_groups:  # load_state_dict casts the moments but never checks shapes
+                for param in group["params"]:
+                    for name, value in self.optimizer.state.get(param, {}).items():
+                        if value.ndim > 0 and value.shape != param.shape:
+                            raise ValueError(f"AdamW {name} of shape {tuple(value.shape)} for a parameter of shape "
+                                             f"{tuple(param.shape)}")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            raise _damaged(path, f"its optimiser or schedule state does not fit the model "
+                                 f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
         self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
         self.batch_in_epoch, self.history = checkpoint["batch_in_epoch"], list(checkpoint["metrics"])
         self.epoch_totals = checkpoint["epoch_totals"].clone()
+        self._verified_epoch = self.epoch
 
     def _write_metrics(self) -> None:
         """metrics.jsonl, one line per epoch (rewritten from the history, so a resumed run stays consistent),
         and curves.png."""
         if not self.env.is_main:
             return
-        text = "".join(json.dumps(record) + "\n" for record in self.history)
-        _atomic_write_text(self.run_dir / "metrics.jsonl", text)
+        text = "".join(strict_json(record) + "\n" for record in self.history)
+        with atomic_write(self.run_dir / "metrics.jsonl", "w") as f:
+            f.write(text)
         from .viz import plot_curves
         curves = [{k: v for k, v in r.items() if k in ("epoch", "train_loss", "val_loss", "lr") or k in _CURVE_METRICS}
                   for r in self.history]
@@ -1019,20 +1096,134 @@ def _format_record(record: dict, epochs: int) -> str:
             f"{record['train_img_per_s']:.1f} img/s, {record['train_time_s']:.1f}s")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def strict_json(obj, **kwargs) -> str:
+    """``json.dumps`` that strict parsers accept: nan and inf (e.g. a diverged loss) become null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
-def _read_engine_checkpoint(path: str | os.PathLike) -> dict:
-    """A Trainer checkpoint, or an error that says what the file is and what to do."""
+def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Create ``path`` (a folder for outputs) now, or raise ValueError saying why it cannot be used."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"--{flag} {str(path)!r} is a file, not a folder; choose another path") from None
+    except NotADirectoryError:
+        raise ValueError(f"--{flag} {str(path)!r}: a part of the path is a file, not a folder; "
+                         "choose another path") from None
+    except OSError as err:
+        raise ValueError(f"--{flag} {str(path)!r}: cannot create the folder ({err.strerror}); "
+                         "choose a folder you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag} {str(path)!r}: the folder is not writable; choose a folder you can write to")
+    return path
+
+
+_RESUME_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "epoch": int,
+                 "step": int, "batch_in_epoch": int, "epoch_totals": Tensor, "world_size": int, "metrics": list}
+
+
+def _damaged(path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is damaged or inconsistent: {what}. Use another checkpoint of the run (or "
+                           "train again); a file edited by hand cannot be trusted.")
+
+
+def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict:
+    """A Trainer checkpoint, or an error that says what the file is and what to do.
+
+    Checks what evaluate/predict need (a valid config, a classes list) and, with ``resume``, that the training
+    state is all there; the weights are checked against the model by :func:`_check_weights`.
+    """
     checkpoint = load_checkpoint(path)  # FileNotFoundError / CheckpointError with the reason
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was not written by 'asmlp-min train' (no {CHECKPOINT_FORMAT!r} tag): "
                               "--resume, evaluate and predict need the checkpoint.pt of a training run. To start "
                               "from official or other backbone weights, use train --pretrained PATH.")
+    if not isinstance(checkpoint.get("config"), dict):
+        raise _damaged(path, f"its 'config' should be a dict of settings, got "
+                             f"{type(checkpoint.get('config')).__name__ if 'config' in checkpoint else 'none'}")
+    cfg = _saved_config(checkpoint, path)
+    classes = checkpoint.get("classes")
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) == cfg.num_classes):
+        raise _damaged(path, f"its 'classes' should be a list of {cfg.num_classes} names, got {classes!r:.200}")
+    wanted = dict(_RESUME_STATE) if resume else {"model": dict}
+    wrong = [f"'{k}' (expected {kind.__name__}, got {type(checkpoint[k]).__name__})" if k in checkpoint
+             else f"'{k}' (missing)" for k, kind in wanted.items()
+             if not (isinstance(checkpoint.get(k), kind) and not isinstance(checkpoint.get(k), bool))]
+    if wrong:
+        raise _damaged(path, "wrong or missing entries " + ", ".join(wrong))
+    if resume and not (isinstance(checkpoint["rng"].get("cpu"), Tensor) and checkpoint["epoch_totals"].shape == (3,)
+                       and min(checkpoint["epoch"], checkpoint["step"], checkpoint["batch_in_epoch"]) >= 0):
+        raise _damaged(path, "its training position, generator state or epoch totals are malformed")
     return checkpoint
+
+
+def _saved_config(checkpoint: dict, path) -> TrainConfig:
+    """The checkpoint's TrainConfig, resolved, or a CheckpointError saying which value is wrong."""
+    try:
+        cfg = TrainConfig.from_dict(checkpoint["config"]).resolved()
+    except (TypeError, ValueError) as err:
+        raise _damaged(path, f"its config is invalid: {err}") from None
+    if not (isinstance(cfg.num_classes, int) and cfg.num_classes >= 1):
+        raise _damaged(path, f"its config has num_classes {cfg.num_classes!r}; a trained model has at least one")
+    return cfg
+
+
+def _model_for(checkpoint: dict, cfg: TrainConfig, path) -> nn.Module:
+    """The model the checkpoint's config describes, with the checkpoint's (checked) weights."""
+    try:
+        model = build_model(cfg.task, cfg.model, cfg.num_classes, cfg.head_channels, None, cfg.image_size,
+                            **cfg.backbone_kwargs())
+    except (TypeError, ValueError) as err:
+        raise _damaged(path, f"its config does not describe a model that can be built ({err})") from None
+    _check_weights(model, checkpoint, cfg, path)
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def _check_weights(model: nn.Module, checkpoint: dict, cfg: TrainConfig, path) -> None:
+    """Same keys and shapes as ``model``, and finite, or a CheckpointError listing what differs."""
+    saved, target = checkpoint["model"], model.state_dict()
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in saved.items()):
+        raise _damaged(path, "its 'model' entry is not a state dict (parameter names -> tensors)")
+    report = LoadReport(loaded=[k for k in target if k in saved and saved[k].shape == target[k].shape],
+                        missing=[k for k in target if k not in saved],
+                        unexpected=[k for k in saved if k not in target],
+                        mismatched=[(k, tuple(saved[k].shape), tuple(v.shape)) for k, v in target.items()
+                                    if k in saved and saved[k].shape != v.shape])
+    if not report.ok:
+        raise _damaged(path, f"its weights do not match the {cfg.task} {cfg.model} model its config describes "
+                             f"(embed_dim {cfg.embed_dim}, depths {cfg.depths}): " + str(report).replace("\n", "; "))
+    broken = non_finite_keys(saved)
+    if broken:
+        raise _damaged(path, f"{len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:6])}"
+                             f"{', ...' if len(broken) > 6 else ''}): the run diverged before this file was written")
+
+
+def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
+    """The data must have the checkpoint's class names in its order: a label index means one class."""
+    saved = list(checkpoint["classes"])
+    if saved == list(classes):
+        return
+    only_saved = [c for c in saved if c not in classes]
+    only_data = [c for c in classes if c not in saved]
+    if only_saved or only_data:
+        what = (f"only in the checkpoint: {', '.join(only_saved) or 'none'}; only in the data: "
+                f"{', '.join(only_data) or 'none'}")
+    else:
+        what = "the same names in another order: " + ", ".join(
+            f"label {i} is {a!r} in the checkpoint, {b!r} in the data" for i, (a, b) in enumerate(zip(saved, classes))
+            if a != b)
+    raise ValueError(f"the data's classes differ from the {len(saved)} classes {path} was trained on ({what}); "
+                     "use data with the same class folders")
 
 
 def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:

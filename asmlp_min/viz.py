@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .checkpoint import atomic_write
 from .data.shapes import CLASSES, Scene
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -135,13 +135,6 @@ def plot_curves(history: Sequence[dict], path_or_ax: str | os.PathLike | Axes) -
         return ax
     fig.tight_layout()
     path = Path(path_or_ax)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=100, format="png")
     return path

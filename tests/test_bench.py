@@ -3,6 +3,8 @@
 No test here looks at a time: only at what was measured, in which order, and at exact or hand-computed values.
 """
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -290,6 +292,19 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
     write_json(results, path)
     assert json.loads(path.read_text())["inference"]["batch"] == 2
     assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary file left behind
+
+
+def test_write_json_gives_normal_permissions_and_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "bench.json"
+    umask = os.umask(0o022)
+    try:
+        write_json({"ok": 1}, path)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644                    # not mkstemp's 0o600
+    with pytest.raises(TypeError):
+        write_json({"ok": object()}, path)                               # json.dump fails half way
+    assert json.loads(path.read_text()) == {"ok": 1} and os.listdir(tmp_path) == ["bench.json"]
 
 
 def test_cli_bench_passes_its_flags_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):

@@ -1,13 +1,14 @@
 """Loading official-layout checkpoints strictly, refusing bad files, and saving atomically."""
 import os
 import pickle
+import stat
 
 import pytest
 import torch
 
 from asmlp_min.backbone import create_model
-from asmlp_min.checkpoint import (CheckpointError, load_backbone_checkpoint, load_checkpoint, load_official_checkpoint,
-                                  save_checkpoint)
+from asmlp_min.checkpoint import (CheckpointError, atomic_write, load_backbone_checkpoint, load_checkpoint,
+                                  load_official_checkpoint, save_checkpoint)
 
 
 def tiny(**kwargs):
@@ -159,3 +160,33 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 def test_wrong_argument_types():
     with pytest.raises(TypeError, match="path or a dict"):
         load_official_checkpoint(tiny(), 42)
+
+
+def test_atomic_write_gives_normal_permissions_and_removes_its_temp_file_on_failure(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        save_checkpoint({"step": torch.tensor(1)}, tmp_path / "ckpt.pth")
+        with atomic_write(tmp_path / "sub" / "notes.txt", "w") as f:
+            f.write("all or nothing")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "ckpt.pth").st_mode) == 0o640        # 0o666 minus the umask
+    assert (tmp_path / "sub" / "notes.txt").read_text() == "all or nothing"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(tmp_path / "sub" / "notes.txt", "w") as f:
+            f.write("half")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path / "sub") == ["notes.txt"]
+    assert (tmp_path / "sub" / "notes.txt").read_text() == "all or nothing"
+
+
+def test_non_finite_weights_are_refused_and_nothing_is_copied():
+    source = tiny(num_classes=10).state_dict()
+    source["head.weight"][0, 0] = float("nan")
+    source["layers.0.blocks.0.norm1.bias"][0] = float("inf")
+    model = tiny(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for load in (load_official_checkpoint, load_backbone_checkpoint):
+        with pytest.raises(CheckpointError, match="2 tensor\\(s\\) hold NaN or inf: .*norm1.bias.*head.weight"):
+            load(model, {"model": source})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,11 +1,16 @@
 """``asmlp-min``: every subcommand on tiny data, --help for every flag, and one-line errors for user mistakes."""
 import argparse
+import hashlib
 import json
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
+from asmlp_min.checkpoint import load_checkpoint
 from asmlp_min.cli import build_parser, main
 from asmlp_min.data.shapes import make_scene, scene_rng
 
@@ -116,6 +121,15 @@ def test_info_prints_the_paper_table(capsys):
     (["predict", "--checkpoint=/no/such.pt", "/no/image.png"], "image '/no/image.png' does not exist"),
     (["train", "seg", "--mixup=0.5", *TINY], "mixup/cutmix apply to classification only"),
     (["train", "--epochs=0"], "epochs must be >= 1"),
+    (["train", *TINY, "--device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
+    (["train", *TINY, "--image-size=1"], "cls: image_size must be >= 4"),
+    (["train", *TINY, "--warmup-epochs=nan"], "warmup_epochs must be a finite number"),
+    (["train", *TINY, "--mixup=nan"], "mixup must be a finite number"),
+    (["train", *TINY, "--cutmix=nan"], "cutmix must be a finite number"),
+    (["train", *TINY, "--workers=-1"], "workers must be >= 0"),
+    (["train", *TINY, "--output=/sys/asmlp_min_run"], "cannot create the folder"),
+    (["predict", "--checkpoint=/no/such.pt", "--topk=0", "/no/image.png"], "--topk must be >= 1, got 0"),
+    (["info", "asmlp_tiny", "--image-size=-3"], "--image-size must be >= 1, got -3"),
 ])
 def test_user_mistakes_give_one_line_not_a_traceback(argv, message, capsys):
     assert main(argv) == 2
@@ -157,3 +171,78 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_data_and_runs(tmp_path,
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*.png")} == stamps      # data not rewritten
     assert all(p.read_bytes() == b for p, b in checkpoints.items())              # finished runs not retrained
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_data_with_other_class_names(runs, image, tmp_path, capsys):
+    for name in ("circle", "square", "star"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        Image.open(image).save(tmp_path / "val" / name / "scene.png")
+    assert main(["evaluate", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), f"--data={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "only in the checkpoint: triangle; only in the data: star" in err and "Traceback" not in err
+
+
+def test_evaluate_json_is_checked_first_written_atomically_and_strict(runs, tmp_path, capsys, monkeypatch):
+    checkpoint = str(runs / "cls" / "checkpoint.pt")
+    monkeypatch.setattr("asmlp_min.engine.evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json", str(tmp_path)]) == 2
+    assert f"--json {str(tmp_path)!r} is a folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json", str(tmp_path / "file" / "m.json")]) == 2
+    assert "file' is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setattr("asmlp_min.engine.evaluate", lambda *a, **k: {"val_loss": float("nan"), "top1": 0.5})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json", str(tmp_path / "out" / "m.json")]) == 0
+    assert json.loads((tmp_path / "out" / "m.json").read_text(), parse_constant=refuse) == {"val_loss": None,
+                                                                                           "top1": 0.5}
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.json"]
+
+
+def test_unwritable_outputs_give_one_line_before_any_work(runs, image, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr("asmlp_min.engine.load_trained", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["predict", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), str(image),
+                 f"--output={tmp_path / 'file'}"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["train", *TINY, f"--output={tmp_path / 'file' / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "a part of the path is a file" in err and "Traceback" not in err
+
+
+def test_os_errors_end_in_one_line(monkeypatch, capsys):
+    def denied(*args):
+        raise PermissionError(13, "Permission denied", "/some/file")
+    monkeypatch.setattr("asmlp_min.complexity.info_table", denied)
+    assert main(["info", "asmlp_tiny"]) == 2
+    assert capsys.readouterr().err.startswith("asmlp-min info: error: cannot use /some/file: Permission denied")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: c.pop("optimizer"), "'optimizer' (missing)"),
+    (lambda c: c["config"].update(epochs="ten"), "epochs: 'ten' (expected int)"),
+    (lambda c: c["model"]["head.weight"].fill_(float("nan")), "hold NaN or inf (head.weight)"),
+])
+def test_damaged_checkpoint_is_refused_and_a_failed_resume_leaves_it(runs, image, tmp_path, capsys, damage, message):
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = load_checkpoint(runs / "cls" / "checkpoint.pt")
+    damage(checkpoint)
+    path.parent.mkdir()
+    torch.save(checkpoint, path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    commands = [["train", "--resume", str(path)], ["evaluate", "--checkpoint", str(path)],
+                ["predict", "--checkpoint", str(path), str(image), f"--output={tmp_path}"]]
+    if "optimizer" in message:
+        commands = commands[:1]                                 # evaluate and predict do not need it
+    for argv in commands:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "checkpoint error" in err and "damaged or inconsistent" in err and message in err, argv
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_bench_ships_with_the_package_and_a_broken_import_is_not_hidden(monkeypatch):
+    monkeypatch.setitem(sys.modules, "asmlp_min.bench", None)
+    with pytest.raises(ImportError):
+        build_parser()

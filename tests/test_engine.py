@@ -351,3 +351,146 @@ def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):
     Trainer(cfg, resume=path, log=quiet)                    # the default resolves to the same size
     with pytest.raises(CheckpointError, match="image_size: checkpoint 800, now 640"):
         Trainer(dataclasses.replace(cfg, image_size=640), resume=path, log=quiet)
+
+
+# ---------------------------------------------------------------- non-finite weights and damaged checkpoints
+
+def _break_weights_after_the_epochs_last_step(trainer):
+    """Set a weight to inf after the last optimiser step of an epoch: no forward pass sees it before saving."""
+    step = trainer._optimizer_step
+
+    def step_then_break():
+        step()
+        if trainer.batch_in_epoch == trainer.batches_per_epoch:
+            with torch.no_grad():
+                trainer.model.head.weight.fill_(float("inf"))
+    trainer._optimizer_step = step_then_break
+
+
+def test_weights_that_become_nan_are_never_saved(tmp_path):
+    trainer = Trainer(tiny(tmp_path, eval_every=2), log=quiet)        # no validation loss after epoch 1
+    _break_weights_after_the_epochs_last_step(trainer)
+    with pytest.raises(NonFiniteLossError, match="weights became nan/inf .*head.weight.*no checkpoint had been written"):
+        trainer.fit()
+    assert os.listdir(tmp_path / "run") == []
+
+
+def test_non_finite_weights_keep_the_last_checked_checkpoint_and_never_call_an_unchecked_one_good(tmp_path):
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    before = sha256(path)
+    resumed = Trainer(tiny(tmp_path), resume=path, log=quiet)
+    _break_weights_after_the_epochs_last_step(resumed)
+    with pytest.raises(NonFiniteLossError, match=r"the validation loss became nan after step 8 \(epoch 2\); stopped "
+                                                 r"without saving.*last good checkpoint .*\(epoch 1\) is unchanged"):
+        resumed.fit()
+    assert sha256(path) == before
+    diverging = Trainer(tiny(tmp_path, epochs=3, lr=1e30, warmup_epochs=0, clip_grad=0.0), log=quiet)
+    with pytest.raises(NonFiniteLossError) as stopped:                 # the checkpoint on disk is not its own
+        diverging.fit()
+    assert "good" not in str(stopped.value) and "not checked by this one, is unchanged" in str(stopped.value)
+    assert sha256(path) == before
+
+
+def _damage(tmp_path, change, name="damaged.pt"):
+    """A copy of a good checkpoint with ``change(checkpoint)`` applied, written as torch.save would."""
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    change(checkpoint)
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def _set(key, value):
+    def change(checkpoint):
+        target = checkpoint
+        *parents, last = key.split("/")
+        for parent in parents:
+            target = target[parent]
+        if value is KeyError:
+            del target[last]
+        else:
+            target[last] = value
+    return change
+
+
+def _nan_weight(checkpoint):
+    checkpoint["model"]["head.weight"][0, 0] = float("nan")
+
+
+def _other_optimizer_moments(checkpoint):
+    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("config", KeyError), "'config' should be a dict of settings, got none"),
+    (_set("config", [1, 2]), "'config' should be a dict of settings, got list"),
+    (_set("config/embed_dim", "8"), "embed_dim: '8' \\(expected int \\| None\\)"),
+    (_set("config/epochs", "ten"), "epochs: 'ten' \\(expected int\\)"),
+    (_set("config/depths", "abc"), "depths: 'abc'"),
+    (_set("config/embed_dim", 16), "do not match the cls asmlp_tiny model .*shape mismatch: patch_embed.proj.weight"),
+    (_set("model/head.bias", KeyError), "missing from checkpoint \\(1\\): head.bias"),
+    (_set("classes", ["circle"]), "'classes' should be a list of 3 names"),
+    (_nan_weight, "1 weight tensor\\(s\\) hold NaN or inf \\(head.weight\\)"),
+])
+def test_damaged_checkpoints_are_refused_by_load_resume_and_say_what_is_wrong(tmp_path, change, message):
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    path = _damage(tmp_path, change)
+    saved = load_checkpoint(path).get("config")
+    same = dict(embed_dim=saved["embed_dim"]) if isinstance(saved, dict) and saved.get("embed_dim") == 16 else {}
+    for load in (lambda: load_trained(path), lambda: Trainer(tiny(tmp_path, **same), resume=path, log=quiet)):
+        with pytest.raises(CheckpointError, match="(?s)damaged or inconsistent: .*" + message):
+            load()
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("optimizer", KeyError), "'optimizer' \\(missing\\)"),
+    (_set("scheduler", KeyError), "'scheduler' \\(missing\\)"),
+    (_set("rng", KeyError), "'rng' \\(missing\\)"),
+    (_set("rng/cpu", torch.zeros(1, 3, dtype=torch.uint8)), "random generator state does not load"),
+    (_set("world_size", "1"), "'world_size' \\(expected int, got str\\)"),
+    (_set("batch_in_epoch", 99), "position \\(epoch 1, batch 99\\) does not fit"),
+    (_other_optimizer_moments, "AdamW exp_avg of shape \\(5,\\)"),
+])
+def test_resume_from_a_checkpoint_without_usable_training_state_is_refused_and_leaves_it(tmp_path, change, message):
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    path = _damage(tmp_path, change, name="run/checkpoint.pt")             # in place, where resume would save
+    before = sha256(path)
+    with pytest.raises(CheckpointError, match="damaged or inconsistent: .*" + message):
+        Trainer(tiny(tmp_path), resume=path, log=quiet).fit()
+    assert sha256(path) == before
+    load_trained(path)                                                     # evaluate/predict need none of it
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_nan(tmp_path):
+    trainer = Trainer(tiny(tmp_path), log=quiet)
+    trainer.history = [{"epoch": 1, "train_loss": 0.5, "val_loss": float("nan"), "AP": float("inf")}]
+    trainer._write_metrics()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert rows == [{"epoch": 1, "train_loss": 0.5, "val_loss": None, "AP": None}]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(device="gpu"), "device must be auto, cpu, cuda or cuda:N"),
+    (dict(image_size=1), "cls: image_size must be >= 4, got 1: the model cuts the image into 4x4 patches"),
+    (dict(task="seg", image_size=3, mixup=0.0, cutmix=0.0), "seg: image_size must be >= 4"),
+    (dict(warmup_epochs=float("nan")), "warmup_epochs must be a finite number, got nan"),
+    (dict(mixup=float("nan")), "mixup must be a finite number"),
+    (dict(cutmix=float("inf")), "cutmix must be a finite number"),
+    (dict(workers=-1), "workers must be >= 0"),
+])
+def test_more_bad_settings_raise_before_training(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny(tmp_path, **overrides), log=quiet)
+
+
+def test_unusable_output_folder_is_refused_before_data_and_model_are_built(tmp_path, monkeypatch):
+    monkeypatch.setattr("asmlp_min.engine.build_data", lambda *a, **k: pytest.fail("built data first"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--output .*file' is a file, not a folder"):
+        Trainer(tiny(tmp_path, "file"), log=quiet)
+    with pytest.raises(ValueError, match="a part of the path is a file"):
+        Trainer(tiny(tmp_path, "file/run"), log=quiet)

@@ -1,4 +1,7 @@
 """Figure helpers draw what they are given: one rectangle per shown box, masks blended in, PNGs written whole."""
+import os
+import stat
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -52,6 +55,15 @@ def test_semantic_masks_and_class_titles():
     plt.close(fig)
     with pytest.raises(ValueError, match="targets"):
         draw_scenes([image], [0, 1])
+
+
+def test_plot_curves_png_gets_normal_permissions_not_mkstemps(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = plot_curves([{"epoch": 1, "train_loss": 1.0}], tmp_path / "curves.png")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644                    # 0o666 minus the umask, as open() gives
 
 
 def test_plot_curves_writes_a_png_and_draws_on_axes(tmp_path):

@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from ..checkpoint import atomic_write
 from .datasets import detection_target, to_float_image
 
 CLASSES = ("circle", "square", "triangle")
@@ -308,16 +308,9 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then os.replace: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def scenes(n: int, seed: int = 0, split: str = "train", **scene_kwargs) -> Sequence[Scene]:
