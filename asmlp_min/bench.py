@@ -532,7 +532,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "configuration (NCHW, nn.Conv2d, Algorithm 1 shift), torchvision's swin_t and convnext_tiny "
                     "and a matmul, all in one run with the candidates timed in turns. Prints a markdown table.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu (fp32, batch 16, training batch 8) or cuda (batch 64, fp16 autocast)")
+                        help="cpu (fp32, batch 16, training batch 8) or cuda (batch 64, fp16 autocast); default: cpu")
     parser.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="asmlp_tiny",
                         help="AS-MLP variant to time (default: asmlp_tiny, the peers' size class)")
     parser.add_argument("--quick", action="store_true",

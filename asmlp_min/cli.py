@@ -99,7 +99,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA (default: off; "
                         "on a CPU without bfloat16 units, AVX512-BF16 or AMX, it is many times slower)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="NHWC memory format for model and images (often faster on GPUs; default: off)")
+                   help="NHWC memory format for model and images (default: off; the CPU model computes in NHWC "
+                        "anyway, and on an H200 GPU it was slower: benchmarks/README.md)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0, load in the main process)")
     g = p.add_argument_group("run folder, checkpoints and resuming")
     g.add_argument("--output", help="run folder for checkpoint.pt, metrics.jsonl, curves.png (default: runs/<task>, "
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="'shapes' or a folder (default: the data the checkpoint was trained on)")
     ev.add_argument("--val-size", type=int, help="shapes only: number of validation scenes (default: as trained)")
     ev.add_argument("--batch-size", type=int, help="images per batch (default: as trained)")
-    ev.add_argument("--device", help="auto, cpu or cuda (default: as trained, auto)")
+    ev.add_argument("--device", help="auto (cuda when available), cpu, cuda or cuda:N (default: the device setting "
+                                     "the model was trained with, usually auto)")
     ev.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: as trained)")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.set_defaults(func=_evaluate)

@@ -482,8 +482,11 @@ def _folder_cls(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
     if with_train:
         train = ImageFolderClassification(root / _existing(root, ["train"], "training split"), transform=train_tf)
         if train.classes != val.classes:
-            raise ValueError(f"{root}: train and val have different class folders ({len(train.classes)} vs "
-                             f"{len(val.classes)}); every class needs a folder in both")
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
+            raise ValueError(f"{root}: train and val have different class folders (only in train: "
+                             f"{', '.join(only_train) or 'none'}; only in val: {', '.join(only_val) or 'none'}); "
+                             "every class needs a folder in both")
     return TaskData(train, val, len(val.classes), list(val.classes))
 
 

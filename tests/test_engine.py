@@ -494,3 +494,13 @@ def test_unusable_output_folder_is_refused_before_data_and_model_are_built(tmp_p
         Trainer(tiny(tmp_path, "file"), log=quiet)
     with pytest.raises(ValueError, match="a part of the path is a file"):
         Trainer(tiny(tmp_path, "file/run"), log=quiet)
+
+
+def test_image_folder_with_other_classes_in_train_and_val_names_them(tmp_path):
+    from PIL import Image
+    for split, classes in (("train", ["circle", "square"]), ("val", ["circle", "star"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
+    with pytest.raises(ValueError, match="only in train: square; only in val: star"):
+        build_data(TrainConfig(task="cls", data=str(tmp_path)).resolved())
