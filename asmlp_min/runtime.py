@@ -7,10 +7,10 @@ Results are unchanged; the process keeps its peak memory instead of shrinking be
 
 Measured with ``asmlp-min bench`` on 2 cores, one full run without it and one with it (inference, batch 16, ms per
 batch, page faults per batch without it): the official configuration (NCHW, Algorithm 1, which allocates a padded
-copy and a concatenation per shift) 2252 -> 1435 (390,179 faults), swin_t 2042 -> 1495 (219,195), convnext_tiny
-1738 -> 1375 (150,538), asmlp_min 1420 -> 1345 (0 faults: its inference works in place and cuts the batch into
-pieces whose temporaries stay under the 32 MiB limit). So ``asmlp-min`` does not call it by default;
-``asmlp-min bench --keep-freed-memory`` applies it to every candidate.
+copy and a concatenation per shift) 2104 -> 1643 (225,111 faults), swin_t 1956 -> 1753 (150,283), convnext_tiny
+1714 -> 1521 (112,902), asmlp_min 1441 -> 1500 (0 faults: it cuts the batch into pieces whose temporaries stay
+under the 32 MiB limit). So ``asmlp-min`` does not call it by default; ``asmlp-min bench --keep-freed-memory``
+applies it to every candidate.
 """
 from __future__ import annotations
 
