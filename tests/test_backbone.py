@@ -224,6 +224,7 @@ def test_inference_in_pieces_equals_the_whole_batch(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing the model in eval mode")  # torchvision's note
 @pytest.mark.parametrize("features_only", [False, True])
 def test_feature_info_names_the_module_whose_output_is_each_map(features_only):
     from torchvision.models.feature_extraction import create_feature_extractor

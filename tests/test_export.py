@@ -83,6 +83,7 @@ def test_create_feature_extractor_on_the_features_model():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@EVAL_ONLY
 def test_intermediate_outputs_are_not_overwritten_during_inference():
     """Forward hooks and create_feature_extractor keep references to module outputs: no later in-place op (a GELU,
     a residual sum) may change them, with or without autograd."""
