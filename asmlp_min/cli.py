@@ -50,8 +50,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"{_TASK_HELP} (default: cls, or the --resume checkpoint's task)")
     g = p.add_argument_group("data and model")
     g.add_argument("--data", help=f"'shapes' (built-in synthetic scenes, generated once per run and kept in memory) "
-                                  f"or a folder: cls PATH/{{train,val}}/<class>/*.png, det COCO "
-                                  f"PATH/annotations/instances_{{train,val}}.json + PATH/{{train,val}}/, seg ADE20K "
+                                  f"or a folder: cls PATH/{{train,val}}/<class>/<images> (ImageNet layout), det "
+                                  f"COCO PATH/annotations/instances_{{train,val}}[2017].json + "
+                                  f"PATH/{{train,val}}[2017]/, seg ADE20K "
                                   f"PATH/{{images,annotations}}/{{training,validation}} (default: {d.data})")
     g.add_argument("--model", choices=list_models(), help=f"backbone variant (default: {d.model})")
     g.add_argument("--embed-dim", type=int, help="override the variant's channel width C (small models: 16-48)")
