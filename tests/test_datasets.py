@@ -282,3 +282,15 @@ def test_missing_mask_is_reported_at_construction(tmp_path):
     _write_png(root / "images/training/b.png", np.zeros((4, 4, 3)))
     with pytest.raises(ValueError, match="no mask.*b.png"):
         ADE20KSegmentation(root)
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    from asmlp_min.data.datasets import load_image
+    values = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # 0 .. 63000 of 65535
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    image = load_image(tmp_path / "gray16.png")
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8
+    want = torch.from_numpy(np.round(values / 257.0).astype(np.uint8))
+    assert torch.equal(image[0], want) and torch.equal(image[2], want)
+    Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(tmp_path / "rgb8.png")
+    assert torch.equal(load_image(tmp_path / "rgb8.png"), torch.full((3, 4, 4), 200, dtype=torch.uint8))

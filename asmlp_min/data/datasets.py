@@ -43,10 +43,19 @@ def load_image(path: str | os.PathLike) -> tv_tensors.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = img.convert("RGB")
+            rgb = _to_rgb(img)
     except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
         raise ValueError(f"{path}: unreadable or truncated image ({err}); re-download or remove it") from err
     return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale (PNG, TIFF) is scaled to 0-255, where ``convert("RGB")`` would clip every value
+    above 255 to white."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255):
+        gray = np.round(np.asarray(img, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return img.convert("RGB")
 
 
 def detection_target(boxes_xyxy, labels, masks, image_id: int, area, iscrowd,
