@@ -214,12 +214,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
     from .data.datasets import load_image
     from .engine import predict, prepare_output_folder
-    from .viz import draw_scenes
+    from .viz import draw_scenes, save_figure
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     missing = [p for p in args.images if not Path(p).is_file()]
@@ -249,11 +247,7 @@ def _predict(args: argparse.Namespace) -> int:
             lines = [f"{classes[c]} {n / result.numel():.1%} of pixels" for c, n in enumerate(counts.tolist()) if n]
             fig = draw_scenes([image], [result], shown, ncols=1, panel_size=4)
         destination = output / f"{Path(path).stem}_{cfg.task}.png"
-        try:
-            with atomic_write(destination) as f:
-                fig.savefig(f, dpi=100, format="png")
-        finally:
-            plt.close(fig)
+        save_figure(fig, destination)
         print(f"{path}: " + ("; ".join(lines) if lines else "nothing above the score threshold") + f" -> {destination}")
     return 0
 

@@ -16,7 +16,6 @@ grey-background scenes within a few hundred steps. ``asmlp-min train`` uses the 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
@@ -25,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .checkpoint import atomic_write, load_checkpoint
+from .data.shapes import save_png
 from .engine import CHECKPOINT_NAME, TASK_DEFAULTS, TrainConfig, Trainer, build_model, predict
 
 # One small backbone for all three tasks: C=32, depths (1, 1, 2, 1), shift 5 (paper default), drop path 0.05.
@@ -94,21 +93,15 @@ def export_data(cfg: TrainConfig) -> Path:
                 coco["images"].append({"id": i + 1, "file_name": f"{i:06d}.png", "height": 128, "width": 128})
                 coco["annotations"] += scene.coco_annotations(i + 1, first_id=len(coco["annotations"]) + 1)
         if cfg.task == "det":
-            _write_bytes(json.dumps(coco).encode(), ann_file)
+            with atomic_write(ann_file, "w") as f:
+                json.dump(coco, f)
     return root
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
+    """Written all or nothing, so an interrupted demo never leaves half a file to be reused; kept if present."""
     if not path.exists():
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        _write_bytes(buffer.getvalue(), path)
-
-
-def _write_bytes(data: bytes, path: Path) -> None:
-    """Temporary file, then rename: an interrupted demo never leaves half a file to be reused."""
-    with atomic_write(path) as f:
-        f.write(data)
+        save_png(array, path)
 
 
 def train_or_reuse(cfg: TrainConfig) -> Trainer:
@@ -118,7 +111,8 @@ def train_or_reuse(cfg: TrainConfig) -> Trainer:
     if path.exists():
         saved = load_checkpoint(path)
         config = saved.get("config")
-        same = isinstance(config, dict) and {**config, "num_classes": None} == {**cfg.resolved().to_dict(), "num_classes": None}
+        wanted = {**cfg.resolved().to_dict(), "num_classes": None}
+        same = isinstance(config, dict) and {**config, "num_classes": None} == wanted
         resume = path if same else None
     trainer = Trainer(cfg, resume=resume)
     if resume is not None and trainer.epoch < cfg.epochs:
@@ -222,14 +216,9 @@ def shift_figure():
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from .viz import save_figure
     fig.tight_layout(rect=(0, 0, 1, 0.94) if fig._suptitle is not None else (0, 0, 1, 1))
-    try:
-        with atomic_write(path) as f:
-            fig.savefig(f, dpi=90, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 # ---------------------------------------------------------------- report

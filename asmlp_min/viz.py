@@ -134,7 +134,15 @@ def plot_curves(history: Sequence[dict], path_or_ax: str | os.PathLike | Axes) -
     if fig is None:
         return ax
     fig.tight_layout()
-    path = Path(path_or_ax)
-    with atomic_write(path) as f:
-        fig.savefig(f, dpi=100, format="png")
+    return save_figure(fig, path_or_ax)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG all or nothing (:func:`asmlp_min.checkpoint.atomic_write`), then close it in pyplot."""
+    path = Path(path)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -22,7 +22,6 @@ of its full area visible (border cuts and occlusion together) and at least ``MIN
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -261,7 +260,7 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
         for i in range(n):
             if f"{i:06d}.png" not in existing:
                 s = scene(i)
-                _save_png(s.image, out / CLASSES[s.label] / f"{i:06d}.png")
+                save_png(s.image, out / CLASSES[s.label] / f"{i:06d}.png")
         return out
     if task == "seg":
         for i in range(n):
@@ -269,8 +268,8 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
             mask_path = root / "annotations" / split / f"{i:06d}.png"
             if not (image_path.exists() and mask_path.exists()):
                 s = scene(i)
-                _save_png(s.image, image_path)
-                _save_png(s.semantic, mask_path)
+                save_png(s.image, image_path)
+                save_png(s.semantic, mask_path)
         return root
     ann_file = root / "annotations" / f"instances_{split}.json"
     images = [root / split / f"{i:06d}.png" for i in range(n)]
@@ -281,11 +280,11 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
     for i, path in enumerate(images):
         s = scene(i)
         if not path.exists():
-            _save_png(s.image, path)
+            save_png(s.image, path)
         h, w = s.semantic.shape
         coco["images"].append({"id": i + 1, "file_name": path.name, "height": h, "width": w})
         coco["annotations"] += s.coco_annotations(image_id=i + 1, first_id=len(coco["annotations"]) + 1)
-    _atomic_write(ann_file, json.dumps(coco).encode())
+    _write_json(coco, ann_file)
     return ann_file
 
 
@@ -298,19 +297,18 @@ def _check_manifest(path: Path, settings: dict) -> None:
             raise ValueError(f"{path.parent} already holds shapes made with {stored}, not {settings}; "
                              "export to another folder or delete this one")
     else:
-        _atomic_write(path, json.dumps(settings).encode())
+        _write_json(settings, path)
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+def save_png(array: np.ndarray, path: Path) -> None:
+    """(h, w) or (h, w, 3) uint8 -> a PNG file, written all or nothing (:func:`asmlp_min.checkpoint.atomic_write`)."""
     with atomic_write(path) as f:
-        f.write(data)
+        Image.fromarray(array).save(f, format="PNG")
+
+
+def _write_json(obj, path: Path) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f)
 
 
 def scenes(n: int, seed: int = 0, split: str = "train", **scene_kwargs) -> Sequence[Scene]:
