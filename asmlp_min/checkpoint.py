@@ -104,7 +104,7 @@ def non_finite_keys(state_dict: dict) -> list[str]:
             if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
 
 
-def _shown(keys: list[str], limit: int = 12) -> str:
+def shown_keys(keys: list[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
@@ -147,7 +147,7 @@ class LoadReport:
             lines.append(f"skipped on request ({len(self.skipped)}): {', '.join(self.skipped)}")
         for name, keys in (("missing from checkpoint", self.missing), ("unexpected in checkpoint", self.unexpected)):
             if keys:
-                lines.append(f"{name} ({len(keys)}): {_shown(keys)}")
+                lines.append(f"{name} ({len(keys)}): {shown_keys(keys)}")
         for key, got, want in self.mismatched:
             lines.append(f"shape mismatch: {key}: checkpoint {got}, model {want}")
         return "\n".join(lines)
@@ -180,9 +180,21 @@ def _match(model: nn.Module, checkpoint, skip_head: bool) -> tuple[LoadReport, d
         raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
     source = extract_state_dict(checkpoint)
     target = model.state_dict()
-    report = LoadReport()
-    if skip_head:
-        report.skipped = sorted(k for k in set(source) | set(target) if k.startswith("head."))
+    skipped = sorted(k for k in set(source) | set(target) if k.startswith("head.")) if skip_head else []
+    report = compare_state_dicts(source, target, skipped)
+    broken = non_finite_keys({k: source[k] for k in report.loaded})
+    if broken:  # refused before anything is copied: the model stays as it was
+        raise CheckpointError(f"the checkpoint's weights are damaged: {len(broken)} tensor(s) hold NaN or inf: "
+                              f"{shown_keys(broken)}. They were not loaded; the run that wrote them probably diverged. "
+                              "Use another checkpoint (or an earlier one from that run).")
+    return report, source
+
+
+def compare_state_dicts(source: dict[str, Tensor], target: dict[str, Tensor], skipped: list[str] = ()) -> LoadReport:
+    """Key by key: which of ``target``'s tensors ``source`` has with the same shape (loaded), lacks (missing) or has
+    with another shape (mismatched), and which of its keys ``target`` lacks (unexpected); ``skipped`` keys are
+    left out of all four."""
+    report = LoadReport(skipped=list(skipped))
     for key, want in target.items():
         if key in report.skipped:
             continue
@@ -193,12 +205,7 @@ def _match(model: nn.Module, checkpoint, skip_head: bool) -> tuple[LoadReport, d
         else:
             report.loaded.append(key)
     report.unexpected = [k for k in source if k not in target and k not in report.skipped]
-    broken = non_finite_keys({k: source[k] for k in report.loaded})
-    if broken:  # refused before anything is copied: the model stays as it was
-        raise CheckpointError(f"the checkpoint's weights are damaged: {len(broken)} tensor(s) hold NaN or inf: "
-                              f"{_shown(broken)}. They were not loaded; the run that wrote them probably diverged. "
-                              "Use another checkpoint (or an earlier one from that run).")
-    return report, source
+    return report
 
 
 def _copy_loaded(model: nn.Module, source: dict, report: LoadReport) -> None:

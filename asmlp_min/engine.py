@@ -45,7 +45,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm.auto import tqdm
 
 from .backbone import MODEL_CONFIGS, create_model
-from .checkpoint import CheckpointError, LoadReport, atomic_write, load_checkpoint, non_finite_keys, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write, compare_state_dicts, load_checkpoint, non_finite_keys,
+                         save_checkpoint, shown_keys)
 
 TASKS = ("cls", "det", "seg")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -1197,18 +1198,14 @@ def _check_weights(model: nn.Module, checkpoint: dict, cfg: TrainConfig, path) -
     saved, target = checkpoint["model"], model.state_dict()
     if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in saved.items()):
         raise _damaged(path, "its 'model' entry is not a state dict (parameter names -> tensors)")
-    report = LoadReport(loaded=[k for k in target if k in saved and saved[k].shape == target[k].shape],
-                        missing=[k for k in target if k not in saved],
-                        unexpected=[k for k in saved if k not in target],
-                        mismatched=[(k, tuple(saved[k].shape), tuple(v.shape)) for k, v in target.items()
-                                    if k in saved and saved[k].shape != v.shape])
+    report = compare_state_dicts(saved, target)
     if not report.ok:
         raise _damaged(path, f"its weights do not match the {cfg.task} {cfg.model} model its config describes "
                              f"(embed_dim {cfg.embed_dim}, depths {cfg.depths}): " + str(report).replace("\n", "; "))
     broken = non_finite_keys(saved)
     if broken:
-        raise _damaged(path, f"{len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:6])}"
-                             f"{', ...' if len(broken) > 6 else ''}): the run diverged before this file was written")
+        raise _damaged(path, f"{len(broken)} weight tensor(s) hold NaN or inf ({shown_keys(broken, 6)}): the run "
+                             "diverged before this file was written")
 
 
 def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
