@@ -147,13 +147,14 @@ def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255,
     ``ignore_index`` must be class ids in [0, K) (ValueError, not torch's IndexError or a CUDA device-side assert).
     """
     num_classes = logits.shape[1]
-    bad = (masks != ignore_index) & ((masks < 0) | (masks >= num_classes))
+    labelled = masks != ignore_index
+    bad = labelled & ((masks < 0) | (masks >= num_classes))
     if bad.any():
         raise ValueError(f"masks have values {masks[bad].unique()[:5].tolist()} that are neither class ids in "
                          f"[0, num_classes={num_classes}) nor ignore_index={ignore_index}; check the dataset's "
                          "num_classes and reduce_zero_label")
     logits = resize(logits, masks.shape[-2:]) if logits.shape[-2:] != masks.shape[-2:] else logits
-    if not (masks != ignore_index).any():
+    if not labelled.any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits, masks, weight=class_weight, ignore_index=ignore_index)
 
