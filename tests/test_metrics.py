@@ -83,6 +83,17 @@ def test_coco_result_list_input_matches_dict_input():
     assert math.isclose(coco_evaluate(_one_image_gt(), results)["AP"], 25.5 / 101, rel_tol=1e-9)
 
 
+def _as_file_and_coco(gt: dict, tmp_path):
+    """The same ground truth as the two other forms coco_evaluate takes: an instances JSON file and a COCO."""
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(gt))
+    coco = COCO()
+    coco.dataset = copy.deepcopy(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return path, coco
+
+
 @pytest.fixture
 def pycocotools_2_0_9(monkeypatch):
     """``COCO.loadRes`` as pycocotools 2.0.9 and 2.0.10 have it: it copies the ground truth's 'info' (KeyError
@@ -99,12 +110,7 @@ def pycocotools_2_0_9(monkeypatch):
 
 def test_ground_truth_without_info_evaluates_on_every_pycocotools(pycocotools_2_0_9, tmp_path):
     gt = _one_image_gt()                                           # hand-made, no "info", like many custom files
-    path = tmp_path / "instances_val.json"
-    path.write_text(json.dumps(gt))
-    coco = COCO()
-    coco.dataset = copy.deepcopy(gt)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
+    path, coco = _as_file_and_coco(gt, tmp_path)
     results = [{"image_id": 1, "category_id": 1, "bbox": [150, 10, 40, 40], "score": 0.9},
                {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.8}]
     for source in (gt, path, coco):
@@ -239,14 +245,11 @@ def _exact_results():
             {"image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "score": 0.8}]
 
 
-def test_ground_truth_without_iscrowd_and_area_gets_defaults():
+def test_ground_truth_without_iscrowd_and_area_gets_defaults(tmp_path):
     gt = _one_image_gt()
     for ann in gt["annotations"]:
         del ann["iscrowd"], ann["area"]
-    coco = COCO()
-    coco.dataset = copy.deepcopy(gt)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
+    _, coco = _as_file_and_coco(gt, tmp_path)
     for source in (gt, coco):
         assert coco_evaluate(source, _exact_results())["AP"] == 1.0
     assert "iscrowd" not in gt["annotations"][0]                   # the caller's dict is left as it was
@@ -255,12 +258,7 @@ def test_ground_truth_without_iscrowd_and_area_gets_defaults():
 def test_annotation_id_zero_is_an_error_not_a_zero_score(tmp_path):
     gt = _one_image_gt()
     gt["annotations"][0]["id"] = 0                                 # COCOeval would score the exact hit 0.0
-    path = tmp_path / "instances_val.json"
-    path.write_text(json.dumps(gt))
-    coco = COCO()
-    coco.dataset = copy.deepcopy(gt)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
+    path, coco = _as_file_and_coco(gt, tmp_path)
     for source in (gt, path, coco):
         with pytest.raises(ValueError, match="field 'id' must be >= 1"):
             coco_evaluate(source, _exact_results())
