@@ -35,7 +35,7 @@ lab: $(STAMP)
 notebooks: $(STAMP)  ## re-execute and store every notebook (outputs are never edited by hand)
 	for nb in notebooks/*.ipynb; do \
 	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.kernel_name=asmlp_min \
-	    --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; done
+	    --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False "$$nb" || exit 1; done
 
 bench: $(STAMP)
 	$(BIN)/asmlp-min bench --quick

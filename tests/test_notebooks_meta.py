@@ -32,6 +32,8 @@ def test_stored_executed_in_order_with_the_project_kernel(path):
     assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == "asmlp_min"
     counts = [cell["execution_count"] for cell in code_cells(path)]
     assert counts == list(range(1, len(counts) + 1)), f"{path.name}: not run top to bottom; `make notebooks`"
+    timed = [i for i, cell in enumerate(code_cells(path)) if "execution" in cell["metadata"]]
+    assert not timed, f"{path.name}: code cells {timed} store execution timestamps; `make notebooks` leaves them out"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
