@@ -96,6 +96,48 @@ def test_bad_arguments_are_rejected():
         ShapesClassification(0)
 
 
+def _convex_hull(points):
+    """Andrew's monotone chain: the hull of (n, 2) integer points, counter-clockwise."""
+    pts = sorted(map(tuple, points))
+    cross = lambda o, a, b: (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])  # noqa: E731
+    def half(seq):
+        chain = []
+        for p in seq:
+            while len(chain) >= 2 and cross(chain[-2], chain[-1], p) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+    return np.array(half(pts) + half(pts[::-1]))
+
+
+def test_whole_shapes_are_inside_the_image_and_uncovered():
+    from matplotlib.path import Path as Polygon
+    # circles, squares and triangles are convex: a whole, uncovered one fills its own convex hull, and a cut or
+    # covered one does not (a border cut also shows as a mask touching the image edge)
+    grid = np.stack(np.meshgrid(np.arange(64), np.arange(64), indexing="ij"), -1).reshape(-1, 2)
+    n_shapes = 0
+    for seed in range(40):
+        scene = make_scene(seed, 64, max_shapes=3, size_range=(16, 40), whole=True, noise=0)
+        for mask in scene.masks:
+            n_shapes += 1
+            assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+            hull = Polygon(_convex_hull(np.argwhere(mask)))
+            inside_hull = hull.contains_points(grid, radius=-1.0).reshape(64, 64)   # strictly inside, 1 px in
+            assert mask[inside_hull].all()
+    assert n_shapes > 40                                   # several shapes per scene, so covering was possible
+    flat = make_scene(3, 64, whole=True, size_range=(16, 40), background="flat", noise=0)
+    background = flat.image[flat.semantic == 0]
+    assert len(np.unique(background, axis=0)) == 1 and len(set(background[0])) == 1     # one grey
+    assert shapes.CLS_SCENE["whole"] and shapes.CLS_SCENE["max_shapes"] == 1
+
+
+def test_whole_and_background_are_checked():
+    with pytest.raises(ValueError, match="sqrt"):
+        make_scene(0, 64, size_range=(16, 60), whole=True)
+    with pytest.raises(ValueError, match="background"):
+        make_scene(0, background="grey")
+
+
 def test_datasets_return_documented_types():
     image, label = ShapesClassification(2, seed=3)[1]
     assert image.shape == (3, 128, 128) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1

@@ -15,10 +15,15 @@ Same seed, same bytes on any machine: randomness comes only from ``numpy.random.
 point step, ``cos``/``sin`` of the rotation, is rounded to a 1/16-pixel grid before rasterising, so a
 last-bit difference between math libraries cannot move a pixel.
 
-Difficulty (defaults): 128x128 images; shapes 16-52 px across (circle diameter, square side, triangle
-side); any colour far enough from the local background; any rotation; centres anywhere in the image so
-shapes are cut by the border; later shapes occlude earlier ones. Every instance keeps at least half
-of its full area visible (border cuts and occlusion together) and at least ``MIN_VISIBLE_PX`` pixels.
+Difficulty (defaults, for detection and segmentation): 128x128 images; shapes 16-52 px across (circle
+diameter, square side, triangle side); any colour far enough from the local background; any rotation;
+centres anywhere in the image so shapes are cut by the border; later shapes occlude earlier ones. Every
+instance keeps at least half of its full area visible (border cuts and occlusion together) and at least
+``MIN_VISIBLE_PX`` pixels.
+
+``whole=True`` keeps every shape entirely inside the image and unoccluded, and ``background="flat"`` draws
+on one uniform grey: a cut square can look like a triangle, so a label is only well posed on whole shapes.
+``CLS_SCENE`` is that setting for a first classifier (one whole shape of 16-40 px in a 64-px image on grey).
 """
 from __future__ import annotations
 
@@ -44,6 +49,9 @@ CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name 
 NUM_SEG_CLASSES = len(CLASSES) + 1        # background + one class per kind
 SPLITS = {"train": 0, "val": 1, "test": 2}  # second word of the seed: train/val/test never share a scene
 MIN_VISIBLE_PX = 64
+BACKGROUNDS = ("textured", "flat")
+# The well-posed classification task: one whole shape on flat grey, so the label is never ambiguous.
+CLS_SCENE = dict(image_size=64, max_shapes=1, size_range=(16, 40), whole=True, background="flat")
 _SUBPIXEL = 16                             # vertices live on a 1/16-pixel grid (exact integer maths)
 
 
@@ -112,11 +120,15 @@ def scene_rng(seed: int, split: str = "train", index: int = 0) -> np.random.Gene
 
 
 def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int] = 128, max_shapes: int = 4,
-               size_range: tuple[int, int] = (16, 52), noise: int = 16) -> Scene:
+               size_range: tuple[int, int] = (16, 52), noise: int = 16, whole: bool = False,
+               background: str = "textured") -> Scene:
     """Draw one scene. ``rng`` is a Generator or an int seed (same as ``scene_rng(seed)``).
 
     image_size: int or (h, w). max_shapes: 1..max_shapes instances. size_range: inclusive shape
     extent in pixels. noise: per-pixel uniform noise amplitude (0..255) added over everything.
+    whole: every shape lies entirely inside the image and nothing covers it (a shape that does not fit
+    is not drawn; the first always fits when size_range[1] <= min(h, w) - 2). background: "textured"
+    (colour field + stripes) or "flat" (one grey level per scene).
     """
     if not isinstance(rng, np.random.Generator):
         rng = scene_rng(rng)
@@ -126,7 +138,15 @@ def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int]
         raise ValueError(f"need image_size >= 16, max_shapes >= 1, 4 <= size_range[0] <= size_range[1] and "
                          f"0 <= noise <= 255; got image_size={image_size}, max_shapes={max_shapes}, "
                          f"size_range={size_range}, noise={noise}")
-    canvas = _background(rng, h, w)
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    if whole and 2 * _whole_margin(hi) > min(h, w) * _SUBPIXEL:
+        raise ValueError(f"whole=True needs size_range[1] <= (min(image_size) - 2) / sqrt(2) so that a shape fits "
+                         f"at any rotation, got size_range={size_range} for image_size={image_size}")
+    if background == "textured":
+        canvas = _background(rng, h, w)
+    else:
+        canvas = np.full((h, w, 3), int(rng.integers(64, 193)), np.int32)
     instance_map = np.zeros((h, w), np.int32)             # 0 = background, k = k-th placed instance
     full_px, visible, kinds, colours = [], [], [], []
     n_shapes = int(rng.integers(1, max_shapes + 1))
@@ -135,13 +155,15 @@ def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int]
             break
         kind = int(rng.integers(len(CLASSES)))
         size = int(rng.integers(lo, hi + 1))
-        centre = rng.integers(0, (w * _SUBPIXEL, h * _SUBPIXEL), endpoint=True)
+        margin = _whole_margin(size) if whole else 0
+        centre = rng.integers(margin, (w * _SUBPIXEL - margin, h * _SUBPIXEL - margin), endpoint=True)
         angle = float(rng.random()) * 2 * math.pi
         inside, (y0, y1, x0, x1), full = _rasterise(kind, size, centre, angle, h, w)
         region = instance_map[y0:y1, x0:x1]
         covered = np.bincount(region[inside], minlength=len(kinds) + 1)[1:]   # pixels the new shape hides
         trial_visible = np.array(visible + [int(inside.sum())]) - np.append(covered, 0)
-        if (trial_visible < np.maximum(np.array(full_px + [full]) / 2, MIN_VISIBLE_PX)).any():
+        needed = np.array(full_px + [full]) if whole else np.maximum(np.array(full_px + [full]) / 2, MIN_VISIBLE_PX)
+        if (trial_visible < needed).any():
             continue
         region[inside] = len(kinds) + 1
         full_px.append(full)
@@ -155,6 +177,12 @@ def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int]
     image += rng.integers(-noise, noise + 1, (h, w, 3), dtype=np.int32)
     semantic = np.concatenate([[0], kinds_arr + 1]).astype(np.uint8)[instance_map]
     return Scene(np.clip(image, 0, 255).astype(np.uint8), masks, kinds_arr, semantic)
+
+
+def _whole_margin(size: int) -> int:
+    """Distance (1/16 px) a whole shape's centre keeps from the border: the largest reach of any kind at any
+    angle (the square's half diagonal, size / sqrt(2) < size * 181/256) plus one pixel for rounding."""
+    return (size * _SUBPIXEL * 181) // 256 + _SUBPIXEL
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
