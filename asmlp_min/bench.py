@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,11 @@ class BenchSettings:
     shift_repeats: int = 30
     matmul_size: int = 2048
     peers: tuple[str, ...] = ("swin_t", "convnext_tiny")
-    compile: bool = False      # also time torch.compile(asmlp_min); never part of the default path
+    compile: bool = False      # also time every candidate through torch.compile; never part of the default path
+    compile_backend: str = "inductor"  # torch.compile's default; tests pass "eager" to skip code generation
+    batches: tuple[int, ...] = ()        # a sweep (bench_sweep.py) instead of the default tables
+    train_batches: tuple[int, ...] = ()  # the sweep's training-step batches
+    max_seconds: float | None = None     # the sweep's time guard
 
 
 def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> BenchSettings:
@@ -91,11 +95,16 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
     settings = BenchSettings(**values)
     if settings.model not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {settings.model!r}; choose from {sorted(MODEL_CONFIGS)}")
-    sizes = (settings.batch, settings.train_batch, settings.image_size, settings.repeats, settings.shift_repeats)
+    sizes = (settings.batch, settings.train_batch, settings.image_size, settings.repeats, settings.shift_repeats,
+             *settings.batches, *settings.train_batches)
     if min(sizes) < 1 or settings.warmup < 0:
         raise ValueError("batch sizes, image size and repeats must be >= 1 and warmup >= 0, got batch "
                          f"{settings.batch}, train batch {settings.train_batch}, image size {settings.image_size}, "
-                         f"repeats {settings.repeats}/{settings.shift_repeats}, warmup {settings.warmup}")
+                         f"repeats {settings.repeats}/{settings.shift_repeats}, warmup {settings.warmup}, "
+                         f"sweep batches {settings.batches}, sweep training batches {settings.train_batches}")
+    if settings.max_seconds is not None and (not settings.batches or settings.max_seconds <= 0):
+        raise ValueError(f"max_seconds (--max-seconds) must be > 0 and limits a sweep (--batches), got "
+                         f"{settings.max_seconds} with batches {settings.batches}")
     return settings
 
 
@@ -194,8 +203,8 @@ def page_faults(fn: Callable[[], object]) -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def time_in_turns(candidates: dict[str, Callable[[], object]], warmup: int, repeats: int, device: str = "cpu",
-                  progress: tqdm | None = None) -> dict[str, list[float]]:
+def time_in_turns(candidates: dict[Hashable, Callable[[], object]], warmup: int, repeats: int, device: str = "cpu",
+                  progress: tqdm | None = None) -> dict[Hashable, list[float]]:
     """Seconds per call of each candidate, measured round-robin: every round calls each candidate once."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_index in range(warmup + repeats):
@@ -304,8 +313,9 @@ def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
     device = settings.device
     models = {"asmlp_min": ours, "official configuration": official}
     models.update({name: _peer(name).to(device) for name in settings.peers})
-    if settings.compile:
-        models["asmlp_min + torch.compile"] = torch.compile(ours)
+    if settings.compile:  # every candidate compiled the same way, beside its eager self
+        models.update({f"{name} + torch.compile": torch.compile(model, backend=settings.compile_backend)
+                       for name, model in list(models.items())})
     for model in models.values():
         model.eval()
     images = torch.randn(settings.batch, 3, settings.image_size, settings.image_size, device=device)
@@ -320,12 +330,12 @@ def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
 
     candidates = {name: forward(model) for name, model in models.items()}
     candidates["matmul"] = lambda: torch.mm(a, b)
-    compile_s = None
+    compile_s = {}
     with torch.no_grad(), _autocast(settings):
-        if settings.compile:
+        for name in [name for name in models if name.endswith(" + torch.compile")]:
             start = time.perf_counter()
-            candidates["asmlp_min + torch.compile"]()  # the first call compiles; not part of any timing
-            compile_s = time.perf_counter() - start
+            candidates[name]()  # the first call compiles; not part of any timing
+            compile_s[name.removesuffix(" + torch.compile")] = time.perf_counter() - start
         times = time_in_turns(candidates, settings.warmup, settings.repeats, device, progress)
         faults = {name: page_faults(candidates[name]) if device == "cpu" else None for name in models}
     seconds = {name: statistics.median(t) for name, t in times.items()}
@@ -407,7 +417,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
     ours = create_model(settings.model, **settings.model_kwargs).to(settings.device).eval()
     official = official_configuration(ours)
     n_shift = len(stage_shapes(settings)) * 5 * (settings.warmup + settings.shift_repeats)
-    n_models = 3 + len(settings.peers) + settings.compile
+    n_models = (2 + len(settings.peers)) * (1 + settings.compile) + 1  # + the matmul
     total = n_shift + (n_models + 2) * (settings.warmup + settings.repeats) + 2
     started = time.perf_counter()
     load_before = _loadavg()
@@ -491,8 +501,9 @@ def format_table(results: dict) -> str:
     if any(m.get("page_faults") is not None for m in inf["models"].values()):
         lines += ["", "Page faults: fresh memory pages the kernel mapped and zero-filled during one more call of each "
                       "model after the timed rounds (getrusage)."]
-    if inf.get("compile_seconds") is not None:
-        lines += ["", f"torch.compile took {inf['compile_seconds']:.0f} s before timing (not included)."]
+    if inf.get("compile_seconds"):
+        took = ", ".join(f"{name} {s:.0f} s" for name, s in inf["compile_seconds"].items())
+        lines += ["", f"torch.compile (default mode) took {took} before timing (not included)."]
     tr = results["training"]
     ours_t = tr["models"]["asmlp_min"]["images_per_s"]
     lines += [
@@ -544,7 +555,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--train-batch", type=int, help="training-step batch (default: cpu 8, cuda 64)")
     parser.add_argument("--image-size", type=int, help="square input side (default: 224)")
     parser.add_argument("--compile", action="store_true",
-                        help="also time torch.compile(asmlp_min); compilation takes minutes on a small CPU")
+                        help="also time every candidate through torch.compile (default mode), beside its eager self; "
+                             "compilation takes minutes on a small CPU")
+    parser.add_argument("--batches", type=_batch_list, metavar="B1,B2,...",
+                        help="sweep these inference batches for every candidate (eager, and compiled with --compile), "
+                             "report where each saturates, and time the training step of asmlp_min and the official "
+                             "configuration at the same batches (only at --train-batch if given); replaces the default "
+                             "tables (default: no sweep, the single --batch)")
+    parser.add_argument("--max-seconds", type=float,
+                        help="with --batches: stop before a batch that would end past this many seconds (estimated "
+                             "from the previous batch); the table says where it stopped")
     parser.add_argument("--no-peers", action="store_true", help="skip torchvision's swin_t and convnext_tiny")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="run every candidate with asmlp_min.keep_freed_memory() (glibc keeps freed memory for "
@@ -553,20 +573,40 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _batch_list(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(sorted({int(v) for v in text.split(",")}))
+    except ValueError:
+        message = f"expected comma-separated batch sizes such as 64,128,256, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"every batch size must be >= 1, got {text!r}")
+    return batches
+
+
 def bench_command(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    overrides = {key: value for key in ("repeats", "batch", "train_batch", "image_size")
+    overrides = {key: value for key in ("repeats", "batch", "train_batch", "image_size", "max_seconds")
                  if (value := getattr(args, key)) is not None}
     if args.no_peers:
         overrides["peers"] = ()
+    if args.batches:
+        if args.batch is not None:
+            raise ValueError("--batch is the single batch of the default tables; with --batches give the sweep only")
+        overrides.update(batches=args.batches, train_batches=(args.train_batch,) if args.train_batch else args.batches)
     settings = settings_for(args.device, args.quick, model=args.model, compile=args.compile, **overrides)
     if args.keep_freed_memory and not keep_freed_memory():
         raise ValueError("--keep-freed-memory needs glibc's malloc (Linux); this platform has another")
-    results = run_bench(settings)
-    print(format_table(results))
+    if settings.batches:
+        from . import bench_sweep  # it builds on this module
+        results = bench_sweep.run_sweep(settings)
+        print(bench_sweep.format_sweep_table(results))
+    else:
+        results = run_bench(settings)
+        print(format_table(results))
     if args.json:
         write_json(results, args.json)
         print(f"\nJSON: {args.json}")
