@@ -16,6 +16,9 @@ CUDA: batch 64 with fp16 autocast):
   the page faults of one more call of each model show what allocating fresh memory costs it.
 * training: images/s of one SGD step (forward, cross-entropy, backward, update) and its peak memory, for
   asmlp_min vs the official configuration.
+
+``--compile`` adds every candidate through the same ``torch.compile`` call; ``--batches`` replaces these tables
+with a batch sweep (:mod:`asmlp_min.bench_sweep`).
 """
 from __future__ import annotations
 
@@ -456,6 +459,31 @@ def _environment(settings: BenchSettings) -> dict:
 
 # ---------------------------------------------------------------- output
 
+def _inference_lines(inf: dict) -> list[str]:
+    ours = inf["models"]["asmlp_min"]["images_per_s"]
+    lines = [
+        "",
+        f"### Inference, batch {inf['batch']}, eval, no autograd",
+        "",
+        "| model | ms / batch | images/s | asmlp_min speed-up | GMACs | GFLOP/s | of matmul | page faults / batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in inf["models"].items():
+        faults = m.get("page_faults")
+        lines.append(f"| {name} | {m['ms_per_batch']:.0f} | {m['images_per_s']:.1f} | "
+                     f"{ours / m['images_per_s']:.2f}x | {m['gmacs']:.2f} | {m['gflops']:.0f} | "
+                     f"{100 * m['matmul_fraction']:.0f}% | {'n/a' if faults is None else f'{faults:,}'} |")
+    mm = inf["matmul"]
+    lines.append(f"| matmul {mm['n']}x{mm['n']} {mm['dtype']} (same rounds) | | | | | {mm['gflops']:.0f} | 100% | |")
+    if any(m.get("page_faults") is not None for m in inf["models"].values()):
+        lines += ["", "Page faults: fresh memory pages the kernel mapped and zero-filled during one more call of each "
+                      "model after the timed rounds (getrusage)."]
+    if inf.get("compile_seconds"):
+        took = ", ".join(f"{name} {s:.0f} s" for name, s in inf["compile_seconds"].items())
+        lines += ["", f"torch.compile (default mode) took {took} before timing (not included)."]
+    return lines
+
+
 def format_table(results: dict) -> str:
     """Markdown: settings, the three tables, and the targets with their measured ratios."""
     s = results["settings"]
@@ -482,28 +510,7 @@ def format_table(results: dict) -> str:
         lines.append(f"| {row['stage']} | {tuple(row['shape'])} | {ms['clone']:.3f} | {ms['asmlp_min_w']:.3f} / "
                      f"{ms['asmlp_min_h']:.3f} | {ms['algorithm1_w']:.3f} / {ms['algorithm1_h']:.3f} | "
                      f"{row['vs_clone']:.2f}x | {row['speedup_vs_algorithm1']:.1f}x |")
-    inf = results["inference"]
-    ours = inf["models"]["asmlp_min"]["images_per_s"]
-    lines += [
-        "",
-        f"### Inference, batch {inf['batch']}, eval, no autograd",
-        "",
-        "| model | ms / batch | images/s | asmlp_min speed-up | GMACs | GFLOP/s | of matmul | page faults / batch |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in inf["models"].items():
-        faults = m.get("page_faults")
-        lines.append(f"| {name} | {m['ms_per_batch']:.0f} | {m['images_per_s']:.1f} | "
-                     f"{ours / m['images_per_s']:.2f}x | {m['gmacs']:.2f} | {m['gflops']:.0f} | "
-                     f"{100 * m['matmul_fraction']:.0f}% | {'n/a' if faults is None else f'{faults:,}'} |")
-    mm = inf["matmul"]
-    lines.append(f"| matmul {mm['n']}x{mm['n']} {mm['dtype']} (same rounds) | | | | | {mm['gflops']:.0f} | 100% | |")
-    if any(m.get("page_faults") is not None for m in inf["models"].values()):
-        lines += ["", "Page faults: fresh memory pages the kernel mapped and zero-filled during one more call of each "
-                      "model after the timed rounds (getrusage)."]
-    if inf.get("compile_seconds"):
-        took = ", ".join(f"{name} {s:.0f} s" for name, s in inf["compile_seconds"].items())
-        lines += ["", f"torch.compile (default mode) took {took} before timing (not included)."]
+    lines += _inference_lines(results["inference"])
     tr = results["training"]
     ours_t = tr["models"]["asmlp_min"]["images_per_s"]
     lines += [

@@ -18,6 +18,7 @@ from asmlp_min.bench import (BenchSettings, OfficialASMLPStage, OfficialAxialShi
 from asmlp_min.block import AxialShiftMix, Conv1x1, pointwise_conv
 from asmlp_min.cli import main
 from asmlp_min.shift import axial_shift
+from tests.test_bench_sweep import Compiled
 from tests.test_block import randomise
 from tests.test_shift import algorithm1
 
@@ -270,8 +271,10 @@ def test_summarise_computes_each_target_ratio():
 def test_format_table_lists_every_candidate_and_target():
     results = fake_results()
     results.update(summarise(results))
+    results["inference"]["compile_seconds"] = {"asmlp_min": 44.2, "swin_t": 30.0}
     table = format_table(results)
-    for text in ["| asmlp_min | 800 | 20.0 | 1.00x |", "| official configuration | 1600 | 10.0 | 2.00x |",
+    for text in ["torch.compile (default mode) took asmlp_min 44 s, swin_t 30 s before timing",
+                 "| asmlp_min | 800 | 20.0 | 1.00x |", "| official configuration | 1600 | 10.0 | 2.00x |",
                  "| 88% | 1,234 |", "| 44% | 567,890 |", "| 70% | n/a |", "| 110% | 0 |", "Page faults: fresh",
                  "| swin_t |", "| convnext_tiny |", "| 3 | (16, 768, 7, 7) |", "matmul 2048x2048 float32",
                  "load average 1.00 before, 1.50 after", "| inference >= 1.4x swin_t | 1.25 | no |",
@@ -279,12 +282,18 @@ def test_format_table_lists_every_candidate_and_target():
         assert text in table, text
 
 
-def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
+def test_run_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or Compiled(model))
     settings = settings_for("cpu", quick=True, image_size=32, batch=2, train_batch=2, warmup=0, repeats=1,
-                            shift_repeats=1, peers=(), model_kwargs=dict(embed_dim=8, depths=(1, 1, 1, 1)))
+                            shift_repeats=1, peers=(), model_kwargs=dict(embed_dim=8, depths=(1, 1, 1, 1)),
+                            compile=True)
     results = run_bench(settings, progress=False)
     assert [row["shape"] for row in results["shift"]] == [[2, 8, 8, 8], [2, 16, 4, 4], [2, 32, 2, 2], [2, 64, 1, 1]]
-    assert set(results["inference"]["models"]) == {"asmlp_min", "official configuration"}
+    assert list(results["inference"]["models"]) == ["asmlp_min", "official configuration", "asmlp_min + torch.compile",
+                                                    "official configuration + torch.compile"]
+    assert compiled == [dict(backend="inductor")] * 2  # every candidate, the same call
+    assert list(results["inference"]["compile_seconds"]) == ["asmlp_min", "official configuration"]
     assert set(results["training"]["models"]) == {"asmlp_min", "official configuration"}
     assert results["training"]["models"]["asmlp_min"]["peak_memory_mib"] > 0
     assert results["threads"] == torch.get_num_threads()
