@@ -304,9 +304,11 @@ def rng_state(env: DistEnv) -> dict[str, Tensor]:
 
 
 def set_rng_state(states: dict[str, Tensor], env: DistEnv) -> None:
-    torch.set_rng_state(states["cpu"][env.rank])
+    """This rank's row of :func:`rng_state`, copied: torch 2.14 crashes (SIGSEGV) on a state tensor with a storage
+    offset, which every row but the first has."""
+    torch.set_rng_state(states["cpu"][env.rank].clone())
     if "cuda" in states and env.device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"][env.rank], env.device)
+        torch.cuda.set_rng_state(states["cuda"][env.rank].clone(), env.device)
 
 
 # ---------------------------------------------------------------- optimiser and schedule
