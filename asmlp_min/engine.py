@@ -230,6 +230,9 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Fields that must match for --resume: they define the model and the data order.
 _RESUME_MUST_MATCH = ("task", "model", "embed_dim", "depths", "shift_size", "head_channels", "num_classes",
                       "image_size", "seed", "batch_size", "accum_steps")
+# ... and the learning-rate schedule, which the checkpoint's optimiser and scheduler state continue (their saved
+# lr and weight decay would silently win over new values).
+_RESUME_SCHEDULE = ("lr", "weight_decay", "schedule", "warmup_epochs", "warmup_ratio", "min_lr_ratio")
 
 
 # ---------------------------------------------------------------- processes, seeds, devices
@@ -1239,3 +1242,10 @@ def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
         raise CheckpointError(f"cannot resume from {path}: it was scheduled for {saved.epochs} epochs, now "
                               f"{cfg.epochs}; the lr schedule depends on it. Use --epochs {saved.epochs} "
                               "(or --stop-at-epoch to end a run early and resume later).")
+    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint's: {getattr(saved, k)})"
+               for k in _RESUME_SCHEDULE if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run continues the "
+                              "checkpoint's learning-rate schedule and optimiser state exactly. Leave the flag out, "
+                              f"or start a new run with a new schedule from these weights: --pretrained {path} "
+                              "(loads the backbone).")

@@ -86,6 +86,20 @@ def test_resume_reuses_the_checkpoint_settings(runs, tmp_path, capsys):
     assert "task: checkpoint 'cls', now 'det'" in capsys.readouterr().err
 
 
+def test_resume_with_another_lr_or_warmup_is_refused_and_the_checkpoint_kept(tmp_path, capsys):
+    """The checkpoint's schedule would win over the flag while the saved config recorded the flag: refused."""
+    assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
+    path = tmp_path / "checkpoint.pt"
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    for flag, value in (("--lr", "1e30"), ("--warmup-epochs", "0")):
+        assert main(["train", "--resume", str(path), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"with {flag} {float(value)} (the checkpoint's: " in err and "Leave the flag out" in err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert main(["train", "--resume", str(path), "--lr", "1e-3"]) == 0          # the value it has: resumes
+    assert load_checkpoint(path)["config"]["lr"] == 1e-3 and load_checkpoint(path)["epoch"] == 2
+
+
 def test_evaluate_prints_and_writes_metrics(runs, tmp_path, capsys):
     checkpoint = str(runs / "cls" / "checkpoint.pt")
     assert main(["evaluate", "--checkpoint", checkpoint, "--json", str(tmp_path / "m.json")]) == 0

@@ -504,3 +504,24 @@ def test_image_folder_with_other_classes_in_train_and_val_names_them(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
     with pytest.raises(ValueError, match="only in train: square; only in val: star"):
         build_data(TrainConfig(task="cls", data=str(tmp_path)).resolved())
+
+
+# ---------------------------------------------------------------- the schedule on resume
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(lr=1e30), "--lr 1e\\+30 \\(the checkpoint's: 0.001\\)"),
+    (dict(warmup_epochs=0.25), "--warmup-epochs 0.25 \\(the checkpoint's: 0.5\\)"),
+    (dict(weight_decay=0.5), "--weight-decay 0.5"),
+    (dict(schedule="poly"), "--schedule poly"),
+])
+def test_resume_refuses_a_new_learning_rate_schedule_and_leaves_the_checkpoint(tmp_path, change, flag):
+    """The saved optimiser and scheduler state carry lr and weight decay and would win over new values, while the
+    config saved next would claim the new ones: refused, with the flag named and what to do."""
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    before = sha256(path)
+    with pytest.raises(CheckpointError, match=f"cannot resume from .*checkpoint.pt with {flag}.*--pretrained"):
+        Trainer(tiny(tmp_path, **change), resume=path, log=quiet)
+    assert sha256(path) == before
+    Trainer(tiny(tmp_path, lr=1e-3, warmup_epochs=0.5), resume=path, log=quiet).fit()   # the same values resume
+    assert load_checkpoint(path)["epoch"] == 2
