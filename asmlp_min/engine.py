@@ -782,8 +782,10 @@ class Trainer:
         self.env = env or init_distributed(cfg.device)
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.output)
-        if self.env.is_main:  # before data and model are built: an unusable folder fails in a second
+        if self.env.is_main:  # before data and model are built: an unusable or busy folder fails in a second
             prepare_output_folder(self.run_dir, "output")
+            with run_folder_lock(self.run_dir):
+                pass
         self.data = data or build_data(cfg)
         if cfg.num_classes is None:
             cfg.num_classes = self.data.num_classes
@@ -892,7 +894,8 @@ class Trainer:
             return self.history
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self._graceful_stop():
+        lock = run_folder_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext()  # one writer
+        with lock, self._graceful_stop():
             while self.epoch < last:
                 self._train_epoch()
                 if self.batch_in_epoch < self.batches_per_epoch:  # stopped mid-epoch
@@ -1134,6 +1137,42 @@ def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"--{flag} {str(path)!r}: the folder is not writable; choose a folder you can write to")
     return path
+
+
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path):
+    """Hold an exclusive lock on a run folder while the block runs: ``RUN/.train.lock``, flock-ed, holding our
+    process id. A second run into the folder gets a ValueError naming the process that writes there, not a
+    silent race in which the last to finish wins. The kernel drops a flock when its process dies, so the lock
+    file of a killed run does not block the next one. Without ``fcntl`` (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{run_dir} is in use by another training run (process {holder}, lock file {path}): "
+                             "wait for it to end or stop it, or choose another --output") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so a process that opened this file retries on a new one
+        os.close(fd)
 
 
 _RESUME_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "epoch": int,

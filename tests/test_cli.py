@@ -2,7 +2,10 @@
 import argparse
 import hashlib
 import json
+import os
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -98,6 +101,32 @@ def test_resume_with_another_lr_or_warmup_is_refused_and_the_checkpoint_kept(tmp
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert main(["train", "--resume", str(path), "--lr", "1e-3"]) == 0          # the value it has: resumes
     assert load_checkpoint(path)["config"]["lr"] == 1e-3 and load_checkpoint(path)["epoch"] == 2
+
+
+def test_a_second_training_into_a_busy_run_folder_is_refused_naming_the_process(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "asmlp_min", "train", "cls", *TINY, "--epochs=100000",
+                              f"--output={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint.pt").exists():             # an epoch done: it is in its training loop
+            assert first.poll() is None and time.monotonic() < deadline, "the first training did not start"
+            time.sleep(0.2)
+        for argv in (["train", "cls", *TINY, "--overwrite", f"--output={run}"],
+                     ["train", "--resume", str(run / "checkpoint.pt")]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"{run} is in use by another training run (process {first.pid}, lock file" in err, err
+            assert "choose another --output" in err
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / ".train.lock").read_text() == f"{first.pid}\n"   # left behind by the killed run
+    assert main(["train", "cls", *TINY, "--overwrite", f"--output={run}"]) == 0   # a dead process blocks nothing
+    assert not (run / ".train.lock").exists()
+    assert main(["train", "cls", *TINY, "--overwrite", f"--output={run}"]) == 0   # nor does a run that ended
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["epochs"] == 1
 
 
 def test_evaluate_prints_and_writes_metrics(runs, tmp_path, capsys):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import asmlp_min.checkpoint
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
 from asmlp_min.engine import (DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data, build_model,
-                              evaluate, load_trained, lr_factor, param_groups, predict, soft_target_cross_entropy)
+                              evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
+                              soft_target_cross_entropy)
 
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -494,6 +495,26 @@ def test_unusable_output_folder_is_refused_before_data_and_model_are_built(tmp_p
         Trainer(tiny(tmp_path, "file"), log=quiet)
     with pytest.raises(ValueError, match="a part of the path is a file"):
         Trainer(tiny(tmp_path, "file/run"), log=quiet)
+
+
+def test_a_run_folder_lock_names_its_holder_refuses_a_second_run_and_is_removed_after(tmp_path, monkeypatch):
+    """Each open of the lock file is its own flock, so one process can play both runs (tests/test_cli.py uses two)."""
+    lock = tmp_path / "run" / ".train.lock"
+    lock.parent.mkdir()
+    with run_folder_lock(lock.parent):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ValueError, match=f"run is in use by another training run \\(process {os.getpid()}, "
+                                             f"lock file .*run/.train.lock\\): wait for it .* choose another --output"):
+            with run_folder_lock(lock.parent):
+                pass
+        monkeypatch.setattr("asmlp_min.engine.build_data", lambda *a, **k: pytest.fail("built data first"))
+        with pytest.raises(ValueError, match="in use by another training run"):
+            Trainer(tiny(tmp_path), log=quiet)
+        monkeypatch.undo()
+    assert not lock.exists()
+    lock.write_text("4194305\n")                               # a lock file its process left: nobody holds it
+    Trainer(tiny(tmp_path, epochs=1), log=quiet).fit()
+    assert sorted(p.name for p in lock.parent.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl"]
 
 
 def test_image_folder_with_other_classes_in_train_and_val_names_them(tmp_path):
