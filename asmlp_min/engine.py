@@ -373,6 +373,7 @@ class TaskData:
     num_classes: int
     classes: list[str] = field(default_factory=list)
     coco_gt: object = None  # detection: the validation ground truth for COCOeval (dict, path or COCO)
+    category_ids: list[int] | None = None  # detection: label k is COCO category category_ids[k - 1]; None: k itself
 
 
 AUGMENTATIONS = ("auto", "paper", "light", "none")
@@ -501,14 +502,29 @@ def _folder_det(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
 
     def split(names: list[str], tf) -> CocoDetection:
         ann = _existing(root, [f"annotations/instances_{n}.json" for n in names], "COCO annotation file")
-        return CocoDetection(root / Path(ann).stem.removeprefix("instances_"), root / ann, transform=tf)
+        return CocoDetection(root / Path(ann).stem.removeprefix("instances_"), root / ann, transform=tf,
+                             contiguous_labels=True)
     val = split(["val", "val2017"], val_tf)
     train = split(["train", "train2017"], train_tf) if with_train else None
-    # the detector's num_classes is the largest category id (COCO 2017: 90, with gaps)
     names = {c["id"]: c["name"] for c in val.coco.cats.values()}
-    num_classes = max(names)
-    return TaskData(train, val, num_classes, [names.get(i, str(i)) for i in range(1, num_classes + 1)],
-                    coco_gt=val.coco)
+    if train is not None:
+        _check_same_categories(train, names, val.ann_file)
+    # labels 1..K in the order of the category ids (COCO 2017: 80 ids in 1..90), mapped back for COCOeval
+    return TaskData(train, val, len(names), [names[c] for c in val.category_ids], coco_gt=val.coco,
+                    category_ids=val.category_ids)
+
+
+def _check_same_categories(train, val_names: dict[int, str], val_file: Path) -> None:
+    """Label k must mean one category in both splits: the same 'categories' (COCO 2017's are identical)."""
+    train_names = {c["id"]: c["name"] for c in train.coco.cats.values()}
+    if train_names != val_names:
+        raise ValueError(f"{train.ann_file} and {val_file} list different 'categories' (only in train: "
+                         f"{_only_in(train_names, val_names)}; only in val: {_only_in(val_names, train_names)}); "
+                         "give both files the same categories")
+
+
+def _only_in(names: dict[int, str], other: dict[int, str]) -> str:
+    return ", ".join(f"id {i} {n!r}" for i, n in sorted(names.items()) if other.get(i) != n) or "none"
 
 
 def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
@@ -532,7 +548,7 @@ def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head
                 pretrained: str | None = None, image_size: int | None = None, **backbone_kwargs) -> nn.Module:
     """The one factory for every task (a checkpoint's config rebuilds the same model through it).
 
-    cls: ``create_model(model, num_classes)``; det: ``SimpleFPNDetector`` (num_classes = largest category id);
+    cls: ``create_model(model, num_classes)``; det: ``SimpleFPNDetector`` (labels 1..num_classes, ``TaskData``);
     seg: ``SemanticSegmenter``. ``backbone_kwargs`` override the variant (embed_dim, depths, shift_size,
     drop_path_rate); ``head_channels`` shrinks the FPN (det) or UperNet (seg; auxiliary head half of it)
     channels; ``pretrained`` is a backbone checkpoint (official ``.pth``, mmdet/mmseg, or ours).
@@ -620,6 +636,7 @@ class DetectionTask:
     def __init__(self, cfg: TrainConfig, data: TaskData):
         from .data.datasets import detection_collate
         self.collate_fn, self.coco_gt = detection_collate, data.coco_gt
+        self.category_ids = None if data.category_ids is None else torch.tensor([0, *data.category_ids])
 
     def prepare(self, batch, device: torch.device, channels_last: bool):
         images, targets = batch
@@ -643,11 +660,15 @@ class DetectionTask:
             with autocast():
                 outputs = model(images)
             detections += [{"image_id": t["image_id"], "boxes": out["boxes"].float().cpu(),
-                            "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()}
+                            "scores": out["scores"].float().cpu(), "labels": self._category_ids(out["labels"].cpu())}
                            for out, t in zip(outputs, targets)]
         everything = [d for part in _gather_objects(detections, env) for d in part]
         stats = dict(coco_evaluate(self.coco_gt, everything, "bbox")) if env.is_main else None
         return _broadcast_object(stats, env)
+
+    def _category_ids(self, labels: Tensor) -> Tensor:
+        """The detector's labels 1..K -> the data's COCO category ids."""
+        return labels if self.category_ids is None else self.category_ids[labels]
 
 
 class SegmentationTask:
@@ -787,6 +808,8 @@ class Trainer:
             with run_folder_lock(self.run_dir):
                 pass
         self.data = data or build_data(cfg)
+        if checkpoint is not None:
+            _check_label_set(checkpoint, self.data, resume)
         if cfg.num_classes is None:
             cfg.num_classes = self.data.num_classes
         elif cfg.num_classes != self.data.num_classes:
@@ -1040,6 +1063,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
             "classes": list(self.data.classes),
+            "category_ids": self.data.category_ids,
             "metrics": self.history,
         }
 
@@ -1202,6 +1226,11 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> di
     classes = checkpoint.get("classes")
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) == cfg.num_classes):
         raise _damaged(path, f"its 'classes' should be a list of {cfg.num_classes} names, got {classes!r:.200}")
+    ids = checkpoint.get("category_ids")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(set(ids)) == cfg.num_classes
+                                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in ids)):
+        raise _damaged(path, f"its 'category_ids' should be None or {cfg.num_classes} distinct COCO category ids "
+                             f">= 1, got {ids!r:.200}")
     wanted = dict(_RESUME_STATE) if resume else {"model": dict}
     wrong = [f"'{k}' (expected {kind.__name__}, got {type(checkpoint[k]).__name__})" if k in checkpoint
              else f"'{k}' (missing)" for k, kind in wanted.items()
@@ -1268,6 +1297,19 @@ def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
             if a != b)
     raise ValueError(f"the data's classes differ from the {len(saved)} classes {path} was trained on ({what}); "
                      "use data with the same class folders")
+
+
+def _check_label_set(checkpoint: dict, data: TaskData, path) -> None:
+    """Label k must be the same class in the checkpoint and the data (evaluate, resume): as many classes, with the
+    same names (COCO category ids may differ: each side maps its own to labels 1..K)."""
+    saved = checkpoint["classes"]
+    if len(saved) != data.num_classes:
+        legacy = ("; it was written before COCO category ids were numbered 1..K, when the detector had one class "
+                  "per id up to the largest: train again on this data"
+                  if checkpoint["config"]["task"] == "det" and "category_ids" not in checkpoint else "")
+        raise ValueError(f"{path} predicts {len(saved)} classes but the data has {data.num_classes}{legacy}; use "
+                         "data of the same label set")
+    _check_classes(checkpoint, data.classes, path)
 
 
 def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:

@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import torch
 from asmlp_min.checkpoint import load_checkpoint
 from asmlp_min.cli import build_parser, main
 from asmlp_min.data.shapes import make_scene, scene_rng
+from tests.test_engine import gap_coco
 
 TINY = ["--epochs=1", "--batch-size=4", "--train-size=8", "--val-size=4", "--embed-dim=8", "--depths=1,1,1,1",
         "--image-size=32", "--device=cpu"]
@@ -127,6 +129,48 @@ def test_a_second_training_into_a_busy_run_folder_is_refused_naming_the_process(
     assert not (run / ".train.lock").exists()
     assert main(["train", "cls", *TINY, "--overwrite", f"--output={run}"]) == 0   # nor does a run that ended
     assert load_checkpoint(run / "checkpoint.pt")["config"]["epochs"] == 1
+
+
+def test_detection_on_coco_category_ids_with_gaps_shows_names_and_scores_the_real_ids(runs, image, tmp_path,
+                                                                                      capsys):
+    """COCO 2017's ids run 1..90 with gaps; with ids {1, 3, 90} the model has 3 classes, prints their names and
+    gives COCOeval the ids (it refuses any other). A checkpoint without 'category_ids' (older versions, whose
+    labels were the ids) still loads where that holds, and is refused where it does not."""
+    data = gap_coco(tmp_path / "coco")
+    run = tmp_path / "run"
+    assert main(["train", "det", f"--data={data}", *TINY, "--head-channels=16", "--image-size=64",
+                 f"--output={run}"]) == 0
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    assert checkpoint["classes"] == ["circle", "square", "triangle"] and checkpoint["category_ids"] == [1, 3, 90]
+    checkpoint["model"]["head.cls_logits.bias"].fill_(8.0)       # every class scores high everywhere
+    confident = tmp_path / "confident.pt"
+    torch.save(checkpoint, confident)
+    capsys.readouterr()
+    assert main(["evaluate", "det", "--checkpoint", str(confident)]) == 0
+    assert "AP50" in capsys.readouterr().out
+    assert main(["predict", "--checkpoint", str(confident), str(image), f"--output={tmp_path / 'out'}"]) == 0
+    assert set(re.findall(r"(\S+) \d\.\d{3} box", capsys.readouterr().out)) == {"circle", "square", "triangle"}
+
+    # older versions gave the detector one class per id up to the largest, and stored no 'category_ids'
+    head = checkpoint["model"]["head.cls_logits.weight"]
+    checkpoint["model"]["head.cls_logits.weight"] = head.new_zeros(90, *head.shape[1:])
+    checkpoint["model"]["head.cls_logits.bias"] = head.new_zeros(90)
+    checkpoint["config"]["num_classes"] = 90
+    checkpoint["classes"] = [{1: "circle", 3: "square", 90: "triangle"}.get(i, str(i)) for i in range(1, 91)]
+    del checkpoint["category_ids"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    assert main(["evaluate", "det", "--checkpoint", str(tmp_path / "old.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "old.pt predicts 90 classes but the data has 3; it was written before COCO category ids were numbered " \
+           "1..K, when the detector had one class per id up to the largest: train again on this data" in err
+    assert main(["train", "--resume", str(tmp_path / "old.pt")]) == 2
+    assert "written before COCO category ids were numbered 1..K" in capsys.readouterr().err
+    shapes = load_checkpoint(runs / "det" / "checkpoint.pt")
+    del shapes["category_ids"]
+    torch.save(shapes, tmp_path / "old_shapes.pt")
+    assert main(["evaluate", "det", "--checkpoint", str(tmp_path / "old_shapes.pt")]) == 0
+    assert main(["predict", "--checkpoint", str(tmp_path / "old_shapes.pt"), str(image),
+                 f"--output={tmp_path / 'out'}"]) == 0
 
 
 def test_evaluate_prints_and_writes_metrics(runs, tmp_path, capsys):
