@@ -184,7 +184,7 @@ def _writable_file(path: str, flag: str) -> Path:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write
-    from .engine import _check_classes, build_data, evaluate, init_distributed, strict_json
+    from .engine import _check_label_set, build_data, evaluate, init_distributed, strict_json
     json_path = _writable_file(args.json, "json") if args.json else None
     model, cfg, checkpoint = _load_for(args)
     overrides = {k: v for k, v in dict(data=args.data, batch_size=args.batch_size, val_size=args.val_size,
@@ -193,10 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     env = init_distributed(cfg.device)
     with _process_group_closed_at_exit():
         data = build_data(cfg, with_train=False)
-        if data.num_classes != cfg.num_classes:
-            raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {cfg.data} has "
-                             f"{data.num_classes}; evaluate on data of the same label set")
-        _check_classes(checkpoint, data.classes, args.checkpoint)
+        _check_label_set(checkpoint, data, args.checkpoint)
         metrics = evaluate(model.to(env.device), cfg, data, env)
     if env.is_main:
         print(f"{cfg.task} {cfg.model} on {cfg.data} ({len(data.val)} images):")

@@ -12,8 +12,9 @@
     eval:  score = sqrt(sigmoid(class) * sigmoid(centre-ness)) -> threshold -> top-k per level
            -> class-wise NMS -> boxes xyxy in the pixels of each input image.
 
-Labels are dataset category ids 1..num_classes (COCO-style, 0 never used); there is no background class:
-a location whose K class probabilities are all low is background. Outputs use the same ids.
+Labels are 1..num_classes (COCO-style, 0 never used; ``asmlp-min train`` maps category ids with gaps to
+1..K and back); there is no background class: a location whose K class probabilities are all low is
+background. Outputs use the same labels.
 
 ``build_maskrcnn`` is the paper's setup (../shared/PAPER.md Sec. 8-9): torchvision's ``MaskRCNN`` on AS-MLP
 with an FPN over strides 4-32 plus a max-pooled stride-64 level, 256 channels, taking mmdet-format backbone
@@ -252,7 +253,8 @@ class SimpleFPNDetector(nn.Module):
     targets: list of ``{"boxes" (n, 4) xyxy pixels, "labels" (n,) ids in 1..num_classes}`` (``iscrowd`` = 1
     boxes are ignored; boxes are clipped to the image, empty ones dropped with a warning).
 
-    num_classes: the largest category id (COCO 2017: 90, ids 1..90 with gaps; shapes: 3).
+    num_classes: K, labels 1..K (COCO 2017: 80 categories, whose ids 1..90 have gaps;
+    ``CocoDetection(contiguous_labels=True)`` numbers them 1..80; shapes: 3).
     levels: backbone stages fed to the FPN (1, 2, 3 = strides 8, 16, 32); extra_levels: P6, P7 by stride-2
     convs (FCOS on COCO: ``extra_levels=2``). regress_ranges: (lo, hi] per level for max(l, t, r, b); the
     default is FCOS's rule ``fcos_regress_ranges(strides, 8)``, for COCO-sized images (``min_size=800,
@@ -271,7 +273,7 @@ class SimpleFPNDetector(nn.Module):
                  channels_last: bool = False, **backbone_kwargs):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int (the largest category id), got {num_classes!r}")
+            raise ValueError(f"num_classes must be a positive int (the number of categories), got {num_classes!r}")
         for name, size in (("min_size", min_size), ("max_size", max_size)):
             if size is not None and size < 32:
                 raise ValueError(f"{name} must be None (keep the input size) or >= 32, got {size}")
@@ -353,7 +355,8 @@ class SimpleFPNDetector(nn.Module):
             raise ValueError(f"targets[{index}]: labels must be integer category ids, got {labels.dtype}")
         if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
             raise ValueError(f"targets[{index}]: labels must be category ids in 1..{self.num_classes} "
-                             f"(num_classes = the largest id), got {labels.tolist()}")
+                             f"(number ids with gaps 1..K: CocoDetection(contiguous_labels=True)), got "
+                             f"{labels.tolist()}")
         if "iscrowd" in target:  # crowd regions are not objects to learn (mmdet ignores them too)
             iscrowd = torch.as_tensor(target["iscrowd"]).to(device).reshape(-1)
             if iscrowd.shape != labels.shape:

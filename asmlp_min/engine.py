@@ -230,6 +230,9 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Fields that must match for --resume: they define the model and the data order.
 _RESUME_MUST_MATCH = ("task", "model", "embed_dim", "depths", "shift_size", "head_channels", "num_classes",
                       "image_size", "seed", "batch_size", "accum_steps")
+# ... and the learning-rate schedule, which the checkpoint's optimiser and scheduler state continue (their saved
+# lr and weight decay would silently win over new values).
+_RESUME_SCHEDULE = ("lr", "weight_decay", "schedule", "warmup_epochs", "warmup_ratio", "min_lr_ratio")
 
 
 # ---------------------------------------------------------------- processes, seeds, devices
@@ -304,9 +307,11 @@ def rng_state(env: DistEnv) -> dict[str, Tensor]:
 
 
 def set_rng_state(states: dict[str, Tensor], env: DistEnv) -> None:
-    torch.set_rng_state(states["cpu"][env.rank])
+    """This rank's row of :func:`rng_state`, copied: torch 2.14 crashes (SIGSEGV) on a state tensor with a storage
+    offset, which every row but the first has."""
+    torch.set_rng_state(states["cpu"][env.rank].clone())
     if "cuda" in states and env.device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"][env.rank], env.device)
+        torch.cuda.set_rng_state(states["cuda"][env.rank].clone(), env.device)
 
 
 # ---------------------------------------------------------------- optimiser and schedule
@@ -368,6 +373,7 @@ class TaskData:
     num_classes: int
     classes: list[str] = field(default_factory=list)
     coco_gt: object = None  # detection: the validation ground truth for COCOeval (dict, path or COCO)
+    category_ids: list[int] | None = None  # detection: label k is COCO category category_ids[k - 1]; None: k itself
 
 
 AUGMENTATIONS = ("auto", "paper", "light", "none")
@@ -496,14 +502,29 @@ def _folder_det(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
 
     def split(names: list[str], tf) -> CocoDetection:
         ann = _existing(root, [f"annotations/instances_{n}.json" for n in names], "COCO annotation file")
-        return CocoDetection(root / Path(ann).stem.removeprefix("instances_"), root / ann, transform=tf)
+        return CocoDetection(root / Path(ann).stem.removeprefix("instances_"), root / ann, transform=tf,
+                             contiguous_labels=True)
     val = split(["val", "val2017"], val_tf)
     train = split(["train", "train2017"], train_tf) if with_train else None
-    # the detector's num_classes is the largest category id (COCO 2017: 90, with gaps)
     names = {c["id"]: c["name"] for c in val.coco.cats.values()}
-    num_classes = max(names)
-    return TaskData(train, val, num_classes, [names.get(i, str(i)) for i in range(1, num_classes + 1)],
-                    coco_gt=val.coco)
+    if train is not None:
+        _check_same_categories(train, names, val.ann_file)
+    # labels 1..K in the order of the category ids (COCO 2017: 80 ids in 1..90), mapped back for COCOeval
+    return TaskData(train, val, len(names), [names[c] for c in val.category_ids], coco_gt=val.coco,
+                    category_ids=val.category_ids)
+
+
+def _check_same_categories(train, val_names: dict[int, str], val_file: Path) -> None:
+    """Label k must mean one category in both splits: the same 'categories' (COCO 2017's are identical)."""
+    train_names = {c["id"]: c["name"] for c in train.coco.cats.values()}
+    if train_names != val_names:
+        raise ValueError(f"{train.ann_file} and {val_file} list different 'categories' (only in train: "
+                         f"{_only_in(train_names, val_names)}; only in val: {_only_in(val_names, train_names)}); "
+                         "give both files the same categories")
+
+
+def _only_in(names: dict[int, str], other: dict[int, str]) -> str:
+    return ", ".join(f"id {i} {n!r}" for i, n in sorted(names.items()) if other.get(i) != n) or "none"
 
 
 def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
@@ -527,7 +548,7 @@ def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head
                 pretrained: str | None = None, image_size: int | None = None, **backbone_kwargs) -> nn.Module:
     """The one factory for every task (a checkpoint's config rebuilds the same model through it).
 
-    cls: ``create_model(model, num_classes)``; det: ``SimpleFPNDetector`` (num_classes = largest category id);
+    cls: ``create_model(model, num_classes)``; det: ``SimpleFPNDetector`` (labels 1..num_classes, ``TaskData``);
     seg: ``SemanticSegmenter``. ``backbone_kwargs`` override the variant (embed_dim, depths, shift_size,
     drop_path_rate); ``head_channels`` shrinks the FPN (det) or UperNet (seg; auxiliary head half of it)
     channels; ``pretrained`` is a backbone checkpoint (official ``.pth``, mmdet/mmseg, or ours).
@@ -615,6 +636,7 @@ class DetectionTask:
     def __init__(self, cfg: TrainConfig, data: TaskData):
         from .data.datasets import detection_collate
         self.collate_fn, self.coco_gt = detection_collate, data.coco_gt
+        self.category_ids = None if data.category_ids is None else torch.tensor([0, *data.category_ids])
 
     def prepare(self, batch, device: torch.device, channels_last: bool):
         images, targets = batch
@@ -638,11 +660,15 @@ class DetectionTask:
             with autocast():
                 outputs = model(images)
             detections += [{"image_id": t["image_id"], "boxes": out["boxes"].float().cpu(),
-                            "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()}
+                            "scores": out["scores"].float().cpu(), "labels": self._category_ids(out["labels"].cpu())}
                            for out, t in zip(outputs, targets)]
         everything = [d for part in _gather_objects(detections, env) for d in part]
         stats = dict(coco_evaluate(self.coco_gt, everything, "bbox")) if env.is_main else None
         return _broadcast_object(stats, env)
+
+    def _category_ids(self, labels: Tensor) -> Tensor:
+        """The detector's labels 1..K -> the data's COCO category ids."""
+        return labels if self.category_ids is None else self.category_ids[labels]
 
 
 class SegmentationTask:
@@ -777,9 +803,13 @@ class Trainer:
         self.env = env or init_distributed(cfg.device)
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.output)
-        if self.env.is_main:  # before data and model are built: an unusable folder fails in a second
+        if self.env.is_main:  # before data and model are built: an unusable or busy folder fails in a second
             prepare_output_folder(self.run_dir, "output")
+            with run_folder_lock(self.run_dir):
+                pass
         self.data = data or build_data(cfg)
+        if checkpoint is not None:
+            _check_label_set(checkpoint, self.data, resume)
         if cfg.num_classes is None:
             cfg.num_classes = self.data.num_classes
         elif cfg.num_classes != self.data.num_classes:
@@ -887,7 +917,8 @@ class Trainer:
             return self.history
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self._graceful_stop():
+        lock = run_folder_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext()  # one writer
+        with lock, self._graceful_stop():
             while self.epoch < last:
                 self._train_epoch()
                 if self.batch_in_epoch < self.batches_per_epoch:  # stopped mid-epoch
@@ -1032,6 +1063,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
             "classes": list(self.data.classes),
+            "category_ids": self.data.category_ids,
             "metrics": self.history,
         }
 
@@ -1131,6 +1163,42 @@ def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path):
+    """Hold an exclusive lock on a run folder while the block runs: ``RUN/.train.lock``, flock-ed, holding our
+    process id. A second run into the folder gets a ValueError naming the process that writes there, not a
+    silent race in which the last to finish wins. The kernel drops a flock when its process dies, so the lock
+    file of a killed run does not block the next one. Without ``fcntl`` (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{run_dir} is in use by another training run (process {holder}, lock file {path}): "
+                             "wait for it to end or stop it, or choose another --output") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so a process that opened this file retries on a new one
+        os.close(fd)
+
+
 _RESUME_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "epoch": int,
                  "step": int, "batch_in_epoch": int, "epoch_totals": Tensor, "world_size": int, "metrics": list}
 
@@ -1158,6 +1226,11 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> di
     classes = checkpoint.get("classes")
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) == cfg.num_classes):
         raise _damaged(path, f"its 'classes' should be a list of {cfg.num_classes} names, got {classes!r:.200}")
+    ids = checkpoint.get("category_ids")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(set(ids)) == cfg.num_classes
+                                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in ids)):
+        raise _damaged(path, f"its 'category_ids' should be None or {cfg.num_classes} distinct COCO category ids "
+                             f">= 1, got {ids!r:.200}")
     wanted = dict(_RESUME_STATE) if resume else {"model": dict}
     wrong = [f"'{k}' (expected {kind.__name__}, got {type(checkpoint[k]).__name__})" if k in checkpoint
              else f"'{k}' (missing)" for k, kind in wanted.items()
@@ -1226,6 +1299,19 @@ def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
                      "use data with the same class folders")
 
 
+def _check_label_set(checkpoint: dict, data: TaskData, path) -> None:
+    """Label k must be the same class in the checkpoint and the data (evaluate, resume): as many classes, with the
+    same names (COCO category ids may differ: each side maps its own to labels 1..K)."""
+    saved = checkpoint["classes"]
+    if len(saved) != data.num_classes:
+        legacy = ("; it was written before COCO category ids were numbered 1..K, when the detector had one class "
+                  "per id up to the largest: train again on this data"
+                  if checkpoint["config"]["task"] == "det" and "category_ids" not in checkpoint else "")
+        raise ValueError(f"{path} predicts {len(saved)} classes but the data has {data.num_classes}{legacy}; use "
+                         "data of the same label set")
+    _check_classes(checkpoint, data.classes, path)
+
+
 def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
     saved = TrainConfig.from_dict(checkpoint["config"])
     diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
@@ -1237,3 +1323,10 @@ def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
         raise CheckpointError(f"cannot resume from {path}: it was scheduled for {saved.epochs} epochs, now "
                               f"{cfg.epochs}; the lr schedule depends on it. Use --epochs {saved.epochs} "
                               "(or --stop-at-epoch to end a run early and resume later).")
+    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint's: {getattr(saved, k)})"
+               for k in _RESUME_SCHEDULE if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run continues the "
+                              "checkpoint's learning-rate schedule and optimiser state exactly. Leave the flag out, "
+                              f"or start a new run with a new schedule from these weights: --pretrained {path} "
+                              "(loads the backbone).")

@@ -2,7 +2,11 @@
 import argparse
 import hashlib
 import json
+import os
+import re
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ import torch
 from asmlp_min.checkpoint import load_checkpoint
 from asmlp_min.cli import build_parser, main
 from asmlp_min.data.shapes import make_scene, scene_rng
+from tests.test_engine import gap_coco
 
 TINY = ["--epochs=1", "--batch-size=4", "--train-size=8", "--val-size=4", "--embed-dim=8", "--depths=1,1,1,1",
         "--image-size=32", "--device=cpu"]
@@ -84,6 +89,88 @@ def test_resume_reuses_the_checkpoint_settings(runs, tmp_path, capsys):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert main(["train", "det", "--resume", str(tmp_path / "checkpoint.pt")]) == 2
     assert "task: checkpoint 'cls', now 'det'" in capsys.readouterr().err
+
+
+def test_resume_with_another_lr_or_warmup_is_refused_and_the_checkpoint_kept(tmp_path, capsys):
+    """The checkpoint's schedule would win over the flag while the saved config recorded the flag: refused."""
+    assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
+    path = tmp_path / "checkpoint.pt"
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    for flag, value in (("--lr", "1e30"), ("--warmup-epochs", "0")):
+        assert main(["train", "--resume", str(path), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"with {flag} {float(value)} (the checkpoint's: " in err and "Leave the flag out" in err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert main(["train", "--resume", str(path), "--lr", "1e-3"]) == 0          # the value it has: resumes
+    assert load_checkpoint(path)["config"]["lr"] == 1e-3 and load_checkpoint(path)["epoch"] == 2
+
+
+def test_a_second_training_into_a_busy_run_folder_is_refused_naming_the_process(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "asmlp_min", "train", "cls", *TINY, "--epochs=100000",
+                              f"--output={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint.pt").exists():             # an epoch done: it is in its training loop
+            assert first.poll() is None and time.monotonic() < deadline, "the first training did not start"
+            time.sleep(0.2)
+        for argv in (["train", "cls", *TINY, "--overwrite", f"--output={run}"],
+                     ["train", "--resume", str(run / "checkpoint.pt")]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"{run} is in use by another training run (process {first.pid}, lock file" in err, err
+            assert "choose another --output" in err
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / ".train.lock").read_text() == f"{first.pid}\n"   # left behind by the killed run
+    assert main(["train", "cls", *TINY, "--overwrite", f"--output={run}"]) == 0   # a dead process blocks nothing
+    assert not (run / ".train.lock").exists()
+    assert main(["train", "cls", *TINY, "--overwrite", f"--output={run}"]) == 0   # nor does a run that ended
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["epochs"] == 1
+
+
+def test_detection_on_coco_category_ids_with_gaps_shows_names_and_scores_the_real_ids(runs, image, tmp_path,
+                                                                                      capsys):
+    """COCO 2017's ids run 1..90 with gaps; with ids {1, 3, 90} the model has 3 classes, prints their names and
+    gives COCOeval the ids (it refuses any other). A checkpoint without 'category_ids' (older versions, whose
+    labels were the ids) still loads where that holds, and is refused where it does not."""
+    data = gap_coco(tmp_path / "coco")
+    run = tmp_path / "run"
+    assert main(["train", "det", f"--data={data}", *TINY, "--head-channels=16", "--image-size=64",
+                 f"--output={run}"]) == 0
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    assert checkpoint["classes"] == ["circle", "square", "triangle"] and checkpoint["category_ids"] == [1, 3, 90]
+    checkpoint["model"]["head.cls_logits.bias"].fill_(8.0)       # every class scores high everywhere
+    confident = tmp_path / "confident.pt"
+    torch.save(checkpoint, confident)
+    capsys.readouterr()
+    assert main(["evaluate", "det", "--checkpoint", str(confident)]) == 0
+    assert "AP50" in capsys.readouterr().out
+    assert main(["predict", "--checkpoint", str(confident), str(image), f"--output={tmp_path / 'out'}"]) == 0
+    assert set(re.findall(r"(\S+) \d\.\d{3} box", capsys.readouterr().out)) == {"circle", "square", "triangle"}
+
+    # older versions gave the detector one class per id up to the largest, and stored no 'category_ids'
+    head = checkpoint["model"]["head.cls_logits.weight"]
+    checkpoint["model"]["head.cls_logits.weight"] = head.new_zeros(90, *head.shape[1:])
+    checkpoint["model"]["head.cls_logits.bias"] = head.new_zeros(90)
+    checkpoint["config"]["num_classes"] = 90
+    checkpoint["classes"] = [{1: "circle", 3: "square", 90: "triangle"}.get(i, str(i)) for i in range(1, 91)]
+    del checkpoint["category_ids"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    assert main(["evaluate", "det", "--checkpoint", str(tmp_path / "old.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "old.pt predicts 90 classes but the data has 3; it was written before COCO category ids were numbered " \
+           "1..K, when the detector had one class per id up to the largest: train again on this data" in err
+    assert main(["train", "--resume", str(tmp_path / "old.pt")]) == 2
+    assert "written before COCO category ids were numbered 1..K" in capsys.readouterr().err
+    shapes = load_checkpoint(runs / "det" / "checkpoint.pt")
+    del shapes["category_ids"]
+    torch.save(shapes, tmp_path / "old_shapes.pt")
+    assert main(["evaluate", "det", "--checkpoint", str(tmp_path / "old_shapes.pt")]) == 0
+    assert main(["predict", "--checkpoint", str(tmp_path / "old_shapes.pt"), str(image),
+                 f"--output={tmp_path / 'out'}"]) == 0
 
 
 def test_evaluate_prints_and_writes_metrics(runs, tmp_path, capsys):

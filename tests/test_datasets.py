@@ -54,6 +54,23 @@ def test_coco_round_trip(coco_export):
     assert len(images) == len(targets) == 2
 
 
+def test_coco_category_ids_with_gaps_are_kept_or_numbered_1_to_k(coco_export, tmp_path):
+    """Real COCO has ids 1..90 with gaps; contiguous_labels numbers the categories in id order, as mmdet does."""
+    root, ann_file = coco_export
+    coco = json.loads(ann_file.read_text())
+    renamed = {1: 5, 2: 17, 3: 90}
+    coco["categories"] = [{**c, "id": renamed[c["id"]]} for c in coco["categories"]]
+    coco["annotations"] = [{**a, "category_id": renamed[a["category_id"]]} for a in coco["annotations"]]
+    gaps = tmp_path / "gaps.json"
+    gaps.write_text(json.dumps(coco))
+    as_ids, numbered = CocoDetection(root / "train", gaps), CocoDetection(root / "train", gaps, contiguous_labels=True)
+    assert numbered.category_ids == [5, 17, 90]
+    for i in range(len(numbered)):
+        kinds = torch.from_numpy(make_scene(scene_rng(5, "train", i)).kinds)
+        assert torch.equal(numbered[i][1]["labels"], kinds + 1)
+        assert as_ids[i][1]["labels"].tolist() == [renamed[k + 1] for k in kinds.tolist()]
+
+
 def test_image_folder_reads_the_exported_tree(tmp_path):
     root = export_shapes(tmp_path, task="cls", n=6, seed=6)
     dataset = ImageFolderClassification(root)

@@ -1,4 +1,5 @@
-"""torchrun with 2 gloo processes on the CPU trains the same model as 1 process with the same global batch.
+"""torchrun with 2 gloo processes on the CPU trains the same model as 1 process with the same global batch, and a
+2-process run stopped after an epoch and resumed ends where the uninterrupted run does.
 
 Rank r of N reads every N-th index of the same seeded permutation and DDP averages the gradients, so 2 x 4
 images per step must give the weights of 1 x 8 images per step up to float summation order. Only rank 0
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from asmlp_min.checkpoint import load_checkpoint
@@ -18,27 +20,65 @@ SETTINGS = dict(epochs=2, train_size=32, val_size=8, image_size=32, embed_dim=8,
                 drop_path=0.0, augment="none")
 
 
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+def torchrun(cwd, *args: str) -> subprocess.CompletedProcess:
+    """``asmlp-min train`` in 2 gloo processes; fails the test with the end of stderr if it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "asmlp_min", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """An uninterrupted 2-process run of SETTINGS: (run folder, stdout)."""
+    root = tmp_path_factory.mktemp("ddp")
     flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
              for k, v in SETTINGS.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "asmlp_min", "train", "cls", "--device=cpu", "--batch-size=4",
-               f"--output={tmp_path / 'ddp'}", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("epoch 2/2:") == 1                # only rank 0 logs
+    done = torchrun(root, "cls", "--device=cpu", "--batch-size=4", f"--output={root / 'run'}", *flags)
+    return root / "run", flags, done.stdout
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(ddp_run, tmp_path):
+    run, _, stdout = ddp_run
+    assert stdout.count("epoch 2/2:") == 1                     # only rank 0 logs
 
     single = Trainer(TrainConfig(task="cls", device="cpu", batch_size=8, output=str(tmp_path / "single"), **SETTINGS),
                      log=lambda *a, **k: None)
     single.fit()
 
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl"]
-    assert len(list(tmp_path.rglob("*.pt"))) == 2            # ddp/checkpoint.pt and single/checkpoint.pt
-    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl"]
+    assert len(list(run.parent.rglob("*.pt"))) == 1          # rank 1 wrote nothing
+    ddp = load_checkpoint(run / "checkpoint.pt")
     assert ddp["world_size"] == 2 and ddp["rng"]["cpu"].shape[0] == 2 and ddp["step"] == single.step == 8
     for name, weight in single.model.state_dict().items():
         assert torch.allclose(ddp["model"][name], weight, rtol=1e-4, atol=1e-5), name
     for mine, theirs in zip(ddp["metrics"], single.history):
         assert abs(mine["train_loss"] - theirs["train_loss"]) < 1e-4
         assert mine["top1"] == theirs["top1"]                  # val shards reduced over ranks = whole val set
+
+
+def test_two_process_run_stopped_after_epoch_1_and_resumed_ends_as_the_uninterrupted_run(ddp_run, tmp_path):
+    """Each rank restores its own row of the saved generator states (rank 1's row once crashed torch with SIGSEGV).
+    No randomness is drawn in training here, so every rank's generator must end in the state its seed gave it."""
+    run, flags, _ = ddp_run
+    torchrun(tmp_path, "cls", "--device=cpu", "--batch-size=4", f"--output={tmp_path / 'run'}", "--stop-at-epoch=1",
+             *flags)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    resumed = torchrun(tmp_path, "--resume", str(tmp_path / "run" / "checkpoint.pt"))
+    assert "epoch 1/2:" not in resumed.stdout and resumed.stdout.count("epoch 2/2:") == 1
+
+    mine, theirs = (load_checkpoint(folder / "checkpoint.pt") for folder in (tmp_path / "run", run))
+    assert (mine["epoch"], mine["step"]) == (theirs["epoch"], theirs["step"]) == (2, 8)
+    for name, weight in theirs["model"].items():
+        assert torch.equal(mine["model"][name], weight), name
+    seeded = []
+    for rank in range(2):
+        torch.manual_seed(rank)                                # seed + rank, seed 0
+        seeded.append(torch.get_rng_state())
+    assert torch.equal(mine["rng"]["cpu"], theirs["rng"]["cpu"])
+    assert torch.equal(mine["rng"]["cpu"], torch.stack(seeded))
+    times = ("train_time_s", "eval_time_s", "train_img_per_s")
+    assert [{k: v for k, v in r.items() if k not in times} for r in mine["metrics"]] == \
+           [{k: v for k, v in r.items() if k not in times} for r in theirs["metrics"]]

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import asmlp_min.checkpoint
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
 from asmlp_min.engine import (DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data, build_model,
-                              evaluate, load_trained, lr_factor, param_groups, predict, soft_target_cross_entropy)
+                              evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
+                              soft_target_cross_entropy)
 
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -496,6 +497,26 @@ def test_unusable_output_folder_is_refused_before_data_and_model_are_built(tmp_p
         Trainer(tiny(tmp_path, "file/run"), log=quiet)
 
 
+def test_a_run_folder_lock_names_its_holder_refuses_a_second_run_and_is_removed_after(tmp_path, monkeypatch):
+    """Each open of the lock file is its own flock, so one process can play both runs (tests/test_cli.py uses two)."""
+    lock = tmp_path / "run" / ".train.lock"
+    lock.parent.mkdir()
+    with run_folder_lock(lock.parent):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ValueError, match=f"run is in use by another training run \\(process {os.getpid()}, "
+                                             f"lock file .*run/.train.lock\\): wait for it .* choose another --output"):
+            with run_folder_lock(lock.parent):
+                pass
+        monkeypatch.setattr("asmlp_min.engine.build_data", lambda *a, **k: pytest.fail("built data first"))
+        with pytest.raises(ValueError, match="in use by another training run"):
+            Trainer(tiny(tmp_path), log=quiet)
+        monkeypatch.undo()
+    assert not lock.exists()
+    lock.write_text("4194305\n")                               # a lock file its process left: nobody holds it
+    Trainer(tiny(tmp_path, epochs=1), log=quiet).fit()
+    assert sorted(p.name for p in lock.parent.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl"]
+
+
 def test_image_folder_with_other_classes_in_train_and_val_names_them(tmp_path):
     from PIL import Image
     for split, classes in (("train", ["circle", "square"]), ("val", ["circle", "star"])):
@@ -504,3 +525,106 @@ def test_image_folder_with_other_classes_in_train_and_val_names_them(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
     with pytest.raises(ValueError, match="only in train: square; only in val: star"):
         build_data(TrainConfig(task="cls", data=str(tmp_path)).resolved())
+
+
+# ---------------------------------------------------------------- COCO category ids with gaps
+
+GAP_IDS = {1: 1, 2: 3, 3: 90}                                  # shapes' ids 1, 2, 3 -> 1, 3, 90 (COCO: 1..90, gaps)
+
+
+def gap_coco(root, categories=GAP_IDS, splits=(("train", 4), ("val", 2))):
+    """export_shapes' COCO folder with its category ids renamed by ``categories`` in both JSON files (export_shapes
+    keeps files it wrote before, so call it again only with the identity or on a fresh folder)."""
+    from asmlp_min.data.shapes import CATEGORIES, export_shapes
+    for split, n in splits:
+        path = export_shapes(root, task="det", n=n, split=split, seed=3, image_size=64)
+        coco = json.loads(path.read_text())
+        coco["categories"] = [{**c, "id": categories[c["id"]]} for c in CATEGORIES]
+        coco["annotations"] = [{**a, "category_id": categories[a["category_id"]]} for a in coco["annotations"]]
+        path.write_text(json.dumps(coco))
+    return root
+
+
+def gap_det_config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(task="det", data=str(tmp_path / "coco"), output=str(tmp_path / "run"), epochs=1, batch_size=2,
+                  image_size=64, embed_dim=8, depths=(1, 1, 1, 1), head_channels=16, drop_path=0.0, device="cpu")
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_coco_category_ids_with_gaps_are_labels_1_to_k_for_the_detector_and_ids_again_for_cocoeval(tmp_path,
+                                                                                                   monkeypatch):
+    """With categories {1, 3, 90} the detector has 3 classes, learns labels 1..3, and its labels reach COCOeval as
+    1, 3, 90 (not 1..90 classes of which 87 are no category, whose predictions COCOeval refuses)."""
+    import asmlp_min.metrics
+    gap_coco(tmp_path / "coco")
+    trainer = Trainer(gap_det_config(tmp_path), log=quiet)
+    assert trainer.cfg.num_classes == 3 and trainer.data.classes == ["circle", "square", "triangle"]
+    ann = json.loads((tmp_path / "coco" / "annotations" / "instances_train.json").read_text())
+    for i in range(len(trainer.data.train)):                  # label k is the k-th smallest id: 1 -> 1, 3 -> 2, 90 -> 3
+        ids = [a["category_id"] for a in ann["annotations"] if a["image_id"] == trainer.data.train.ids[i]]
+        assert trainer.data.train[i][1]["labels"].tolist() == [{1: 1, 3: 2, 90: 3}[c] for c in ids]
+    with torch.no_grad():                                     # every class scores high: detections of all 3 labels
+        trainer.model.head.cls_logits.bias.fill_(8.0)
+    scored = []
+    real = asmlp_min.metrics.coco_evaluate
+    monkeypatch.setattr(asmlp_min.metrics, "coco_evaluate",
+                        lambda gt, dets, *a: scored.append({int(x) for d in dets for x in d["labels"]}) or
+                        real(gt, dets, *a))
+    trainer.fit()
+    assert scored == [{1, 3, 90}] and 0 <= trainer.history[-1]["AP"] <= 1
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = load_checkpoint(path)
+    assert saved["classes"] == ["circle", "square", "triangle"] and saved["category_ids"] == [1, 3, 90]
+    model, cfg, _ = load_trained(path)
+    assert model.num_classes == 3
+    evaluate(model, cfg, build_data(cfg, with_train=False))
+    assert scored[-1] == {1, 3, 90}
+    Trainer(gap_det_config(tmp_path), resume=path, log=quiet)              # the same data resumes
+
+
+def test_train_and_val_with_other_categories_are_refused_naming_them(tmp_path):
+    gap_coco(tmp_path / "coco", splits=(("val", 2),))
+    gap_coco(tmp_path / "coco", {1: 1, 2: 3, 3: 91}, splits=(("train", 4),))
+    with pytest.raises(ValueError, match="instances_train.json and .*instances_val.json list different 'categories' "
+                                         "\\(only in train: id 91 'triangle'; only in val: id 90 'triangle'\\)"):
+        build_data(gap_det_config(tmp_path).resolved())
+
+
+def test_resume_needs_the_same_category_names_label_by_label_not_the_same_ids(tmp_path):
+    gap_coco(tmp_path / "coco", {1: 1, 2: 2, 3: 3})
+    Trainer(gap_det_config(tmp_path, epochs=2, stop_at_epoch=1), log=quiet).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    before = sha256(path)
+    annotations = tmp_path / "coco" / "annotations"
+    for split in ("train", "val"):                              # circle and square swap names
+        coco = json.loads((annotations / f"instances_{split}.json").read_text())
+        for category in coco["categories"][:2]:
+            category["name"] = {"circle": "square", "square": "circle"}[category["name"]]
+        (annotations / f"instances_{split}.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="label 0 is 'circle' in the checkpoint, 'square' in the data"):
+        Trainer(gap_det_config(tmp_path, epochs=2), resume=path, log=quiet)
+    assert sha256(path) == before
+    gap_coco(tmp_path / "coco")                                 # the same names under ids 1, 3, 90
+    Trainer(gap_det_config(tmp_path, epochs=2), resume=path, log=quiet).fit()
+    assert load_checkpoint(path)["category_ids"] == [1, 3, 90]
+
+
+# ---------------------------------------------------------------- the schedule on resume
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(lr=1e30), "--lr 1e\\+30 \\(the checkpoint's: 0.001\\)"),
+    (dict(warmup_epochs=0.25), "--warmup-epochs 0.25 \\(the checkpoint's: 0.5\\)"),
+    (dict(weight_decay=0.5), "--weight-decay 0.5"),
+    (dict(schedule="poly"), "--schedule poly"),
+])
+def test_resume_refuses_a_new_learning_rate_schedule_and_leaves_the_checkpoint(tmp_path, change, flag):
+    """The saved optimiser and scheduler state carry lr and weight decay and would win over new values, while the
+    config saved next would claim the new ones: refused, with the flag named and what to do."""
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    before = sha256(path)
+    with pytest.raises(CheckpointError, match=f"cannot resume from .*checkpoint.pt with {flag}.*--pretrained"):
+        Trainer(tiny(tmp_path, **change), resume=path, log=quiet)
+    assert sha256(path) == before
+    Trainer(tiny(tmp_path, lr=1e-3, warmup_epochs=0.5), resume=path, log=quiet).fit()   # the same values resume
+    assert load_checkpoint(path)["epoch"] == 2

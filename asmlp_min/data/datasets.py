@@ -4,7 +4,7 @@ Every dataset here, and the synthetic ones in ``shapes.py``, returns the same th
 
 - classification: ``(image, label)``, label = class index (ImageFolder: sorted folder names);
 - detection: ``(image, target)`` with torchvision-style ``target = {"boxes": (n, 4) float32 xyxy
-  BoundingBoxes, "labels": (n,) int64 COCO category ids, "masks": (n, h, w) uint8, "image_id": int,
+  BoundingBoxes, "labels": (n,) int64 COCO category ids (or 1..K), "masks": (n, h, w) uint8, "image_id": int,
   "area": (n,) float32, "iscrowd": (n,) int64}``;
 - segmentation: ``(image, mask)``, mask (h, w) int64 class ids, 255 = ignore.
 
@@ -225,17 +225,24 @@ class CocoDetection(Dataset):
     """COCO instances: images in ``image_root`` named by ``file_name``, annotations in ``ann_file``.
 
     Returns (image, target) as described in the module docstring; ``labels`` are the COCO
-    ``category_id``s (not remapped: COCO 2017 ids run 1..90 with gaps), ``image_id`` is the COCO image
-    id, so predictions can go straight to ``metrics.coco_evaluate(dataset.coco, ...)``. ``masks`` are
-    present when every annotation of the image has a ``segmentation`` (polygons or RLE).
+    ``category_id``s (COCO 2017: 80 ids in 1..90, with gaps), ``image_id`` is the COCO image id, so
+    predictions can go straight to ``metrics.coco_evaluate(dataset.coco, ...)``. ``masks`` are present
+    when every annotation of the image has a ``segmentation`` (polygons or RLE).
+
+    ``contiguous_labels=True`` numbers the categories 1..K instead, in the order of their ids, as mmdet's and
+    detectron2's COCO loaders do: a detector then has K classes, not the largest id, and predicts no id that
+    is not a category. ``category_ids[label - 1]`` is a label's category id again, for COCO results.
     """
 
     def __init__(self, image_root: str | os.PathLike, ann_file: str | os.PathLike,
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, contiguous_labels: bool = False):
         self.image_root, self.ann_file = Path(image_root), Path(ann_file)
         if not self.image_root.is_dir():
             raise ValueError(f"{image_root}: image folder not found")
         self.coco = load_coco(ann_file, require_file_name=True)
+        self.category_ids = sorted(self.coco.cats)
+        self.label_of = ({c: i + 1 for i, c in enumerate(self.category_ids)} if contiguous_labels
+                         else {c: c for c in self.category_ids})
         self.ids = sorted(self.coco.imgs)
         if not self.ids:
             raise ValueError(f"{ann_file}: field 'images' is empty")
@@ -260,7 +267,7 @@ class CocoDetection(Dataset):
             with warnings.catch_warnings():              # pycocotools' decode trips a numpy 2 DeprecationWarning
                 warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
                 masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
-        target = detection_target(boxes, [a["category_id"] for a in anns], masks, info["id"],
+        target = detection_target(boxes, [self.label_of[a["category_id"]] for a in anns], masks, info["id"],
                                   [a["area"] for a in anns], [a["iscrowd"] for a in anns], (h, w))
         return self.transform(image, target)
 
