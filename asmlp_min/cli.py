@@ -49,7 +49,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
                    help=f"{_TASK_HELP} (default: cls, or the --resume checkpoint's task)")
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", help=f"'shapes' (built-in synthetic scenes, generated once per run and kept in memory) "
+    g.add_argument("--data", help=f"'shapes' (built-in synthetic scenes, generated once per run and kept in memory; "
+                                  f"cls: one whole 16-40 px shape on flat grey per 64-px scene, det/seg: 1-4 shapes, "
+                                  f"cut or covered, on a textured 128-px background) "
                                   f"or a folder: cls PATH/{{train,val}}/<class>/<images> (ImageNet layout), det "
                                   f"COCO PATH/annotations/instances_{{train,val}}[2017].json + "
                                   f"PATH/{{train,val}}[2017]/, seg ADE20K "
