@@ -377,7 +377,7 @@ class TaskData:
 
 
 AUGMENTATIONS = ("auto", "paper", "light", "none")
-SHAPES_SIZE = 128  # scenes are drawn at their native size and resized by the transform
+SHAPES_SIZE = 128  # det/seg scenes are drawn at their native size and resized by the transform
 
 
 def _identity(*inputs):
@@ -466,8 +466,10 @@ def _shapes_data(cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskDa
     from .data import shapes
     kind = {"cls": shapes.ShapesClassification, "det": shapes.ShapesDetection, "seg": shapes.ShapesSegmentation}
     dataset = kind[cfg.task]
+    # cls: one whole shape on grey (a border-cut square can read as a triangle); det/seg: the default scenes
+    scene = shapes.CLS_SCENE if cfg.task == "cls" else dict(image_size=SHAPES_SIZE)
     make = lambda n, split, tf: CachedDataset(  # noqa: E731
-        dataset(n, seed=cfg.seed, split=split, image_size=SHAPES_SIZE, transform=_identity), tf, cfg.task)
+        dataset(n, seed=cfg.seed, split=split, transform=_identity, **scene), tf, cfg.task)
     val = make(cfg.val_size, "val", val_tf)
     classes = list(dataset.classes)
     return TaskData(make(cfg.train_size, "train", train_tf) if with_train else None, val, len(classes), classes,

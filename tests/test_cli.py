@@ -246,7 +246,8 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_data_and_runs(tmp_path,
     out, data = tmp_path / "demo", tmp_path / "data"
     assert main(["demo", "--quick", f"--output={out}", f"--data-root={data}"]) == 0
     report = (out / "report.md").read_text()
-    for needle in ("top-1", "box AP", "mIoU", "| asmlp_tiny | 28.3M | 28M |", "figures/axial_shift.png"):
+    for needle in ("top-1", "box AP", "mIoU", "| asmlp_tiny | 28.3M | 28M |", "figures/axial_shift.png",
+                   "top1 >= 0.95: not checked (quick)", "(random boxes)", "(all background)", "whole=True"):
         assert needle in report
     for name in ("axial_shift", "curves", "predictions_cls", "predictions_det", "predictions_seg"):
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
@@ -258,6 +259,17 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_data_and_runs(tmp_path,
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*.png")} == stamps      # data not rewritten
     assert all(p.read_bytes() == b for p, b in checkpoints.items())              # finished runs not retrained
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_demo_that_misses_a_target_exits_1_and_says_which(tmp_path, capsys, monkeypatch):
+    import asmlp_min.demo
+    report = tmp_path / "report.md"
+    missed = ["detection: AP 0.500 < target 0.7"]
+    monkeypatch.setattr(asmlp_min.demo, "run_demo", lambda *args, **kwargs: (report, missed))
+    assert main(["demo"]) == 1
+    assert f"demo: target missed, detection: AP 0.500 < target 0.7 (see {report})" in capsys.readouterr().err
+    monkeypatch.setattr(asmlp_min.demo, "run_demo", lambda *args, **kwargs: (report, []))
+    assert main(["demo"]) == 0
 
 
 def test_evaluate_refuses_data_with_other_class_names(runs, image, tmp_path, capsys):

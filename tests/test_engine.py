@@ -325,6 +325,22 @@ def test_folders_default_to_the_papers_image_sizes_and_shapes_keeps_its_own():
         assert TrainConfig(task=task, data="/datasets/real", image_size=96).resolved().image_size == 96
 
 
+def test_shapes_classification_scenes_hold_one_whole_shape_on_grey():
+    """Issue 16: a border-cut square can read as a triangle, so `train cls --data shapes` draws every scene with
+    one shape that lies inside the 64-px image, on a flat background; det and seg keep the 128-px default scenes."""
+    data = build_data(TrainConfig(task="cls", train_size=40, val_size=40))
+    for split in (data.train, data.val):
+        for i in range(len(split)):
+            scene = split.base.scene(i)
+            assert scene.image.shape == (64, 64, 3) and len(scene.masks) == 1
+            assert not (scene.masks[:, [0, -1], :].any() or scene.masks[:, :, [0, -1]].any())  # off the border
+            background = scene.image[~scene.masks[0]].astype(int)
+            assert background.max() - background.min() <= 2 * 16  # one grey level plus the +-16 noise
+    for task in ("det", "seg"):
+        assert build_data(TrainConfig(task=task, train_size=1, val_size=1)).val.base.scene(0).image.shape == (
+            128, 128, 3)
+
+
 def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):
     """On a COCO folder the detector resizes every image to short side 800, long side <= 1333, in training,
     evaluation and prediction alike; the checkpoint's config rebuilds that model, and resume checks the size."""
