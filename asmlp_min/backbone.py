@@ -3,7 +3,8 @@
     image (b, 3, H, W) -> PatchEmbed -> (b, C, H/4, W/4) -> stage 0 -> merge -> (b, 2C, H/8, W/8)
     -> stage 1 -> merge -> stage 2 -> merge -> stage 3 (b, 8C, H/32, W/32) -> norm -> pool -> head
 
-Classification follows timm (``forward_features`` / ``forward_head`` / ``reset_classifier``).
+Classification follows timm (``forward_features`` / ``forward_head`` / ``reset_classifier`` /
+``forward_intermediates``; asmlp_min/features.py holds its feature-info and pooling conventions).
 ``features_only=True`` is the official dense-prediction backbone: the map of every stage *before* its
 merge, each through its own ``norm{i}``, at strides 4/8/16/32. Any H, W work: the stem pads to a
 multiple of 4 and each merge pads odd sizes at the right/bottom, as the official mmdet/mmseg code does.

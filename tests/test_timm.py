@@ -221,6 +221,9 @@ def test_pretrained_file_loads_through_timm_with_in_chans_and_a_new_head(officia
     backbone = timm.create_model("asmlp_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                                  features_only=True, **SMALL)
     torch.testing.assert_close(backbone.layers[2].state_dict(), rgb.layers[2].state_dict(), rtol=0, atol=0)
+    if in_chans == 3:  # timm's own loader (checkpoint_path) reads the official layout too
+        loaded = timm.create_model("asmlp_tiny", checkpoint_path=str(path), num_classes=1000, **SMALL)
+        torch.testing.assert_close(loaded.state_dict(), rgb.state_dict(), rtol=0, atol=0)
 
 
 def test_pretrained_without_a_file_says_how_to_give_one():
@@ -252,3 +255,41 @@ def test_only_the_timm_module_imports_timm_and_nothing_imports_onnx_at_import():
                 imported.add(node.module.split(".")[0])
         allowed = {"timm"} if path.name == "timm.py" else set()
         assert imported & {"timm", "onnx", "onnxscript", "onnxruntime"} <= allowed, path
+
+
+# ---------------------------------------------------------------- timm's training tools keep working
+
+def test_timm_data_config_transform_ema_optimizer_and_scheduler():
+    from timm.data import create_transform, resolve_data_config
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    model = small(num_classes=7).train()
+    config = resolve_data_config({}, model=model)
+    assert config["input_size"] == (3, 224, 224) and config["interpolation"] == "bicubic"
+    assert config["crop_pct"] == 0.875 and config["mean"] == (0.485, 0.456, 0.406)
+    resize = create_transform(**config).transforms[0]  # evaluation: resize to 224 / 0.875 = 256, then crop 224
+    assert resize.size == 256 and resize.interpolation.value == "bicubic"
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scales = {group["lr_scale"] for group in optimizer.param_groups}
+    head = [g["lr_scale"] for g in optimizer.param_groups if any(p is model.head.weight for p in g["params"])]
+    stem = [g["lr_scale"] for g in optimizer.param_groups if any(p is model.patch_embed.proj.weight for p in g["params"])]
+    assert head == [1.0] and stem == [min(scales)] and min(scales) < 0.1  # decays from the head down to the stem
+    scheduler, epochs = create_scheduler_v2(optimizer, "cosine", num_epochs=3, warmup_epochs=1)
+    ema = ModelEmaV3(model, decay=0.5)
+    before = ema.module.head.weight.clone()
+    model(torch.randn(2, 3, 32, 32)).logsumexp(1).mean().backward()
+    optimizer.step()
+    scheduler.step(1)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.head.weight, 0.5 * before + 0.5 * model.head.weight.detach())
+    assert epochs == 3 and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiles_as_one_graph_and_runs_channels_last():
+    model = small(num_classes=7)
+    x = torch.randn(2, 3, 48, 64).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
