@@ -3,7 +3,8 @@
     image (b, 3, H, W) -> PatchEmbed -> (b, C, H/4, W/4) -> stage 0 -> merge -> (b, 2C, H/8, W/8)
     -> stage 1 -> merge -> stage 2 -> merge -> stage 3 (b, 8C, H/32, W/32) -> norm -> pool -> head
 
-Classification follows timm (``forward_features`` / ``forward_head`` / ``reset_classifier``).
+Classification follows timm (``forward_features`` / ``forward_head`` / ``reset_classifier`` /
+``forward_intermediates``; asmlp_min/features.py holds its feature-info and pooling conventions).
 ``features_only=True`` is the official dense-prediction backbone: the map of every stage *before* its
 merge, each through its own ``norm{i}``, at strides 4/8/16/32. Any H, W work: the stem pads to a
 multiple of 4 and each merge pads odd sizes at the right/bottom, as the official mmdet/mmseg code does.
@@ -21,6 +22,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .block import ASMLPBlock, conv1x1, norm_layer
+from .features import FeatureInfo, GlobalPool, out_indices_tuple, take_indices
 
 
 @dataclass(frozen=True)
@@ -83,24 +85,6 @@ def inference_pieces(x: Tensor, hidden: int) -> int:
         return 1
     b, _, h, w = x.shape
     return min(b, -(-b * hidden * h * w * x.element_size() // PIECE_BYTES))
-
-
-class FeatureInfo(list):
-    """timm's ``feature_info``: one dict per feature map, ``num_chs``, ``reduction`` (stride) and ``module``,
-    the name of the submodule whose output it is (for ``create_feature_extractor`` or a forward hook), with
-    timm's accessors: ``channels()``, ``reduction()``, ``module_name()``, each for all maps or one index."""
-
-    def get(self, key: str, idx: int | None = None):
-        return [info[key] for info in self] if idx is None else self[idx][key]
-
-    def channels(self, idx: int | None = None):
-        return self.get("num_chs", idx)
-
-    def reduction(self, idx: int | None = None):
-        return self.get("reduction", idx)
-
-    def module_name(self, idx: int | None = None):
-        return self.get("module", idx)
 
 
 @torch.fx.wrap  # a leaf for FX tracing (create_feature_extractor): its checks look at Python types and shapes
@@ -208,33 +192,22 @@ class ASMLPStage(nn.Module):
 class ASMLP(nn.Module):
     """AS-MLP classifier, or with ``features_only=True`` the multi-scale backbone for FPN/UperNet.
 
-    Classification: (b, in_chans, H, W) -> (b, num_classes). Features: list of (b, C*2^i, H/2^(i+2), W/2^(i+2))
-    for i in ``out_indices`` (sizes rounded up).
+    Classification: (b, in_chans, H, W) -> (b, num_classes), pooled by ``global_pool`` (the paper averages; the
+    other choices are timm's, see :class:`GlobalPool`). Features: list of (b, C*2^i, H/2^(i+2), W/2^(i+2)) for i
+    in ``out_indices`` (sizes rounded up; an int n means the last n stages, as in timm).
     """
 
     def __init__(self, *, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2), shift_size: int = 5,
                  drop_path_rate: float = 0.2, mlp_ratio: float = 4.0, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, drop_rate: float = 0.0, features_only: bool = False,
-                 out_indices: tuple[int, ...] = (0, 1, 2, 3), dilation: int = 1, padding: str = "zeros",
-                 connection: str = "parallel"):
+                 out_indices: int | tuple[int, ...] = (0, 1, 2, 3), dilation: int = 1, padding: str = "zeros",
+                 connection: str = "parallel", global_pool: str = "avg"):
         super().__init__()
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        for name, value in (("embed_dim", embed_dim), ("patch_size", patch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0 (the paper uses 4), got {mlp_ratio}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0: no head, the model returns pooled features), "
-                             f"got {num_classes!r}")
-        if len(depths) == 0 or any(d < 1 for d in depths):
-            raise ValueError(f"depths needs one block count >= 1 per stage, e.g. (2, 2, 6, 2); got {tuple(depths)}")
+        _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, num_classes, depths)
         self.num_stages = len(depths)
         self.embed_dim, self.in_chans, self.features_only = embed_dim, in_chans, features_only
         self.fast_layout = True  # to_fast_layout() at the stem; False keeps the input's layout (the official NCHW)
+        self.grad_checkpointing = False
         self.num_features = embed_dim * 2 ** (self.num_stages - 1)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -246,28 +219,36 @@ class ASMLP(nn.Module):
                 embed_dim * 2 ** i, depth, shift_size, rates[first:first + depth],
                 downsample=i < self.num_stages - 1, mlp_ratio=mlp_ratio, drop=drop_rate,
                 dilation=dilation, padding=padding, connection=connection))
+        # a stage ends with its merge, so a stage's own map is the output of its last block
+        stages = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks.{d - 1}")
+                  for i, d in enumerate(depths)]
         if features_only:
-            self.out_indices = _normalise_indices(out_indices, self.num_stages)
+            self.out_indices = out_indices_tuple(out_indices, self.num_stages)
             for i in self.out_indices:  # official dense-prediction backbones: one norm per output
                 self.add_module(f"norm{i}", norm_layer(embed_dim * 2 ** i))
-            self.feature_info = FeatureInfo(dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i,
-                                                 module=f"norm{i}") for i in self.out_indices)
+                stages[i]["module"] = f"norm{i}"
+            self.feature_info = FeatureInfo(stages, self.out_indices)
         else:
-            self.num_classes = num_classes
             self.norm = norm_layer(self.num_features)
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-            # a stage ends with its merge, so a stage's own map is the output of its last block
-            self.feature_info = FeatureInfo(dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i,
-                                                 module=f"layers.{i}.blocks.{depths[i] - 1}")
-                                            for i in range(self.num_stages - 1))
-            self.feature_info.append(dict(num_chs=self.num_features, reduction=patch_size * 2 ** (self.num_stages - 1),
-                                          module="norm"))
+            self.global_pool = GlobalPool(global_pool)
+            self._new_head(num_classes)
+            stages[-1]["module"] = "norm"
+            self.feature_info = FeatureInfo(stages, tuple(range(self.num_stages)))
         self.pretrained_cfg = dict(  # timm's data config (resolve_data_config reads it), for the official weights
             input_size=(in_chans, 224, 224), interpolation="bicubic", crop_pct=EVAL_CROP_PCT, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, num_classes=0 if features_only else num_classes, first_conv="patch_embed.proj",
-            classifier=None if features_only else "head")
+            classifier=None if features_only else "head", fixed_input_size=False,
+            pool_size=(-(-224 // stages[-1]["reduction"]),) * 2)
         self.apply(_init_weights)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for ``pretrained_cfg``, still read by its tests and utilities."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
 
     def forward_stem(self, x: Tensor) -> Tensor:
         check_image_batch(x, self.in_chans, self.patch_embed.proj.weight.dtype)
@@ -277,30 +258,73 @@ class ASMLP(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(b, 3, H, W) -> (b, 8C, H/32, W/32): unpooled, after the final norm (timm semantics)."""
-        if self.features_only:
-            raise ValueError("a features_only model has no final norm or head: model(x) returns its feature maps")
+        self._require_classifier()
         x = self.forward_stem(x)
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(b, 8C, h, w) -> (b, num_classes), or the pooled (b, 8C) with ``pre_logits``."""
-        x = torch.flatten(self.avgpool(x), 1)
+        """(b, 8C, h, w) -> (b, num_classes), or the pooled (b, head_hidden_size) with ``pre_logits``."""
+        x = self.global_pool(x)
         return x if pre_logits else self.head(x)
+
+    def run_stages(self, x: Tensor, take: tuple[int, ...], stop: int) -> tuple[Tensor, list[Tensor]]:
+        """Stem and stages 0..stop: (stage ``stop``'s map, [the map of each stage in ``take``]), all before merging."""
+        x = self.forward_stem(x)
+        maps = []
+        for i, stage in enumerate(self.layers[:stop + 1]):
+            x = stage.forward_blocks(x)
+            if i in take:
+                maps.append(x)
+            if i < stop:
+                x = stage.downsample(x)
+        return x, maps
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's stage taps: (b, 3, H, W) -> (final features as ``forward_features``, [maps]) or, with
+        ``intermediates_only``, the maps: stage i's (b, C*2^i, H/2^(i+2), W/2^(i+2)) before its merge, for i in
+        ``indices`` (None: all, n: the last n, or a list; negatives count from the end).
+
+        ``norm`` passes the last stage's map through the final norm; ``stop_early`` skips the stages after the last
+        tap, and the final features are then that stage's map.
+        """
+        self._require_classifier()
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW': AS-MLP's maps are (b, c, h, w); got {output_fmt!r}")
+        take, last_tap = take_indices(len(self.layers), indices)
+        final = len(self.layers) - 1
+        stop = last_tap if stop_early else final
+        x, maps = self.run_stages(x, take, stop)
+        if stop == final and (norm or not intermediates_only):  # the final norm is sized for the last stage only
+            x = self.norm(x)
+            if norm and final in take:
+                maps[-1] = x
+        return maps if intermediates_only else (x, maps)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's: keep the stages up to the last of ``indices`` (without its merge); the final norm and the head go
+        with the stages they were sized for, or on request. Returns ``indices`` as absolute stage numbers."""
+        self._require_classifier()
+        take, last_tap = take_indices(len(self.layers), indices)
+        pruned_end = last_tap < len(self.layers) - 1
+        if prune_norm or pruned_end:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:last_tap + 1]
+        if pruned_end:
+            self.layers[-1].downsample = None
+            self.num_features = self.feature_info.channels(last_tap)
+        if prune_head or pruned_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_pyramid(self, x: Tensor) -> list[Tensor]:
         """(b, 3, H, W) -> maps at strides 4, 8, 16, 32 for ``out_indices``, taken before each merge."""
-        x = self.forward_stem(x)
-        feats = []
-        last = max(self.out_indices)
-        for i, stage in enumerate(self.layers[:last + 1]):
-            x = stage.forward_blocks(x)
-            if i in self.out_indices:
-                feats.append(getattr(self, f"norm{i}")(x))
-            if i < last:
-                x = stage.downsample(x)
-        return feats
+        maps = self.run_stages(x, self.out_indices, max(self.out_indices))[1]
+        return [getattr(self, f"norm{i}")(m) for i, m in zip(self.out_indices, maps)]
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         """(b, in_chans, H, W) -> logits (b, num_classes), or with ``features_only`` the list of maps."""
@@ -310,6 +334,7 @@ class ASMLP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch: recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
@@ -317,24 +342,46 @@ class ASMLP(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh Linear(num_features, num_classes) (Identity for 0)."""
+        """A fresh head: Linear(head_hidden_size, num_classes), Identity for 0; ``global_pool`` as in the
+        constructor, kept if None. ``(0, "")`` makes the model return the final (b, c, h, w) map, as in timm."""
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
-        if self.features_only:
-            raise ValueError("a features_only model has no classifier")
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._require_classifier()
+        if global_pool is not None:
+            self.global_pool = GlobalPool(global_pool)
+        self._new_head(num_classes)
         _init_weights(self.head)
+        self.head.to(self.patch_embed.proj.weight)
+
+    def _new_head(self, num_classes: int) -> None:
+        if num_classes > 0 and not self.global_pool.pool_type:
+            raise ValueError(f"global_pool='' keeps the (b, c, h, w) map, which a Linear head cannot classify: use it "
+                             f"with num_classes=0, or pool ('avg'); got num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _require_classifier(self) -> None:
+        if self.features_only:
+            raise ValueError("a features_only model has no final norm or head: model(x) returns its feature maps")
 
 
-def _normalise_indices(out_indices, num_stages: int) -> tuple[int, ...]:
-    indices = tuple(i % num_stages if -num_stages <= i < num_stages else None for i in out_indices)
-    if not indices or None in indices or len(set(indices)) != len(indices):
-        raise ValueError(f"out_indices must be distinct stage indices in [-{num_stages}, {num_stages - 1}], "
-                         f"got {tuple(out_indices)}")
-    return tuple(sorted(indices))
+def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, num_classes, depths) -> None:
+    """ASMLP's constructor arguments, each with what to pass instead."""
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    for name, value in (("embed_dim", embed_dim), ("patch_size", patch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be > 0 (the paper uses 4), got {mlp_ratio}")
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an integer >= 0 (0: no head, the model returns pooled features), "
+                         f"got {num_classes!r}")
+    if len(depths) == 0 or any(d < 1 for d in depths):
+        raise ValueError(f"depths needs one block count >= 1 per stage, e.g. (2, 2, 6, 2); got {tuple(depths)}")
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -5,6 +5,7 @@
     asmlp-min evaluate [cls|det|seg] --checkpoint runs/cls/checkpoint.pt [--data PATH]
     asmlp-min predict --checkpoint runs/det/checkpoint.pt image.png ...   # PNG with top-5 / boxes / mask
     asmlp-min info asmlp_tiny                        # params, GMACs, stage shapes vs the paper
+    asmlp-min export --weights asmlp_tiny.pth --output asmlp_tiny.onnx   # ONNX, any batch, one image size
     asmlp-min bench --quick                          # speed / memory table
     torchrun --nproc_per_node=2 -m asmlp_min train cls ...   # DistributedDataParallel, one process per device
 
@@ -261,6 +262,28 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .backbone import create_model
+    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint
+    from .export import export_onnx
+    if len(args.image_size) > 2:
+        raise ValueError(f"--image-size takes one size or two (height width), got {args.image_size}")
+    output = _writable_file(args.output or f"{args.model}.onnx", "output")
+    overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
+    model = create_model(args.model, num_classes=args.num_classes, features_only=args.features_only,
+                         **{k: v for k, v in overrides.items() if v is not None})
+    if args.weights:  # a backbone takes the backbone's keys of any checkpoint; a classifier all of them
+        (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, args.weights)
+    else:
+        print("no --weights: exporting randomly initialised weights", file=sys.stderr)
+    height, width = (args.image_size * 2)[:2]  # one size: a square
+    export_onnx(model, output, (height, width))
+    print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> "
+          + ("stage maps " + ", ".join(f"stage{i}" for i in model.out_indices) if args.features_only
+             else f"logits (batch, {args.num_classes})"))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     report, missed = run_demo(args.output, data_root=args.data_root, quick=args.quick)
@@ -268,6 +291,24 @@ def _demo(args: argparse.Namespace) -> int:
     for line in missed:
         print(f"demo: target missed, {line} (see {report})", file=sys.stderr)
     return 1 if missed else 0
+
+
+def _add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="write a classifier or backbone as ONNX (any batch, one image size)",
+                        description="torch.onnx.export(dynamo=True) of a variant with its weights, written "
+                                    "atomically; the batch size is free, height and width are fixed (export one "
+                                    "file per size). Needs onnx and onnxscript.")
+    ex.add_argument("--model", choices=list_models(), default="asmlp_tiny", help="variant (default: asmlp_tiny)")
+    ex.add_argument("--weights", help="official .pth, mmdet/mmseg or our checkpoint (default: random weights)")
+    ex.add_argument("--features-only", action="store_true", help="the backbone's four stage maps, not logits")
+    ex.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+    ex.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="SIZE",
+                    help="height [width] of the input (default: 224)")
+    ex.add_argument("--embed-dim", type=int, help="override the variant's channel width C")
+    ex.add_argument("--depths", type=_depths, help="override blocks per stage, e.g. 1,1,2,1")
+    ex.add_argument("--shift-size", type=int, help="override the axial shift size")
+    ex.add_argument("--output", help="the .onnx file to write (default: MODEL.onnx)")
+    ex.set_defaults(func=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", choices=list_models(), help="variant name")
     info.add_argument("--image-size", type=int, default=224, help="square input size (default: 224)")
     info.set_defaults(func=_info)
+
+    _add_export_parser(sub)
 
     from .bench import add_bench_parser
     add_bench_parser(sub)

@@ -283,8 +283,8 @@ class SimpleFPNDetector(nn.Module):
         self.frozen_stages, self.channels_last = frozen_stages, channels_last
         self.backbone, self.backbone_load_report = build_backbone(
             backbone, levels, pretrained_backbone, frozen_stages, **backbone_kwargs)
-        in_channels = [info["num_chs"] for info in self.backbone.feature_info]
-        strides = [info["reduction"] for info in self.backbone.feature_info]
+        in_channels = self.backbone.feature_info.channels()  # of the out_indices maps, as in timm
+        strides = self.backbone.feature_info.reduction()
         strides += [strides[-1] * 2 ** (k + 1) for k in range(extra_levels)]
         self.strides = tuple(strides)
         self.fpn = FPN(in_channels, fpn_channels, extra_levels, extra_block="conv")
@@ -463,7 +463,7 @@ class ASMLPWithFPN(nn.Module):
     def __init__(self, body: ASMLP, out_channels: int = 256, frozen_stages: int = -1):
         super().__init__()
         self.body, self.frozen_stages, self.out_channels = body, frozen_stages, out_channels
-        self.fpn = FPN([info["num_chs"] for info in body.feature_info], out_channels, extra_levels=1,
+        self.fpn = FPN(body.feature_info.channels(), out_channels, extra_levels=1,
                        extra_block="maxpool")
 
     def train(self, mode: bool = True) -> ASMLPWithFPN:

@@ -224,7 +224,7 @@ class SemanticSegmenter(nn.Module):
             raise ValueError(f"crop_size and stride must be >= 1, got {crop_size}, {stride}")
         kwargs = {**SEG_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
         self.backbone = create_model(backbone, features_only=True, out_indices=(0, 1, 2, 3), **kwargs)
-        in_channels = tuple(info["num_chs"] for info in self.backbone.feature_info)
+        in_channels = tuple(self.backbone.feature_info.channels())
         self.decode_head = UperHead(in_channels, channels, pool_scales, num_classes, dropout)
         if aux and not 0 <= aux_index < len(in_channels):
             raise ValueError(f"aux_index must be a stage index in [0, {len(in_channels) - 1}], got {aux_index}")

@@ -48,7 +48,7 @@ def image(tmp_path_factory):
 
 def test_every_subcommand_and_flag_has_help(capsys):
     commands = subparsers()
-    assert set(commands) == {"demo", "train", "evaluate", "predict", "info", "bench"}
+    assert set(commands) == {"demo", "train", "evaluate", "predict", "info", "export", "bench"}
     for name, parser in commands.items():
         for action in parser._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"

@@ -108,3 +108,56 @@ def test_intermediate_outputs_are_not_overwritten_during_inference():
     training_mode = extractor(x)  # autograd on
     for name in names:
         torch.testing.assert_close(inference[name], training_mode[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- ONNX (asmlp-min export), run in onnxruntime
+
+@pytest.fixture(scope="module")
+def official_layout_weights(tmp_path_factory):
+    """A randomised small classifier saved as the official checkpoints are, {"model": state_dict}: the export CLI
+    loads it, and the test compares onnxruntime with this very model in eager mode."""
+    torch.manual_seed(0)
+    model = randomise(create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, num_classes=7))
+    path = tmp_path_factory.mktemp("weights") / "small.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path, model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("features_only", [False, True], ids=["classifier", "backbone"])
+@pytest.mark.parametrize("size", [(64, 64), (36, 52)])  # 36 x 52 pads at the stem and at two merges
+def test_onnx_export_runs_in_onnxruntime_like_eager_for_any_batch(official_layout_weights, tmp_path, capsys,
+                                                                  features_only, size):
+    import onnxruntime
+
+    from asmlp_min.checkpoint import load_backbone_checkpoint
+    from asmlp_min.cli import main
+    weights, classifier = official_layout_weights
+    model = classifier
+    if features_only:
+        model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, features_only=True)
+        load_backbone_checkpoint(model, weights)
+        model.eval()
+    out = tmp_path / "model.onnx"
+    argv = ["export", "--embed-dim", "8", "--depths", "1,1,1,1", "--shift-size", "3", "--num-classes", "7",
+            "--weights", str(weights), "--image-size", *map(str, size), "--output", str(out)]
+    assert main(argv + ["--features-only"] * features_only) == 0
+    assert str(out) in capsys.readouterr().out and not list(tmp_path.glob(".*.tmp"))  # renamed into place
+    session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == (["stage0", "stage1", "stage2", "stage3"] if features_only
+                                                        else ["logits"])
+    for batch in (1, 3):  # the export traced a batch of 2
+        x = torch.randn(batch, 3, *size)
+        with torch.no_grad():
+            want = model(x)
+        got = session.run(None, {"images": x.numpy()})
+        for g, w in zip(got, want if features_only else [want], strict=True):
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=1e-4)
+    with pytest.raises(Exception, match="[Ii]nvalid dimensions"):  # another size is refused, not misread
+        session.run(None, {"images": torch.randn(1, 3, size[0] + 32, size[1]).numpy()})
+
+
+def test_export_refuses_three_image_sizes_in_one_line(capsys):
+    from asmlp_min.cli import main
+    assert main(["export", "--image-size", "64", "64", "64"]) == 2
+    assert "--image-size takes one size or two" in capsys.readouterr().err
