@@ -720,16 +720,16 @@ def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, devi
 
 
 def _loaded(loader: DataLoader):
-    """The batches of ``loader``; a failure to read one is raised as :class:`DataError` with the reader's one-line
-    message, whether it happened here (``--workers 0``) or in a worker process, which torch reports as the worker's
-    whole traceback."""
+    """The batches of ``loader``; a file that cannot be read (ValueError, OSError) is raised as :class:`DataError`
+    with the reader's one-line message, whether it failed here (``--workers 0``) or in a worker process, which torch
+    reports as the worker's whole traceback."""
     iterator = iter(loader)
     while True:
         try:
             batch = next(iterator)
         except StopIteration:
             return
-        except Exception as err:
+        except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its traceback
             raise DataError(_reader_message(err)) from None
         yield batch
 
@@ -969,7 +969,10 @@ class Trainer:
                   "train_img_per_s": images / max(seconds, 1e-9), "train_time_s": seconds}
         if self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs:
             start = time.perf_counter()
-            record.update(self.evaluate())
+            try:
+                record.update(self.evaluate())
+            except DataError as err:
+                raise self._unevaluated_epoch_saved(record, err) from None
             record["eval_time_s"] = time.perf_counter() - start
             if "val_loss" in record and not math.isfinite(record["val_loss"]):
                 raise NonFiniteLossError(self._non_finite_weights_message(f"the validation loss became "
@@ -978,6 +981,17 @@ class Trainer:
         self.save()
         self._write_metrics()
         self.log(_format_record(record, self.cfg.epochs))
+
+    def _unevaluated_epoch_saved(self, record: dict, err: DataError) -> DataError:
+        """A validation image could not be read: keep the trained epoch (saved without validation metrics) rather than
+        lose it; with several processes the others wait in a collective, so nothing is saved."""
+        if self.env.distributed:
+            return DataError(f"{err}; stopped without saving, {self._checkpoint_on_disk()}")
+        self.history.append(record)
+        self.save()
+        self._write_metrics()
+        return DataError(f"{err}. Saved epoch {self.epoch} without its validation in {self.checkpoint_path}; once the "
+                         f"file is replaced by a readable one, continue with --resume {self.checkpoint_path}")
 
     def _train_epoch(self) -> None:
         cfg, env = self.cfg, self.env

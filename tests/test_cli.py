@@ -160,7 +160,8 @@ def test_a_truncated_image_read_by_a_worker_is_one_line_naming_it(tmp_path, caps
         export_shapes(tmp_path / "data", task="cls", n=8, split=split, seed=4)
     bad = sorted((tmp_path / "data" / "train").rglob("*.png"))[3]
     bad.write_bytes(bad.read_bytes()[:200])
-    assert main(["train", "cls", *TINY, "--workers=1", f"--data={tmp_path / 'data'}", f"--output={tmp_path / 'run'}"]) == 2
+    assert main(["train", "cls", *TINY, "--workers=1", f"--data={tmp_path / 'data'}",
+                 f"--output={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"asmlp-min train: error: {bad}: unreadable or truncated image")
     assert err.count("\n") == 1 and "Traceback" not in err

@@ -233,6 +233,21 @@ def test_an_unreadable_image_mid_epoch_saves_the_epochs_progress_and_resumes_bit
     assert without_times(resumed.history) == without_times(straight.history)
 
 
+def test_an_unreadable_validation_image_keeps_the_trained_epoch(tmp_path):
+    cfg = tiny(tmp_path)
+    data = build_data(cfg.resolved())
+    data = dataclasses.replace(data, val=_UnreadableOnce(data.val, 1))
+    with pytest.raises(DataError, match=r"^/data/train/circle/0042.jpg: unreadable .* Saved epoch 1 without its "
+                                        r"validation in .*checkpoint.pt; .* continue with --resume"):
+        Trainer(cfg, data=data, log=quiet).fit()
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 0) and "top1" not in saved["metrics"][0]
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["epoch"] == 1
+    resumed = Trainer(cfg, resume=tmp_path / "run" / "checkpoint.pt", log=quiet)
+    resumed.fit()
+    assert [("top1" in row) for row in resumed.history] == [False, True]
+
+
 def test_resume_errors_say_what_is_wrong(tmp_path):
     Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
     good = tmp_path / "run" / "checkpoint.pt"
