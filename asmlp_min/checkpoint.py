@@ -13,7 +13,9 @@ Accepted layouts (../shared/PAPER.md Sec. 9):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import pickle
 import tempfile
 from dataclasses import dataclass, field
@@ -79,9 +81,39 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            raise WriteError(err.errno, f"{path} was not written: {_NO_ROOM[err.errno]}. The previous {path.name} "
+                             "(if any) is unchanged and no partial file is left; free some space (or raise the limit), "
+                             "or write to another folder", str(path)) from None
         raise
+
+
+class WriteError(OSError):
+    """A file could not be written for lack of room (disk full, quota, file-size limit); ``str()`` says which file,
+    why, that nothing was damaged, and what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_NO_ROOM = {errno.ENOSPC: "the disk is full (no space left on device)",
+            errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "the file would be larger than allowed (a file-size limit such as 'ulimit -f', or the "
+                         "filesystem's largest file)"}
+_TEMP_NAME = r"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp"  # what atomic_write's mkstemp creates
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, names: list[str]) -> list[Path]:
+    """Delete the temp files that :func:`atomic_write` left in ``folder`` for files called ``names`` when its process
+    was killed (SIGKILL, power loss) before it could clean up; returns what was removed. Only call it where no other
+    process is writing those files (a run folder that this run owns)."""
+    pattern = re.compile("|".join(_TEMP_NAME.format(name=re.escape(name)) for name in names))
+    stale = [p for p in Path(folder).iterdir() if pattern.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:
@@ -94,8 +126,31 @@ def save_checkpoint(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` with ``torch.save`` through :func:`atomic_write`: a failed save leaves the old file intact."""
     path = Path(path)
     with atomic_write(path) as f:
-        torch.save(obj, f)
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:  # torch reports a failed write as "unexpected pos ..."; the OSError says why
+            if writer.error is None:
+                raise
+            raise writer.error from None
     return path
+
+
+class _RecordingWriter:
+    """A file that remembers the OSError of a failed ``write``, which torch's zip writer swallows."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def non_finite_keys(state_dict: dict) -> list[str]:
@@ -128,6 +183,9 @@ def extract_state_dict(checkpoint: dict) -> dict[str, Tensor]:
     return sd
 
 
+_MISMATCHES_SHOWN = 12
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_official_checkpoint` did, key by key."""
@@ -148,8 +206,10 @@ class LoadReport:
         for name, keys in (("missing from checkpoint", self.missing), ("unexpected in checkpoint", self.unexpected)):
             if keys:
                 lines.append(f"{name} ({len(keys)}): {shown_keys(keys)}")
-        for key, got, want in self.mismatched:
+        for key, got, want in self.mismatched[:_MISMATCHES_SHOWN]:
             lines.append(f"shape mismatch: {key}: checkpoint {got}, model {want}")
+        if len(self.mismatched) > _MISMATCHES_SHOWN:  # another variant mismatches ~180 tensors: the first few tell
+            lines.append(f"... and {len(self.mismatched) - _MISMATCHES_SHOWN} more shape mismatches")
         return "\n".join(lines)
 
 

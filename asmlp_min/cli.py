@@ -9,8 +9,10 @@
     asmlp-min bench --quick                          # speed / memory table
     torchrun --nproc_per_node=2 -m asmlp_min train cls ...   # DistributedDataParallel, one process per device
 
-User mistakes (a missing file, an unknown model, a checkpoint of another task) end with one line on
-stderr and exit status 2, not a traceback.
+User mistakes (a missing file, an unknown model, a checkpoint of another task, an unreadable image) end with
+one line on stderr and exit status 2, not a traceback; a full disk with one line and status 1. A training stopped
+by Ctrl-C or SIGTERM saves, says how to resume, and exits 130 or 143 (128 + the signal), so that a job scheduler
+does not take it for a finished run.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 
 from .backbone import list_models
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, WriteError
 
 _TASK_HELP = "cls (classification), det (detection) or seg (semantic segmentation)"
 
@@ -140,7 +142,7 @@ def _train(args: argparse.Namespace) -> int:
                     f"{trainer.cfg.batch_size * trainer.env.world_size * trainer.cfg.accum_steps}, "
                     f"{trainer.env.world_size} process(es) on {trainer.env.device}; run folder {trainer.run_dir}")
         trainer.fit()
-    return 0
+    return 0 if trainer.stop_signal is None else 128 + trainer.stop_signal
 
 
 @contextlib.contextmanager
@@ -220,13 +222,11 @@ def _predict(args: argparse.Namespace) -> int:
     from .viz import draw_scenes, save_figure
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image {missing[0]!r} does not exist")
+    images = _image_files(args.images)
     output = prepare_output_folder(args.output, "output")
     model, cfg, checkpoint = _load_for(args)
     classes = list(checkpoint["classes"])
-    for path in args.images:
+    for path, destination in zip(images, _output_names(images, output, cfg.task)):
         image = load_image(path)
         result = predict(model, cfg, image)
         if cfg.task == "cls":
@@ -246,10 +246,41 @@ def _predict(args: argparse.Namespace) -> int:
             counts = result.flatten().bincount(minlength=len(classes))
             lines = [f"{classes[c]} {n / result.numel():.1%} of pixels" for c, n in enumerate(counts.tolist()) if n]
             fig = draw_scenes([image], [result], shown, ncols=1, panel_size=4)
-        destination = output / f"{Path(path).stem}_{cfg.task}.png"
+        replaced = " (replaced an older file)" if destination.exists() else ""
         save_figure(fig, destination)
-        print(f"{path}: " + ("; ".join(lines) if lines else "nothing above the score threshold") + f" -> {destination}")
+        print(f"{path}: " + ("; ".join(lines) if lines else "nothing above the score threshold")
+              + f" -> {destination}{replaced}")
     return 0
+
+
+def _image_files(paths: list[str]) -> list[Path]:
+    """The files given, with a folder standing for the images directly in it (sorted by name)."""
+    from .data.datasets import IMAGE_EXTENSIONS
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {str(path)!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    return files
+
+
+def _output_names(images: list[Path], output: Path, task: str) -> list[Path]:
+    """``<name>_<task>.png`` per image, numbered ``<name>_2_<task>.png``, ... where names repeat (a/x.jpg, b/x.png),
+    so that no result of this call overwrites another."""
+    names = []
+    for image in images:
+        name, n = f"{image.stem}_{task}.png", 1
+        while name in names:
+            n += 1
+            name = f"{image.stem}_{n}_{task}.png"
+        names.append(name)
+    return [output / name for name in names]
 
 
 # ---------------------------------------------------------------- info, demo, bench
@@ -355,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="run a checkpoint on images: top-k classes, boxes or a mask overlay PNG",
                         description="For each image, print the prediction and write OUTPUT/<name>_<task>.png: the "
                                     "top-k classes as the title (cls), boxes with labels and scores (det), or the "
-                                    "class mask blended over the image (seg).")
-    pr.add_argument("images", nargs="+", help="image files (png, jpg, ...)")
+                                    "class mask blended over the image (seg). Images of the same name get "
+                                    "<name>_2_<task>.png, ...; a file left by an earlier call is replaced, and the "
+                                    "output line says so.")
+    pr.add_argument("images", nargs="+", help="image files (png, jpg, ...) or folders (every image directly in them)")
     pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     pr.add_argument("--output", default="runs/predict", help="folder for the PNGs (default: runs/predict)")
     pr.add_argument("--topk", type=int, default=5, help="cls: classes to list (default: 5)")
@@ -386,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
         print(f"asmlp-min {args.command}: {kind}: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:  # disk full, file-size limit: the message says which file and that nothing was damaged
+        print(f"asmlp-min {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except OSError as err:  # a path that cannot be read or written (permissions, a file where a folder should be)
         where = f" {err.filename}" if err.filename else ""
         print(f"asmlp-min {args.command}: error: cannot use{where}: {err.strerror or err}; check the path and its "

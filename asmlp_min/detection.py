@@ -436,6 +436,9 @@ def _check_images(images) -> list[Tensor]:
         if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
             shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
             raise ValueError(f"images[{i}] must be a (3, h, w) tensor, got {shape}")
+        if img.shape[1] == 0 or img.shape[2] == 0:
+            raise ValueError(f"images[{i}] is empty, shape {tuple(img.shape)}: height and width must be >= 1 "
+                             "(check how the image was read or cropped)")
         if not img.dtype.is_floating_point:
             raise TypeError(f"images[{i}] has dtype {img.dtype}; pass floats in [0, 1] "
                             "(e.g. torchvision.transforms.v2.ToDtype(torch.float32, scale=True))")
@@ -477,6 +480,15 @@ class ASMLPWithFPN(nn.Module):
         return OrderedDict(zip(names, pyramid))
 
 
+class ASMLPMaskRCNN(MaskRCNN):
+    """torchvision's ``MaskRCNN``, with the images checked as :class:`SimpleFPNDetector` checks them (torchvision
+    itself would divide by the size of a 0x0 image)."""
+
+    def forward(self, images, targets=None):
+        _check_images(images)
+        return super().forward(images, targets)
+
+
 def build_maskrcnn(backbone: str = "asmlp_tiny", num_classes: int = 91,
                    pretrained_backbone: str | os.PathLike | dict | None = None, *, min_size: int = 800,
                    max_size: int = 1333, frozen_stages: int = -1, maskrcnn_kwargs: dict | None = None,
@@ -493,7 +505,7 @@ def build_maskrcnn(backbone: str = "asmlp_tiny", num_classes: int = 91,
     """
     backbone_kwargs = {**MASKRCNN_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
     body, report = build_backbone(backbone, (0, 1, 2, 3), pretrained_backbone, frozen_stages, **backbone_kwargs)
-    model = MaskRCNN(ASMLPWithFPN(body, 256, frozen_stages), num_classes=num_classes, min_size=min_size,
-                     max_size=max_size, **(maskrcnn_kwargs or {}))
+    model = ASMLPMaskRCNN(ASMLPWithFPN(body, 256, frozen_stages), num_classes=num_classes, min_size=min_size,
+                          max_size=max_size, **(maskrcnn_kwargs or {}))
     model.backbone_load_report = report
     return model

@@ -45,11 +45,12 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm.auto import tqdm
 
 from .backbone import MODEL_CONFIGS, create_model
-from .checkpoint import (CheckpointError, atomic_write, compare_state_dicts, load_checkpoint, non_finite_keys,
-                         save_checkpoint, shown_keys)
+from .checkpoint import (CheckpointError, WriteError, atomic_write, compare_state_dicts, load_checkpoint,
+                         non_finite_keys, remove_stale_temp_files, save_checkpoint, shown_keys)
 
 TASKS = ("cls", "det", "seg")
 CHECKPOINT_NAME = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "curves.png")  # what a run writes into its folder
 CHECKPOINT_FORMAT = "asmlp_min.engine/1"
 
 # Per-task recipe (../shared/PAPER.md Sec. 8, 11). lr and image_size are tuned for shapes from scratch;
@@ -71,6 +72,11 @@ DET_MAX_SIZE_RATIO = 1333 / 800
 
 class NonFiniteLossError(RuntimeError):
     """The loss, the validation loss or the weights became nan/inf; training stopped without writing a checkpoint."""
+
+
+class DataError(ValueError):
+    """A sample could not be read or transformed (a truncated image, a mask value out of range); the message is the
+    reader's, which names the file."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -728,6 +734,35 @@ def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, devi
                       generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
 
 
+def _loaded(loader: DataLoader):
+    """The batches of ``loader``; a file that cannot be read (ValueError, OSError) is raised as :class:`DataError`
+    with the reader's one-line message, whether it failed here (``--workers 0``) or in a worker process, which torch
+    reports as the worker's whole traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its traceback
+            raise DataError(_reader_message(err)) from None
+        yield batch
+
+
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _reader_message(err: Exception) -> str:
+    """``str(err)``, or for an error that torch re-raised from a worker, the worker's own message: the text after
+    the last line of its traceback that starts with the exception's name."""
+    text = str(err)
+    caught = _WORKER_ERROR.match(text)
+    if caught is None:
+        return text
+    last = list(re.finditer(rf"^(?:[\w.]+\.)?{caught[1]}: ", text, re.MULTILINE))
+    return text[last[-1].end():].strip() if last else text
+
+
 def _progress(total: int, desc: str, env: DistEnv):
     """A tqdm bar on rank 0 when stderr is a terminal; silent in logs, CI and notebooks under test."""
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
@@ -751,7 +786,7 @@ def evaluate(model: nn.Module, cfg: TrainConfig, data: TaskData, env: DistEnv | 
     bar = _progress(len(batches), "evaluate", env)
 
     def prepared():
-        for batch in _loader(shard, batches, task.collate_fn, cfg.workers, 0, env.device):
+        for batch in _loaded(_loader(shard, batches, task.collate_fn, cfg.workers, 0, env.device)):
             yield task.prepare(batch, env.device, cfg.channels_last)
             bar.update(1)
     try:
@@ -807,8 +842,11 @@ class Trainer:
         self.run_dir = Path(cfg.output)
         if self.env.is_main:  # before data and model are built: an unusable or busy folder fails in a second
             prepare_output_folder(self.run_dir, "output")
-            with run_folder_lock(self.run_dir):
-                pass
+            with run_folder_lock(self.run_dir):  # no live run writes here, so its temp files are stale
+                stale = remove_stale_temp_files(self.run_dir, RUN_FILES)
+            if stale:
+                self.log(f"removed {len(stale)} temporary file(s) that a run killed while saving left in "
+                         f"{self.run_dir}: {', '.join(p.name for p in stale)}")
         self.data = data or build_data(cfg)
         if checkpoint is not None:
             _check_label_set(checkpoint, self.data, resume)
@@ -863,8 +901,9 @@ class Trainer:
                 set_rng_state(checkpoint["rng"], self.env)
             except (RuntimeError, TypeError, IndexError, KeyError) as err:
                 raise _damaged(resume, f"its random generator state does not load ({err})") from None
-        self._signal_received = False  # set by Ctrl-C on this rank
+        self._signal_received = 0      # the number of the signal (Ctrl-C, SIGTERM) this rank received
         self._stopping = False         # agreed by all ranks: stop after this optimiser step
+        self.stop_signal = None        # set when a signal stopped fit() before its last epoch
 
     # -- pieces -------------------------------------------------------------------------------------
 
@@ -909,8 +948,9 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train from the current epoch to ``epochs`` (or ``stop_at_epoch``); returns the metrics history.
 
-        Ctrl-C (SIGINT) or SIGTERM: finish the current optimiser step, save, return (a second Ctrl-C
-        aborts at once). A nan/inf loss raises :class:`NonFiniteLossError` before the bad update, without
+        Ctrl-C (SIGINT) or SIGTERM: finish the current optimiser step, save, return with ``stop_signal`` set (a
+        second Ctrl-C aborts at once). A training sample that cannot be read stops the same way, then raises
+        :class:`DataError`. A nan/inf loss raises :class:`NonFiniteLossError` before the bad update, without
         touching the checkpoint on disk.
         """
         last = self.cfg.stop_at_epoch or self.cfg.epochs
@@ -922,15 +962,20 @@ class Trainer:
         lock = run_folder_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext()  # one writer
         with lock, self._graceful_stop():
             while self.epoch < last:
-                self._train_epoch()
+                try:
+                    self._train_epoch()
+                except DataError as err:
+                    raise self._stopped_by_data_error(err) from None
                 if self.batch_in_epoch < self.batches_per_epoch:  # stopped mid-epoch
+                    self.stop_signal = self._signal_received or signal.SIGTERM  # or another rank's signal
                     self.save()
                     self.log(f"stopped in epoch {self.epoch + 1} after {self.batch_in_epoch} of "
                              f"{self.batches_per_epoch} batches; saved {self.checkpoint_path}. "
                              f"Continue with: --resume {self.checkpoint_path}")
                     break
                 self._end_epoch()
-                if self._stopping:
+                if self._stopping and self.epoch < last:
+                    self.stop_signal = self._signal_received or signal.SIGTERM
                     self.log(f"stopped after epoch {self.epoch}; continue with: --resume {self.checkpoint_path}")
                     break
         return self.history
@@ -943,7 +988,10 @@ class Trainer:
                   "train_img_per_s": images / max(seconds, 1e-9), "train_time_s": seconds}
         if self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs:
             start = time.perf_counter()
-            record.update(self.evaluate())
+            try:
+                record.update(self.evaluate())
+            except DataError as err:
+                raise self._unevaluated_epoch_saved(record, err) from None
             record["eval_time_s"] = time.perf_counter() - start
             if "val_loss" in record and not math.isfinite(record["val_loss"]):
                 raise NonFiniteLossError(self._non_finite_weights_message(f"the validation loss became "
@@ -953,6 +1001,17 @@ class Trainer:
         self._write_metrics()
         self.log(_format_record(record, self.cfg.epochs))
 
+    def _unevaluated_epoch_saved(self, record: dict, err: DataError) -> DataError:
+        """A validation image could not be read: keep the trained epoch (saved without validation metrics) rather than
+        lose it; with several processes the others wait in a collective, so nothing is saved."""
+        if self.env.distributed:
+            return DataError(f"{err}; stopped without saving, {self._checkpoint_on_disk()}")
+        self.history.append(record)
+        self.save()
+        self._write_metrics()
+        return DataError(f"{err}. Saved epoch {self.epoch} without its validation in {self.checkpoint_path}; once the "
+                         f"file is replaced by a readable one, continue with --resume {self.checkpoint_path}")
+
     def _train_epoch(self) -> None:
         cfg, env = self.cfg, self.env
         self.model.train()
@@ -960,8 +1019,9 @@ class Trainer:
         bar = _progress((self.batches_per_epoch - self.batch_in_epoch) // cfg.accum_steps,
                         f"epoch {self.epoch + 1}/{cfg.epochs}", env)
         start, micro = time.perf_counter(), 0
+        self._remember_step()
         try:
-            for batch in loader:
+            for batch in _loaded(loader):
                 batch = self.task.prepare(batch, env.device, cfg.channels_last)
                 boundary = (micro + 1) % cfg.accum_steps == 0
                 sync = contextlib.nullcontext() if boundary or not env.distributed else self.ddp_model.no_sync()
@@ -980,6 +1040,7 @@ class Trainer:
                 self.epoch_totals[:2] += reduced[:2]
                 if boundary:
                     self._optimizer_step()
+                    self._remember_step()
                     self.epoch_totals[2] += time.perf_counter() - start
                     start = time.perf_counter()
                     bar.update(1)
@@ -1004,6 +1065,29 @@ class Trainer:
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def _remember_step(self) -> None:
+        """What the last optimiser step left (generator state, epoch totals): a save after a data error goes back to
+        it, as if the run had stopped there (micro-batches after it drew random numbers and added to the totals)."""
+        generators = {"cpu": torch.get_rng_state()}
+        if self.env.device.type == "cuda":
+            generators["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        self._at_last_step = generators, self.epoch_totals.clone()
+
+    def _stopped_by_data_error(self, err: DataError) -> DataError:
+        """Stop as Ctrl-C does: save the state after the last optimiser step and say how to continue. With several
+        processes the others wait in a collective and cannot join a save: the error ends the run (torchrun stops
+        the other processes) and the checkpoint on disk is left as it was."""
+        if self.env.distributed:
+            return DataError(f"{err}; stopped without saving, {self._checkpoint_on_disk()}")
+        generators, self.epoch_totals = self._at_last_step
+        torch.set_rng_state(generators["cpu"])
+        if "cuda" in generators:
+            torch.cuda.set_rng_state(generators["cuda"], self.env.device)
+        self.save()
+        return DataError(f"{err}. Saved epoch {self.epoch + 1}'s progress ({self.batch_in_epoch} of "
+                         f"{self.batches_per_epoch} batches) in {self.checkpoint_path}; once the file is replaced by a "
+                         f"readable one, continue with --resume {self.checkpoint_path}")
 
     def _non_finite_message(self, value: float) -> str:
         return (f"the training loss became {value} in epoch {self.epoch + 1} (step {self.step + 1}); stopped before "
@@ -1033,7 +1117,7 @@ class Trainer:
             return
 
         def request_stop(signum, frame):
-            self._signal_received = True
+            self._signal_received = signum
             self.log("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)",
                      file=sys.stderr)
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1078,7 +1162,13 @@ class Trainer:
             raise NonFiniteLossError(self._non_finite_weights_message(
                 f"the weights became nan/inf ({len(broken)} tensors, e.g. {', '.join(broken[:3])})"))
         if self.env.is_main:
-            save_checkpoint(state, self.checkpoint_path)
+            try:
+                save_checkpoint(state, self.checkpoint_path)
+            except WriteError as err:
+                again = (f"continue with --resume {self.checkpoint_path}" if self._verified_epoch is not None
+                         else "train again")
+                raise WriteError(err.errno, f"{err}; training stopped: once there is room, {again}",
+                                 err.filename) from None
         self._verified_epoch = self.epoch
 
     def _load_state(self, checkpoint: dict, path) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
+import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -62,8 +64,8 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     "labels" (k,) category ids, optional "masks" (k, h, w) or (k, 1, h, w), probabilities cut at 0.5}``,
     or a ready COCO result list (dicts with ``category_id``, ``score`` and ``bbox`` xywh / ``segmentation``).
     No detections at all gives zeros (pycocotools itself would crash). An area range with no ground
-    truth (e.g. no small objects) is -1, as in COCOeval. Boxes must be finite and labels must be category ids
-    of ``gt`` (ValueError otherwise: a NaN box or a 0-based label would be scored silently).
+    truth (e.g. no small objects) is -1, as in COCOeval. Boxes and scores must be finite and labels must be
+    category ids of ``gt`` (ValueError otherwise: a NaN box or score or a 0-based label would be scored silently).
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
@@ -71,6 +73,10 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     results = to_coco_results(detections, iou_type)
     if not results:
         return OrderedDict((name, 0.0) for name in COCO_STAT_NAMES)
+    unscored = next((r for r in results if not _is_finite_number(r.get("score"))), None)
+    if unscored is not None:  # COCOeval would rank a NaN anywhere and report an AP without a word
+        raise ValueError(f"detections for image_id={unscored.get('image_id')}: 'score' is {unscored.get('score')!r}; "
+                         "scores must be finite numbers (check the model's outputs, e.g. a diverged training run)")
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise ValueError(f"detections refer to image ids not in the ground truth: {sorted(unknown)[:5]}")
@@ -129,6 +135,10 @@ def _check_finite(boxes: np.ndarray, image_id, field: str, layout: str) -> None:
     if not np.isfinite(boxes).all():
         raise ValueError(f"detections for image_id={image_id}: '{field}' has NaN or inf values; detections must "
                          f"be finite {layout} boxes (check the model's outputs, e.g. a diverged training run)")
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy too
 
 
 def _numpy(x) -> np.ndarray:

@@ -1,14 +1,19 @@
 """Loading official-layout checkpoints strictly, refusing bad files, and saving atomically."""
+import errno
 import os
 import pickle
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from asmlp_min.backbone import create_model
-from asmlp_min.checkpoint import (CheckpointError, atomic_write, load_backbone_checkpoint, load_checkpoint,
-                                  load_official_checkpoint, save_checkpoint)
+import asmlp_min.checkpoint
+from asmlp_min.checkpoint import (CheckpointError, WriteError, atomic_write, load_backbone_checkpoint, load_checkpoint,
+                                  load_official_checkpoint, remove_stale_temp_files, save_checkpoint)
 
 
 def tiny(**kwargs):
@@ -190,3 +195,100 @@ def test_non_finite_weights_are_refused_and_nothing_is_copied():
         with pytest.raises(CheckpointError, match="2 tensor\\(s\\) hold NaN or inf: .*norm1.bias.*head.weight"):
             load(model, {"model": source})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _DiskFillsUp:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written, as on a full disk."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+
+def test_a_full_disk_is_named_in_one_line_and_damages_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(asmlp_min.checkpoint.os, "fdopen", lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), 500))
+    with pytest.raises(WriteError) as err:  # torch alone says "unexpected pos 576 vs 470"
+        save_checkpoint({"weights": torch.zeros(1000)}, path)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert str(err.value).startswith(f"{path} was not written: the disk is full")
+    assert "unchanged" in str(err.value) and "free some space" in str(err.value) and "\n" not in str(err.value)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_file_size_limit_is_named_and_damages_nothing(tmp_path):
+    """A real limit (ulimit -f) in a child process: the kernel refuses the write with EFBIG."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+    child = f"""if True:
+        import resource, signal, sys, torch
+        from asmlp_min.checkpoint import WriteError, save_checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        try:
+            save_checkpoint({{"weights": torch.zeros(100_000)}}, {str(path)!r})
+        except WriteError as err:
+            sys.exit(str(err))"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"{path} was not written: the file would be larger than allowed")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed_and_nothing_else(tmp_path):
+    """A save killed with SIGKILL cannot clean up; remove_stale_temp_files finds its file by atomic_write's pattern."""
+    save_checkpoint({"step": torch.tensor(1)}, tmp_path / "checkpoint.pt")
+    child = f"""if True:
+        import os, signal, torch
+        from asmlp_min.checkpoint import save_checkpoint
+
+        def killed_halfway(obj, f):
+            f.write(b"PK half a zip file")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = killed_halfway
+        save_checkpoint({{}}, {str(tmp_path / "checkpoint.pt")!r})"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    left = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".checkpoint.pt.")
+    others = [".checkpoint.pt.tmp", "notes.tmp", ".other.pt.abcd1234.tmp", ".checkpoint.pt.abcd1234.tmp.keep",
+              "checkpoint.pt.abcd1234.tmp"]
+    for name in others:
+        (tmp_path / name).write_text("not ours")
+    (tmp_path / ".metrics.jsonl.x_y1234z.tmp").write_text("ours")
+    removed = remove_stale_temp_files(tmp_path, ["checkpoint.pt", "metrics.jsonl"])
+    assert sorted(p.name for p in removed) == sorted([left[0], ".metrics.jsonl.x_y1234z.tmp"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", *others])
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"].item() == 1
+
+
+def test_a_long_shape_mismatch_report_is_capped_with_a_count():
+    model = create_model("asmlp_tiny", num_classes=10)
+    other = create_model("asmlp_tiny", embed_dim=64, num_classes=10).state_dict()  # every tensor but a few differs
+    with pytest.raises(CheckpointError) as err:
+        load_official_checkpoint(model, other)
+    text = str(err.value)
+    mismatched = sum(1 for k, v in model.state_dict().items() if v.shape != other[k].shape)
+    assert mismatched > 100
+    assert text.count("shape mismatch:") == 12
+    assert f"... and {mismatched - 12} more shape mismatches" in text
+    assert len(text.splitlines()) < 20

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -195,6 +197,82 @@ def test_predict_writes_a_png(runs, image, tmp_path, capsys, task):
         assert out.count(" 0.") + out.count(" 1.0") >= 3         # three classes with probabilities
     if task == "seg":
         assert "% of pixels" in out
+
+
+def test_predict_reads_folders_and_never_overwrites_its_own_results(runs, image, tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / "x.png")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    checkpoint, out = str(runs / "cls" / "checkpoint.pt"), tmp_path / "out"
+    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
+                 "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(os.listdir(out)) == ["x_2_cls.png", "x_cls.png"]
+    assert lines[0].startswith(f"{tmp_path / 'a' / 'x.png'}: ") and lines[0].endswith(f"-> {out / 'x_cls.png'}")
+    assert lines[1].startswith(f"{tmp_path / 'b' / 'x.png'}: ") and lines[1].endswith(f"-> {out / 'x_2_cls.png'}")
+    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "b"), "--output", str(out)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"-> {out / 'x_cls.png'} (replaced an older file)")
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "empty"), "--output", str(out)]) == 2
+    assert f"folder '{tmp_path / 'empty'}' has no images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_run_stopped_by_a_signal_exits_128_plus_it_and_resumes(tmp_path, monkeypatch, capsys, signum):
+    """Schedulers read 0 as "finished": a stop by Ctrl-C is 130, by SIGTERM 143; the checkpoint resumes."""
+    from asmlp_min.engine import Trainer
+    step = Trainer._optimizer_step
+
+    def signal_after_the_first_step(trainer):
+        step(trainer)
+        if trainer.step == 1:
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(Trainer, "_optimizer_step", signal_after_the_first_step)
+    assert main(["train", "cls", *TINY, "--train-size=16", f"--output={tmp_path}"]) == 128 + signum
+    checkpoint = tmp_path / "checkpoint.pt"
+    assert f"Continue with: --resume {checkpoint}" in capsys.readouterr().out
+    saved = load_checkpoint(checkpoint)                       # the flag is read at the next batch, after its step
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 2)
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(checkpoint)]) == 0
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+
+
+def test_a_truncated_image_read_by_a_worker_is_one_line_naming_it(tmp_path, capsys):
+    from asmlp_min.data.shapes import export_shapes
+    for split in ("train", "val"):
+        export_shapes(tmp_path / "data", task="cls", n=8, split=split, seed=4)
+    bad = sorted((tmp_path / "data" / "train").rglob("*.png"))[3]
+    bad.write_bytes(bad.read_bytes()[:200])
+    assert main(["train", "cls", *TINY, "--workers=1", f"--data={tmp_path / 'data'}",
+                 f"--output={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"asmlp-min train: error: {bad}: unreadable or truncated image")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}" in err
+
+
+def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_damages_nothing(tmp_path):
+    """A real limit (ulimit -f) in a child process: the kernel refuses the write with EFBIG; torch alone printed a
+    33-line traceback ending in 'unexpected pos ...'."""
+    assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
+    checkpoint = tmp_path / "checkpoint.pt"
+    before, files = checkpoint.read_bytes(), sorted(os.listdir(tmp_path))
+    limit = len(before) // 2
+    child = f"""if True:
+        import resource, signal, sys
+        from asmlp_min.cli import main
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        sys.exit(main(["train", "--resume", {str(checkpoint)!r}]))"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"asmlp-min train: error: {checkpoint} was not written: the file would be larger "
+                                  "than allowed")
+    assert f"continue with --resume {checkpoint}" in done.stderr
+    assert checkpoint.read_bytes() == before and sorted(os.listdir(tmp_path)) == files
 
 
 def test_info_prints_the_paper_table(capsys):

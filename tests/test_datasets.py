@@ -211,6 +211,14 @@ def test_valid_segmentations_pass(tmp_path):
     assert coco.annToMask(coco.anns[1]).sum() > 0 and coco.annToMask(coco.anns[2]).sum() == 64
 
 
+def test_rle_of_another_size_than_its_image_names_file_annotation_and_image(tmp_path):
+    path = _coco(tmp_path, annotations=[{"id": 1}, {"id": 7, "segmentation": {"counts": [0, 48], "size": [6, 8]}}])
+    with pytest.raises(ValueError, match=r"annotations\[1\] \(id=7\) field 'segmentation' is an RLE of 'size' \[6, 8\]"
+                                         r" .* image id=1 \(x.png\) is 8x8") as err:
+        load_coco(path)
+    assert str(path) in str(err.value)
+
+
 def test_polygons_of_fewer_than_three_points_are_dropped_with_a_warning(tmp_path):
     good, short = [1, 1, 4, 1, 4, 4], [1, 2, 3, 4]
     path = _coco(tmp_path, annotations=[{"id": 1, "segmentation": [short, good]}, {"id": 2, "segmentation": [short]}])

@@ -380,3 +380,13 @@ def test_iscrowd_of_another_length_than_labels_is_a_clear_error():
         with pytest.raises(ValueError, match=r"targets\[0\]: 'iscrowd' must be \(n,\) like 'labels' \(2\)"):
             model.preprocess([torch.rand(3, 64, 64)], [{**target([[0, 0, 9, 9], [5, 5, 30, 30]], [1, 2]),
                                                         "iscrowd": torch.tensor(iscrowd)}])
+
+
+@pytest.mark.parametrize("build", [tiny_detector, tiny_maskrcnn])
+@pytest.mark.parametrize("size", [(0, 0), (0, 48), (48, 0)])
+def test_empty_images_are_refused_with_a_clear_message(build, size):
+    # before: torch's interpolate error (SimpleFPNDetector), a ZeroDivisionError (Mask R-CNN)
+    model = build().eval()
+    with pytest.raises(ValueError, match=rf"images\[1\] is empty, shape \(3, {size[0]}, {size[1]}\): height and width "
+                                         "must be >= 1"):
+        model([torch.rand(3, 64, 64), torch.rand(3, *size)])

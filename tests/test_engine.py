@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import asmlp_min.checkpoint
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
-from asmlp_min.engine import (DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data, build_model,
-                              evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
+from asmlp_min.engine import (DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data,
+                              build_model, evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
                               soft_target_cross_entropy)
 
 
@@ -167,6 +167,85 @@ def test_interrupted_checkpoint_write_leaves_previous_file_intact(tmp_path, monk
     assert sha256(path) == before
     assert sorted(os.listdir(tmp_path / "run")) == files        # no temporary file left behind
     assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_a_run_removes_the_temp_files_a_killed_save_left_in_its_folder(tmp_path):
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    run = tmp_path / "run"
+    stale = [".checkpoint.pt.k2j_x9a1.tmp", ".metrics.jsonl.0abcdefg.tmp", ".curves.png.zzzzzzzz.tmp"]
+    kept = [".checkpoint.pt.tmp", "notes.tmp", ".mine.pt.abcdefgh.tmp"]
+    for name in stale + kept:
+        (run / name).write_bytes(b"PK half a file")
+    lines = []
+    Trainer(tiny(tmp_path), resume=run / "checkpoint.pt", log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert sorted(os.listdir(run)) == sorted(["checkpoint.pt", "metrics.jsonl", "curves.png", *kept])
+    assert any(line.startswith("removed 3 temporary file(s) that a run killed while saving left in") for line in lines)
+
+
+class _UnreadableOnce(torch.utils.data.Dataset):
+    """The wrapped dataset, except that read number ``bad_read`` (counted from 1) fails once, as a truncated image
+    that is then replaced by a good copy."""
+
+    def __init__(self, base, bad_read: int):
+        self.base, self.reads, self.bad_read = base, 0, bad_read
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads == self.bad_read:
+            raise ValueError("/data/train/circle/0042.jpg: unreadable or truncated image (image file is truncated); "
+                             "re-download or remove it")
+        return self.base[index]
+
+
+def _with_bad_read(cfg, bad_read: int) -> TaskData:
+    data = build_data(cfg.resolved())
+    return dataclasses.replace(data, train=_UnreadableOnce(data.train, bad_read))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_training_image_is_one_line_naming_the_file(tmp_path, workers):
+    cfg = tiny(tmp_path, workers=workers)
+    with pytest.raises(DataError) as err:  # workers: read number 1 of worker 0, which reads batch 1
+        Trainer(cfg, data=_with_bad_read(cfg, 1), log=quiet).fit()
+    text = str(err.value)
+    assert text.startswith("/data/train/circle/0042.jpg: unreadable or truncated image")
+    assert "Traceback" not in text and "\n" not in text and "worker" not in text
+    assert f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}" in text
+
+
+def test_an_unreadable_image_mid_epoch_saves_the_epochs_progress_and_resumes_bit_for_bit(tmp_path):
+    """Epoch 2 (4 batches of 8, 2 per step) fails reading its 4th batch: the save goes back to the state after its
+    first step (batch 2), although batch 3 has drawn random numbers since; with the image replaced, the resumed
+    run ends exactly where an uninterrupted one does."""
+    straight = Trainer(tiny(tmp_path, "straight", accum_steps=2), log=quiet)
+    straight.fit()
+    cfg = tiny(tmp_path, accum_steps=2)
+    with pytest.raises(DataError, match=r"Saved epoch 2's progress \(2 of 4 batches\) in .*checkpoint.pt"):
+        Trainer(cfg, data=_with_bad_read(cfg, 32 + 3 * 8 + 5), log=quiet).fit()
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 2, 3)
+    resumed = Trainer(cfg, resume=tmp_path / "run" / "checkpoint.pt", log=quiet)
+    resumed.fit()
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    assert without_times(resumed.history) == without_times(straight.history)
+
+
+def test_an_unreadable_validation_image_keeps_the_trained_epoch(tmp_path):
+    cfg = tiny(tmp_path)
+    data = build_data(cfg.resolved())
+    data = dataclasses.replace(data, val=_UnreadableOnce(data.val, 1))
+    with pytest.raises(DataError, match=r"^/data/train/circle/0042.jpg: unreadable .* Saved epoch 1 without its "
+                                        r"validation in .*checkpoint.pt; .* continue with --resume"):
+        Trainer(cfg, data=data, log=quiet).fit()
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 0) and "top1" not in saved["metrics"][0]
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["epoch"] == 1
+    resumed = Trainer(cfg, resume=tmp_path / "run" / "checkpoint.pt", log=quiet)
+    resumed.fit()
+    assert [("top1" in row) for row in resumed.history] == [False, True]
 
 
 def test_resume_errors_say_what_is_wrong(tmp_path):
@@ -531,6 +610,19 @@ def test_a_run_folder_lock_names_its_holder_refuses_a_second_run_and_is_removed_
     lock.write_text("4194305\n")                               # a lock file its process left: nobody holds it
     Trainer(tiny(tmp_path, epochs=1), log=quiet).fit()
     assert sorted(p.name for p in lock.parent.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl"]
+
+
+def test_coco_category_only_in_training_is_refused_when_the_data_is_built(tmp_path):
+    from asmlp_min.data.shapes import export_shapes
+    for split in ("train", "val"):
+        export_shapes(tmp_path, task="det", n=2, split=split, seed=3, image_size=64)
+    ann = tmp_path / "annotations" / "instances_train.json"
+    coco = json.loads(ann.read_text())
+    coco["categories"].append({"id": 7, "name": "star"})
+    ann.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"instances_train.json and .*instances_val.json list different 'categories' "
+                                         r"\(only in train: id 7 'star'; only in val: none\)"):
+        build_data(TrainConfig(task="det", data=str(tmp_path)).resolved())
 
 
 def test_image_folder_with_other_classes_in_train_and_val_names_them(tmp_path):

@@ -232,6 +232,18 @@ def test_non_finite_box_is_an_error_not_a_perfect_score():
         coco_evaluate(_one_image_gt(), results)
 
 
+def test_non_finite_score_is_an_error_not_a_silent_rank():
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 140.0, 140.0]])
+    for value in (float("nan"), float("inf")):
+        detections = [{"image_id": 1, "boxes": boxes, "scores": torch.tensor([0.9, value]),
+                       "labels": torch.tensor([1, 1])}]
+        with pytest.raises(ValueError, match=r"image_id=1: 'score' is (nan|inf); scores must be finite"):
+            coco_evaluate(_one_image_gt(), detections)
+    results = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": np.float32("nan")}]
+    with pytest.raises(ValueError, match=r"image_id=1: 'score' is (np.float32\(nan\)|nan)"):
+        coco_evaluate(_one_image_gt(), results)
+
+
 def test_labels_that_are_not_category_ids_are_listed():
     # 0-based class indices instead of the ground truth's category ids (which start at 1)
     detections = [{"image_id": 1, "boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 140.0, 140.0]]),

@@ -103,8 +103,9 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
     ``categories``, a category without ``name`` or with ``id`` < 1, image or annotation ids that are not unique
     ints, annotation ``id`` < 1 (COCOeval uses 0 for "unmatched"), ``image_id`` not an int of ``images``,
     ``category_id`` not in ``categories``, ``bbox`` not 4 finite numbers, ``iscrowd`` not 0/1, ``area`` not a
-    finite number >= 0, ``segmentation`` neither polygons nor RLE, and (``require_file_name``, for datasets that
-    read the pixels) an image without ``file_name``. Boxes with width or height <= 0 are dropped with one
+    finite number >= 0, ``segmentation`` neither polygons nor RLE, an RLE ``size`` other than its image's
+    ``height``/``width``, and (``require_file_name``, for datasets that read the pixels) an image without
+    ``file_name``. Boxes with width or height <= 0 are dropped with one
     warning that counts them; no annotations at all warns that AP will be -1. Missing ``iscrowd`` defaults to 0,
     missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to
     evaluate).
@@ -137,6 +138,7 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
         warnings.warn(f"{source}: no annotations: AP will be -1 (undefined) because there are no objects to find",
                       stacklevel=3)
     _unique_ids(annotations, "annotations", source)
+    images = {image["id"]: image for image in dataset["images"]}
     kept, degenerate, short_polygons = [], 0, 0
     for i, ann in enumerate(annotations):
         where = f"{source}: annotations[{i}] (id={ann.get('id')})"
@@ -161,6 +163,8 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
             continue
         if "segmentation" in ann:
             polygons = _checked_segmentation(ann["segmentation"], where)
+            if polygons is None:
+                _check_rle_size(ann["segmentation"]["size"], images[ann["image_id"]], where)
             if polygons is not None and len(polygons) < len(ann["segmentation"]):
                 short_polygons += 1
                 if not polygons:
@@ -193,6 +197,16 @@ def _checked_segmentation(segmentation, where: str) -> list | None:
         return [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
     raise ValueError(f"{where} field 'segmentation' must be a list of polygons (each a list of numbers x1, y1, "
                      f"x2, y2, ...) or an RLE dict with 'counts' and 'size', got {str(segmentation)[:80]}")
+
+
+def _check_rle_size(size, image: dict, where: str) -> None:
+    """An RLE mask must be as large as its image (``size`` is [height, width]), else the masks of one image cannot
+    be stacked; checked when the image gives its ``height`` and ``width``."""
+    expected = [image.get("height"), image.get("width")]
+    if None not in expected and not (isinstance(size, (list, tuple)) and list(size) == expected):
+        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but its "
+                         f"image id={image['id']} ({image.get('file_name', 'no file_name')}) is {expected[0]}x"
+                         f"{expected[1]}; fix the annotation's size or the image's 'height'/'width'")
 
 
 def _unique_ids(entries: list, field: str, source: str) -> set:
