@@ -35,7 +35,7 @@ RUNS = {
     "cls": dict(image_size=64, train_size=3000, val_size=300, epochs=12, batch_size=32, lr=1e-3, eval_every=3),
     "det": dict(image_size=128, train_size=1000, val_size=200, epochs=8, batch_size=16, lr=1e-3, eval_every=4,
                 head_channels=64),
-    "seg": dict(image_size=64, train_size=1500, val_size=200, epochs=10, batch_size=16, lr=1e-3, eval_every=5,
+    "seg": dict(image_size=64, train_size=1500, val_size=200, epochs=10, batch_size=16, lr=2e-3, eval_every=5,
                 head_channels=64, class_weight="balanced"),
 }
 # make_scene settings per task (scenes are drawn at image_size, so no resize blurs them).
