@@ -32,10 +32,10 @@ from .engine import CHECKPOINT_NAME, TASK_DEFAULTS, TrainConfig, Trainer, build_
 # One small backbone for all three tasks: C=32, depths (1, 1, 2, 1), shift 5 (paper default), drop path 0.05.
 BACKBONE = dict(model="asmlp_tiny", embed_dim=32, depths=(1, 1, 2, 1), drop_path=0.05)
 RUNS = {
-    "cls": dict(image_size=64, train_size=3000, val_size=300, epochs=8, batch_size=32, lr=1e-3, eval_every=2),
+    "cls": dict(image_size=64, train_size=3000, val_size=300, epochs=12, batch_size=32, lr=1e-3, eval_every=3),
     "det": dict(image_size=128, train_size=1000, val_size=200, epochs=8, batch_size=16, lr=1e-3, eval_every=4,
                 head_channels=64),
-    "seg": dict(image_size=64, train_size=1500, val_size=200, epochs=10, batch_size=16, lr=1e-3, eval_every=5,
+    "seg": dict(image_size=64, train_size=1500, val_size=200, epochs=10, batch_size=16, lr=2e-3, eval_every=5,
                 head_channels=64, class_weight="balanced"),
 }
 # make_scene settings per task (scenes are drawn at image_size, so no resize blurs them).
