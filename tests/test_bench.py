@@ -325,7 +325,7 @@ def test_cli_bench_passes_its_flags_prints_the_table_and_writes_json(tmp_path, c
         results.update(summarise(results))
         return results
 
-    monkeypatch.setattr("asmlp_min.bench.run_bench", fake_run)
+    monkeypatch.setattr("asmlp_min.bench.cli.run_bench", fake_run)
     path = tmp_path / "b.json"
     code = main(["bench", "--quick", "--no-peers", "--model=asmlp_small", "--image-size=32", "--batch=1",
                  "--train-batch=2", "--repeats=5", f"--json={path}"])
@@ -339,12 +339,12 @@ def test_cli_bench_passes_its_flags_prints_the_table_and_writes_json(tmp_path, c
 
 def test_cli_bench_keep_freed_memory_flag_applies_the_setting(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr("asmlp_min.bench.keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("asmlp_min.bench.cli.keep_freed_memory", lambda: calls.append(1) or True)
     results = {**fake_results(), **summarise(fake_results())}
-    monkeypatch.setattr("asmlp_min.bench.run_bench", lambda settings, progress=True: results)
+    monkeypatch.setattr("asmlp_min.bench.cli.run_bench", lambda settings, progress=True: results)
     assert main(["bench", "--quick"]) == 0 and calls == []
     assert main(["bench", "--quick", "--keep-freed-memory"]) == 0 and calls == [1]
-    monkeypatch.setattr("asmlp_min.bench.keep_freed_memory", lambda: False)
+    monkeypatch.setattr("asmlp_min.bench.cli.keep_freed_memory", lambda: False)
     assert main(["bench", "--keep-freed-memory"]) == 2
     assert "needs glibc's malloc" in capsys.readouterr().err
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from asmlp_min import bench_sweep
-from asmlp_min.bench import settings_for, write_json
-from asmlp_min.bench_sweep import (collect_sweep, format_sweep_table, ratio_at_saturation, rounds_at, run_sweep,
+from asmlp_min.bench import settings_for, sweep as bench_sweep, write_json
+from asmlp_min.bench.sweep import (collect_sweep, format_sweep_table, ratio_at_saturation, rounds_at, run_sweep,
                                    saturating_batch, sweep_batches, sweep_images, sweep_targets)
 from asmlp_min.cli import main
 

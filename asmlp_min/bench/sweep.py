@@ -2,7 +2,7 @@
 (with ``--compile``) compiled alike, the batch where each saturates, and the training step of asmlp_min beside the
 official configuration at the same batches (issue 20). A GPU is far from full at the paper's batch 64.
 
-* At each batch every candidate, eager and compiled, is timed in the same rounds (:func:`bench.time_in_turns`), so
+* At each batch every candidate, eager and compiled, is timed in the same rounds (:func:`.measure.time_in_turns`), so
   the ratios hold on a busy machine. Larger batches get proportionally fewer rounds (:func:`rounds_at`), so each
   batch is timed on about as many images; times are medians.
 * Compiled means ``torch.compile(model)`` in its default mode, the same call for every candidate, made once: the
@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .backbone import ASMLP, create_model
-from .bench import (BenchSettings, _autocast, _environment, _loadavg, _peer, _sync, measure_training,
-                    official_configuration, time_in_turns)
+from ..backbone import ASMLP, create_model
+from .measure import _autocast, _environment, _loadavg, _peer, _sync, measure_training, time_in_turns
+from .official import official_configuration
+from .settings import BenchSettings
 
 SATURATION_TOLERANCE = 0.05  # saturated: within 5% of the best images/s over the sweep
 MIN_ROUNDS = 3               # a median of fewer says little
@@ -112,7 +113,7 @@ def measure_batch(settings: BenchSettings, candidates: dict, batch: int, first_b
 
 def measure_training_at(settings: BenchSettings, ours: ASMLP, official: ASMLP, batch: int, first_batch: int,
                         progress: tqdm | None = None) -> dict:
-    """bench.measure_training at ``batch``, with the sweep's rounds."""
+    """measure.measure_training at ``batch``, with the sweep's rounds."""
     at_batch = dataclasses.replace(settings, train_batch=batch,
                                    warmup=rounds_at(settings.warmup, batch, first_batch),
                                    repeats=rounds_at(settings.repeats, batch, first_batch))
@@ -330,7 +331,9 @@ def _training_lines(sweep: dict) -> list[str]:
 def format_sweep_table(results: dict) -> str:
     """Markdown: settings, one images/s table per mode (rows models, columns batches) with the saturating batch and
     the ratios, the training table, and issue 20's targets."""
-    lines = _header(results) + _inference_lines(results["sweep"], results["settings"]["compile_backend"]) + _training_lines(results["sweep"])
+    sweep = results["sweep"]
+    lines = (_header(results) + _inference_lines(sweep, results["settings"]["compile_backend"])
+             + _training_lines(sweep))
     if results["targets"]:
         lines += ["", "### Targets (issue 20, stated for the GPU in fp16)", "",
                   "| target | measured | at batch | met |", "|---|---|---|---|"]

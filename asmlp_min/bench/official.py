@@ -1,0 +1,89 @@
+"""The official configuration: the speed and memory baseline of ``asmlp-min bench``.
+
+Twins of our modules with the same parameters, whose forward is the official code's: NCHW tensors (no
+channels_last conversion at the stem), nn.Conv2d 1x1 convs, nn.GroupNorm, nn.GELU, the Algorithm 1 shift, a
+concatenating merge, and the whole batch through every stage (ours cuts it into pieces during CPU inference).
+:func:`official_configuration` swaps them into a copy of a model.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+# the model's modules that the twins replace; the rest of asmlp_min.bench imports only its registry from backbone
+from ..backbone import ASMLP, ASMLPStage, PatchMerging, pad_to_multiple
+from ..block import AxialShiftMix, Conv1x1, GELU, GroupNorm1
+from ..shift import reference_shift
+
+
+class OfficialAxialShiftMix(AxialShiftMix):
+    def shift(self, z: Tensor, dim: int) -> Tensor:
+        return reference_shift(z, self.shift_size, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.actn(self.norm1(self.conv1(x)))
+        z_lr = self.actn(self.conv2_1(self.shift(z, -1)))
+        if self.connection == "parallel":
+            return self.conv3(self.norm2(z_lr + self.actn(self.conv2_2(self.shift(z, -2)))))
+        return self.conv3(self.norm2(self.actn(self.conv2_2(self.shift(z_lr, -2)))))
+
+
+class OfficialASMLPStage(ASMLPStage):
+    """The stage's own blocks and merge (official_configuration works on a copy, and _swap_in_twins then puts in
+    their twins), run on the whole batch at once."""
+
+    def __init__(self, stage: ASMLPStage):
+        nn.Module.__init__(self)  # not ASMLPStage.__init__: the blocks exist already
+        self.blocks, self.downsample = stage.blocks, stage.downsample
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        return self.run_blocks(x)  # the whole batch at once
+
+
+class OfficialPatchMerging(PatchMerging):
+    def forward(self, x: Tensor) -> Tensor:
+        x = pad_to_multiple(x, 2)
+        x = torch.cat([x[..., 0::2, 0::2], x[..., 1::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 1::2]], dim=1)
+        return self.reduction(self.norm(x))
+
+
+def _official_twin(module: nn.Module) -> nn.Module | None:
+    """The official-style replacement of one of our modules (same parameters), or None to keep it."""
+    if isinstance(module, AxialShiftMix) and not isinstance(module, OfficialAxialShiftMix):
+        return OfficialAxialShiftMix(module.conv1.in_channels, module.shift_size, connection=module.connection,
+                                     bias=module.conv1.bias is not None)
+    if isinstance(module, ASMLPStage) and not isinstance(module, OfficialASMLPStage):
+        return OfficialASMLPStage(module)
+    if isinstance(module, PatchMerging) and not isinstance(module, OfficialPatchMerging):
+        return OfficialPatchMerging(module.reduction.in_channels // 4)
+    if isinstance(module, GroupNorm1):
+        return nn.GroupNorm(1, module.num_channels, module.eps)
+    if isinstance(module, Conv1x1):
+        return nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+    if isinstance(module, GELU):
+        return nn.GELU()
+    return None
+
+
+def official_configuration(model: ASMLP) -> ASMLP:
+    """A copy of ``model`` with the same weights, run the way the official code runs it (see the twins above).
+    The speed and memory baseline of ``asmlp-min bench``; its outputs equal ours up to float rounding."""
+    if any(isinstance(m, AxialShiftMix) and (m.dilation != 1 or m.padding != "zeros") for m in model.modules()):
+        raise ValueError("the official code has no dilation and only zero padding: build the model with the "
+                         "default shift options to compare it with the official configuration")
+    official = copy.deepcopy(model)
+    official.fast_layout = False
+    _swap_in_twins(official, next(model.parameters()).device)
+    return official
+
+
+def _swap_in_twins(parent: nn.Module, device: torch.device) -> None:
+    for name, child in list(parent.named_children()):
+        twin = _official_twin(child)
+        if twin is not None:
+            twin.load_state_dict(child.state_dict())
+            child = twin.to(device).train(child.training)
+            setattr(parent, name, child)
+        _swap_in_twins(child, device)  # also reaches the modules inside a new twin
