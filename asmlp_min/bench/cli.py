@@ -14,7 +14,7 @@ from .settings import settings_for
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``asmlp-min bench`` on the CLI's subparsers (cli.py calls this)."""
+    """Register ``asmlp-min bench`` on the CLI's subparsers (asmlp_min/cli.py calls this)."""
     parser = subparsers.add_parser(
         "bench", help="speed and memory vs the official configuration, swin_t and convnext_tiny",
         description="Time the axial shift, inference and a training step of AS-MLP-T against the official "

@@ -243,11 +243,16 @@ def measure_training(settings: BenchSettings, ours: ASMLP, official: ASMLP,
 
 # ---------------------------------------------------------------- one run, and the machine it ran on
 
-def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
-    """Every measurement of one run, as a JSON-ready dict (see :func:`format_table` for the layout)."""
+def build_models(settings: BenchSettings) -> tuple[ASMLP, ASMLP]:
+    """asmlp_min (seed 0, eval mode, on the device) and its official configuration with the same weights."""
     torch.manual_seed(0)
     ours = create_model(settings.model, **settings.model_kwargs).to(settings.device).eval()
-    official = official_configuration(ours)
+    return ours, official_configuration(ours)
+
+
+def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
+    """Every measurement of one run, as a JSON-ready dict (see :func:`.report.format_table` for the layout)."""
+    ours, official = build_models(settings)
     n_shift = len(stage_shapes(settings)) * 5 * (settings.warmup + settings.shift_repeats)
     n_models = (2 + len(settings.peers)) * (1 + settings.compile) + 1  # + the matmul
     total = n_shift + (n_models + 2) * (settings.warmup + settings.repeats) + 2

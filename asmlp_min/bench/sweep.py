@@ -29,9 +29,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..backbone import ASMLP, create_model
-from .measure import _autocast, _environment, _loadavg, _peer, _sync, measure_training, time_in_turns
-from .official import official_configuration
+from ..backbone import ASMLP
+from .measure import _autocast, _environment, _loadavg, _peer, _sync, build_models, measure_training, time_in_turns
 from .settings import BenchSettings
 
 SATURATION_TOLERANCE = 0.05  # saturated: within 5% of the best images/s over the sweep
@@ -183,9 +182,7 @@ def sweep_batches(settings: BenchSettings, candidates: dict, ours: ASMLP, offici
 
 def run_sweep(settings: BenchSettings, progress: bool = True) -> dict:
     """Every measurement of one sweep, as a JSON-ready dict (see :func:`format_sweep_table` for the layout)."""
-    torch.manual_seed(0)
-    ours = create_model(settings.model, **settings.model_kwargs).to(settings.device).eval()
-    official = official_configuration(ours)
+    ours, official = build_models(settings)
     candidates = sweep_candidates(settings, ours, official)
     plan = sorted(set(settings.batches) | set(settings.train_batches))
     started, load_before = time.perf_counter(), _loadavg()
