@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .backbone import ASMLP, MODEL_CONFIGS, ASMLPStage, PatchMerging, create_model, pad_to_multiple
-from .block import ASMLPBlock, AxialShiftMix, Conv1x1, GELU, GroupNorm1
+from .block import ASMLPBlock, AxialShiftMix
+from .fast import GELU, Conv1x1, GroupNorm1, enable
 from .checkpoint import atomic_write
 from .complexity import count_gmacs, stage_resolutions
 from .runtime import freed_memory_kept, keep_freed_memory
@@ -172,7 +173,7 @@ def official_configuration(model: ASMLP) -> ASMLP:
     """A copy of ``model`` with the same weights, run the way the official code runs it (see the twins above).
     The speed and memory baseline of ``asmlp-min bench``; its outputs equal ours up to float rounding."""
     official = copy.deepcopy(model)
-    official.fast_layout = False
+    enable(official, False)  # the reference modules: NCHW, nn.Conv2d, nn.GroupNorm, nn.GELU
     _swap_in_twins(official, next(model.parameters()).device)
     return official
 
