@@ -70,16 +70,13 @@ def check_image_batch(x: Tensor, in_chans: int, dtype: torch.dtype) -> None:
         raise ValueError(f"expected a 4-D image batch (b, {in_chans}, h, w), got shape {tuple(x.shape)}"
                          + ("; add a batch dimension with x[None]" if x.dim() == 3 else ""))
     if x.shape[1] != in_chans:
-        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                         "pass in_chans=... to create_model for other inputs")
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]}: pass in_chans=... to create_model")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"got an empty image batch of shape {tuple(x.shape)}: height and width must be >= 1")
     if not x.is_floating_point():
-        raise TypeError(f"expected float images, got {x.dtype}; convert 0-255 images with x.float() / 255 and "
-                        "normalise them as in training")
+        raise TypeError(f"expected float images, got {x.dtype}: convert 0-255 images with x.float() / 255")
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"the images are {x.dtype} but the weights are {dtype}: convert with x.to({dtype}), "
-                        "or run under torch.autocast")
+        raise TypeError(f"the images are {x.dtype} but the weights are {dtype}: use x.to({dtype}) or torch.autocast")
 
 
 @torch.fx.wrap  # a leaf for FX tracing: einops does not take FX proxies
@@ -166,7 +163,7 @@ class ASMLP(nn.Module):
                  out_indices: int | tuple[int, ...] = (0, 1, 2, 3), dilation: int = 1, padding: str = "zeros",
                  connection: str = "parallel", global_pool: str = "avg"):
         super().__init__()
-        _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, num_classes, depths)
+        _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths)
         self.num_stages = len(depths)
         self.embed_dim, self.in_chans, self.features_only = embed_dim, in_chans, features_only
         self.grad_checkpointing = False
@@ -304,8 +301,6 @@ class ASMLP(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh head: Linear(head_hidden_size, num_classes), Identity for 0; ``global_pool`` as in the
         constructor, kept if None. ``(0, "")`` makes the model return the final (b, c, h, w) map, as in timm."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         self._require_classifier()
         if global_pool is not None:
             self.global_pool = GlobalPool(global_pool)
@@ -314,9 +309,11 @@ class ASMLP(nn.Module):
         self.head.to(self.patch_embed.proj.weight)
 
     def _new_head(self, num_classes: int) -> None:
+        """The constructor's and reset_classifier's head, after checking num_classes against the pooling."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if num_classes > 0 and not self.global_pool.pool_type:
-            raise ValueError(f"global_pool='' keeps the (b, c, h, w) map, which a Linear head cannot classify: use it "
-                             f"with num_classes=0, or pool ('avg'); got num_classes={num_classes}")
+            raise ValueError(f"global_pool='' keeps the (b, c, h, w) map: use it with num_classes=0, not {num_classes}")
         self.num_classes = num_classes
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
@@ -326,20 +323,15 @@ class ASMLP(nn.Module):
             raise ValueError("a features_only model has no final norm or head: model(x) returns its feature maps")
 
 
-def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, num_classes, depths) -> None:
-    """ASMLP's constructor arguments, each with what to pass instead."""
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths) -> None:
+    """ASMLP's constructor arguments, each with what to pass instead (num_classes: ``_new_head``)."""
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-    for name, value in (("embed_dim", embed_dim), ("patch_size", patch_size)):
+    for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("patch_size", patch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not mlp_ratio > 0:
         raise ValueError(f"mlp_ratio must be > 0 (the paper uses 4), got {mlp_ratio}")
-    if not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an integer >= 0 (0: no head, the model returns pooled features), "
-                         f"got {num_classes!r}")
     if len(depths) == 0 or any(d < 1 for d in depths):
         raise ValueError(f"depths needs one block count >= 1 per stage, e.g. (2, 2, 6, 2); got {tuple(depths)}")
 
@@ -369,8 +361,7 @@ def create_model(name: str, *, fast: bool = True, **kwargs) -> ASMLP:
     config = dataclasses.asdict(MODEL_CONFIGS[name])
     pretrained = kwargs.pop("pretrained", False)
     if pretrained:
-        raise ValueError("no weights can be downloaded here: build the model, then call "
-                         "asmlp_min.load_official_checkpoint(model, 'path/to/asmlp_tiny_patch4_shift5_224.pth')")
+        raise ValueError("no weights can be downloaded here: call asmlp_min.load_official_checkpoint(model, path)")
     config.update(kwargs)
     model = ASMLP(**config)
     if fast:
