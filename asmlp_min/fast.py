@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import backbone
 from .backbone import ASMLPStage, PatchEmbed, PatchMerging, pad_to_multiple
 
 torch.fx.wrap("pad_to_multiple")  # a leaf here too, as in backbone.py: it branches on the input size
@@ -133,11 +134,11 @@ class FastPatchEmbed(PatchEmbed):
 
 @torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout
 def space_to_depth(x: Tensor) -> Tensor:
-    """backbone.space_to_depth, (b, c, 2h, 2w) -> (b, 4c, h, w), as one copy that keeps x's memory layout."""
-    if x.is_contiguous(memory_format=torch.channels_last):
-        tokens = rearrange(x.permute(0, 2, 3, 1), "b (h i) (w j) c -> b h w (j i c)", i=2, j=2)
-        return tokens.permute(0, 3, 1, 2)
-    return rearrange(x, "b c (h i) (w j) -> b (j i c) h w", i=2, j=2)
+    """:func:`backbone.space_to_depth`, (b, c, 2h, 2w) -> (b, 4c, h, w), as one copy that keeps channels_last."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return backbone.space_to_depth(x)
+    tokens = rearrange(x.permute(0, 2, 3, 1), "b (h i) (w j) c -> b h w (j i c)", i=2, j=2)
+    return tokens.permute(0, 3, 1, 2)
 
 
 class FastPatchMerging(PatchMerging):
