@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asmlp_min import fast
 from asmlp_min.backbone import create_model, list_models
+from asmlp_min.fast import inference_pieces
 from tests.test_block import functional_block, randomise
 
 # Exact counts for 1000 classes (PAPER.md Sec. 3: 12d^2+17d per block, 8d^2+8d per merge).
@@ -195,6 +197,32 @@ def test_bad_sizes_are_refused_at_construction(option, match):
 def test_reset_classifier_refuses_a_negative_class_count():
     with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
         tiny().reset_classifier(-3)
+
+
+def test_inference_pieces_count():
+    x = torch.zeros(16, 96, 56, 56)  # AS-MLP-T stage 0: a 77 MiB hidden layer (384 channels)
+    with torch.no_grad():
+        assert inference_pieces(x, 384) == 5  # ceil(77 / 16 MiB)
+        assert inference_pieces(x[:1], 384) == 1
+        assert inference_pieces(torch.zeros(3, 8, 512, 512), 10_000) == 3  # never more pieces than images
+        assert inference_pieces(torch.fx.Proxy.__new__(torch.fx.Proxy), 384) == 1  # FX tracing: no cut
+    assert inference_pieces(x, 384) == 1  # autograd: the whole batch
+
+
+def test_inference_in_pieces_equals_the_whole_batch(monkeypatch):
+    model = randomise(create_model("asmlp_tiny", embed_dim=16, depths=(1, 2, 1, 1), num_classes=5)).eval()
+    features = randomise(create_model("asmlp_tiny", embed_dim=16, depths=(1, 2, 1, 1), features_only=True)).eval()
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        whole, whole_maps = model(x), features(x)
+        monkeypatch.setattr(fast, "PIECE_BYTES", 2 * 64 * 16 * 16 * 4)  # stage 0: 3 pieces, stage 1: 2
+        cut, cut_maps = model(x), features(x)
+        traced = torch.fx.symbolic_trace(model)(x)  # traces the whole-batch path
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced, whole, rtol=1e-5, atol=1e-5)
+    for got, want in zip(cut_maps, whole_maps):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing the model in eval mode")  # torchvision's note

@@ -11,7 +11,7 @@ from torch import nn
 from asmlp_min import fast
 from asmlp_min.backbone import ASMLPStage, PatchEmbed, PatchMerging, create_model
 from asmlp_min.fast import (GELU, Conv1x1, FastASMLPStage, FastPatchEmbed, FastPatchMerging, GroupNorm1,
-                            inference_pieces, var_mean_group_norm)
+                            var_mean_group_norm)
 from tests.test_block import randomise
 
 CL = torch.channels_last
@@ -183,31 +183,3 @@ def test_norm_after_a_frozen_part_trains_its_weights():
     F.group_norm(x, 1, norm.weight, norm.bias, norm.eps).backward(grad)
     torch.testing.assert_close(got[0], norm.weight.grad)
     torch.testing.assert_close(got[1], norm.bias.grad)
-
-
-# ---------------------------------------------------------------- batch pieces in CPU inference
-
-def test_inference_pieces_count():
-    x = torch.zeros(16, 96, 56, 56)  # AS-MLP-T stage 0: a 77 MiB hidden layer (384 channels)
-    with torch.no_grad():
-        assert inference_pieces(x, 384) == 5  # ceil(77 / 16 MiB)
-        assert inference_pieces(x[:1], 384) == 1
-        assert inference_pieces(torch.zeros(3, 8, 512, 512), 10_000) == 3  # never more pieces than images
-        assert inference_pieces(torch.fx.Proxy.__new__(torch.fx.Proxy), 384) == 1  # FX tracing: no cut
-    assert inference_pieces(x, 384) == 1  # autograd: the whole batch
-
-
-def test_inference_in_pieces_equals_the_whole_batch(monkeypatch):
-    model = randomise(create_model("asmlp_tiny", embed_dim=16, depths=(1, 2, 1, 1), num_classes=5)).eval()
-    features = randomise(create_model("asmlp_tiny", embed_dim=16, depths=(1, 2, 1, 1), features_only=True)).eval()
-    x = torch.randn(5, 3, 64, 64)
-    with torch.no_grad():
-        whole, whole_maps = model(x), features(x)
-        monkeypatch.setattr(fast, "PIECE_BYTES", 2 * 64 * 16 * 16 * 4)  # stage 0: 3 pieces, stage 1: 2
-        cut, cut_maps = model(x), features(x)
-        traced = torch.fx.symbolic_trace(model)(x)  # traces the whole-batch path
-    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(traced, whole, rtol=1e-5, atol=1e-5)
-    for got, want in zip(cut_maps, whole_maps):
-        assert got.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
