@@ -8,6 +8,8 @@ Classification follows timm (``forward_features`` / ``forward_head`` / ``reset_c
 ``features_only=True`` is the official dense-prediction backbone: the map of every stage *before* its
 merge, each through its own ``norm{i}``, at strides 4/8/16/32. Any H, W work: the stem pads to a
 multiple of 4 and each merge pads odd sizes at the right/bottom, as the official mmdet/mmseg code does.
+The modules here are the reference path; ``create_model(..., fast=True)`` (the default) swaps in the faster
+ones of asmlp_min/fast.py, which have the same parameters.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .block import ASMLPBlock, conv1x1, norm_layer
+from .block import ASMLPBlock
 from .features import FeatureInfo, GlobalPool, out_indices_tuple, take_indices
 
 
@@ -52,40 +54,11 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
-@torch.fx.wrap  # a leaf for FX tracing: it branches on the device
-def to_fast_layout(x: Tensor) -> Tensor:
-    """channels_last on CPU, where it makes every 1x1 conv one GEMM (block.pointwise_conv); NCHW elsewhere.
-    On an H200, channels_last AS-MLP-T ran fp16 inference no faster (4037 vs 4116 images/s), fp16 training slower
-    (724 vs 775) and fp32 inference much slower (2837 vs 4192: its GEMMs run in full fp32, cuDNN's convs in TF32)."""
-    layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
-    return x.contiguous(memory_format=layout)
-
-
 # The data the official ImageNet weights expect (timm's data config for AS-MLP, ../shared/ECOSYSTEM.md):
 # bicubic resize to 256 and a 224 centre crop at test time, ImageNet mean and std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_PCT = 224 / 256
-
-PIECE_BYTES = 16 * 2**20
-
-
-def inference_pieces(x: Tensor, hidden: int) -> int:
-    """Into how many pieces CPU inference cuts a batch so that each piece's MLP hidden layer (b, hidden, h, w)
-    holds at most 16 MiB; 1 (no cut) with autograd, on other devices, and while FX or torch.export traces.
-
-    Every block treats the images of a batch independently (GroupNorm(1, c) normalises each image on its own),
-    so pieces give the same result. They are faster because glibc's malloc serves blocks above 32 MiB with
-    fresh ``mmap`` pages that the kernel zero-fills on first touch, every time: AS-MLP-T's stage-0 hidden
-    layer is 77 MiB at batch 16. Cutting stages 0-2 into 5, 3 and 2 pieces made batch-16 inference 1.13x
-    faster on 2 cores (paired rounds; whole batch 1385 ms, pieces 1247 ms).
-    """
-    if (isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.is_grad_enabled()
-            or x.device.type != "cpu"):
-        return 1
-    b, _, h, w = x.shape
-    return min(b, -(-b * hidden * h * w * x.element_size() // PIECE_BYTES))
-
 
 @torch.fx.wrap  # a leaf for FX tracing (create_feature_extractor): its checks look at Python types and shapes
 def check_image_batch(x: Tensor, in_chans: int, dtype: torch.dtype) -> None:
@@ -97,28 +70,22 @@ def check_image_batch(x: Tensor, in_chans: int, dtype: torch.dtype) -> None:
         raise ValueError(f"expected a 4-D image batch (b, {in_chans}, h, w), got shape {tuple(x.shape)}"
                          + ("; add a batch dimension with x[None]" if x.dim() == 3 else ""))
     if x.shape[1] != in_chans:
-        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                         "pass in_chans=... to create_model for other inputs")
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]}: pass in_chans=... to create_model")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"got an empty image batch of shape {tuple(x.shape)}: height and width must be >= 1")
     if not x.is_floating_point():
-        raise TypeError(f"expected float images, got {x.dtype}; convert 0-255 images with x.float() / 255 and "
-                        "normalise them as in training")
+        raise TypeError(f"expected float images, got {x.dtype}: convert 0-255 images with x.float() / 255")
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"the images are {x.dtype} but the weights are {dtype}: convert with x.to({dtype}), "
-                        "or run under torch.autocast")
+        raise TypeError(f"the images are {x.dtype} but the weights are {dtype}: use x.to({dtype}) or torch.autocast")
 
 
-@torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout
+@torch.fx.wrap  # a leaf for FX tracing: einops does not take FX proxies
 def space_to_depth(x: Tensor) -> Tensor:
-    """(b, c, 2h, 2w) -> (b, 4c, h, w) in the official channel order, as one copy that keeps x's memory layout.
+    """(b, c, 2h, 2w) -> (b, 4c, h, w) in the official channel order [x(0,0), x(1,0), x(0,1), x(1,1)].
 
-    A single rearrange (rather than a cat of four strided slices) also has a single-copy backward, where the
-    slices' backward would build four zero-filled full-size gradients and sum them.
+    One rearrange, not the official cat of four strided slices: its backward is one copy too, where the slices'
+    would build four zero-filled full-size gradients and sum them.
     """
-    if x.is_contiguous(memory_format=torch.channels_last):
-        tokens = rearrange(x.permute(0, 2, 3, 1), "b (h i) (w j) c -> b h w (j i c)", i=2, j=2)
-        return tokens.permute(0, 3, 1, 2)
     return rearrange(x, "b c (h i) (w j) -> b (j i c) h w", i=2, j=2)
 
 
@@ -129,7 +96,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size, self.in_chans = patch_size, in_chans
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = norm_layer(embed_dim)
+        self.norm = nn.GroupNorm(1, embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.proj(pad_to_multiple(x, self.patch_size)))
@@ -144,8 +111,8 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = norm_layer(4 * dim)
-        self.reduction = conv1x1(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.GroupNorm(1, 4 * dim)
+        self.reduction = nn.Conv2d(4 * dim, 2 * dim, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = pad_to_multiple(x, 2)  # odd sizes: one zero row/column
@@ -169,10 +136,7 @@ class ASMLPStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward_blocks(self, x: Tensor) -> Tensor:
-        """(b, c, h, w) -> (b, c, h, w) through the blocks; CPU inference runs them on pieces of the batch."""
-        pieces = inference_pieces(x, self.blocks[0].mlp.fc1.out_channels) if self.blocks else 1
-        if pieces > 1:
-            return torch.cat([self.run_blocks(piece) for piece in x.tensor_split(pieces)])
+        """(b, c, h, w) -> (b, c, h, w) through the blocks (fast.py's stage runs them on pieces of the batch)."""
         return self.run_blocks(x)
 
     def run_blocks(self, x: Tensor) -> Tensor:
@@ -203,10 +167,9 @@ class ASMLP(nn.Module):
                  out_indices: int | tuple[int, ...] = (0, 1, 2, 3), dilation: int = 1, padding: str = "zeros",
                  connection: str = "parallel", global_pool: str = "avg"):
         super().__init__()
-        _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, num_classes, depths)
+        _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths)
         self.num_stages = len(depths)
         self.embed_dim, self.in_chans, self.features_only = embed_dim, in_chans, features_only
-        self.fast_layout = True  # to_fast_layout() at the stem; False keeps the input's layout (the official NCHW)
         self.grad_checkpointing = False
         self.num_features = embed_dim * 2 ** (self.num_stages - 1)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -225,11 +188,11 @@ class ASMLP(nn.Module):
         if features_only:
             self.out_indices = out_indices_tuple(out_indices, self.num_stages)
             for i in self.out_indices:  # official dense-prediction backbones: one norm per output
-                self.add_module(f"norm{i}", norm_layer(embed_dim * 2 ** i))
+                self.add_module(f"norm{i}", nn.GroupNorm(1, embed_dim * 2 ** i))
                 stages[i]["module"] = f"norm{i}"
             self.feature_info = FeatureInfo(stages, self.out_indices)
         else:
-            self.norm = norm_layer(self.num_features)
+            self.norm = nn.GroupNorm(1, self.num_features)
             self.global_pool = GlobalPool(global_pool)
             self._new_head(num_classes)
             stages[-1]["module"] = "norm"
@@ -252,8 +215,6 @@ class ASMLP(nn.Module):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         check_image_batch(x, self.in_chans, self.patch_embed.proj.weight.dtype)
-        if self.fast_layout:
-            x = to_fast_layout(x)
         return self.pos_drop(self.patch_embed(x))
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -344,8 +305,6 @@ class ASMLP(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh head: Linear(head_hidden_size, num_classes), Identity for 0; ``global_pool`` as in the
         constructor, kept if None. ``(0, "")`` makes the model return the final (b, c, h, w) map, as in timm."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         self._require_classifier()
         if global_pool is not None:
             self.global_pool = GlobalPool(global_pool)
@@ -354,9 +313,11 @@ class ASMLP(nn.Module):
         self.head.to(self.patch_embed.proj.weight)
 
     def _new_head(self, num_classes: int) -> None:
+        """The constructor's and reset_classifier's head, after checking num_classes against the pooling."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if num_classes > 0 and not self.global_pool.pool_type:
-            raise ValueError(f"global_pool='' keeps the (b, c, h, w) map, which a Linear head cannot classify: use it "
-                             f"with num_classes=0, or pool ('avg'); got num_classes={num_classes}")
+            raise ValueError(f"global_pool='' keeps the (b, c, h, w) map: use it with num_classes=0, not {num_classes}")
         self.num_classes = num_classes
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
@@ -366,20 +327,15 @@ class ASMLP(nn.Module):
             raise ValueError("a features_only model has no final norm or head: model(x) returns its feature maps")
 
 
-def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, num_classes, depths) -> None:
-    """ASMLP's constructor arguments, each with what to pass instead."""
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths) -> None:
+    """ASMLP's constructor arguments, each with what to pass instead (num_classes: ``_new_head``)."""
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-    for name, value in (("embed_dim", embed_dim), ("patch_size", patch_size)):
+    for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("patch_size", patch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not mlp_ratio > 0:
         raise ValueError(f"mlp_ratio must be > 0 (the paper uses 4), got {mlp_ratio}")
-    if not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an integer >= 0 (0: no head, the model returns pooled features), "
-                         f"got {num_classes!r}")
     if len(depths) == 0 or any(d < 1 for d in depths):
         raise ValueError(f"depths needs one block count >= 1 per stage, e.g. (2, 2, 6, 2); got {tuple(depths)}")
 
@@ -396,8 +352,11 @@ def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
 
-def create_model(name: str, **kwargs) -> ASMLP:
+def create_model(name: str, *, fast: bool = True, **kwargs) -> ASMLP:
     """Build a registered variant; keyword arguments override its config or reach :class:`ASMLP`.
+
+    ``fast=True`` swaps in asmlp_min/fast.py's modules (same parameters, same outputs up to float rounding);
+    ``fast=False`` keeps the plain reference modules. ``asmlp_min.fast.enable(model, on)`` switches later.
 
     >>> create_model("asmlp_tiny", num_classes=10, features_only=False)  # doctest: +SKIP
     """
@@ -406,7 +365,10 @@ def create_model(name: str, **kwargs) -> ASMLP:
     config = dataclasses.asdict(MODEL_CONFIGS[name])
     pretrained = kwargs.pop("pretrained", False)
     if pretrained:
-        raise ValueError("no weights can be downloaded here: build the model, then call "
-                         "asmlp_min.load_official_checkpoint(model, 'path/to/asmlp_tiny_patch4_shift5_224.pth')")
+        raise ValueError("no weights can be downloaded here: call asmlp_min.load_official_checkpoint(model, path)")
     config.update(kwargs)
-    return ASMLP(**config)
+    model = ASMLP(**config)
+    if fast:
+        from .fast import enable  # fast.py builds on this module's classes
+        enable(model)
+    return model

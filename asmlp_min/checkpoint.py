@@ -39,10 +39,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to unpickle. It is either corrupt or holds objects other than tensors and plain "
-            f"containers (a tampered file may try to run code; it was NOT executed). Details: "
-            f"{_refusal_detail(err)}") from None
+        raise CheckpointError(f"{path}: refused to unpickle: corrupt, or holds objects other than tensors (a tampered "
+                              f"file may run code; it was NOT executed). Details: {_refusal_detail(err)}") from None
     except Exception as err:  # torch.load fails in many ways on damaged bytes (EOFError, IndexError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
     if not isinstance(obj, dict):
@@ -84,9 +82,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in _NO_ROOM:
-            raise WriteError(err.errno, f"{path} was not written: {_NO_ROOM[err.errno]}. The previous {path.name} "
-                             "(if any) is unchanged and no partial file is left; free some space (or raise the limit), "
-                             "or write to another folder", str(path)) from None
+            raise WriteError(err.errno, f"{path} was not written: {_NO_ROOM[err.errno]}. Any earlier {path.name} is "
+                             "unchanged, no temp file is left; free some space or write elsewhere", str(path)) from None
         raise
 
 
@@ -129,10 +126,8 @@ def save_checkpoint(obj, path: str | os.PathLike) -> Path:
         writer = _RecordingWriter(f)
         try:
             torch.save(obj, writer)
-        except RuntimeError:  # torch reports a failed write as "unexpected pos ..."; the OSError says why
-            if writer.error is None:
-                raise
-            raise writer.error from None
+        except RuntimeError as err:  # torch reports a failed write as "unexpected pos ..."; the OSError says why
+            raise (writer.error or err) from None
     return path
 
 
@@ -225,9 +220,8 @@ def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
     """
     report, source = _match(model, checkpoint, skip_head)
     if strict and not report.ok:
-        raise CheckpointError(f"checkpoint does not match {type(model).__name__} (strict=True):\n{report}\n"
-                              "Check the variant (tiny/small/base) and features_only; pass skip_head=True for a "
-                              "head of another size, or strict=False to load what matches.")
+        raise CheckpointError(f"checkpoint does not match {type(model).__name__} (strict=True):\n{report}\nCheck the "
+                              "variant and features_only; skip_head=True for a new head, strict=False loads what fits.")
     _copy_loaded(model, source, report)
     return report
 
@@ -245,8 +239,7 @@ def _match(model: nn.Module, checkpoint, skip_head: bool) -> tuple[LoadReport, d
     broken = non_finite_keys({k: source[k] for k in report.loaded})
     if broken:  # refused before anything is copied: the model stays as it was
         raise CheckpointError(f"the checkpoint's weights are damaged: {len(broken)} tensor(s) hold NaN or inf: "
-                              f"{shown_keys(broken)}. They were not loaded; the run that wrote them probably diverged. "
-                              "Use another checkpoint (or an earlier one from that run).")
+                              f"{shown_keys(broken)}. Nothing was loaded; use another (or an earlier) checkpoint.")
     return report, source
 
 

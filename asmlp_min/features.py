@@ -97,6 +97,5 @@ def out_indices_tuple(out_indices: int | tuple[int, ...], num_stages: int) -> tu
         out_indices = tuple(range(-out_indices, 0))  # timm: n means the last n stages
     indices = tuple(i % num_stages if -num_stages <= i < num_stages else None for i in out_indices)
     if not indices or None in indices or len(set(indices)) != len(indices):
-        raise ValueError(f"out_indices must be distinct stage indices in [-{num_stages}, {num_stages - 1}], "
-                         f"got {tuple(out_indices)}")
+        raise ValueError(f"out_indices must be distinct stages in [-{num_stages}, {num_stages - 1}], got {out_indices}")
     return tuple(sorted(indices))

@@ -27,21 +27,24 @@ def check_shift_args(shift_size: int, dilation: int = 1, padding: str = "zeros")
     if isinstance(shift_size, bool) or not isinstance(shift_size, int):
         raise TypeError(f"shift_size must be an int, got {type(shift_size).__name__}")
     if shift_size < 1 or shift_size % 2 == 0:
-        raise ValueError(
-            f"shift_size must be odd and >= 1, got {shift_size}: an even size has no centre group "
-            "(the paper uses 5; 1 means no shift)")
+        raise ValueError(f"shift_size must be odd and >= 1 (the paper uses 5), got {shift_size}: even has no centre")
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
 
 
-def _spatial_dim(x: Tensor, dim: int) -> int:
-    if x.dim() != 4:
-        raise ValueError(f"axial_shift expects a (b, c, h, w) tensor, got shape {tuple(x.shape)}")
+def _axis(dim: int) -> int:
+    """The tensor axis of a shift along ``dim``: -1 or 3 (along w), -2 or 2 (along h)."""
     if dim not in (-1, -2, 2, 3):
         raise ValueError(f"dim must be a spatial axis: -1/3 (along w) or -2/2 (along h), got {dim}")
     return dim % 4
+
+
+def _spatial_dim(x: Tensor, dim: int) -> int:
+    if x.dim() != 4:
+        raise ValueError(f"axial_shift expects a (b, c, h, w) tensor, got shape {tuple(x.shape)}")
+    return _axis(dim)
 
 
 def group_offsets(channels: int, shift_size: int, dilation: int = 1) -> list[tuple[int, int, int]]:
@@ -87,8 +90,7 @@ def _padded_shift(x: Tensor, shift_size: int, dim: int, dilation: int, padding: 
     n = x.shape[dim]
     pad = (reach, reach, 0, 0) if dim == 3 else (0, 0, reach, reach)
     if (padding == "reflect" and reach >= n) or (padding == "circular" and reach > n):
-        raise ValueError(f"{padding} padding needs the shifted axis longer than the shift's reach "
-                         f"({reach} pixels), got {n}; use padding='zeros' or a smaller shift_size")
+        raise ValueError(f"{padding} padding needs more than {reach} pixels along the axis, got {n}: use 'zeros'")
     padded = F.pad(x, pad, mode=padding)
     windows = [padded[:, c0:c1].narrow(dim, reach - offset, n)
                for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation)]
@@ -132,8 +134,7 @@ class AxialShift(nn.Module):
     def __init__(self, shift_size: int, dim: int, dilation: int = 1, padding: str = "zeros"):
         super().__init__()
         check_shift_args(shift_size, dilation, padding)
-        if dim not in (-1, -2, 2, 3):
-            raise ValueError(f"dim must be -1/3 (along w) or -2/2 (along h), got {dim}")
+        _axis(dim)
         self.shift_size, self.dim, self.dilation, self.padding = shift_size, dim, dilation, padding
 
     def forward(self, x: Tensor) -> Tensor:

@@ -38,8 +38,7 @@ def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
     if in_chans == rgb:
         return weight
     if rgb != 3:
-        raise CheckpointError(f"the checkpoint's {FIRST_CONV}.weight has {rgb} input channels; only RGB (3) weights "
-                              f"can be adapted to in_chans={in_chans}")
+        raise CheckpointError(f"{FIRST_CONV}.weight has {rgb} input channels: only RGB adapts to in_chans={in_chans}")
     if in_chans == 1:
         return weight.sum(dim=1, keepdim=True)
     return weight.repeat(1, -(-in_chans // rgb), 1, 1)[:, :in_chans] * (rgb / in_chans)
@@ -50,8 +49,8 @@ def load_pretrained(model: ASMLP, cfg: dict) -> LoadReport:
     when ``num_classes`` differs from the checkpoint's ``cfg["num_classes"]``), the backbone's keys for a
     ``features_only`` model (its per-stage norms are new unless the file is an mmdet/mmseg checkpoint)."""
     if not cfg.get("file"):
-        raise ValueError(f"{cfg['architecture']}: no weights can be downloaded here. Download the official checkpoint "
-                         "and pass it as pretrained_cfg_overlay=dict(file='path/to/asmlp_tiny_patch4_shift5_224.pth')")
+        raise ValueError(f"{cfg['architecture']}: no weights can be downloaded here; pass the official checkpoint "
+                         "as pretrained_cfg_overlay=dict(file='path/to/asmlp_tiny_patch4_shift5_224.pth')")
     state = extract_state_dict(load_checkpoint(cfg["file"]))
     key = f"{FIRST_CONV}.weight"
     if key in state:

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asmlp_min import backbone
-from asmlp_min.backbone import create_model, inference_pieces, list_models
+from asmlp_min import fast
+from asmlp_min.backbone import create_model, list_models
+from asmlp_min.fast import inference_pieces
 from tests.test_block import functional_block, randomise
 
 # Exact counts for 1000 classes (PAPER.md Sec. 3: 12d^2+17d per block, 8d^2+8d per merge).
@@ -214,7 +215,7 @@ def test_inference_in_pieces_equals_the_whole_batch(monkeypatch):
     x = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         whole, whole_maps = model(x), features(x)
-        monkeypatch.setattr(backbone, "PIECE_BYTES", 2 * 64 * 16 * 16 * 4)  # stage 0: 3 pieces, stage 1: 2
+        monkeypatch.setattr(fast, "PIECE_BYTES", 2 * 64 * 16 * 16 * 4)  # stage 0: 3 pieces, stage 1: 2
         cut, cut_maps = model(x), features(x)
         traced = torch.fx.symbolic_trace(model)(x)  # traces the whole-batch path
     torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)

@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asmlp_min import backbone
-from asmlp_min.backbone import create_model, pad_to_multiple, to_fast_layout
+from asmlp_min import backbone, fast
+from asmlp_min.backbone import create_model, pad_to_multiple
 from asmlp_min.bench import (BenchSettings, OfficialASMLPStage, OfficialAxialShiftMix,
                              OfficialPatchMerging, format_table, official_configuration, page_faults,
                              peak_memory_bytes, run_bench, settings_for, summarise, time_in_turns, write_json)
-from asmlp_min.block import AxialShiftMix, Conv1x1, pointwise_conv
+from asmlp_min.block import AxialShiftMix
+from asmlp_min.fast import Conv1x1, pointwise_conv, to_fast_layout
 from asmlp_min.cli import main
 from asmlp_min.shift import axial_shift
 from tests.test_bench_sweep import Compiled
@@ -106,7 +107,7 @@ def test_model_runs_channels_last_on_cpu_by_default():
 def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weights():
     model = randomise(tiny(num_classes=10))
     official = official_configuration(model)
-    assert not official.fast_layout and model.fast_layout
+    assert not fast.is_enabled(official) and fast.is_enabled(model)
     assert not any(isinstance(m, Conv1x1) for m in official.modules())
     assert sum(isinstance(m, OfficialAxialShiftMix) for m in official.modules()) == 5
     assert sum(type(m) is torch.nn.GELU for m in official.modules()) == 10  # out of place, as the official code
@@ -134,7 +135,7 @@ def test_official_configuration_refuses_shift_options_the_official_code_lacks(op
 def test_official_configuration_runs_the_whole_batch_where_ours_cuts_it(monkeypatch):
     model = randomise(tiny(num_classes=10)).eval()
     official = official_configuration(model)
-    monkeypatch.setattr(backbone, "PIECE_BYTES", 2 * 64 * 16 * 16 * 4)  # two images of stage 0's hidden layer
+    monkeypatch.setattr(fast, "PIECE_BYTES", 2 * 64 * 16 * 16 * 4)  # two images of stage 0's hidden layer
     batches = []
     run_blocks = backbone.ASMLPStage.run_blocks
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from asmlp_min.backbone import create_model
-from asmlp_min.block import GroupNorm1
+from asmlp_min.fast import GroupNorm1
 from asmlp_min.detection import SimpleFPNDetector
 from asmlp_min.engine import Trainer, TrainConfig, load_trained
 from asmlp_min.segmentation import SemanticSegmenter

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 # the model's modules that the twins replace; the rest of asmlp_min.bench imports only its registry from backbone
 from ..backbone import ASMLP, ASMLPStage, PatchMerging, pad_to_multiple
-from ..block import AxialShiftMix, Conv1x1, GELU, GroupNorm1
+from ..block import AxialShiftMix
+from ..fast import GELU, Conv1x1, GroupNorm1, enable
 from ..shift import reference_shift
 
 
@@ -74,7 +75,7 @@ def official_configuration(model: ASMLP) -> ASMLP:
         raise ValueError("the official code has no dilation and only zero padding: build the model with the "
                          "default shift options to compare it with the official configuration")
     official = copy.deepcopy(model)
-    official.fast_layout = False
+    enable(official, False)  # the reference modules: NCHW, nn.Conv2d, nn.GroupNorm, nn.GELU
     _swap_in_twins(official, next(model.parameters()).device)
     return official
 

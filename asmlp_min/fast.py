@@ -1,0 +1,210 @@
+"""The speed paths, behind one switch: ``enable(model, on)``, which ``create_model(..., fast=True)`` calls.
+
+block.py and backbone.py are the reference: plain ``nn.Conv2d`` 1x1 convs, ``nn.GroupNorm(1, c)``, ``nn.GELU``,
+NCHW tensors, the whole batch through every stage. ``enable`` changes the class of those modules in place to the
+subclasses below, whose forward computes the same function faster; ``enable(model, False)`` changes them back.
+Parameters, their names and the state_dict keys stay as they are, so official checkpoints load either way and an
+optimizer keeps its parameters. tests/test_fast.py checks each piece and whole models against the reference.
+
+- CPU activations are channels_last (:class:`FastPatchEmbed`, :class:`FastPatchMerging`), where a 1x1 conv is one
+  matrix product over channels (:func:`pointwise_conv`) and GELU runs on the contiguous (b, h, w, c) view.
+- CPU inference runs each stage on pieces of the batch (:func:`inference_pieces`), which reuse freed memory.
+- CUDA inference takes GroupNorm(1, c)'s statistics with ``torch.var_mean`` (:func:`var_mean_group_norm`), which
+  spreads a sample over the whole GPU where the native kernel gives it one thread block.
+
+Nothing works in place: forward hooks and ``create_feature_extractor`` see every module's true output.
+How much each path gains, and what was tried and dropped: benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from . import backbone
+from .backbone import ASMLPStage, PatchEmbed, PatchMerging, pad_to_multiple
+
+torch.fx.wrap("pad_to_multiple")  # a leaf here too, as in backbone.py: it branches on the input size
+
+
+# ---------------------------------------------------------------- 1x1 convolution
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout and the autograd mode
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """1x1 convolution (b, c_in, h, w) -> (b, c_out, h, w), computed in the layout ``x`` is stored in.
+
+    channels_last with autograd: "b c h w -> (b h w) c" is a free view, so the conv is one GEMM (``F.linear``).
+    Otherwise ``F.conv2d``: in inference oneDNN runs it on channels_last as the same GEMM with the bias added
+    inside, where ``F.linear`` would copy the bias into every output row first; in training its backward is slower.
+    """
+    if torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias)
+
+
+class Conv1x1(nn.Conv2d):
+    """An ``nn.Conv2d`` with a 1x1 kernel (official parameter names and shapes) run by :func:`pointwise_conv`."""
+
+    def __init__(self, c_in: int, c_out: int, bias: bool = True):
+        super().__init__(c_in, c_out, kernel_size=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pointwise_conv(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------- GroupNorm(1, c)
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the device and the autograd mode
+def group_norm_1(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.group_norm(x, 1, ...)`` up to float rounding, (b, c, h, w) -> (b, c, h, w).
+
+    CUDA inference takes :func:`var_mean_group_norm`: the native kernel reduces each sample in one thread block, so
+    a small batch leaves most of the GPU idle. With autograd, and on CPU, the native kernel is faster.
+    """
+    grad = torch.is_grad_enabled()
+    # PyTorch's CPU group_norm backward crashes (segfault) on a channels_last x without grad when the weights need
+    # one: the first norm after frozen stages (detection's frozen_stages). var_mean_group_norm avoids that kernel.
+    after_frozen = (grad and weight.requires_grad and not x.requires_grad and not x.is_contiguous()
+                    and x.is_contiguous(memory_format=torch.channels_last))
+    if (x.is_cuda and not grad) or after_frozen:
+        return var_mean_group_norm(x, weight, bias, eps)
+    return F.group_norm(x, 1, weight, bias, eps)
+
+
+def var_mean_group_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """GroupNorm(1, c) as a reduction and one multiply-add, all arithmetic in float32 (or float64):
+
+        y[b, c] = x[b, c] * s[b, c] + t[b, c],   s = weight[c] / sqrt(var_b + eps),   t = bias[c] - mean_b * s
+
+    with the biased ``mean_b, var_b`` over (c, h, w) of sample b (``torch.var_mean``, which spreads one sample
+    over many thread blocks). The output has x's dtype and layout; under CUDA autocast it is float32, as
+    group_norm's is there.
+    """
+    exact = torch.promote_types(x.dtype, torch.float32)
+    var, mean = torch.var_mean(x.to(exact), dim=(1, 2, 3), correction=0, keepdim=True)
+    scale = weight.to(exact).view(-1, 1, 1) * torch.rsqrt(var + eps)  # (b, c, 1, 1)
+    shift = bias.to(exact).view(-1, 1, 1) - mean * scale
+    with torch.autocast("cuda", enabled=False):  # autocast would copy x to float32; type promotion reads it as is
+        y = torch.addcmul(shift, x, scale)
+    return y if torch.is_autocast_enabled("cuda") else y.to(x.dtype)
+
+
+class GroupNorm1(nn.GroupNorm):
+    """``nn.GroupNorm(1, c)`` (same parameters and state_dict keys) run by :func:`group_norm_1`."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__(1, channels, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return group_norm_1(x, self.weight, self.bias, self.eps)
+
+
+# ---------------------------------------------------------------- GELU
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout
+def gelu(x: Tensor) -> Tensor:
+    """Exact GELU into a new tensor; a channels_last ``x`` goes in as the (b, h, w, c) view in which it is
+    contiguous, because PyTorch's CPU GELU kernels are slower on the channels_last (b, c, h, w) view."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return F.gelu(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return F.gelu(x)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` run by :func:`gelu`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
+
+
+# ---------------------------------------------------------------- channels_last on CPU
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the device
+def to_fast_layout(x: Tensor) -> Tensor:
+    """channels_last on CPU, where it makes every 1x1 conv one GEMM; NCHW elsewhere (on CUDA, cuDNN's NCHW
+    convs were as fast or faster)."""
+    layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    return x.contiguous(memory_format=layout)
+
+
+class FastPatchEmbed(PatchEmbed):
+    """:class:`PatchEmbed` on the input in :func:`to_fast_layout`, which every later layer keeps."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(to_fast_layout(x))
+
+
+@torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout
+def space_to_depth(x: Tensor) -> Tensor:
+    """:func:`backbone.space_to_depth`, (b, c, 2h, 2w) -> (b, 4c, h, w), as one copy that keeps channels_last."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return backbone.space_to_depth(x)
+    tokens = rearrange(x.permute(0, 2, 3, 1), "b (h i) (w j) c -> b h w (j i c)", i=2, j=2)
+    return tokens.permute(0, 3, 1, 2)
+
+
+class FastPatchMerging(PatchMerging):
+    """:class:`PatchMerging` that keeps channels_last through the merge."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reduction(self.norm(space_to_depth(pad_to_multiple(x, 2))))
+
+
+# ---------------------------------------------------------------- batch pieces in CPU inference
+PIECE_BYTES = 16 * 2**20
+
+
+def inference_pieces(x: Tensor, hidden: int) -> int:
+    """Into how many pieces CPU inference cuts a batch so that each piece's MLP hidden layer (b, hidden, h, w)
+    holds at most ``PIECE_BYTES`` (16 MiB); 1 (no cut) with autograd, on other devices, and under FX or
+    torch.export tracing.
+
+    Blocks treat the images of a batch independently (GroupNorm(1, c) normalises each image on its own), so the
+    pieces give the same result. They are faster because glibc's malloc serves blocks above 32 MiB with fresh
+    ``mmap`` pages that the kernel zero-fills on first touch, every time; smaller blocks are reused.
+    """
+    if (isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.is_grad_enabled()
+            or x.device.type != "cpu"):
+        return 1
+    b, _, h, w = x.shape
+    return min(b, -(-b * hidden * h * w * x.element_size() // PIECE_BYTES))
+
+
+class FastASMLPStage(ASMLPStage):
+    """:class:`ASMLPStage` whose CPU inference runs the blocks on :func:`inference_pieces` of the batch."""
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        pieces = inference_pieces(x, self.blocks[0].mlp.fc1.out_channels)
+        if pieces > 1:
+            return torch.cat([self.run_blocks(piece) for piece in x.tensor_split(pieces)])
+        return self.run_blocks(x)
+
+
+# ---------------------------------------------------------------- the switch
+FAST = {nn.Conv2d: Conv1x1, nn.GroupNorm: GroupNorm1, nn.GELU: GELU, PatchEmbed: FastPatchEmbed,
+        PatchMerging: FastPatchMerging, ASMLPStage: FastASMLPStage}
+PLAIN = {fast: plain for plain, fast in FAST.items()}
+
+
+def _has_fast_twin(module: nn.Module) -> bool:
+    """Only modules the fast classes compute exactly: 1x1 convs, one-group norms, exact GELU."""
+    if isinstance(module, nn.Conv2d):
+        return (module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
+                module.padding_mode) == ((1, 1), (1, 1), (0, 0), (1, 1), 1, "zeros")
+    if isinstance(module, nn.GroupNorm):
+        return module.num_groups == 1
+    return not isinstance(module, nn.GELU) or module.approximate == "none"
+
+
+def enable(model: nn.Module, on: bool = True) -> nn.Module:
+    """Switch every module of ``model`` to its fast class (``on``) or back to the plain one, in place; returns
+    ``model``. Only exact plain classes are switched (a subclass keeps its own forward)."""
+    for module in model.modules():
+        if on and type(module) in FAST and _has_fast_twin(module):
+            module.__class__ = FAST[type(module)]
+        elif not on and type(module) in PLAIN:
+            module.__class__ = PLAIN[type(module)]
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    """Whether any module of ``model`` runs a fast path."""
+    return any(type(module) in PLAIN for module in model.modules())

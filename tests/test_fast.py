@@ -1,0 +1,185 @@
+"""asmlp_min/fast.py against the reference modules of block.py / backbone.py: each fast piece, then whole models
+(train and eval, forward and input gradient, NCHW and channels_last, odd and non-square sizes), in float64 where
+the kernels allow it, so any difference beyond rounding shows."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asmlp_min import fast
+from asmlp_min.backbone import ASMLPStage, PatchEmbed, PatchMerging, create_model
+from asmlp_min.fast import (GELU, Conv1x1, FastASMLPStage, FastPatchEmbed, FastPatchMerging, GroupNorm1,
+                            var_mean_group_norm)
+from tests.test_block import randomise
+
+CL = torch.channels_last
+F64 = dict(rtol=1e-10, atol=1e-10)
+LAYOUTS = [torch.contiguous_format, CL]
+
+
+def forward_and_input_grad(module: nn.Module, x: torch.Tensor, grad: bool):
+    """The output, and with ``grad`` the gradient of a fixed random projection of it with respect to x."""
+    x = x.detach().clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = module(x)
+    if not grad:
+        return out, None
+    outs = out if isinstance(out, list) else [out]
+    torch.manual_seed(5)  # randn, not randn_like: the same values whatever the output's memory layout
+    projection = sum((o * torch.randn(o.shape, dtype=o.dtype)).sum() for o in outs)
+    (g,) = torch.autograd.grad(projection, x)
+    return out, g
+
+
+def assert_same_function(plain: nn.Module, quick: nn.Module, x: torch.Tensor, **tol):
+    for layout in LAYOUTS:
+        for grad in (False, True):
+            want = forward_and_input_grad(plain, x.contiguous(memory_format=layout), grad)
+            got = forward_and_input_grad(quick, x.contiguous(memory_format=layout), grad)
+            for g, w in zip(got, want):
+                if w is not None:
+                    torch.testing.assert_close(g, w, **(tol or F64))
+
+
+# ---------------------------------------------------------------- each fast piece against its plain module
+
+@pytest.mark.parametrize("plain,cls", [(nn.Conv2d(12, 20, 1), Conv1x1), (nn.Conv2d(12, 20, 1, bias=False), Conv1x1),
+                                       (nn.GroupNorm(1, 12), GroupNorm1), (nn.GELU(), GELU)])
+def test_each_fast_module_computes_its_plain_module(plain, cls):
+    plain = randomise(plain).double()
+    quick = fast.enable(copy.deepcopy(plain))
+    assert type(quick) is cls and isinstance(quick, type(plain))
+    assert list(quick.state_dict()) == list(plain.state_dict())
+    assert_same_function(plain, quick, torch.randn(3, 12, 5, 7, dtype=torch.float64) * 2 + 1)
+
+
+@pytest.mark.parametrize("size", [(9, 13), (8, 8), (1, 3)])
+def test_fast_patch_embed_and_merging_compute_the_plain_ones(size):
+    for plain in (PatchEmbed(4, 3, 16), PatchMerging(6)):
+        plain = randomise(plain).double()
+        quick = fast.enable(copy.deepcopy(plain))
+        assert type(quick) in (FastPatchEmbed, FastPatchMerging)
+        channels = 3 if isinstance(plain, PatchEmbed) else 6
+        assert_same_function(plain, quick, torch.randn(2, channels, *size, dtype=torch.float64))
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    assert fast.enable(PatchMerging(6))(x).is_contiguous(memory_format=CL)  # the layout is kept through the merge
+    assert fast.enable(PatchEmbed(4, 3, 16))(torch.randn(1, 3, 8, 8)).is_contiguous(memory_format=CL)  # on CPU
+
+
+def test_fast_stage_computes_the_plain_stage_in_pieces(monkeypatch):
+    plain = randomise(ASMLPStage(8, 2, 3, [0.0, 0.0], downsample=True)).double().eval()
+    quick = fast.enable(copy.deepcopy(plain))
+    assert type(quick) is FastASMLPStage
+    monkeypatch.setattr(fast, "PIECE_BYTES", 8 * 32 * 6 * 5 * 8)  # one image's hidden layer: a piece per image
+    assert_same_function(plain, quick, torch.randn(3, 8, 6, 5, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- whole models
+
+def model_pair(name, **kwargs):
+    plain = randomise(create_model(name, fast=False, num_classes=7, **kwargs)).double()
+    return plain, fast.enable(copy.deepcopy(plain))
+
+
+@pytest.mark.parametrize("name,kwargs", [("asmlp_tiny", {}), ("asmlp_tiny", dict(embed_dim=16, depths=(1, 2, 1, 1))),
+                                         ("asmlp_mobile", dict(features_only=True))])
+@pytest.mark.parametrize("training", [False, True])
+def test_fast_model_equals_the_plain_model(name, kwargs, training):
+    plain, quick = model_pair(name, **kwargs)
+    for model in (plain, quick):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)  # randomise's weights grow the outputs over 12 blocks; keep them moderate
+        model.train(training)
+    x = torch.randn(2, 3, 45, 70, dtype=torch.float64)  # odd, non-square: pads at the stem and at merges
+    for layout in LAYOUTS:
+        for grad in (False, True):
+            torch.manual_seed(3)  # the same drop-path draws in both models
+            want = forward_and_input_grad(plain, x.contiguous(memory_format=layout), grad)
+            torch.manual_seed(3)
+            got = forward_and_input_grad(quick, x.contiguous(memory_format=layout), grad)
+            for g, w in zip(got, want):
+                if w is not None:
+                    for a, b in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
+                        scale = b.abs().max().item()
+                        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, scale))
+
+
+def test_float32_fast_model_is_within_rounding_of_the_plain_one():
+    plain, quick = model_pair("asmlp_tiny", embed_dim=16, depths=(1, 1, 2, 1))
+    plain, quick = plain.float().eval(), quick.float().eval()
+    x = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(quick(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_switch_keeps_parameters_and_checkpoint_keys():
+    model = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1))
+    plain = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), fast=False)
+    assert fast.is_enabled(model) and not fast.is_enabled(plain)
+    params, keys = list(model.parameters()), list(model.state_dict())
+    fast.enable(model, False)
+    assert not fast.is_enabled(model)
+    assert {type(m) for m in model.modules()} == {type(m) for m in plain.modules()}
+    assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
+    plain.load_state_dict(fast.enable(model).state_dict(), strict=True)
+    assert sum(isinstance(m, Conv1x1) for m in model.modules()) == 4 * 6 + 3  # every 1x1 conv, not the 4x4 stem
+    assert type(model.patch_embed.proj) is nn.Conv2d
+
+
+def test_enable_leaves_modules_it_cannot_compute_alone():
+    others = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 1, stride=2), nn.GroupNorm(3, 3),
+                           nn.GELU(approximate="tanh"))
+    fast.enable(others)
+    assert [type(m) for m in others] == [nn.Conv2d, nn.Conv2d, nn.GroupNorm, nn.GELU]
+    assert not fast.is_enabled(others)
+
+
+# ---------------------------------------------------------------- the norm: GroupNorm(1, c)
+
+def test_group_norm_1_is_group_norm_on_cpu():
+    """Same parameters and keys as nn.GroupNorm(1, c), and on CPU the same kernel: identical bits."""
+    norm, reference = randomise(GroupNorm1(12)), randomise(torch.nn.GroupNorm(1, 12))
+    assert isinstance(norm, torch.nn.GroupNorm) and norm.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(2, 12, 5, 7)
+    assert torch.equal(norm(x), reference(x))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_var_mean_group_norm_equals_group_norm_in_float64(layout):
+    """The GPU inference formula y = x * s + t, checked on CPU: values, dtype, layout, and gradients."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 16, 6, 5, dtype=torch.float64) * 3 + 20).contiguous(memory_format=layout).requires_grad_()
+    weight, bias = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    out = var_mean_group_norm(x, weight, bias, 1e-5)
+    assert out.dtype == torch.float64 and out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, F.group_norm(x, 1, weight, bias, 1e-5), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: var_mean_group_norm(x, weight, bias, 1e-5), (x[:1].detach().requires_grad_(),))
+
+
+def test_var_mean_group_norm_keeps_float32_statistics_for_bfloat16_input():
+    """A bfloat16 input far from zero: statistics in bfloat16 would be off by whole units, ours only by rounding."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 32, 8, 8) * 3 + 20).bfloat16()
+    weight, bias = torch.randn(32), torch.randn(32)
+    out = var_mean_group_norm(x, weight, bias, 1e-5)
+    want = F.group_norm(x.double(), 1, weight.double(), bias.double(), 1e-5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want.bfloat16())
+
+
+def test_norm_after_a_frozen_part_trains_its_weights():
+    """A channels_last input without gradient into a norm whose weights train (the first norm after frozen stages):
+    PyTorch 2.11's CPU group_norm backward crashed here. The gradients equal those of the NCHW computation."""
+    torch.manual_seed(0)
+    norm = randomise(GroupNorm1(16))
+    x = torch.randn(2, 16, 5, 6)
+    grad = torch.randn_like(x)
+    norm(x.contiguous(memory_format=torch.channels_last)).backward(grad)
+    got = norm.weight.grad.clone(), norm.bias.grad.clone()
+    norm.zero_grad()
+    F.group_norm(x, 1, norm.weight, norm.bias, norm.eps).backward(grad)
+    torch.testing.assert_close(got[0], norm.weight.grad)
+    torch.testing.assert_close(got[1], norm.bias.grad)
