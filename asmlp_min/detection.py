@@ -183,8 +183,7 @@ class SimpleFPNDetector(nn.Module):
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4)
         if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"targets[{index}]: boxes must be (n, 4) and labels (n,), got {tuple(boxes.shape)} "
-                             f"and {tuple(labels.shape)}")
+            raise ValueError(f"targets[{index}]: need boxes (n, 4), labels (n,), got {boxes.shape}, {labels.shape}")
         if (labels.dtype.is_floating_point or labels.dtype == torch.bool
                 or len(labels) and (labels.min() < 1 or labels.max() > self.num_classes)):
             raise ValueError(f"targets[{index}]: labels must be integer category ids in 1..{self.num_classes} (ids "
@@ -202,8 +201,7 @@ class SimpleFPNDetector(nn.Module):
 
     def forward(self, images, targets: list[dict] | None = None):
         if self.training and targets is None:
-            raise ValueError("in train mode the detector needs targets (list of dicts with 'boxes' and 'labels'); "
-                             "call model.eval() for predictions")
+            raise ValueError("in train mode the detector needs targets (dicts with 'boxes', 'labels'); or call .eval()")
         batch, sizes, original_sizes, targets = self.preprocess(images, targets)
         levels = self.head(self.fpn(self.backbone(batch)))
         shapes = [cls.shape[-2:] for cls, _, _ in levels]

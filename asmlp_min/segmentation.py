@@ -93,8 +93,9 @@ class UperHead(nn.Module):
     def __init__(self, in_channels: tuple[int, ...] = (96, 192, 384, 768), channels: int = 512,
                  pool_scales: tuple[int, ...] = (1, 2, 3, 6), num_classes: int = 150, dropout: float = 0.1):
         super().__init__()
-        if len(in_channels) < 2 or not pool_scales or min(pool_scales) < 1:
-            raise ValueError(f"UperHead needs >= 2 input levels and pool scales >= 1, got {in_channels}, {pool_scales}")
+        if len(in_channels) < 2 or min(pool_scales, default=0) < 1 or min(channels, num_classes) < 1:
+            raise ValueError(f"UperHead needs >= 2 input levels, pool scales, channels and num_classes >= 1, got "
+                             f"{in_channels}, {pool_scales}, {channels}, {num_classes}")
         self.in_channels = tuple(in_channels)
         self.psp_modules = PyramidPooling(pool_scales, in_channels[-1], channels)
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
