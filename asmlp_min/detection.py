@@ -39,8 +39,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, ASMLP
 from .checkpoint import LoadReport
 from .dense_backbone import build_backbone, freeze_stages, load_backbone_weights
-from .fcos import (FCOSHead, assign_targets, centerness_target, decode_boxes, fcos_losses,  # noqa: F401 (re-export)
-                   fcos_regress_ranges, level_points)
+from .fcos import FCOSHead, assign_targets, decode_boxes, fcos_losses, fcos_regress_ranges, level_points
 from .fpn import FPN
 
 
@@ -112,8 +111,8 @@ class SimpleFPNDetector(nn.Module):
         super().__init__()
         sizes_ok = all(size is None or size >= 32 for size in (min_size, max_size))
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1 or not sizes_ok:
-            raise ValueError(f"need num_classes a positive int (the number of categories) and min_size, max_size None "
-                             f"(keep the input size) or >= 32; got {num_classes!r}, {min_size}, {max_size}")
+            raise ValueError(f"need num_classes >= 1 (an int), min_size, max_size None or >= 32; got {num_classes!r}, "
+                             f"{min_size}, {max_size}")
         self.num_classes, self.min_size, self.max_size = num_classes, min_size, max_size
         self.center_sampling_radius, self.score_thresh, self.nms_thresh = center_sampling_radius, score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
@@ -175,27 +174,24 @@ class SimpleFPNDetector(nn.Module):
         return batch, sizes, original_sizes, clean if targets is not None else None
 
     def _check_target(self, target, index: int, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+        """One target -> boxes (n, 4) float32 and labels (n,) int64 on the model's device, crowd regions left out
+        (they are not objects to learn; mmdet ignores them too), clipped to the image (``sanitize_boxes``)."""
+        if not isinstance(target, dict) or not {"boxes", "labels"} <= target.keys():
             raise ValueError(f"targets[{index}] must be a dict with 'boxes' (n, 4) xyxy and 'labels' (n,)")
         device = self.image_mean.device
         boxes = torch.as_tensor(target["boxes"]).as_subclass(Tensor).to(device, torch.float32)
         labels = torch.as_tensor(target["labels"]).as_subclass(Tensor).to(device)
-        if boxes.numel() == 0:
-            boxes = boxes.reshape(0, 4)
-        if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"targets[{index}]: need boxes (n, 4), labels (n,), got {boxes.shape}, {labels.shape}")
+        boxes = boxes.reshape(0, 4) if boxes.numel() == 0 else boxes
+        iscrowd = torch.as_tensor(target.get("iscrowd", torch.zeros_like(labels))).to(device).reshape(-1)
+        if boxes.dim() != 2 or boxes.shape[1] != 4 or not labels.shape == boxes.shape[:1] == iscrowd.shape:
+            raise ValueError(f"targets[{index}]: 'iscrowd' must be (n,) like 'labels' ({labels.numel()}), 'boxes' (n, "
+                             f"4); got {tuple(iscrowd.shape)}, {tuple(labels.shape)}, {tuple(boxes.shape)}")
         if (labels.dtype.is_floating_point or labels.dtype == torch.bool
                 or len(labels) and (labels.min() < 1 or labels.max() > self.num_classes)):
             raise ValueError(f"targets[{index}]: labels must be integer category ids in 1..{self.num_classes} (ids "
                              f"with gaps: CocoDetection(contiguous_labels=True)), got {labels.dtype} {labels.tolist()}")
-        if "iscrowd" in target:  # crowd regions are not objects to learn (mmdet ignores them too)
-            iscrowd = torch.as_tensor(target["iscrowd"]).to(device).reshape(-1)
-            if iscrowd.shape != labels.shape:
-                raise ValueError(f"targets[{index}]: 'iscrowd' must be (n,) like 'labels' ({len(labels)}), got "
-                                 f"{len(iscrowd)} values; give one 0/1 flag per box or leave it out")
-            keep = iscrowd == 0
-            boxes, labels = boxes[keep], labels[keep]
-        return sanitize_boxes(boxes, labels.long(), image_size, where=f"targets[{index}]")
+        keep = iscrowd == 0
+        return sanitize_boxes(boxes[keep], labels[keep].long(), image_size, where=f"targets[{index}]")
 
     # ---- forward
 

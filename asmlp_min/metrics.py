@@ -100,12 +100,11 @@ def to_coco_results(detections: Sequence[dict], iou_type: str = "bbox") -> list[
             results.append(dict(det))
             continue
         missing = {"image_id", "boxes", "scores", "labels"} - set(det)
-        if missing:
-            raise ValueError(f"a detection dict needs image_id, boxes, scores, labels; missing {sorted(missing)}")
-        boxes = _numpy(det["boxes"]).reshape(-1, 4).astype(np.float64)
-        scores, labels = _numpy(det["scores"]).reshape(-1), _numpy(det["labels"]).reshape(-1)
-        if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(f"boxes, scores and labels disagree in length: {len(boxes)}, {len(scores)}, {len(labels)}")
+        boxes = _numpy(det.get("boxes", [])).reshape(-1, 4).astype(np.float64)
+        scores, labels = (_numpy(det.get(key, [])).reshape(-1) for key in ("scores", "labels"))
+        if missing or not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"a detection dict needs image_id, boxes (k, 4), scores (k,), labels (k,); missing "
+                             f"{sorted(missing)}, lengths {len(boxes)}, {len(scores)}, {len(labels)}")
         xywh = box_convert(torch.from_numpy(boxes), "xyxy", "xywh").numpy()
         masks = _numpy(det["masks"]) if iou_type == "segm" and "masks" in det else None
         if masks is not None and len(boxes):

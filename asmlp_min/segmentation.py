@@ -150,9 +150,8 @@ def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255,
     labelled = masks != ignore_index
     bad = labelled & ((masks < 0) | (masks >= num_classes))
     if bad.any():
-        raise ValueError(f"masks have values {masks[bad].unique()[:5].tolist()} that are neither class ids in "
-                         f"[0, num_classes={num_classes}) nor ignore_index={ignore_index}; check the dataset's "
-                         "num_classes and reduce_zero_label")
+        raise ValueError(f"masks have values {masks[bad].unique()[:5].tolist()} that are neither class ids in [0, "
+                         f"num_classes={num_classes}) nor ignore_index={ignore_index} (check reduce_zero_label)")
     logits = resize(logits, masks.shape[-2:]) if logits.shape[-2:] != masks.shape[-2:] else logits
     if not labelled.any():
         return logits.sum() * 0.0
@@ -241,8 +240,7 @@ class SemanticSegmenter(nn.Module):
         """Per-class loss weights (num_classes,) > 0, or None for plain cross-entropy (mmseg ``class_weight``)."""
         if class_weight is not None:
             class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
-            if (class_weight.shape != (self.num_classes,) or not (class_weight > 0).all()
-                    or not class_weight.isfinite().all()):
+            if class_weight.shape != (self.num_classes,) or not (class_weight.isfinite() & (class_weight > 0)).all():
                 raise ValueError(f"class_weight must hold {self.num_classes} positive numbers, one per class, all "
                                  f"finite (no inf or nan), got {class_weight.tolist()}")
             device = next(self.parameters()).device

@@ -88,12 +88,10 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
     """ImageNet-style tree ``root/<class name>/<image>``; labels are indices of the sorted class names."""
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
-        if not Path(root).is_dir():
-            raise ValueError(f"{root}: not a folder; expected root/<class name>/<image>.jpg (see data/README.md)")
         try:
             super().__init__(str(root), transform=transform or to_float_image, loader=load_image,
                              is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
-        except FileNotFoundError as err:                   # torchvision's wording for an empty tree
+        except OSError as err:          # torchvision's wording for a missing folder, a file, or an empty tree
             raise ValueError(f"{root}: no images found ({err}); expected root/<class name>/<image>.jpg") from err
 
 
@@ -110,19 +108,16 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
     counts them; no annotations at all warns that AP will be -1. Missing ``iscrowd`` defaults to 0, missing
     ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to evaluate).
     """
-    if not isinstance(dataset, dict):
-        raise ValueError(f"{source}: top level must be a JSON object with 'images', 'annotations', 'categories'")
     for field in ("images", "annotations", "categories"):
-        value = dataset.get(field, [] if field == "annotations" else None)
+        value = dataset.get(field, [] if field == "annotations" else None) if isinstance(dataset, dict) else None
         if not isinstance(value, list) or (field == "categories" and not value):
-            raise ValueError(f"{source}: field '{field}' is empty or not a list (a COCO instances file has 'images', "
-                             "'annotations' and 'categories' lists; list every class as {'id': 1, 'name': ...})")
+            raise ValueError(f"{source}: field '{field}' is empty or not a list (a COCO instances file is a JSON "
+                             "object with 'images', 'annotations' and 'categories' lists)")
     _unique_ids(dataset["images"], "images", source)
     images = {image["id"]: image for image in dataset["images"]}
     for i, image in enumerate(dataset["images"]):
         if require_file_name and not isinstance(image.get("file_name"), str):
-            raise ValueError(f"{source}: images[{i}] (id={image['id']}) needs a 'file_name' string: the image file to "
-                             "read, relative to the image folder")
+            raise ValueError(f"{source}: images[{i}] (id={image['id']}) needs a 'file_name' string (the image file)")
     category_ids = _unique_ids(dataset["categories"], "categories", source)
     for i, category in enumerate(dataset["categories"]):
         if category["id"] < 1 or not isinstance(category.get("name"), str):
@@ -199,9 +194,8 @@ def _checked_segmentation(segmentation, image: dict, where: str) -> list | None:
                          f"x2, y2, ...) or an RLE dict with 'counts' and 'size', got {str(segmentation)[:80]}")
     size, expected = segmentation["size"], [image.get("height"), image.get("width")]
     if None not in expected and not (isinstance(size, (list, tuple)) and list(size) == expected):
-        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but its "
-                         f"image id={image['id']} ({image.get('file_name', 'no file_name')}) is {expected[0]}x"
-                         f"{expected[1]}; fix the annotation's size or the image's 'height'/'width'")
+        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but its image "
+                         f"id={image['id']} ({image.get('file_name')}) is {expected[0]}x{expected[1]}")
     return None
 
 

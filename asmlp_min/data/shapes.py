@@ -114,8 +114,7 @@ def scene_rng(seed: int, split: str = "train", index: int = 0) -> np.random.Gene
     """The generator for scene ``index`` of ``split``: PCG64 seeded by SeedSequence([seed, split, index])."""
     if split not in SPLITS or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0
                                   for v in (seed, index)):
-        raise ValueError(f"need split in {tuple(SPLITS)} and seed, index non-negative ints, got {split!r}, {seed!r}, "
-                         f"{index!r}")
+        raise ValueError(f"need split in {tuple(SPLITS)}, seed and index ints >= 0; got {split!r}, {seed!r}, {index!r}")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), SPLITS[split], int(index)])))
 
 
@@ -134,13 +133,12 @@ def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int]
         rng = scene_rng(rng)
     h, w = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else image_size
     lo, hi = size_range
-    if min(h, w) < 16 or max_shapes < 1 or not 4 <= lo <= hi or not 0 <= noise <= 255 or background not in BACKGROUNDS:
-        raise ValueError(f"need image_size >= 16, max_shapes >= 1, 4 <= size_range[0] <= size_range[1], 0 <= noise <= "
-                         f"255 and background in {BACKGROUNDS}; got {image_size}, {max_shapes}, {size_range}, {noise}, "
-                         f"{background!r}")
-    if whole and 2 * _whole_margin(hi) > min(h, w) * _SUBPIXEL:
-        raise ValueError(f"whole=True needs size_range[1] <= (min(image_size) - 2) / sqrt(2) so that a shape fits "
-                         f"at any rotation, got size_range={size_range} for image_size={image_size}")
+    fits = not whole or 2 * _whole_margin(hi) <= min(h, w) * _SUBPIXEL   # whole shapes fit at any rotation
+    if not (min(h, w) >= 16 and max_shapes >= 1 and 4 <= lo <= hi and 0 <= noise <= 255 and background in BACKGROUNDS
+            and fits):
+        raise ValueError(f"need image_size >= 16, max_shapes >= 1, 4 <= size_range[0] <= size_range[1] (whole=True: <= "
+                         f"(min(image_size) - 2) / sqrt(2)), 0 <= noise <= 255, background in {BACKGROUNDS}; got "
+                         f"{image_size}, {max_shapes}, {size_range}, {noise}, {background!r}")
     if background == "textured":
         canvas = _background(rng, h, w)
     else:
