@@ -216,8 +216,9 @@ class SemanticSegmenter(nn.Module):
         kwargs = {**SEG_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
         self.backbone, _ = build_backbone(backbone, (0, 1, 2, 3), **kwargs)
         in_channels = tuple(self.backbone.feature_info.channels())
-        if inference not in ("whole", "slide") or min(self.stride + self.crop_size) < 1 or aux_index not in range(4):
-            raise ValueError(f"need inference 'whole' or 'slide', crop_size and stride >= 1 and aux_index in 0..3, "
+        stages, windows = range(len(in_channels)), self.stride + self.crop_size
+        if inference not in ("whole", "slide") or min(windows) < 1 or (aux and aux_index not in stages):
+            raise ValueError(f"need inference 'whole' or 'slide', crop_size and stride >= 1 and aux_index in {stages}, "
                              f"got {inference!r}, {crop_size}, {stride}, {aux_index}")
         self.decode_head = UperHead(in_channels, channels, pool_scales, num_classes, dropout)
         self.aux_index = aux_index

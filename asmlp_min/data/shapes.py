@@ -10,20 +10,19 @@ From the same scene come all three tasks' labels:
 - semantic segmentation: ``0`` = background, ``kind + 1`` = shape pixels (so ``NUM_SEG_CLASSES = 4``).
   The generator never writes 255, the ignore value the loaders and metrics understand.
 
-Same seed, same bytes on any machine: randomness comes only from ``numpy.random.Generator(PCG64)``
-(integers and uniforms, no normal sampler), and all drawing is integer arithmetic. The only floating
-point step, ``cos``/``sin`` of the rotation, is rounded to a 1/16-pixel grid before rasterising, so a
-last-bit difference between math libraries cannot move a pixel.
+Same seed, same bytes on any machine: randomness comes only from ``numpy.random.Generator(PCG64)`` (integers and
+uniforms, no normal sampler), and all drawing is integer arithmetic. The only floating point step, ``cos``/``sin``
+of the rotation, is rounded to a 1/16-pixel grid before rasterising, so a last-bit difference between math libraries
+cannot move a pixel.
 
-Difficulty (defaults, for detection and segmentation): 128x128 images; shapes 16-52 px across (circle
-diameter, square side, triangle side); any colour far enough from the local background; any rotation;
-centres anywhere in the image so shapes are cut by the border; later shapes occlude earlier ones. Every
-instance keeps at least half of its full area visible (border cuts and occlusion together) and at least
-``MIN_VISIBLE_PX`` pixels.
+Difficulty (defaults, for detection and segmentation): 128x128 images; shapes 16-52 px across (circle diameter,
+square side, triangle side); any colour far enough from the local background; any rotation; centres anywhere in the
+image so shapes are cut by the border; later shapes occlude earlier ones. Every instance keeps at least half of its
+full area visible (border cuts and occlusion together) and at least ``MIN_VISIBLE_PX`` pixels.
 
-``whole=True`` keeps every shape entirely inside the image and unoccluded, and ``background="flat"`` draws
-on one uniform grey: a cut square can look like a triangle, so a label is only well posed on whole shapes.
-``CLS_SCENE`` is that setting for a first classifier (one whole shape of 16-40 px in a 64-px image on grey).
+``whole=True`` keeps every shape entirely inside the image and unoccluded, and ``background="flat"`` draws on one
+uniform grey: a cut square can look like a triangle, so a label is only well posed on whole shapes. ``CLS_SCENE`` is
+that setting for a first classifier (one whole shape of 16-40 px in a 64-px image on grey).
 """
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 
 from ..checkpoint import atomic_write
 from .datasets import detection_target, mask_to_rle, to_float_image
@@ -81,11 +81,7 @@ class Scene:
     @property
     def boxes_xyxy(self) -> np.ndarray:
         """(n, 4) float32 pixel-edge boxes of the visible masks: x1 = first column, x2 = last column + 1."""
-        boxes = np.zeros((len(self.masks), 4), np.float32)
-        for i, m in enumerate(self.masks):
-            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-            boxes[i] = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
-        return boxes
+        return (masks_to_boxes(torch.from_numpy(self.masks)) + torch.tensor([0.0, 0.0, 1.0, 1.0])).numpy()
 
     def coco_annotations(self, image_id: int, first_id: int = 1) -> list[dict]:
         """COCO ``annotations`` entries (ids first_id, first_id + 1, ...; COCOeval needs ids >= 1)."""
@@ -310,13 +306,11 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
 def _check_manifest(path: Path, settings: dict) -> None:
     """Refuse to add scenes made with other settings to a folder (they would silently mix)."""
     settings = json.loads(json.dumps(settings))             # the form it takes once stored (tuples -> lists)
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            raise ValueError(f"{path.parent} already holds shapes made with {stored}, not {settings}; "
-                             "export to another folder or delete this one")
-    else:
+    if not path.exists():
         _write_json(settings, path)
+    elif (stored := json.loads(path.read_text())) != settings:
+        raise ValueError(f"{path.parent} already holds shapes made with {stored}, not {settings}; export to another "
+                         "folder or delete this one")
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
