@@ -256,7 +256,7 @@ def _result_row(task: str, trainer: Trainer, quick: bool) -> str:
 
 def chance_levels(task: str, seed: int, n: int) -> dict[str, float]:
     """What guessing scores on the demo's first ``n`` validation scenes of ``task`` (same metric code)."""
-    from .data.shapes import CATEGORIES, CLASSES, NUM_SEG_CLASSES
+    from .data.shapes import CLASSES, NUM_SEG_CLASSES, coco_dict
     from .metrics import SegmentationMeter, coco_evaluate
     scenes = [make_scene(scene_rng(seed, "val", i), **SCENES[task]) for i in range(n)]
     rng = np.random.default_rng(0)
@@ -275,18 +275,15 @@ def chance_levels(task: str, seed: int, n: int) -> dict[str, float]:
             levels[name] = meter.compute()["mIoU"]
         return levels
     lo, hi = SCENES[task]["size_range"]
-    gt = {"images": [], "annotations": [], "categories": CATEGORIES}
     detections = []
     for i, s in enumerate(scenes):
         h, w = s.semantic.shape
-        gt["images"].append({"id": i + 1, "file_name": f"{i:06d}.png", "height": h, "width": w})
-        gt["annotations"] += s.coco_annotations(i + 1, first_id=len(gt["annotations"]) + 1)
         side = rng.integers(lo, hi + 1, (100, 1))
         corner = rng.random((100, 2)) * (np.array([w, h]) - side)
         detections.append({"image_id": i + 1, "boxes": torch.tensor(np.hstack([corner, corner + side])).float(),
                            "scores": torch.from_numpy(rng.random(100)),
                            "labels": torch.from_numpy(rng.integers(1, len(CLASSES) + 1, 100))})
-    return {"AP": coco_evaluate(gt, detections)["AP"]}
+    return {"AP": coco_evaluate(coco_dict(scenes), detections)["AP"]}
 
 
 def _chance_text(task: str, cfg: TrainConfig) -> str:

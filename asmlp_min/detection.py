@@ -1,6 +1,7 @@
 """Object detection on AS-MLP (paper Sec. 4.2): a small anchor-free detector, and the paper's Mask R-CNN.
 
-``SimpleFPNDetector`` is FCOS (Tian et al., ICCV 2019) written from scratch on an AS-MLP + FPN body:
+``SimpleFPNDetector`` is FCOS (Tian et al., ICCV 2019; head, targets and losses in ``fcos.py``) on an
+AS-MLP + FPN body (``dense_backbone.py``, ``fpn.py``):
 
     images: list of (3, h_i, w_i) in [0, 1] -> resize, normalise, pad to a multiple of 32 -> (b, 3, H, W)
     -> AS-MLP maps at strides 8, 16, 32 (stages 1-3) -> FPN -> P3, P4, P5 (b, d, H/s, W/s)
@@ -33,54 +34,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
-from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, ASMLP, MODEL_CONFIGS, create_model
-from .checkpoint import LoadReport, load_backbone_checkpoint
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, ASMLP
+from .checkpoint import LoadReport
+from .dense_backbone import build_backbone, freeze_stages, load_backbone_weights
+from .fcos import FCOSHead, assign_targets, decode_boxes, fcos_losses, fcos_regress_ranges, level_points
 from .fpn import FPN
-
-
-# ---------------------------------------------------------------- backbone: build, load, freeze
-
-def build_backbone(name: str, out_indices: Sequence[int], pretrained_backbone=None, frozen_stages: int = -1,
-                   **backbone_kwargs) -> tuple[ASMLP, LoadReport | None]:
-    """A ``features_only`` AS-MLP with ``out_indices``, its weights loaded and its first stages frozen."""
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(MODEL_CONFIGS)}")
-    if "features_only" in backbone_kwargs or "num_classes" in backbone_kwargs:
-        raise ValueError("features_only / num_classes belong to the detector, not to backbone_kwargs")
-    backbone = create_model(name, features_only=True, out_indices=tuple(out_indices), **backbone_kwargs)
-    if not -1 <= frozen_stages <= len(backbone.layers):
-        raise ValueError(f"frozen_stages must be in [-1, {len(backbone.layers)}], got {frozen_stages}: "
-                         "-1 trains everything, 0 freezes the patch embedding, k also freezes stages 0..k-1")
-    report = None if pretrained_backbone is None else load_backbone_weights(backbone, pretrained_backbone)
-    freeze_stages(backbone, frozen_stages)
-    return backbone, report
-
-
-def load_backbone_weights(backbone: ASMLP, checkpoint: str | os.PathLike | dict) -> LoadReport:
-    """Official classification ``.pth``, mmdet ``{"state_dict": {"backbone.…"}}`` or a project checkpoint.
-
-    Missing ``norm{i}`` keys are expected from a classification checkpoint (the per-output norms are new);
-    other missing keys are reported with a warning. A checkpoint that matches nothing, or has tensors of
-    the wrong shape (another variant), raises ``CheckpointError``.
-    """
-    report = load_backbone_checkpoint(backbone, checkpoint)
-    surprising = [k for k in report.missing if not k.startswith("norm")]
-    if surprising:
-        warnings.warn(f"backbone checkpoint lacks {len(surprising)} tensors, left at their random init: "
-                      f"{surprising[:5]}", stacklevel=3)
-    return report
-
-
-def freeze_stages(backbone: ASMLP, frozen_stages: int) -> None:
-    """mmdet's ResNet convention: -1 nothing, 0 the patch embedding, k >= 1 also ``layers[0..k-1]``.
-
-    Frozen parts get no gradient and stay in eval mode (no drop path), so call this again after ``.train()``.
-    """
-    for module in [backbone.patch_embed, *backbone.layers][:frozen_stages + 1]:
-        module.eval()
-        module.requires_grad_(False)
 
 
 # ---------------------------------------------------------------- images and targets in, batch out
@@ -110,135 +70,12 @@ def sanitize_boxes(boxes: Tensor, labels: Tensor, image_size: tuple[int, int],
     """Clip xyxy ``boxes`` to the image; drop (with one warning) boxes that are empty or not finite after it."""
     h, w = image_size
     finite = boxes.isfinite().all(dim=1)
-    boxes = torch.where(finite[:, None], boxes, torch.zeros_like(boxes))
-    boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                         boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+    boxes = clip_boxes_to_image(torch.where(finite[:, None], boxes, torch.zeros_like(boxes)), image_size)
     keep = finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if not keep.all():
         warnings.warn(f"{where}: dropped {int((~keep).sum())} of {len(keep)} boxes that are empty after clipping "
                       f"to the {h}x{w} image (x2 <= x1, y2 <= y1, or outside it) or not finite", stacklevel=4)
     return boxes[keep], labels[keep]
-
-
-# ---------------------------------------------------------------- the shared head
-
-class FCOSHead(nn.Module):
-    """Two towers of 3x3 conv + GroupNorm + ReLU, shared by every pyramid level (FCOS, Fig. 2).
-
-    pyramid: list of (b, d, h_l, w_l) -> per level (class logits (b, K, h_l, w_l), distances l, t, r, b
-    (b, 4, h_l, w_l) in pixels (>= 0), centre-ness logits (b, 1, h_l, w_l)). The distances are
-    ReLU(scale_l * conv) * stride_l: a learnable scale per level lets one head serve every stride.
-    """
-
-    def __init__(self, channels: int, num_classes: int, strides: Sequence[int], num_convs: int = 4,
-                 prior_prob: float = 0.01):
-        super().__init__()
-        self.strides = tuple(strides)
-        groups = math.gcd(32, channels)  # GroupNorm(32, d) as in FCOS, fewer groups for narrow heads
-        tower = lambda: nn.Sequential(*[m for _ in range(num_convs) for m in (  # noqa: E731
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU())])
-        self.cls_tower, self.box_tower = tower(), tower()
-        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
-        self.bbox_pred = nn.Conv2d(channels, 4, 3, padding=1)
-        self.centerness = nn.Conv2d(channels, 1, 3, padding=1)
-        self.scales = nn.Parameter(torch.ones(len(self.strides)))
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.01)
-                nn.init.zeros_(module.bias)
-        # Focal loss init: every class starts at probability prior_prob, so the many easy negatives
-        # do not swamp the first updates (RetinaNet Sec. 4.1).
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-
-    def forward(self, pyramid: Sequence[Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
-        if len(pyramid) != len(self.strides):
-            raise ValueError(f"head built for {len(self.strides)} levels, got {len(pyramid)}")
-        outputs = []
-        for level, (feat, stride) in enumerate(zip(pyramid, self.strides)):
-            cls_feat, box_feat = self.cls_tower(feat), self.box_tower(feat)
-            ltrb = F.relu(self.scales[level] * self.bbox_pred(box_feat)) * stride
-            outputs.append((self.cls_logits(cls_feat), ltrb, self.centerness(box_feat)))
-        return outputs
-
-
-# ---------------------------------------------------------------- locations, targets, losses
-
-def level_points(height: int, width: int, stride: int, device=None) -> Tensor:
-    """(h * w, 2) pixel centres (x, y) = ((j + 1/2) s, (i + 1/2) s) of a stride-s map, row by row."""
-    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    return (torch.stack([xs, ys], dim=-1).reshape(-1, 2).float() + 0.5) * stride
-
-
-def fcos_regress_ranges(strides: Sequence[int], factor: float = 8.0) -> tuple[tuple[float, float], ...]:
-    """Level l takes boxes whose largest side distance m = max(l, t, r, b) lies in (factor s_{l-1}, factor s_l].
-
-    factor 8 on strides 8..128 gives FCOS's (0, 64], (64, 128], (128, 256], (256, 512], (512, inf).
-    """
-    bounds = [0.0] + [factor * s for s in strides[:-1]] + [math.inf]
-    return tuple(zip(bounds[:-1], bounds[1:]))
-
-
-def assign_targets(points: Tensor, strides: Tensor, regress_ranges: Tensor, boxes: Tensor, labels: Tensor,
-                   center_sampling_radius: float = 1.5) -> tuple[Tensor, Tensor]:
-    """FCOS target assignment for one image.
-
-    points (P, 2) xy, strides (P,), regress_ranges (P, 2) for every location of every level; boxes (N, 4)
-    xyxy, labels (N,) class indices 0..K-1. A location is positive for box g when it lies inside g, within
-    ``center_sampling_radius * stride`` of g's centre along x and y (centre sampling, FCOS improvements),
-    and max(l, t, r, b) to g's sides lies in (lo, hi] of its level. Several candidates: the smallest area wins.
-    Returns (P,) class index or -1 for background, and (P, 4) the matched box (zeros for background).
-    """
-    num_points = len(points)
-    if len(boxes) == 0:
-        return labels.new_full((num_points,), -1), boxes.new_zeros(num_points, 4)
-    x, y = points[:, 0, None], points[:, 1, None]                                          # (P, 1)
-    ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=-1)  # (P, N, 4)
-    inside = ltrb.min(dim=-1).values > 0
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2                                            # (N, 2)
-    radius = center_sampling_radius * strides[:, None]                                     # (P, 1) pixels
-    near_centre = ((x - centres[:, 0]).abs() < radius) & ((y - centres[:, 1]).abs() < radius)
-    max_distance = ltrb.max(dim=-1).values
-    right_level = (max_distance > regress_ranges[:, 0, None]) & (max_distance <= regress_ranges[:, 1, None])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])                      # (N,)
-    cost = torch.where(inside & near_centre & right_level, areas, torch.full_like(areas, math.inf))
-    best_cost, best = cost.min(dim=1)
-    matched_labels = torch.where(best_cost.isfinite(), labels[best], labels.new_full((), -1))
-    matched_boxes = torch.where(best_cost.isfinite()[:, None], boxes[best], boxes.new_zeros(()))
-    return matched_labels, matched_boxes
-
-
-def decode_boxes(points: Tensor, ltrb: Tensor) -> Tensor:
-    """(..., 2) centres and (..., 4) distances -> (..., 4) xyxy = (x - l, y - t, x + r, y + b)."""
-    return torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)
-
-
-def centerness_target(points: Tensor, boxes: Tensor) -> Tensor:
-    """FCOS Eq. 3: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of each point in its box. (P,)"""
-    l, t = points[:, 0] - boxes[:, 0], points[:, 1] - boxes[:, 1]
-    r, b = boxes[:, 2] - points[:, 0], boxes[:, 3] - points[:, 1]
-    lr = torch.minimum(l, r) / torch.maximum(l, r)
-    tb = torch.minimum(t, b) / torch.maximum(t, b)
-    return (lr * tb).clamp(min=0).sqrt()
-
-
-def fcos_losses(cls_logits: Tensor, ltrb: Tensor, ctr_logits: Tensor, points: Tensor, target_labels: Tensor,
-                target_boxes: Tensor, num_classes: int) -> dict[str, Tensor]:
-    """The three FCOS losses, each summed and divided by the number of positive locations (at least 1).
-
-    cls_logits (b, P, K), ltrb (b, P, 4) pixels, ctr_logits (b, P), points (P, 2),
-    target_labels (b, P) in -1..K-1, target_boxes (b, P, 4). Focal loss (alpha 0.25, gamma 2) over all
-    locations and classes; GIoU loss and centre-ness BCE over the positives only.
-    """
-    positive = target_labels >= 0
-    num_pos = positive.sum().clamp(min=1).float()
-    one_hot = F.one_hot(target_labels.clamp(min=0), num_classes).to(cls_logits.dtype) * positive[..., None]
-    loss_cls = sigmoid_focal_loss(cls_logits, one_hot, alpha=0.25, gamma=2.0, reduction="sum") / num_pos
-    pos_points = points.expand(len(ltrb), -1, -1)[positive]
-    pred_boxes, gt_boxes = decode_boxes(pos_points, ltrb[positive]), target_boxes[positive]
-    loss_box = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="sum") / num_pos
-    loss_ctr = F.binary_cross_entropy_with_logits(
-        ctr_logits[positive], centerness_target(pos_points, gt_boxes), reduction="sum") / num_pos
-    return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_centerness": loss_ctr}
 
 
 # ---------------------------------------------------------------- the detector
@@ -272,11 +109,10 @@ class SimpleFPNDetector(nn.Module):
                  detections_per_img: int = 100, topk_candidates: int = 1000, frozen_stages: int = -1,
                  channels_last: bool = False, **backbone_kwargs):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int (the number of categories), got {num_classes!r}")
-        for name, size in (("min_size", min_size), ("max_size", max_size)):
-            if size is not None and size < 32:
-                raise ValueError(f"{name} must be None (keep the input size) or >= 32, got {size}")
+        sizes_ok = all(size is None or size >= 32 for size in (min_size, max_size))
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1 or not sizes_ok:
+            raise ValueError(f"need num_classes >= 1 (an int), min_size, max_size None or >= 32; got {num_classes!r}, "
+                             f"{min_size}, {max_size}")
         self.num_classes, self.min_size, self.max_size = num_classes, min_size, max_size
         self.center_sampling_radius, self.score_thresh, self.nms_thresh = center_sampling_radius, score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
@@ -291,8 +127,7 @@ class SimpleFPNDetector(nn.Module):
         self.head = FCOSHead(fpn_channels, num_classes, self.strides, num_convs)
         ranges = fcos_regress_ranges(self.strides) if regress_ranges is None else tuple(map(tuple, regress_ranges))
         if len(ranges) != len(self.strides) or any(not lo < hi for lo, hi in ranges):
-            raise ValueError(f"regress_ranges needs one (lo, hi) with lo < hi per level ({len(self.strides)} levels, "
-                             f"strides {self.strides}), got {ranges}")
+            raise ValueError(f"regress_ranges needs one (lo, hi) with lo < hi per stride {self.strides}, got {ranges}")
         self.regress_ranges = ranges
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN)[:, None, None], persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD)[:, None, None], persistent=False)
@@ -318,10 +153,8 @@ class SimpleFPNDetector(nn.Module):
         as plain ``{"boxes" (n, 4), "labels" (n,) class indices 0..K-1}`` (None in eval without targets).
         """
         images = _check_images(images)
-        if targets is not None:
-            if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
-                raise ValueError(f"targets must be a list with one dict per image ({len(images)}), "
-                                 f"got {type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
+        if targets is not None and (not isinstance(targets, (list, tuple)) or len(targets) != len(images)):
+            raise ValueError(f"targets must be a list with one dict per image ({len(images)}), got {targets!r:.100}")
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         resized, sizes, clean = [], [], []
         for i, img in enumerate(images):
@@ -341,37 +174,30 @@ class SimpleFPNDetector(nn.Module):
         return batch, sizes, original_sizes, clean if targets is not None else None
 
     def _check_target(self, target, index: int, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+        """One target -> boxes (n, 4) float32 and labels (n,) int64 on the model's device, crowd regions left out
+        (they are not objects to learn; mmdet ignores them too), clipped to the image (``sanitize_boxes``)."""
+        if not isinstance(target, dict) or not {"boxes", "labels"} <= target.keys():
             raise ValueError(f"targets[{index}] must be a dict with 'boxes' (n, 4) xyxy and 'labels' (n,)")
         device = self.image_mean.device
         boxes = torch.as_tensor(target["boxes"]).as_subclass(Tensor).to(device, torch.float32)
         labels = torch.as_tensor(target["labels"]).as_subclass(Tensor).to(device)
-        if boxes.numel() == 0:
-            boxes = boxes.reshape(0, 4)
-        if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"targets[{index}]: boxes must be (n, 4) and labels (n,), got {tuple(boxes.shape)} "
-                             f"and {tuple(labels.shape)}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"targets[{index}]: labels must be integer category ids, got {labels.dtype}")
-        if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
-            raise ValueError(f"targets[{index}]: labels must be category ids in 1..{self.num_classes} "
-                             f"(number ids with gaps 1..K: CocoDetection(contiguous_labels=True)), got "
-                             f"{labels.tolist()}")
-        if "iscrowd" in target:  # crowd regions are not objects to learn (mmdet ignores them too)
-            iscrowd = torch.as_tensor(target["iscrowd"]).to(device).reshape(-1)
-            if iscrowd.shape != labels.shape:
-                raise ValueError(f"targets[{index}]: 'iscrowd' must be (n,) like 'labels' ({len(labels)}), got "
-                                 f"{len(iscrowd)} values; give one 0/1 flag per box or leave 'iscrowd' out")
-            keep = iscrowd == 0
-            boxes, labels = boxes[keep], labels[keep]
-        return sanitize_boxes(boxes, labels.long(), image_size, where=f"targets[{index}]")
+        boxes = boxes.reshape(0, 4) if boxes.numel() == 0 else boxes
+        iscrowd = torch.as_tensor(target.get("iscrowd", torch.zeros_like(labels))).to(device).reshape(-1)
+        if boxes.dim() != 2 or boxes.shape[1] != 4 or not labels.shape == boxes.shape[:1] == iscrowd.shape:
+            raise ValueError(f"targets[{index}]: 'iscrowd' must be (n,) like 'labels' ({labels.numel()}), 'boxes' (n, "
+                             f"4); got {tuple(iscrowd.shape)}, {tuple(labels.shape)}, {tuple(boxes.shape)}")
+        if (labels.dtype.is_floating_point or labels.dtype == torch.bool
+                or len(labels) and (labels.min() < 1 or labels.max() > self.num_classes)):
+            raise ValueError(f"targets[{index}]: labels must be integer category ids in 1..{self.num_classes} (ids "
+                             f"with gaps: CocoDetection(contiguous_labels=True)), got {labels.dtype} {labels.tolist()}")
+        keep = iscrowd == 0
+        return sanitize_boxes(boxes[keep], labels[keep].long(), image_size, where=f"targets[{index}]")
 
     # ---- forward
 
     def forward(self, images, targets: list[dict] | None = None):
         if self.training and targets is None:
-            raise ValueError("in train mode the detector needs targets (list of dicts with 'boxes' and 'labels'); "
-                             "call model.eval() for predictions")
+            raise ValueError("in train mode the detector needs targets (dicts with 'boxes', 'labels'); or call .eval()")
         batch, sizes, original_sizes, targets = self.preprocess(images, targets)
         levels = self.head(self.fpn(self.backbone(batch)))
         shapes = [cls.shape[-2:] for cls, _, _ in levels]
@@ -417,31 +243,24 @@ class SimpleFPNDetector(nn.Module):
             classes.append(cls)
         boxes, scores, classes = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
         h, w = size
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+        boxes = clip_boxes_to_image(boxes, size)
         keep = batched_nms(boxes, scores, classes, self.nms_thresh)[:self.detections_per_img]
         scale = boxes.new_tensor([original_size[1] / w, original_size[0] / h] * 2)
         return {"boxes": boxes[keep] * scale, "scores": scores[keep], "labels": classes[keep] + 1}
 
 
 def _check_images(images) -> list[Tensor]:
-    if isinstance(images, Tensor):
-        if images.dim() != 4:
-            raise ValueError(f"a tensor batch must be (b, 3, h, w), got shape {tuple(images.shape)}; "
-                             "pass a list of (3, h, w) images for different sizes")
-        images = list(images)
-    if not isinstance(images, (list, tuple)) or not images:
-        raise TypeError(f"images must be a non-empty list of (3, h, w) tensors, got {type(images).__name__}")
+    """The detectors' input boundary: a non-empty list of (3, h, w) float images, or a (b, 3, h, w) batch."""
+    if not isinstance(images, (Tensor, list, tuple)) or not len(images):
+        raise TypeError(f"images must be a non-empty list of (3, h, w) tensors, got {images!r:.100}")
     for i, img in enumerate(images):
         if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
-            shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
-            raise ValueError(f"images[{i}] must be a (3, h, w) tensor, got {shape}")
-        if img.shape[1] == 0 or img.shape[2] == 0:
-            raise ValueError(f"images[{i}] is empty, shape {tuple(img.shape)}: height and width must be >= 1 "
-                             "(check how the image was read or cropped)")
+            raise ValueError(f"images[{i}] must be a (3, h, w) tensor (a batch: (b, 3, h, w)), got "
+                             f"{getattr(img, 'shape', type(img))}")
+        if 0 in img.shape:
+            raise ValueError(f"images[{i}] is empty, shape {tuple(img.shape)}: height and width must be >= 1")
         if not img.dtype.is_floating_point:
-            raise TypeError(f"images[{i}] has dtype {img.dtype}; pass floats in [0, 1] "
-                            "(e.g. torchvision.transforms.v2.ToDtype(torch.float32, scale=True))")
+            raise TypeError(f"images[{i}] has dtype {img.dtype}; pass floats in [0, 1] (v2.ToDtype(scale=True))")
     return [img.as_subclass(Tensor) for img in images]
 
 

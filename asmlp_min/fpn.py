@@ -31,14 +31,9 @@ class FPN(nn.Module):
                  extra_block: str = "maxpool"):
         super().__init__()
         in_channels = tuple(in_channels)
-        if not in_channels or any(not isinstance(c, int) or c < 1 for c in in_channels):
-            raise ValueError(f"in_channels must be a non-empty sequence of positive ints, got {in_channels}")
-        if out_channels < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
-        if extra_levels < 0:
-            raise ValueError(f"extra_levels must be >= 0, got {extra_levels}")
-        if extra_block not in EXTRA_BLOCKS:
-            raise ValueError(f"extra_block must be one of {EXTRA_BLOCKS}, got {extra_block!r}")
+        if min(in_channels, default=0) < 1 or out_channels < 1 or extra_levels < 0 or extra_block not in EXTRA_BLOCKS:
+            raise ValueError(f"FPN needs in_channels (non-empty) and out_channels >= 1, extra_levels >= 0, extra_block "
+                             f"in {EXTRA_BLOCKS}; got {in_channels}, {out_channels}, {extra_levels}, {extra_block!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.extra_levels, self.extra_block = extra_levels, extra_block
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)

@@ -14,20 +14,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import math
-import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+from torchvision.ops import box_convert
 
-from .data.datasets import load_coco, validate_coco
+from .data.datasets import _is_finite_number, coco_index, load_coco, mask_to_rle, validate_coco
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -37,11 +35,8 @@ def topk_accuracy(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) ->
 
     A k larger than the number of classes is clamped to it (every target is then in the top k).
     """
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits (n, classes) and target (n,), got {tuple(logits.shape)} and "
-                         f"{tuple(target.shape)}")
-    if len(target) == 0:
-        raise ValueError("topk_accuracy needs at least one sample")
+    if logits.dim() != 2 or target.shape != logits.shape[:1] or not len(target):
+        raise ValueError(f"expected logits (n, classes) and target (n,), n >= 1, got {logits.shape}, {target.shape}")
     bad = (target < 0) | (target >= logits.shape[1])
     if bad.any():
         raise ValueError(f"target has class indices {sorted(set(target[bad].tolist()))[:5]} outside [0, "
@@ -73,10 +68,13 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     results = to_coco_results(detections, iou_type)
     if not results:
         return OrderedDict((name, 0.0) for name in COCO_STAT_NAMES)
-    unscored = next((r for r in results if not _is_finite_number(r.get("score"))), None)
-    if unscored is not None:  # COCOeval would rank a NaN anywhere and report an AP without a word
-        raise ValueError(f"detections for image_id={unscored.get('image_id')}: 'score' is {unscored.get('score')!r}; "
-                         "scores must be finite numbers (check the model's outputs, e.g. a diverged training run)")
+    if iou_type == "segm" and any("segmentation" not in r for r in results):
+        raise ValueError("iou_type='segm' needs 'masks' in every detection dict ('segmentation' in COCO results)")
+    bad = next((r for r in results if not all(map(_is_finite_number, [r.get("score"), *r.get("bbox", [])]))), None)
+    if bad is not None:  # COCOeval would rank a NaN anywhere and report an AP without a word
+        raise ValueError(f"detections for image_id={bad.get('image_id')}: 'score' is {bad.get('score')!r}; scores must "
+                         f"be finite numbers and boxes finite xyxy boxes (COCO results: xywh), got {bad.get('bbox')} "
+                         "(check the model's outputs, e.g. a diverged training run)")
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise ValueError(f"detections refer to image ids not in the ground truth: {sorted(unknown)[:5]}")
@@ -84,8 +82,7 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     unknown = {r["category_id"] for r in results} - known
     if unknown:
         raise ValueError(f"detections have labels {sorted(unknown)[:10]} that are not category ids of the ground "
-                         f"truth {sorted(known)[:10]}; labels must be the dataset's category ids (COCO: from 1), "
-                         "not 0-based class indices")
+                         f"truth {sorted(known)[:10]}; labels are category ids (COCO: from 1), not 0-based indices")
     with contextlib.redirect_stdout(io.StringIO()):      # COCOeval prints timings ("DONE (t=0.01s)")
         coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes edits the dicts it is given
         evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
@@ -100,45 +97,25 @@ def to_coco_results(detections: Sequence[dict], iou_type: str = "bbox") -> list[
     results = []
     for det in detections:
         if "category_id" in det:                          # already a COCO result
-            if iou_type == "segm" and "segmentation" not in det:
-                raise ValueError("iou_type='segm' needs a 'segmentation' in every COCO result")
-            if "bbox" in det:
-                _check_finite(np.asarray(det["bbox"], dtype=np.float64), det.get("image_id"), "bbox", "xywh")
             results.append(dict(det))
             continue
         missing = {"image_id", "boxes", "scores", "labels"} - set(det)
-        if missing:
-            raise ValueError(f"a detection dict needs image_id, boxes, scores, labels; missing {sorted(missing)}")
-        boxes = _numpy(det["boxes"]).reshape(-1, 4).astype(np.float64)
-        scores, labels = _numpy(det["scores"]).reshape(-1), _numpy(det["labels"]).reshape(-1)
-        if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(f"boxes, scores and labels disagree in length: {len(boxes)}, {len(scores)}, {len(labels)}")
-        image_id = int(det["image_id"])
-        _check_finite(boxes, image_id, "boxes", "xyxy")
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
-        if iou_type == "segm":
-            if "masks" not in det:
-                raise ValueError("iou_type='segm' needs 'masks' in every detection dict")
-            masks = _numpy(det["masks"])
-            masks = masks.reshape(len(boxes), *masks.shape[-2:]) > 0.5 if len(boxes) else masks
+        boxes = _numpy(det.get("boxes", [])).reshape(-1, 4).astype(np.float64)
+        scores, labels = (_numpy(det.get(key, [])).reshape(-1) for key in ("scores", "labels"))
+        if missing or not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"a detection dict needs image_id, boxes (k, 4), scores (k,), labels (k,); missing "
+                             f"{sorted(missing)}, lengths {len(boxes)}, {len(scores)}, {len(labels)}")
+        xywh = box_convert(torch.from_numpy(boxes), "xyxy", "xywh").numpy()
+        masks = _numpy(det["masks"]) if iou_type == "segm" and "masks" in det else None
+        if masks is not None and len(boxes):
+            masks = masks.reshape(len(boxes), *masks.shape[-2:]) > 0.5
         for i in range(len(boxes)):
-            result = {"image_id": image_id, "category_id": int(labels[i]), "score": float(scores[i]),
+            result = {"image_id": int(det["image_id"]), "category_id": int(labels[i]), "score": float(scores[i]),
                       "bbox": [float(v) for v in xywh[i]]}
-            if iou_type == "segm":
-                rle = mask_utils.encode(np.asfortranarray(masks[i].astype(np.uint8)))
-                result["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+            if masks is not None:
+                result["segmentation"] = mask_to_rle(masks[i])
             results.append(result)
     return results
-
-
-def _check_finite(boxes: np.ndarray, image_id, field: str, layout: str) -> None:
-    if not np.isfinite(boxes).all():
-        raise ValueError(f"detections for image_id={image_id}: '{field}' has NaN or inf values; detections must "
-                         f"be finite {layout} boxes (check the model's outputs, e.g. a diverged training run)")
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy too
 
 
 def _numpy(x) -> np.ndarray:
@@ -156,11 +133,7 @@ def _as_coco(gt) -> COCO:
         dataset, source = gt, "ground truth (a COCO dict)"
     else:
         raise TypeError(f"gt must be a pycocotools COCO, a COCO dict or a path, got {type(gt).__name__}")
-    coco = COCO()
-    coco.dataset = validate_coco(dataset, source)
-    with contextlib.redirect_stdout(io.StringIO()):      # createIndex prints "creating index..."
-        coco.createIndex()
-    return coco
+    return coco_index(validate_coco(dataset, source))
 
 
 # ---------------------------------------------------------------- mIoU
@@ -178,8 +151,6 @@ class SegmentationMeter:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
@@ -197,12 +168,10 @@ class SegmentationMeter:
         keep = target != self.ignore_index
         pred, target = pred[keep], target[keep]
         n = self.num_classes
-        bad = (target < 0) | (target >= n)
-        if bad.any():
-            raise ValueError(f"target has values {sorted(set(target[bad].tolist()))[:5]} outside [0, {n}) other "
-                             f"than ignore_index={self.ignore_index}")
-        if ((pred < 0) | (pred >= n)).any():
-            raise ValueError(f"pred has class ids outside [0, {n})")
+        bad_target, bad_pred = (target < 0) | (target >= n), (pred < 0) | (pred >= n)
+        if (bad_target | bad_pred).any():
+            raise ValueError(f"target has values {target[bad_target].unique()[:5].tolist()} and pred values "
+                             f"{pred[bad_pred].unique()[:5].tolist()} outside [0, {n}) and not ignore_index")
         self.confusion += torch.bincount(n * target + pred, minlength=n * n).reshape(n, n)
 
     def all_reduce(self) -> None:
@@ -220,10 +189,5 @@ class SegmentationMeter:
         iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
         acc = torch.where(gt_px > 0, tp / gt_px.clamp(min=1), torch.full_like(tp, float("nan")))
         total = cm.sum()
-        return {"mIoU": _nanmean(iou), "aAcc": (tp.sum() / total).item() if total > 0 else float("nan"),
-                "mAcc": _nanmean(acc), "IoU": iou.tolist(), "Acc": acc.tolist()}
-
-
-def _nanmean(x: Tensor) -> float:
-    valid = ~torch.isnan(x)
-    return x[valid].mean().item() if valid.any() else float("nan")
+        return {"mIoU": iou.nanmean().item(), "aAcc": (tp.sum() / total).item() if total > 0 else float("nan"),
+                "mAcc": acc.nanmean().item(), "IoU": iou.tolist(), "Acc": acc.tolist()}

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import MODEL_CONFIGS, create_model
 from .checkpoint import LoadReport, load_backbone_checkpoint
+from .dense_backbone import build_backbone
 
 # Paper Table (../shared/PAPER.md Sec. 7): UperNet + auxiliary head, 150 ADE20K classes, parameters in millions.
 PAPER_PARAMS = {"asmlp_tiny": 60, "asmlp_small": 81, "asmlp_base": 121}
@@ -93,10 +93,9 @@ class UperHead(nn.Module):
     def __init__(self, in_channels: tuple[int, ...] = (96, 192, 384, 768), channels: int = 512,
                  pool_scales: tuple[int, ...] = (1, 2, 3, 6), num_classes: int = 150, dropout: float = 0.1):
         super().__init__()
-        _check_positive(channels=channels, num_classes=num_classes)
-        if len(in_channels) < 2 or not pool_scales or min(pool_scales) < 1:
-            raise ValueError(f"UperHead needs >= 2 input levels and pool scales >= 1, got in_channels={in_channels}, "
-                             f"pool_scales={pool_scales}")
+        if len(in_channels) < 2 or min(pool_scales, default=0) < 1 or min(channels, num_classes) < 1:
+            raise ValueError(f"UperHead needs >= 2 input levels, pool scales, channels and num_classes >= 1, got "
+                             f"{in_channels}, {pool_scales}, {channels}, {num_classes}")
         self.in_channels = tuple(in_channels)
         self.psp_modules = PyramidPooling(pool_scales, in_channels[-1], channels)
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
@@ -107,7 +106,9 @@ class UperHead(nn.Module):
         self.conv_seg = _classifier(channels, num_classes)
 
     def forward(self, feats: list[Tensor]) -> Tensor:
-        _check_levels(feats, self.in_channels)
+        if tuple(f.shape[1] for f in feats) != self.in_channels:
+            raise ValueError(f"UperHead expects maps with channels {self.in_channels} (the backbone's feature_info), "
+                             f"got {[f.shape[1] for f in feats]}")
         top = feats[-1]
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         laterals.append(self.bottleneck(torch.cat([top, *self.psp_modules(top)], dim=1)))
@@ -128,7 +129,6 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_channels: int = 384, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
         super().__init__()
-        _check_positive(in_channels=in_channels, channels=channels, num_classes=num_classes)
         self.convs = nn.Sequential(ConvBNReLU(in_channels, channels, 3))
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = _classifier(channels, num_classes)
@@ -150,9 +150,8 @@ def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255,
     labelled = masks != ignore_index
     bad = labelled & ((masks < 0) | (masks >= num_classes))
     if bad.any():
-        raise ValueError(f"masks have values {masks[bad].unique()[:5].tolist()} that are neither class ids in "
-                         f"[0, num_classes={num_classes}) nor ignore_index={ignore_index}; check the dataset's "
-                         "num_classes and reduce_zero_label")
+        raise ValueError(f"masks have values {masks[bad].unique()[:5].tolist()} that are neither class ids in [0, "
+                         f"num_classes={num_classes}) nor ignore_index={ignore_index} (check reduce_zero_label)")
     logits = resize(logits, masks.shape[-2:]) if logits.shape[-2:] != masks.shape[-2:] else logits
     if not labelled.any():
         return logits.sum() * 0.0
@@ -168,8 +167,8 @@ def class_pixel_counts(dataset, num_classes: int, ignore_index: int = 255, max_i
         mask = torch.as_tensor(dataset[i][1]).flatten()
         mask = mask[mask != ignore_index].long()
         if mask.numel() and (mask.min() < 0 or mask.max() >= num_classes):
-            raise ValueError(f"item {i}: mask values must be in [0, {num_classes}) or {ignore_index}, "
-                             f"got {mask.min().item()}..{mask.max().item()}")
+            raise ValueError(f"item {i}: mask values must be in [0, {num_classes}) or {ignore_index}, got "
+                             f"{mask.min().item()}..{mask.max().item()}")
         counts += torch.bincount(mask, minlength=num_classes)
     return counts
 
@@ -212,22 +211,16 @@ class SemanticSegmenter(nn.Module):
                  stride: int | tuple[int, int] = 341, class_weight: Tensor | list[float] | None = None,
                  **backbone_kwargs):
         super().__init__()
-        if backbone not in MODEL_CONFIGS:
-            raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(MODEL_CONFIGS)}")
-        if inference not in ("whole", "slide"):
-            raise ValueError(f"inference must be 'whole' or 'slide', got {inference!r}")
-        if "features_only" in backbone_kwargs or "num_classes" in backbone_kwargs:
-            raise ValueError("features_only / num_classes belong to the segmenter, not to backbone_kwargs")
         self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
         self.inference, self.crop_size, self.stride = inference, _pair(crop_size), _pair(stride)
-        if min(self.stride) < 1 or min(self.crop_size) < 1:
-            raise ValueError(f"crop_size and stride must be >= 1, got {crop_size}, {stride}")
         kwargs = {**SEG_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
-        self.backbone = create_model(backbone, features_only=True, out_indices=(0, 1, 2, 3), **kwargs)
+        self.backbone, _ = build_backbone(backbone, (0, 1, 2, 3), **kwargs)
         in_channels = tuple(self.backbone.feature_info.channels())
+        stages, windows = range(len(in_channels)), self.stride + self.crop_size
+        if inference not in ("whole", "slide") or min(windows) < 1 or (aux and aux_index not in stages):
+            raise ValueError(f"need inference 'whole' or 'slide', crop_size and stride >= 1 and aux_index in {stages}, "
+                             f"got {inference!r}, {crop_size}, {stride}, {aux_index}")
         self.decode_head = UperHead(in_channels, channels, pool_scales, num_classes, dropout)
-        if aux and not 0 <= aux_index < len(in_channels):
-            raise ValueError(f"aux_index must be a stage index in [0, {len(in_channels) - 1}], got {aux_index}")
         self.aux_index = aux_index
         self.auxiliary_head = FCNHead(in_channels[aux_index], aux_channels, num_classes, dropout) if aux else None
         self.register_buffer("class_weight", None, persistent=False)  # not in state_dict: mmseg keys stay exact
@@ -248,8 +241,7 @@ class SemanticSegmenter(nn.Module):
         """Per-class loss weights (num_classes,) > 0, or None for plain cross-entropy (mmseg ``class_weight``)."""
         if class_weight is not None:
             class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
-            if (class_weight.shape != (self.num_classes,) or not (class_weight > 0).all()
-                    or not class_weight.isfinite().all()):
+            if class_weight.shape != (self.num_classes,) or not (class_weight.isfinite() & (class_weight > 0)).all():
                 raise ValueError(f"class_weight must hold {self.num_classes} positive numbers, one per class, all "
                                  f"finite (no inf or nan), got {class_weight.tolist()}")
             device = next(self.parameters()).device
@@ -312,23 +304,8 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _check_positive(**values: int) -> None:
-    for name, v in values.items():
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-
-
-def _check_levels(feats: list[Tensor], in_channels: tuple[int, ...]) -> None:
-    got = tuple(f.shape[1] for f in feats)
-    if got != in_channels:
-        raise ValueError(f"UperHead expects {len(in_channels)} maps with channels {in_channels}, got {got}; "
-                         "pass the backbone's feature_info channels as in_channels")
-
-
 def _check_masks(images: Tensor, masks: Tensor) -> None:
     if not isinstance(masks, Tensor) or masks.dtype != torch.int64:
-        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class indices, got "
-                        f"{getattr(masks, 'dtype', type(masks).__name__)}; use masks.long()")
+        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class ids, got {type(masks)}; use masks.long()")
     if masks.shape != (images.shape[0], *images.shape[-2:]):
-        raise ValueError(f"masks must be (b, H, W) = {(images.shape[0], *images.shape[-2:])} to match the images, "
-                         f"got {tuple(masks.shape)}")
+        raise ValueError(f"masks must be (b, H, W) = {(images.shape[0], *images.shape[-2:])}, got {tuple(masks.shape)}")

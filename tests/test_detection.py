@@ -9,8 +9,8 @@ from asmlp_min.backbone import create_model
 from asmlp_min.block import DropPath
 from asmlp_min.checkpoint import CheckpointError
 from asmlp_min.complexity import count_params
-from asmlp_min.detection import (SimpleFPNDetector, assign_targets, build_maskrcnn, centerness_target, fcos_losses,
-                                 fcos_regress_ranges, level_points, sanitize_boxes)
+from asmlp_min.detection import SimpleFPNDetector, build_maskrcnn, sanitize_boxes
+from asmlp_min.fcos import assign_targets, centerness_target, fcos_losses, fcos_regress_ranges, level_points
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, num_convs=1, drop_path_rate=0.0)
 

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -28,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import tv_tensors
+from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -85,12 +88,10 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
     """ImageNet-style tree ``root/<class name>/<image>``; labels are indices of the sorted class names."""
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
-        if not Path(root).is_dir():
-            raise ValueError(f"{root}: not a folder; expected root/<class name>/<image>.jpg (see data/README.md)")
         try:
             super().__init__(str(root), transform=transform or to_float_image, loader=load_image,
                              is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
-        except FileNotFoundError as err:                   # torchvision's wording for an empty tree
+        except OSError as err:          # torchvision's wording for a missing folder, a file, or an empty tree
             raise ValueError(f"{root}: no images found ({err}); expected root/<class name>/<image>.jpg") from err
 
 
@@ -101,70 +102,63 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
 
     Raises ValueError naming ``source`` and the field for: a missing ``images``/``categories`` list, an empty
     ``categories``, a category without ``name`` or with ``id`` < 1, image or annotation ids that are not unique
-    ints, annotation ``id`` < 1 (COCOeval uses 0 for "unmatched"), ``image_id`` not an int of ``images``,
-    ``category_id`` not in ``categories``, ``bbox`` not 4 finite numbers, ``iscrowd`` not 0/1, ``area`` not a
-    finite number >= 0, ``segmentation`` neither polygons nor RLE, an RLE ``size`` other than its image's
-    ``height``/``width``, and (``require_file_name``, for datasets that read the pixels) an image without
-    ``file_name``. Boxes with width or height <= 0 are dropped with one
-    warning that counts them; no annotations at all warns that AP will be -1. Missing ``iscrowd`` defaults to 0,
-    missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to
-    evaluate).
+    ints, an annotation field that breaks ``ANNOTATION_RULES``, ``segmentation`` neither polygons nor RLE, an RLE
+    ``size`` other than its image's ``height``/``width``, and (``require_file_name``, for datasets that read the
+    pixels) an image without ``file_name``. Boxes with width or height <= 0 are dropped with one warning that
+    counts them; no annotations at all warns that AP will be -1. Missing ``iscrowd`` defaults to 0, missing
+    ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to evaluate).
     """
-    if not isinstance(dataset, dict):
-        raise ValueError(f"{source}: top level must be a JSON object with 'images', 'annotations', 'categories'")
-    for field in ("images", "categories"):
-        if not isinstance(dataset.get(field), list):
-            raise ValueError(f"{source}: missing or non-list field '{field}' (a COCO instances file has "
-                             "'images', 'annotations' and 'categories' lists)")
-    image_ids = _unique_ids(dataset["images"], "images", source)
-    if require_file_name:
-        for i, image in enumerate(dataset["images"]):
-            if not isinstance(image.get("file_name"), str):
-                raise ValueError(f"{source}: images[{i}] (id={image['id']}) needs a 'file_name' string: the "
-                                 "image file to read, relative to the image folder")
+    for field in ("images", "annotations", "categories"):
+        value = dataset.get(field, [] if field == "annotations" else None) if isinstance(dataset, dict) else None
+        if not isinstance(value, list) or (field == "categories" and not value):
+            raise ValueError(f"{source}: field '{field}' is empty or not a list (a COCO instances file is a JSON "
+                             "object with 'images', 'annotations' and 'categories' lists)")
+    _unique_ids(dataset["images"], "images", source)
+    images = {image["id"]: image for image in dataset["images"]}
+    for i, image in enumerate(dataset["images"]):
+        if require_file_name and not isinstance(image.get("file_name"), str):
+            raise ValueError(f"{source}: images[{i}] (id={image['id']}) needs a 'file_name' string (the image file)")
     category_ids = _unique_ids(dataset["categories"], "categories", source)
-    if not category_ids:
-        raise ValueError(f"{source}: field 'categories' is empty; list every class as {{'id': 1, 'name': ...}}")
     for i, category in enumerate(dataset["categories"]):
-        if category["id"] < 1:
-            raise ValueError(f"{source}: categories[{i}] field 'id'={category['id']} must be >= 1 (COCO category "
-                             "ids start at 1; the detector predicts 1..K)")
-        if not isinstance(category.get("name"), str):
-            raise ValueError(f"{source}: categories[{i}] (id={category['id']}) needs a 'name' string")
+        if category["id"] < 1 or not isinstance(category.get("name"), str):
+            raise ValueError(f"{source}: categories[{i}] needs a 'name' string and field 'id'={category['id']} must be "
+                             ">= 1 (COCO category ids start at 1; the detector predicts 1..K)")
     annotations = dataset.get("annotations", [])
-    if not isinstance(annotations, list):
-        raise ValueError(f"{source}: field 'annotations' must be a list")
     if not annotations:
         warnings.warn(f"{source}: no annotations: AP will be -1 (undefined) because there are no objects to find",
                       stacklevel=3)
     _unique_ids(annotations, "annotations", source)
-    images = {image["id"]: image for image in dataset["images"]}
+    return {"info": {}, **dataset, "annotations": _checked_annotations(annotations, images, category_ids, source)}
+
+
+# What each annotation field must be: (field, value when absent, test, requirement). COCOeval reads an
+# annotation id of 0 as "unmatched", and would silently score a NaN box or a label that is no category.
+ANNOTATION_RULES = (
+    ("id", None, lambda v, ctx: _is_int(v) and v >= 1, ">= 1: COCOeval uses 0 to mean 'unmatched'"),
+    ("image_id", None, lambda v, ctx: _is_int(v) and v in ctx["images"], "an int, the id of an entry in 'images'"),
+    ("category_id", None, lambda v, ctx: _is_int(v) and v in ctx["categories"], "the id of an entry in 'categories'"),
+    ("bbox", None, lambda v, ctx: isinstance(v, list) and len(v) == 4 and all(map(_is_finite_number, v)),
+     "[x, y, width, height] finite numbers"),
+    ("iscrowd", 0, lambda v, ctx: _is_int(v) and v in (0, 1), "0 or 1"),
+    ("area", 0, lambda v, ctx: _is_finite_number(v) and v >= 0, "a finite number >= 0 (pixels)"),
+)
+
+
+def _checked_annotations(annotations: list, images: dict, category_ids: set, source: str) -> list:
+    """The annotations that pass ``ANNOTATION_RULES``, without degenerate boxes and polygons of < 3 points."""
+    context = {"images": images, "categories": category_ids}
     kept, degenerate, short_polygons = [], 0, 0
     for i, ann in enumerate(annotations):
         where = f"{source}: annotations[{i}] (id={ann.get('id')})"
-        if ann["id"] < 1:
-            raise ValueError(f"{where} field 'id' must be >= 1: COCOeval uses 0 to mean 'unmatched'")
-        if not _is_int(ann.get("image_id")):
-            raise ValueError(f"{where} field 'image_id' must be an int, got {ann.get('image_id')!r}")
-        if ann["image_id"] not in image_ids:
-            raise ValueError(f"{where} field 'image_id'={ann.get('image_id')!r} is not the id of any entry in 'images'")
-        if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
-            raise ValueError(f"{where} field 'category_id'={ann.get('category_id')!r} is not in 'categories' "
-                             f"ids {sorted(category_ids)[:10]}")
-        box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_finite_number(v) for v in box)):
-            raise ValueError(f"{where} field 'bbox' must be [x, y, width, height] finite numbers, got {box!r}")
-        if "iscrowd" in ann and not (_is_int(ann["iscrowd"]) and ann["iscrowd"] in (0, 1)):
-            raise ValueError(f"{where} field 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
-        if "area" in ann and not (_is_finite_number(ann["area"]) and ann["area"] >= 0):
-            raise ValueError(f"{where} field 'area' must be a finite number >= 0 (pixels), got {ann['area']!r}")
+        for field, absent, test, requirement in ANNOTATION_RULES:
+            if not test(ann.get(field, absent), context):
+                raise ValueError(f"{where} field '{field}' must be {requirement}, got {ann.get(field)!r}")
+        box = ann["bbox"]
         if box[2] <= 0 or box[3] <= 0:
             degenerate += 1
             continue
         if "segmentation" in ann:
-            polygons = _checked_segmentation(ann["segmentation"], where)
-            if polygons is None:
-                _check_rle_size(ann["segmentation"]["size"], images[ann["image_id"]], where)
+            polygons = _checked_segmentation(ann["segmentation"], images[ann["image_id"]], where)
             if polygons is not None and len(polygons) < len(ann["segmentation"]):
                 short_polygons += 1
                 if not polygons:
@@ -173,11 +167,11 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
         kept.append({"iscrowd": 0, "area": float(box[2] * box[3]), **ann})
     if degenerate:
         warnings.warn(f"{source}: skipped {degenerate} annotation(s) whose 'bbox' has zero or negative width/height",
-                      stacklevel=3)
+                      stacklevel=4)
     if short_polygons:  # real COCO has a few; detectron2 drops them the same way
         warnings.warn(f"{source}: dropped polygons of fewer than 3 points from {short_polygons} annotation(s); "
-                      "those left with no polygon were skipped", stacklevel=3)
-    return {"info": {}, **dataset, "annotations": kept}
+                      "those left with no polygon were skipped", stacklevel=4)
+    return kept
 
 
 def _is_int(value) -> bool:
@@ -185,40 +179,50 @@ def _is_int(value) -> bool:
 
 
 def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy too
 
 
-def _checked_segmentation(segmentation, where: str) -> list | None:
-    """An RLE dict (returns None) or a list of polygons, of which those with >= 3 points (6 numbers) are
-    returned; anything else is a ValueError. Coordinates are not checked one by one (COCO has millions)."""
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        return None
+def _checked_segmentation(segmentation, image: dict, where: str) -> list | None:
+    """An RLE dict as large as its image (returns None), or a list of polygons, of which those with >= 3 points
+    (6 numbers) are returned. Coordinates are not checked one by one (COCO has millions). The RLE ``size``
+    [height, width] is compared when the image gives its ``height`` and ``width``: else the masks of one image
+    could not be stacked."""
     if isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation):
         return [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
-    raise ValueError(f"{where} field 'segmentation' must be a list of polygons (each a list of numbers x1, y1, "
-                     f"x2, y2, ...) or an RLE dict with 'counts' and 'size', got {str(segmentation)[:80]}")
-
-
-def _check_rle_size(size, image: dict, where: str) -> None:
-    """An RLE mask must be as large as its image (``size`` is [height, width]), else the masks of one image cannot
-    be stacked; checked when the image gives its ``height`` and ``width``."""
-    expected = [image.get("height"), image.get("width")]
+    if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
+        raise ValueError(f"{where} field 'segmentation' must be a list of polygons (each a list of numbers x1, y1, "
+                         f"x2, y2, ...) or an RLE dict with 'counts' and 'size', got {str(segmentation)[:80]}")
+    size, expected = segmentation["size"], [image.get("height"), image.get("width")]
     if None not in expected and not (isinstance(size, (list, tuple)) and list(size) == expected):
-        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but its "
-                         f"image id={image['id']} ({image.get('file_name', 'no file_name')}) is {expected[0]}x"
-                         f"{expected[1]}; fix the annotation's size or the image's 'height'/'width'")
+        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but its image "
+                         f"id={image['id']} ({image.get('file_name')}) is {expected[0]}x{expected[1]}")
+    return None
 
 
 def _unique_ids(entries: list, field: str, source: str) -> set:
+    """The entries' ``id``s, checked to be ints (not bools) and unique."""
     ids = set()
     for i, entry in enumerate(entries):
         value = entry.get("id") if isinstance(entry, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{source}: {field}[{i}] field 'id' must be an int, got {value!r}")
-        if value in ids:
-            raise ValueError(f"{source}: {field}[{i}] field 'id'={value} is a duplicate")
+        if not _is_int(value) or value in ids:
+            raise ValueError(f"{source}: {field}[{i}] field 'id' must be an int and no duplicate, got {value!r}")
         ids.add(value)
     return ids
+
+
+def coco_index(dataset: dict) -> COCO:
+    """A pycocotools ``COCO`` over an already validated dict, without its "creating index..." prints."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def mask_to_rle(mask) -> dict:
+    """(h, w) bool/uint8 mask -> compressed COCO RLE with a JSON-ready ``counts`` string."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask).astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def load_coco(ann_file: str | os.PathLike, require_file_name: bool = False) -> COCO:
@@ -228,11 +232,7 @@ def load_coco(ann_file: str | os.PathLike, require_file_name: bool = False) -> C
             dataset = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{ann_file}: not valid JSON ({err})") from err
-    coco = COCO()
-    coco.dataset = validate_coco(dataset, str(ann_file), require_file_name)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    return coco_index(validate_coco(dataset, str(ann_file), require_file_name))
 
 
 class CocoDetection(Dataset):
@@ -271,11 +271,9 @@ class CocoDetection(Dataset):
         image = load_image(path)
         h, w = image.shape[-2:]
         if (info.get("height", h), info.get("width", w)) != (h, w):
-            raise ValueError(f"{path}: image is {h}x{w} but {self.ann_file} says 'height'x'width' = "
-                             f"{info.get('height')}x{info.get('width')} for image id {info['id']}")
+            raise ValueError(f"{path}: image is {h}x{w} but {self.ann_file} says 'height'x'width' = {info}")
         anns = self.coco.imgToAnns.get(info["id"], [])
-        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]                                   # xywh -> xyxy
+        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         masks = None
         if all("segmentation" in a for a in anns):
             with warnings.catch_warnings():              # pycocotools' decode trips a numpy 2 DeprecationWarning
@@ -301,10 +299,8 @@ class ADE20KSegmentation(Dataset):
                  reduce_zero_label: bool = True, transform: Callable | None = None):
         self.root, self.num_classes, self.reduce_zero_label = Path(root), num_classes, reduce_zero_label
         image_dir, mask_dir = self.root / "images" / split, self.root / "annotations" / split
-        for folder in (image_dir, mask_dir):
-            if not folder.is_dir():
-                raise ValueError(f"{folder}: folder not found; expected root/images/{split} and "
-                                 f"root/annotations/{split} (see data/README.md)")
+        if not image_dir.is_dir() or not mask_dir.is_dir():
+            raise ValueError(f"{image_dir} or {mask_dir}: folder not found (see data/README.md)")
         self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.images:
             raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
@@ -328,8 +324,8 @@ class ADE20KSegmentation(Dataset):
         except OSError as err:
             raise ValueError(f"{mask_path}: unreadable or truncated mask ({err})") from err
         if mask.shape != tuple(image.shape[-2:]):
-            raise ValueError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but image "
-                             f"{self.images[index]} is {image.shape[-2]}x{image.shape[-1]} (height x width)")
+            raise ValueError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but image is "
+                             f"{image.shape[-2]}x{image.shape[-1]} (height x width)")
         if self.reduce_zero_label:
             mask = np.where(mask == 0, 255, mask - 1)
             mask[mask == 254] = 255                          # 255 stays ignore after the shift

@@ -10,39 +10,38 @@ From the same scene come all three tasks' labels:
 - semantic segmentation: ``0`` = background, ``kind + 1`` = shape pixels (so ``NUM_SEG_CLASSES = 4``).
   The generator never writes 255, the ignore value the loaders and metrics understand.
 
-Same seed, same bytes on any machine: randomness comes only from ``numpy.random.Generator(PCG64)``
-(integers and uniforms, no normal sampler), and all drawing is integer arithmetic. The only floating
-point step, ``cos``/``sin`` of the rotation, is rounded to a 1/16-pixel grid before rasterising, so a
-last-bit difference between math libraries cannot move a pixel.
+Same seed, same bytes on any machine: randomness comes only from ``numpy.random.Generator(PCG64)`` (integers and
+uniforms, no normal sampler), and all drawing is integer arithmetic. The only floating point step, ``cos``/``sin``
+of the rotation, is rounded to a 1/16-pixel grid before rasterising, so a last-bit difference between math libraries
+cannot move a pixel.
 
-Difficulty (defaults, for detection and segmentation): 128x128 images; shapes 16-52 px across (circle
-diameter, square side, triangle side); any colour far enough from the local background; any rotation;
-centres anywhere in the image so shapes are cut by the border; later shapes occlude earlier ones. Every
-instance keeps at least half of its full area visible (border cuts and occlusion together) and at least
-``MIN_VISIBLE_PX`` pixels.
+Difficulty (defaults, for detection and segmentation): 128x128 images; shapes 16-52 px across (circle diameter,
+square side, triangle side); any colour far enough from the local background; any rotation; centres anywhere in the
+image so shapes are cut by the border; later shapes occlude earlier ones. Every instance keeps at least half of its
+full area visible (border cuts and occlusion together) and at least ``MIN_VISIBLE_PX`` pixels.
 
-``whole=True`` keeps every shape entirely inside the image and unoccluded, and ``background="flat"`` draws
-on one uniform grey: a cut square can look like a triangle, so a label is only well posed on whole shapes.
-``CLS_SCENE`` is that setting for a first classifier (one whole shape of 16-40 px in a 64-px image on grey).
+``whole=True`` keeps every shape entirely inside the image and unoccluded, and ``background="flat"`` draws on one
+uniform grey: a cut square can look like a triangle, so a label is only well posed on whole shapes. ``CLS_SCENE`` is
+that setting for a first classifier (one whole shape of 16-40 px in a 64-px image on grey).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 
 from ..checkpoint import atomic_write
-from .datasets import detection_target, to_float_image
+from .datasets import detection_target, mask_to_rle, to_float_image
 
 CLASSES = ("circle", "square", "triangle")
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
@@ -82,16 +81,10 @@ class Scene:
     @property
     def boxes_xyxy(self) -> np.ndarray:
         """(n, 4) float32 pixel-edge boxes of the visible masks: x1 = first column, x2 = last column + 1."""
-        boxes = np.zeros((len(self.masks), 4), np.float32)
-        for i, m in enumerate(self.masks):
-            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-            boxes[i] = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
-        return boxes
+        return (masks_to_boxes(torch.from_numpy(self.masks)) + torch.tensor([0.0, 0.0, 1.0, 1.0])).numpy()
 
     def coco_annotations(self, image_id: int, first_id: int = 1) -> list[dict]:
         """COCO ``annotations`` entries (ids first_id, first_id + 1, ...; COCOeval needs ids >= 1)."""
-        if first_id < 1:
-            raise ValueError(f"first_id must be >= 1 (COCOeval treats id 0 as 'unmatched'), got {first_id}")
         anns = []
         for i, (m, kind, box, area) in enumerate(zip(self.masks, self.kinds, self.boxes_xyxy, self.areas)):
             x1, y1, x2, y2 = (int(v) for v in box)
@@ -103,19 +96,21 @@ class Scene:
         return anns
 
 
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """(h, w) bool/uint8 mask -> compressed COCO RLE with a JSON-ready ``counts`` string."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+def coco_dict(scenes: Iterable[Scene], description: str = "asmlp_min shapes") -> dict:
+    """Scenes as a COCO instances dict: scene i is image id i + 1, ``{i:06d}.png``; annotation ids count from 1."""
+    coco = {"info": {"description": description}, "images": [], "annotations": [], "categories": CATEGORIES}
+    for i, scene in enumerate(scenes):
+        h, w = scene.semantic.shape
+        coco["images"].append({"id": i + 1, "file_name": f"{i:06d}.png", "height": h, "width": w})
+        coco["annotations"] += scene.coco_annotations(i + 1, first_id=len(coco["annotations"]) + 1)
+    return coco
 
 
 def scene_rng(seed: int, split: str = "train", index: int = 0) -> np.random.Generator:
     """The generator for scene ``index`` of ``split``: PCG64 seeded by SeedSequence([seed, split, index])."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-    for name, value in (("seed", seed), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if split not in SPLITS or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0
+                                  for v in (seed, index)):
+        raise ValueError(f"need split in {tuple(SPLITS)}, seed and index ints >= 0; got {split!r}, {seed!r}, {index!r}")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), SPLITS[split], int(index)])))
 
 
@@ -134,15 +129,12 @@ def make_scene(rng: np.random.Generator | int, image_size: int | tuple[int, int]
         rng = scene_rng(rng)
     h, w = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else image_size
     lo, hi = size_range
-    if min(h, w) < 16 or max_shapes < 1 or not 4 <= lo <= hi or not 0 <= noise <= 255:
-        raise ValueError(f"need image_size >= 16, max_shapes >= 1, 4 <= size_range[0] <= size_range[1] and "
-                         f"0 <= noise <= 255; got image_size={image_size}, max_shapes={max_shapes}, "
-                         f"size_range={size_range}, noise={noise}")
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
-    if whole and 2 * _whole_margin(hi) > min(h, w) * _SUBPIXEL:
-        raise ValueError(f"whole=True needs size_range[1] <= (min(image_size) - 2) / sqrt(2) so that a shape fits "
-                         f"at any rotation, got size_range={size_range} for image_size={image_size}")
+    fits = not whole or 2 * _whole_margin(hi) <= min(h, w) * _SUBPIXEL   # whole shapes fit at any rotation
+    if not (min(h, w) >= 16 and max_shapes >= 1 and 4 <= lo <= hi and 0 <= noise <= 255 and background in BACKGROUNDS
+            and fits):
+        raise ValueError(f"need image_size >= 16, max_shapes >= 1, 4 <= size_range[0] <= size_range[1] (whole=True: <= "
+                         f"(min(image_size) - 2) / sqrt(2)), 0 <= noise <= 255, background in {BACKGROUNDS}; got "
+                         f"{image_size}, {max_shapes}, {size_range}, {noise}, {background!r}")
     if background == "textured":
         canvas = _background(rng, h, w)
     else:
@@ -275,13 +267,10 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
     """
     if task not in ("cls", "det", "seg"):
         raise ValueError(f"task must be 'cls', 'det' or 'seg', got {task!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    scene_rng(seed, split)                                  # validates seed and split before touching disk
+    scene = _ShapesDataset(n, seed, split, image_size, **scene_kwargs).scene  # checks n, seed, split before the disk
     root = Path(root)
     _check_manifest(root / f".shapes-{task}-{split}.json",
                     {"seed": seed, "image_size": image_size, "scene_kwargs": scene_kwargs})
-    scene = lambda i: make_scene(scene_rng(seed, split, i), image_size, **scene_kwargs)  # noqa: E731
     if task == "cls":
         out = root / split
         existing = {p.name for p in out.glob("*/*.png")}
@@ -303,29 +292,25 @@ def export_shapes(root: str | os.PathLike, task: str = "det", n: int = 64, split
     images = [root / split / f"{i:06d}.png" for i in range(n)]
     if ann_file.exists() and all(p.exists() for p in images) and len(json.loads(ann_file.read_text())["images"]) == n:
         return ann_file
-    coco = {"info": {"description": f"asmlp_min shapes, split {split}, seed {seed}"},
-            "images": [], "annotations": [], "categories": CATEGORIES}
-    for i, path in enumerate(images):
+
+    def saved_scene(i: int) -> Scene:
         s = scene(i)
-        if not path.exists():
-            save_png(s.image, path)
-        h, w = s.semantic.shape
-        coco["images"].append({"id": i + 1, "file_name": path.name, "height": h, "width": w})
-        coco["annotations"] += s.coco_annotations(image_id=i + 1, first_id=len(coco["annotations"]) + 1)
-    _write_json(coco, ann_file)
+        if not images[i].exists():
+            save_png(s.image, images[i])
+        return s
+
+    _write_json(coco_dict(map(saved_scene, range(n)), f"asmlp_min shapes, split {split}, seed {seed}"), ann_file)
     return ann_file
 
 
 def _check_manifest(path: Path, settings: dict) -> None:
     """Refuse to add scenes made with other settings to a folder (they would silently mix)."""
     settings = json.loads(json.dumps(settings))             # the form it takes once stored (tuples -> lists)
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            raise ValueError(f"{path.parent} already holds shapes made with {stored}, not {settings}; "
-                             "export to another folder or delete this one")
-    else:
+    if not path.exists():
         _write_json(settings, path)
+    elif (stored := json.loads(path.read_text())) != settings:
+        raise ValueError(f"{path.parent} already holds shapes made with {stored}, not {settings}; export to another "
+                         "folder or delete this one")
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -398,14 +383,7 @@ class ShapesDetection(_ShapesDataset):
 
     def coco_dict(self) -> dict:
         """The ground truth as a COCO instances dict, for ``metrics.coco_evaluate``."""
-        coco = {"info": {"description": f"asmlp_min shapes, split {self.split}, seed {self.seed}"},
-                "images": [], "annotations": [], "categories": CATEGORIES}
-        for i in range(self.n):
-            scene = self.scene(i)
-            h, w = scene.semantic.shape
-            coco["images"].append({"id": i + 1, "file_name": f"{i:06d}.png", "height": h, "width": w})
-            coco["annotations"] += scene.coco_annotations(i + 1, first_id=len(coco["annotations"]) + 1)
-        return coco
+        return coco_dict(map(self.scene, range(self.n)), f"asmlp_min shapes, split {self.split}, seed {self.seed}")
 
 
 class ShapesSegmentation(_ShapesDataset):
