@@ -163,9 +163,7 @@ def _saved_config(checkpoint: dict, path) -> TrainConfig:
         cfg = TrainConfig.from_dict(checkpoint["config"]).resolved()
     except (TypeError, ValueError) as err:
         raise _damaged(path, f"its config is invalid: {err}") from None
-    if not (isinstance(cfg.num_classes, int) and cfg.num_classes >= 1):
-        raise _damaged(path, f"its config has num_classes {cfg.num_classes!r}; a trained model has at least one")
-    return cfg
+    return cfg  # num_classes: None is refused by the 'classes' check of _read_engine_checkpoint
 
 
 def _model_for(checkpoint: dict, cfg: TrainConfig, path) -> nn.Module:
