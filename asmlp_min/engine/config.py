@@ -53,8 +53,9 @@ def setting(default, help: str, **meta):  # noqa: A002 (argparse's word)
     return field(default=default, metadata={"help": help, **meta})
 
 
-_DATA, _OPT, _SPEED, _RUN = "data and model", "optimisation (AdamW, no weight decay on norms and biases)", "speed", \
-    "run folder, checkpoints and resuming"
+# the help's sections
+_DATA, _SPEED, _RUN = "data and model", "speed", "run folder, checkpoints and resuming"
+_OPT = "optimisation (AdamW, no weight decay on norms and biases)"
 
 
 def _per_task(values: dict) -> str:

@@ -142,12 +142,8 @@ def _folder_cls(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
     train = None
     if with_train:
         train = ImageFolderClassification(root / _existing(root, ["train"], "training split"), transform=train_tf)
-        if train.classes != val.classes:
-            only_train = sorted(set(train.classes) - set(val.classes))
-            only_val = sorted(set(val.classes) - set(train.classes))
-            raise ValueError(f"{root}: train and val have different class folders (only in train: "
-                             f"{', '.join(only_train) or 'none'}; only in val: {', '.join(only_val) or 'none'}); "
-                             "every class needs a folder in both")
+        _check_same_labels({c: c for c in train.classes}, {c: c for c in val.classes},
+                           f"{root}: train and val have different class folders", "every class needs a folder in both")
     return TaskData(train, val, len(val.classes), list(val.classes))
 
 
@@ -161,24 +157,22 @@ def _folder_det(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
     val = split(["val", "val2017"], val_tf)
     train = split(["train", "train2017"], train_tf) if with_train else None
     names = {c["id"]: c["name"] for c in val.coco.cats.values()}
-    if train is not None:
-        _check_same_categories(train, names, val.ann_file)
+    if train is not None:  # label k must mean one category in both splits (COCO 2017's are identical)
+        _check_same_labels({c["id"]: c["name"] for c in train.coco.cats.values()}, names,
+                           f"{train.ann_file} and {val.ann_file} list different 'categories'",
+                           "give both files the same categories", show=lambda i, name: f"id {i} {name!r}")
     # labels 1..K in the order of the category ids (COCO 2017: 80 ids in 1..90), mapped back for COCOeval
     return TaskData(train, val, len(names), [names[c] for c in val.category_ids], coco_gt=val.coco,
                     category_ids=val.category_ids)
 
 
-def _check_same_categories(train, val_names: dict[int, str], val_file: Path) -> None:
-    """Label k must mean one category in both splits: the same 'categories' (COCO 2017's are identical)."""
-    train_names = {c["id"]: c["name"] for c in train.coco.cats.values()}
-    if train_names != val_names:
-        raise ValueError(f"{train.ann_file} and {val_file} list different 'categories' (only in train: "
-                         f"{_only_in(train_names, val_names)}; only in val: {_only_in(val_names, train_names)}); "
-                         "give both files the same categories")
-
-
-def _only_in(names: dict[int, str], other: dict[int, str]) -> str:
-    return ", ".join(f"id {i} {n!r}" for i, n in sorted(names.items()) if other.get(i) != n) or "none"
+def _check_same_labels(train: dict, val: dict, what: str, fix: str, show: Callable = lambda key, name: name) -> None:
+    """The training and validation splits name the same labels ({key: name}), or a ValueError listing the
+    difference: ``what`` (only in train: ...; only in val: ...); ``fix``."""
+    def only(names: dict, other: dict) -> str:
+        return ", ".join(show(k, n) for k, n in sorted(names.items()) if other.get(k) != n) or "none"
+    if train != val:
+        raise ValueError(f"{what} (only in train: {only(train, val)}; only in val: {only(val, train)}); {fix}")
 
 
 def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
