@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .config import SCHEDULES, TrainConfig
+from .config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -18,8 +18,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 
 
 def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 1e-3,
@@ -36,10 +34,8 @@ def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int =
         main = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t / total_steps))
     elif schedule == "poly":
         main = min_ratio + (1 - min_ratio) * (1 - t / total_steps) ** power
-    elif schedule == "step":
+    else:  # step (TrainConfig checks the name)
         main = gamma ** sum(t >= m for m in milestones)
-    else:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if step < warmup_steps:
         main *= warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
     return main

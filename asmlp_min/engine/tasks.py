@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbone import create_model
-from .config import TASKS, TrainConfig, _parse_class_weight
+from .config import TrainConfig, _parse_class_weight
 from .data import TaskData
 from .distributed import DistEnv, _all_reduce_sum, _broadcast_object, _gather_objects
 
@@ -38,12 +38,10 @@ def build_model(task: str, model: str = "asmlp_tiny", num_classes: int = 3, head
         head = {} if head_channels is None else {"fpn_channels": head_channels}
         return SimpleFPNDetector(backbone=model, num_classes=num_classes, pretrained_backbone=pretrained,
                                  min_size=min_size, max_size=max_size, **head, **backbone_kwargs)
-    if task == "seg":
-        from ..segmentation import SemanticSegmenter
-        head = {} if head_channels is None else {"channels": head_channels, "aux_channels": max(head_channels // 2, 1)}
-        return SemanticSegmenter(backbone=model, num_classes=num_classes, pretrained_backbone=pretrained,
-                                 **head, **backbone_kwargs)
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    from ..segmentation import SemanticSegmenter  # seg: the task was checked where the config was read
+    head = {} if head_channels is None else {"channels": head_channels, "aux_channels": max(head_channels // 2, 1)}
+    return SemanticSegmenter(backbone=model, num_classes=num_classes, pretrained_backbone=pretrained,
+                             **head, **backbone_kwargs)
 
 
 def _to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:

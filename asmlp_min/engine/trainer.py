@@ -48,7 +48,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss, the validation loss or the weights became nan/inf; training stopped without writing a checkpoint."""
 
 
-
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs :meth:`fit`; :meth:`evaluate` for one pass.
 
