@@ -25,8 +25,6 @@ from pathlib import Path
 from .backbone import list_models
 from .checkpoint import CheckpointError, WriteError
 
-_TASK_HELP = "cls (classification), det (detection) or seg (semantic segmentation)"
-
 
 # ---------------------------------------------------------------- train
 
@@ -296,11 +294,12 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_evaluate_parser(sub) -> None:
+    from .engine.config import TASK_HELP
     ev = sub.add_parser("evaluate", help="score a trained checkpoint on validation data",
                         description="Accuracy (cls), COCO box AP (det) or mIoU (seg) of a checkpoint from "
                                     "'asmlp-min train'. Works under torchrun too.")
     ev.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
-                    help=f"{_TASK_HELP}; optional, checked against the checkpoint")
+                    help=f"{TASK_HELP}; optional, checked against the checkpoint")
     ev.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     ev.add_argument("--data", help="'shapes' or a folder (default: the data the checkpoint was trained on)")
     ev.add_argument("--val-size", type=int, help="shapes only: number of validation scenes (default: as trained)")

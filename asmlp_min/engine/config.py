@@ -22,6 +22,7 @@ from ..backbone import MODEL_CONFIGS
 TASKS = ("cls", "det", "seg")
 SCHEDULES = ("cosine", "poly", "step")
 AUGMENTATIONS = ("auto", "paper", "light", "none")
+TASK_HELP = "cls (classification), det (detection) or seg (semantic segmentation)"
 PATCH_SIZE = 4  # the backbone's patch embedding (../shared/PAPER.md Sec. 3)
 
 # Per-task recipe (../shared/PAPER.md Sec. 8, 11). lr and the input sizes are tuned for shapes from scratch;
@@ -77,8 +78,7 @@ class TrainConfig:
     ``batch_size`` is per process: the global batch is ``batch_size * world_size * accum_steps``.
     """
 
-    task: str = setting("cls", "cls (classification), det (detection) or seg (semantic segmentation)",
-                        choices=TASKS, shown="cls, or the --resume checkpoint's task")
+    task: str = setting("cls", TASK_HELP, choices=TASKS, shown="cls, or the --resume checkpoint's task")
     model: str = setting("asmlp_tiny", "backbone variant", group=_DATA, choices=tuple(sorted(MODEL_CONFIGS)))
     data: str = setting("shapes", "'shapes' (built-in synthetic scenes, generated once per run and kept in memory; "
                         "cls: one whole 16-40 px shape on flat grey per 64-px scene, det/seg: 1-4 shapes, cut or "
