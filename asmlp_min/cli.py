@@ -17,7 +17,6 @@ does not take it for a finished run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -26,107 +25,91 @@ from pathlib import Path
 from .backbone import list_models
 from .checkpoint import CheckpointError, WriteError
 
-_TASK_HELP = "cls (classification), det (detection) or seg (semantic segmentation)"
-
 
 # ---------------------------------------------------------------- train
 
 def _depths(text: str) -> tuple[int, ...]:
+    """'2,2,6,2' -> (2, 2, 6, 2): blocks per stage, at least one each."""
     try:
         depths = tuple(int(v) for v in text.split(","))
     except ValueError:
-        message = f"expected comma-separated block counts such as 2,2,6,2, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
+        depths = ()
     if not depths or min(depths) < 1:
-        raise argparse.ArgumentTypeError(f"every stage needs at least one block, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected block counts >= 1 separated by commas, e.g. 2,2,6,2, got {text!r}")
     return depths
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a flag. Defaults are None here so that, with --resume, only the flags
-    actually typed override the checkpoint's settings; the help shows the effective defaults."""
-    from .engine import AUGMENTATIONS, FOLDER_IMAGE_SIZE, SCHEDULES, TASK_DEFAULTS, TrainConfig
-    d = TrainConfig()
-    per_task = lambda key: ", ".join(f"{t} {v[key]}" for t, v in TASK_DEFAULTS.items())  # noqa: E731
-    folder_sizes = ", ".join(f"{t} {v}" for t, v in FOLDER_IMAGE_SIZE.items())
-    p.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
-                   help=f"{_TASK_HELP} (default: cls, or the --resume checkpoint's task)")
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", help=f"'shapes' (built-in synthetic scenes, generated once per run and kept in memory; "
-                                  f"cls: one whole 16-40 px shape on flat grey per 64-px scene, det/seg: 1-4 shapes, "
-                                  f"cut or covered, on a textured 128-px background) "
-                                  f"or a folder: cls PATH/{{train,val}}/<class>/<images> (ImageNet layout), det "
-                                  f"COCO PATH/annotations/instances_{{train,val}}[2017].json + "
-                                  f"PATH/{{train,val}}[2017]/, seg ADE20K "
-                                  f"PATH/{{images,annotations}}/{{training,validation}} (default: {d.data})")
-    g.add_argument("--model", choices=list_models(), help=f"backbone variant (default: {d.model})")
-    g.add_argument("--embed-dim", type=int, help="override the variant's channel width C (small models: 16-48)")
-    g.add_argument("--depths", type=_depths, help="override blocks per stage, e.g. 1,1,2,1")
-    g.add_argument("--shift-size", type=int, help="override the axial shift size (odd; paper: 5)")
-    g.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the variant's, tiny 0.2)")
-    g.add_argument("--head-channels", type=int,
-                   help="FPN channels (det, paper 256) or UperNet channels (seg, paper 512; aux head half)")
-    g.add_argument("--pretrained", help="backbone weights to start from: official .pth, mmdet/mmseg or our checkpoint")
-    g.add_argument("--num-classes", type=int, help="classes (default: from the data; required for a non-ADE20K "
-                                                   "segmentation folder)")
-    g.add_argument("--image-size", type=int,
-                   help=f"input size in pixels: cls the square crop, det the short side every image is resized to "
-                        f"for training and evaluation (long side <= 1333/800 of it), seg the training crop "
-                        f"(default: {per_task('image_size')} on shapes; {folder_sizes} on a folder, as in the paper)")
-    g.add_argument("--train-size", type=int, help=f"shapes only: number of training scenes (default: {d.train_size})")
-    g.add_argument("--val-size", type=int, help=f"shapes only: number of validation scenes (default: {d.val_size})")
-    g.add_argument("--augment", choices=AUGMENTATIONS,
-                   help="'paper': the paper's pipelines (cls random resized crop, det flip, seg rescale + crop); "
-                        "'light': resize + flip; 'none': no randomness (default auto: light on shapes, paper on "
-                        "folders)")
-    g = p.add_argument_group("optimisation (AdamW, no weight decay on norms and biases)")
-    g.add_argument("--epochs", type=int, help=f"length of the schedule (default: {d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"images per process and step; global batch = batch-size x "
-                                                  f"processes x accum-steps (default: {d.batch_size})")
-    g.add_argument("--accum-steps", type=int,
-                   help="micro-batches per optimiser step (gradient accumulation, default 1)")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {per_task('lr')}; paper: cls 1e-3 at "
-                                            "batch 1024, det 1e-4 and seg 6e-5 at batch 16 from ImageNet weights)")
-    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {per_task('weight_decay')})")
-    g.add_argument("--schedule", choices=SCHEDULES, help=f"per-iteration lr schedule after warm-up "
-                                                         f"(default: {per_task('schedule')})")
-    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up length in epochs (default: {d.warmup_epochs})")
-    g.add_argument("--clip-grad", type=float, help=f"max gradient norm, 0 = off (default: {per_task('clip_grad')})")
-    g.add_argument("--label-smoothing", type=float, help=f"cls: label smoothing (default: {d.label_smoothing})")
-    g.add_argument("--class-weight", help="seg: per-class loss weights, 'balanced' (sqrt(n_max / n_c) from the "
-                                          "training masks' pixel counts) or one number per class, e.g. 1,4.8,4.2,6.1 "
-                                          "(default: none, plain cross-entropy as in the paper)")
-    g.add_argument("--mixup", type=float, help="cls: mixup alpha, 0 = off (paper: 0.8)")
-    g.add_argument("--cutmix", type=float, help="cls: cutmix alpha, 0 = off (paper: 1.0)")
-    g.add_argument("--seed", type=int, help=f"seed of weights, data order and augmentation (default: {d.seed})")
-    g = p.add_argument_group("speed")
-    g.add_argument("--device", help="auto (cuda when available), cpu or cuda (default: auto)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA (default: off; "
-                        "on a CPU without bfloat16 units, AVX512-BF16 or AMX, it is many times slower)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="NHWC memory format for model and images (default: off; the CPU model computes in NHWC "
-                        "anyway, and on an H200 GPU it was slower: benchmarks/README.md)")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0, load in the main process)")
-    g = p.add_argument_group("run folder, checkpoints and resuming")
-    g.add_argument("--output", help="run folder for checkpoint.pt, metrics.jsonl, curves.png (default: runs/<task>, "
-                                    "or the --resume checkpoint's folder)")
-    g.add_argument("--resume", help="continue exactly from a run's checkpoint.pt (its settings are reused; flags "
-                                    "given here override them and must not change the model or data order)")
-    g.add_argument("--stop-at-epoch", type=int, help="end this run after that epoch although the schedule spans "
-                                                     "--epochs (for time-limited jobs; continue with --resume)")
-    g.add_argument("--eval-every", type=int, help="evaluate every N epochs and after the last (default: 1)")
-    g.add_argument("--overwrite", action="store_true", help="start a new run in a folder that already has a checkpoint")
+    """Every TrainConfig field as a flag, generated from the field (name, type, choices, help). Defaults are None
+    here so that, with --resume, only the flags actually typed override the checkpoint's settings; the help states
+    the defaults a run really gets (:class:`_TrainHelp`)."""
+    import typing
+
+    from .engine.config import GROUP_HELP, TrainConfig
+    hints, groups = typing.get_type_hints(TrainConfig), {}
+    p.add_argument("-h", "--help", action=_TrainHelp, help="show this message, with the defaults of the task (and "
+                                                           "--model) given before it, and exit")
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+        kwargs = dict(help=f.metadata["help"], choices=f.metadata.get("choices"))
+        if kinds[0] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kinds[0] in (int, float):
+            kwargs["type"] = kinds[0]
+        elif typing.get_origin(kinds[0]) is tuple:
+            kwargs["type"] = _depths
+        if f.name == "task":
+            p.add_argument("task", nargs="?", **kwargs)
+            continue
+        name = f.metadata["group"]
+        if name not in groups:
+            groups[name] = p.add_argument_group(name, GROUP_HELP.get(name))
+        groups[name].add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
+    run = groups["run folder, checkpoints and resuming"]
+    run.add_argument("--resume", help="continue exactly from a run's checkpoint.pt (its settings are reused; flags "
+                                      "given here override them and must not change the model or data order)")
+    run.add_argument("--overwrite", action="store_true", help="start a new run in a folder that already has a "
+                                                              "checkpoint")
+    _describe_defaults(p, task=None, model="asmlp_tiny")
+
+
+def _describe_defaults(parser: argparse.ArgumentParser, task: str | None, model: str) -> None:
+    """Append to each setting's help the default that ``task`` (every task when None) and ``model`` get."""
+    from .engine.config import TrainConfig, default_text
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    for action in parser._actions:
+        if action.dest in meta:
+            shown = default_text(action.dest, task, model)
+            action.help = meta[action.dest]["help"] + (f" (default: {shown})" if shown else f" (not a {task} setting)")
+
+
+class _TrainHelp(argparse.Action):
+    """``train [TASK] [--model M] --help``: the help with the defaults of that task and variant (drop path, shift
+    size and the input size differ between tasks)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):  # noqa: A002
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _describe_defaults(parser, getattr(namespace, "task", None), getattr(namespace, "model", None) or "asmlp_tiny")
+        parser.print_help()
+        parser.exit()
 
 
 def _train(args: argparse.Namespace) -> int:
     from .engine import TrainConfig, Trainer, _read_engine_checkpoint
+    from .engine.distributed import process_group_closed_at_exit
+    from .engine.config import SIZE_FIELDS
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.resume:
-        # the checkpoint's settings, except the one that only concerned the run that wrote it
-        saved = _read_engine_checkpoint(args.resume, resume=True)["config"]
-        base = dataclasses.replace(TrainConfig.from_dict(saved), stop_at_epoch=None)
+        # the checkpoint's settings, except the one that only concerned the run that wrote it, and its input size
+        # where another task is asked for (the resume check then names the task that differs)
+        saved = TrainConfig.from_dict(_read_engine_checkpoint(args.resume, resume=True)["config"])
+        other_task = overrides.get("task", saved.task) != saved.task
+        sizes = dict.fromkeys(SIZE_FIELDS) if other_task else {}
+        base = dataclasses.replace(saved, stop_at_epoch=None, **sizes)
         overrides.setdefault("output", str(Path(args.resume).parent))
     else:
         task = overrides.get("task", "cls")
@@ -136,32 +119,13 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"{existing} exists: continue it with --resume {existing}, or start over with "
                              "--overwrite or another --output")
     trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume)
-    with _process_group_closed_at_exit():
+    with process_group_closed_at_exit():
         trainer.log(f"training {trainer.cfg.task} {trainer.cfg.model} on {trainer.cfg.data}: "
                     f"{trainer.steps_per_epoch} steps/epoch x {trainer.cfg.epochs} epochs, global batch "
                     f"{trainer.cfg.batch_size * trainer.env.world_size * trainer.cfg.accum_steps}, "
                     f"{trainer.env.world_size} process(es) on {trainer.env.device}; run folder {trainer.run_dir}")
         trainer.fit()
     return 0 if trainer.stop_signal is None else 128 + trainer.stop_signal
-
-
-@contextlib.contextmanager
-def _process_group_closed_at_exit():
-    """Destroy the torch.distributed process group, if one is up, when the block ends. After a block that finished
-    on every process, a barrier first: PyTorch 2.11's gloo process group deadlocked at exit (its worker thread
-    waited for the GIL to free the last collective's Python-made tensors while the main thread, holding the GIL,
-    waited for that thread); after a barrier the last collective holds none. After an error the other processes
-    may never reach a barrier, so there is none."""
-    import torch.distributed as dist
-    finished = False
-    try:
-        yield
-        finished = True
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- evaluate
@@ -190,13 +154,14 @@ def _writable_file(path: str, flag: str) -> Path:
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write
     from .engine import _check_label_set, build_data, evaluate, init_distributed, strict_json
+    from .engine.distributed import process_group_closed_at_exit
     json_path = _writable_file(args.json, "json") if args.json else None
     model, cfg, checkpoint = _load_for(args)
     overrides = {k: v for k, v in dict(data=args.data, batch_size=args.batch_size, val_size=args.val_size,
                                        device=args.device, amp=args.amp).items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides).resolved()
     env = init_distributed(cfg.device)
-    with _process_group_closed_at_exit():
+    with process_group_closed_at_exit():
         data = build_data(cfg, with_train=False)
         _check_label_set(checkpoint, data, args.checkpoint)
         metrics = evaluate(model.to(env.device), cfg, data, env)
@@ -293,28 +258,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from .backbone import create_model
-    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint
-    from .export import export_onnx
-    if len(args.image_size) > 2:
-        raise ValueError(f"--image-size takes one size or two (height width), got {args.image_size}")
-    output = _writable_file(args.output or f"{args.model}.onnx", "output")
-    overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
-    model = create_model(args.model, num_classes=args.num_classes, features_only=args.features_only,
-                         **{k: v for k, v in overrides.items() if v is not None})
-    if args.weights:  # a backbone takes the backbone's keys of any checkpoint; a classifier all of them
-        (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, args.weights)
-    else:
-        print("no --weights: exporting randomly initialised weights", file=sys.stderr)
-    height, width = (args.image_size * 2)[:2]  # one size: a square
-    export_onnx(model, output, (height, width))
-    print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> "
-          + ("stage maps " + ", ".join(f"stage{i}" for i in model.out_indices) if args.features_only
-             else f"logits (batch, {args.num_classes})"))
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     report, missed = run_demo(args.output, data_root=args.data_root, quick=args.quick)
@@ -324,29 +267,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 1 if missed else 0
 
 
-def _add_export_parser(sub) -> None:
-    ex = sub.add_parser("export", help="write a classifier or backbone as ONNX (any batch, one image size)",
-                        description="torch.onnx.export(dynamo=True) of a variant with its weights, written "
-                                    "atomically; the batch size is free, height and width are fixed (export one "
-                                    "file per size). Needs onnx and onnxscript.")
-    ex.add_argument("--model", choices=list_models(), default="asmlp_tiny", help="variant (default: asmlp_tiny)")
-    ex.add_argument("--weights", help="official .pth, mmdet/mmseg or our checkpoint (default: random weights)")
-    ex.add_argument("--features-only", action="store_true", help="the backbone's four stage maps, not logits")
-    ex.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
-    ex.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="SIZE",
-                    help="height [width] of the input (default: 224)")
-    ex.add_argument("--embed-dim", type=int, help="override the variant's channel width C")
-    ex.add_argument("--depths", type=_depths, help="override blocks per stage, e.g. 1,1,2,1")
-    ex.add_argument("--shift-size", type=int, help="override the axial shift size")
-    ex.add_argument("--output", help="the .onnx file to write (default: MODEL.onnx)")
-    ex.set_defaults(func=_export)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asmlp-min", description="AS-MLP: models, training and benchmarks.",
-                                     epilog="Run 'asmlp-min COMMAND --help' for the flags of a command.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="train and evaluate a small classifier, detector and segmenter on shapes",
                           description="On the built-in shapes data and the CPU: trains a small AS-MLP classifier, "
                                       "detector and segmenter, evaluates them, and writes OUTPUT/report.md with "
@@ -360,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "numbers are meaningless")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="train a classifier, detector or segmenter (resumable, AMP, DDP)",
+
+def _add_train_parser(sub) -> None:
+    train = sub.add_parser("train", add_help=False,  # --help is _TrainHelp: it states the task's defaults
+                           help="train a classifier, detector or segmenter (resumable, AMP, DDP)",
                            description="Train AS-MLP for one task. Every epoch appends to OUTPUT/metrics.jsonl, "
                                        "redraws OUTPUT/curves.png and atomically rewrites OUTPUT/checkpoint.pt; "
                                        "Ctrl-C saves and stops. Multi-process: torchrun --nproc_per_node=N "
@@ -368,11 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     train.set_defaults(func=_train)
 
+
+def _add_evaluate_parser(sub) -> None:
+    from .engine.config import TASK_HELP
     ev = sub.add_parser("evaluate", help="score a trained checkpoint on validation data",
                         description="Accuracy (cls), COCO box AP (det) or mIoU (seg) of a checkpoint from "
                                     "'asmlp-min train'. Works under torchrun too.")
     ev.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
-                    help=f"{_TASK_HELP}; optional, checked against the checkpoint")
+                    help=f"{TASK_HELP}; optional, checked against the checkpoint")
     ev.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     ev.add_argument("--data", help="'shapes' or a folder (default: the data the checkpoint was trained on)")
     ev.add_argument("--val-size", type=int, help="shapes only: number of validation scenes (default: as trained)")
@@ -383,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.set_defaults(func=_evaluate)
 
+
+def _add_predict_parser(sub) -> None:
     pr = sub.add_parser("predict", help="run a checkpoint on images: top-k classes, boxes or a mask overlay PNG",
                         description="For each image, print the prediction and write OUTPUT/<name>_<task>.png: the "
                                     "top-k classes as the title (cls), boxes with labels and scores (det), or the "
@@ -396,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score-threshold", type=float, default=0.3, help="det: hide boxes scored below (default: 0.3)")
     pr.set_defaults(func=_predict)
 
+
+def _add_info_parser(sub) -> None:
     info = sub.add_parser("info", help="parameters, GMACs and per-stage shapes beside the paper's numbers",
                           description="Print parameters, GMACs (measured and analytic) and stage shapes of a "
                                       "variant next to the paper's values.")
@@ -403,7 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--image-size", type=int, default=224, help="square input size (default: 224)")
     info.set_defaults(func=_info)
 
-    _add_export_parser(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asmlp-min", description="AS-MLP: models, training and benchmarks.",
+                                     epilog="Run 'asmlp-min COMMAND --help' for the flags of a command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo_parser, _add_train_parser, _add_evaluate_parser, _add_predict_parser, _add_info_parser):
+        add(sub)
+
+    from .export import add_export_parser
+    add_export_parser(sub)
 
     from .bench import add_bench_parser
     add_bench_parser(sub)

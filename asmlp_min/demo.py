@@ -33,12 +33,12 @@ from .engine import CHECKPOINT_NAME, TASK_DEFAULTS, TrainConfig, Trainer, build_
 BACKBONE = dict(model="asmlp_tiny", embed_dim=32, depths=(1, 1, 2, 1), drop_path=0.05)
 RUNS = {
     "cls": dict(image_size=64, train_size=3000, val_size=300, epochs=12, batch_size=32, lr=1e-3, eval_every=3),
-    "det": dict(image_size=128, train_size=1000, val_size=200, epochs=8, batch_size=16, lr=1e-3, eval_every=4,
+    "det": dict(min_size=128, train_size=1000, val_size=200, epochs=8, batch_size=16, lr=1e-3, eval_every=4,
                 head_channels=64),
-    "seg": dict(image_size=64, train_size=1500, val_size=200, epochs=10, batch_size=16, lr=2e-3, eval_every=5,
+    "seg": dict(crop_size=64, train_size=1500, val_size=200, epochs=10, batch_size=16, lr=2e-3, eval_every=5,
                 head_channels=64, class_weight="balanced"),
 }
-# make_scene settings per task (scenes are drawn at image_size, so no resize blurs them).
+# make_scene settings per task (scenes are drawn at the run's input size, so no resize blurs them).
 SCENES = {
     "cls": CLS_SCENE,
     "det": dict(image_size=128, max_shapes=3, size_range=(16, 48), whole=True, background="flat"),
@@ -243,13 +243,14 @@ def _result_row(task: str, trainer: Trainer, quick: bool) -> str:
     """One line of the results table: model, data, schedule, metric against target and chance, time."""
     from .complexity import count_gmacs, count_params
     cfg, last, model = trainer.cfg, trainer.history[-1], trainer.model
-    gmacs = count_gmacs(model.backbone if task == "det" else model, (3, cfg.image_size, cfg.image_size))
+    size = cfg.min_size if task == "det" else cfg.input_size
+    gmacs = count_gmacs(model.backbone if task == "det" else model, (3, size, size))
     name, target = TARGETS[task]
     met = "not checked (quick)" if quick else ("**met**" if last[name] >= target else "**MISSED**")
     return (f"| {TITLES[task]} | AS-MLP C={cfg.embed_dim}, depths {'-'.join(map(str, cfg.depths))} + {HEADS[task]}; "
             f"{count_params(model) / 1e6:.2f}M params, {gmacs:.3f} GMACs{' (backbone)' if task == 'det' else ''} at "
-            f"{cfg.image_size}x{cfg.image_size} | {len(trainer.data.train)} / {len(trainer.data.val)}, "
-            f"{cfg.image_size} px | {cfg.epochs} ({cfg.batch_size}, {cfg.lr:g}) | {_result_text(task, last)} | "
+            f"{size}x{size} | {len(trainer.data.train)} / {len(trainer.data.val)}, "
+            f"{size} px | {cfg.epochs} ({cfg.batch_size}, {cfg.lr:g}) | {_result_text(task, last)} | "
             f"{name} >= {target}: {met} | {_chance_text(task, cfg)} | "
             f"{_run_seconds(trainer.history):.0f} s ({last['train_img_per_s']:.0f} img/s) |")
 

@@ -8,8 +8,10 @@ TorchScript (``torch.jit``) is deprecated in PyTorch, so it is not offered.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -23,9 +25,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
     for any batch and the given (h, w); outputs ``logits``, or ``stage{i}`` for each of a backbone's ``out_indices``."""
     if importlib.util.find_spec("onnxscript") is None:
         raise ValueError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript (or pip install -e .[dev])")
-    height, width = image_size
-    if height < 1 or width < 1:
-        raise ValueError(f"image_size must be two sizes >= 1 (height, width), got {tuple(image_size)}")
+    height, width = image_size  # sizes >= 1: checked by the CLI
     model = model.eval()
     example = torch.randn(2, model.in_chans, height, width)  # 2, not 1: a size-1 batch would be traced as fixed
     outputs = [f"stage{i}" for i in model.out_indices] if model.features_only else ["logits"]
@@ -34,3 +34,48 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
     with atomic_write(path) as f:
         f.write(program.model_proto.SerializeToString())
     return Path(path)
+
+
+# ---------------------------------------------------------------- asmlp-min export
+
+def add_export_parser(sub) -> None:
+    """The ``export`` subcommand of ``asmlp-min`` (cli.py), beside the function it runs."""
+    from .backbone import list_models
+    from .cli import _depths
+    ex = sub.add_parser("export", help="write a classifier or backbone as ONNX (any batch, one image size)",
+                        description="torch.onnx.export(dynamo=True) of a variant with its weights, written "
+                                    "atomically; the batch size is free, height and width are fixed (export one "
+                                    "file per size). Needs onnx and onnxscript.")
+    ex.add_argument("--model", choices=list_models(), default="asmlp_tiny", help="variant (default: asmlp_tiny)")
+    ex.add_argument("--weights", help="official .pth, mmdet/mmseg or our checkpoint (default: random weights)")
+    ex.add_argument("--features-only", action="store_true", help="the backbone's four stage maps, not logits")
+    ex.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+    ex.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="SIZE",
+                    help="height [width] of the input (default: 224)")
+    ex.add_argument("--embed-dim", type=int, help="override the variant's channel width C")
+    ex.add_argument("--depths", type=_depths, help="override blocks per stage, e.g. 1,1,2,1")
+    ex.add_argument("--shift-size", type=int, help="override the axial shift size")
+    ex.add_argument("--output", help="the .onnx file to write (default: MODEL.onnx)")
+    ex.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .backbone import create_model
+    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint
+    from .cli import _writable_file
+    if len(args.image_size) > 2 or min(args.image_size) < 1:
+        raise ValueError(f"--image-size takes one size or two (height width), each >= 1, got {args.image_size}")
+    output = _writable_file(args.output or f"{args.model}.onnx", "output")
+    overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
+    model = create_model(args.model, num_classes=args.num_classes, features_only=args.features_only,
+                         **{k: v for k, v in overrides.items() if v is not None})
+    if args.weights:  # a backbone takes the backbone's keys of any checkpoint; a classifier all of them
+        (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, args.weights)
+    else:
+        print("no --weights: exporting randomly initialised weights", file=sys.stderr)
+    height, width = (args.image_size * 2)[:2]  # one size: a square
+    export_onnx(model, output, (height, width))
+    print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> "
+          + ("stage maps " + ", ".join(f"stage{i}" for i in model.out_indices) if args.features_only
+             else f"logits (batch, {args.num_classes})"))
+    return 0

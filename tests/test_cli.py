@@ -1,5 +1,6 @@
 """``asmlp-min``: every subcommand on tiny data, --help for every flag, and one-line errors for user mistakes."""
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,12 +19,18 @@ import torch
 
 from asmlp_min.checkpoint import load_checkpoint
 from asmlp_min.cli import build_parser, main
+from asmlp_min.engine.config import SIZE_FIELD, TrainConfig
 from asmlp_min.data.shapes import make_scene, scene_rng
 from tests.test_engine import gap_coco
 
 TINY = ["--epochs=1", "--batch-size=4", "--train-size=8", "--val-size=4", "--embed-dim=8", "--depths=1,1,1,1",
         "--image-size=32", "--device=cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_for(task: str) -> list[str]:
+    """TINY with the task's own input-size flag (cls --image-size, det --min-size, seg --crop-size)."""
+    return [a.replace("--image-size", "--" + SIZE_FIELD[task].replace("_", "-")) for a in TINY]
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -35,9 +42,9 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 def runs(tmp_path_factory):
     """One tiny trained run per task, shared by the tests below (cls, det, seg: a few seconds each)."""
     root = tmp_path_factory.mktemp("runs")
-    for task, extra in (("cls", []), ("det", ["--head-channels=16", "--image-size=64"]),
+    for task, extra in (("cls", []), ("det", ["--head-channels=16", "--min-size=64"]),
                         ("seg", ["--head-channels=16"])):
-        assert main(["train", task, *TINY, *extra, f"--output={root / task}"]) == 0
+        assert main(["train", task, *tiny_for(task), *extra, f"--output={root / task}"]) == 0
     return root
 
 
@@ -73,6 +80,54 @@ def test_image_size_help_gives_the_shapes_and_the_folder_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())              # argparse wraps lines anywhere
     assert "cls 64, det 128, seg 128 on shapes" in text
     assert "cls 224, det 800, seg 512 on a folder" in text
+
+
+def test_every_train_setting_has_exactly_one_flag_generated_from_its_field():
+    """The train flags are TrainConfig's fields (name -> --kebab-name, help from the field), plus --resume and
+    --overwrite, which concern the command, not the run."""
+    train = subparsers()["train"]
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    dests = {a.dest for a in train._actions if a.dest not in (argparse.SUPPRESS, "help")}
+    assert dests == set(fields) | {"resume", "overwrite"}
+    for action in train._actions:
+        if action.dest in fields and action.dest != "task":
+            assert action.option_strings[0] == "--" + action.dest.replace("_", "-")
+            assert action.help.startswith(fields[action.dest].metadata["help"])
+
+
+@pytest.mark.parametrize("argv, drop_path, shift_size", [
+    (["train", "cls"], "asmlp_tiny: 0.2", "asmlp_tiny: 5"),
+    (["train", "seg"], "asmlp_tiny: 0.3", "asmlp_tiny: 5"),                    # mmseg's drop path for T
+    (["train", "seg", "--model=asmlp_small"], "asmlp_small: 0.3", "asmlp_small: 3"),   # and shift 3 for S
+    (["train"], "asmlp_tiny: cls 0.2, det 0.2, seg 0.3", "asmlp_tiny: 5"),
+])
+def test_train_help_shows_the_default_of_the_task_and_variant_given(argv, drop_path, shift_size, capsys):
+    from asmlp_min.segmentation import SEG_BACKBONE_DEFAULTS
+    assert SEG_BACKBONE_DEFAULTS["asmlp_small"] == dict(shift_size=3, drop_path_rate=0.3)   # the oracle
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"stochastic depth rate (default: the variant's, {drop_path})" in text
+    assert f"the axial shift size (odd) (default: the variant's, {shift_size})" in text
+
+
+def test_train_help_gives_each_task_its_own_size_flag(capsys):
+    for task, shown in (("cls", "--image-size IMAGE_SIZE cls: the square input size in pixels (the paper's crop) "
+                                "(default: 64 on shapes, 224 on a folder)"),
+                        ("det", "(default: 128 on shapes, 800 on a folder)"),
+                        ("seg", "--crop-size CROP_SIZE seg: the square training crop in pixels (default: 128 on "
+                                "shapes, 512 on a folder)")):
+        with pytest.raises(SystemExit):
+            main(["train", task, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert shown in text and "(not a " + task + " setting)" in text
+
+
+@pytest.mark.parametrize("task, new_flag", [("det", "--min-size"), ("seg", "--crop-size")])
+def test_image_size_on_det_or_seg_is_refused_naming_the_tasks_own_flag(task, new_flag, capsys):
+    assert main(["train", task, "--image-size=64", "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{task}: image_size (--image-size) applies to cls only; {task} sets its input size with {new_flag}" in err
 
 
 def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(runs, capsys):
@@ -140,7 +195,7 @@ def test_detection_on_coco_category_ids_with_gaps_shows_names_and_scores_the_rea
     labels were the ids) still loads where that holds, and is refused where it does not."""
     data = gap_coco(tmp_path / "coco")
     run = tmp_path / "run"
-    assert main(["train", "det", f"--data={data}", *TINY, "--head-channels=16", "--image-size=64",
+    assert main(["train", "det", f"--data={data}", *tiny_for("det"), "--head-channels=16", "--min-size=64",
                  f"--output={run}"]) == 0
     checkpoint = load_checkpoint(run / "checkpoint.pt")
     assert checkpoint["classes"] == ["circle", "square", "triangle"] and checkpoint["category_ids"] == [1, 3, 90]

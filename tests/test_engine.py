@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 import asmlp_min.checkpoint
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
+from asmlp_min.engine.config import SIZE_FIELD
 from asmlp_min.engine import (DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data,
-                              build_model, evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
-                              soft_target_cross_entropy)
+                              build_model, evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock)
 
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
+    size = SIZE_FIELD.get(overrides.get("task"), "image_size")    # cls image_size, det min_size, seg crop_size
     values = dict(task="cls", output=str(tmp_path / name), epochs=2, batch_size=8, train_size=32, val_size=8,
-                  image_size=32, embed_dim=8, depths=(1, 1, 1, 1), drop_path=0.1, mixup=0.2, cutmix=1.0,
+                  **{size: 32}, embed_dim=8, depths=(1, 1, 1, 1), drop_path=0.1, mixup=0.2, cutmix=1.0,
                   warmup_epochs=0.5, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
@@ -91,9 +92,14 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_soft_target_cross_entropy_equals_label_smoothing_for_one_hot_targets():
+    """The mixup loss is F.cross_entropy on class probabilities (it replaced a hand-written soft-target loss), with
+    label_smoothing applied to them: for one-hot targets it is the plain smoothed loss."""
     logits, labels, eps = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2]), 0.1
     soft = F.one_hot(labels, 4).float() * (1 - eps) + eps / 4
-    assert torch.allclose(soft_target_cross_entropy(logits, soft), F.cross_entropy(logits, labels, label_smoothing=eps))
+    assert torch.allclose(F.cross_entropy(logits, soft), F.cross_entropy(logits, labels, label_smoothing=eps))
+    one_hot = F.one_hot(labels, 4).float()
+    assert torch.allclose(F.cross_entropy(logits, one_hot, label_smoothing=eps),
+                          F.cross_entropy(logits, labels, label_smoothing=eps))
 
 
 # ---------------------------------------------------------------- resume, Ctrl-C, nan, atomic writes
@@ -330,8 +336,8 @@ def test_bad_settings_raise_before_training(tmp_path):
         Trainer(tiny(tmp_path, data=str(tmp_path / "missing")), log=quiet)
     with pytest.raises(ValueError, match="mixup/cutmix apply to classification only"):
         Trainer(tiny(tmp_path, task="seg"), log=quiet)
-    with pytest.raises(ValueError, match="det: image_size is the short side .* >= 32, got 16"):
-        Trainer(tiny(tmp_path, task="det", image_size=16, mixup=0.0, cutmix=0.0), log=quiet)
+    with pytest.raises(ValueError, match="det: min_size must be >= 32, got 16: the detector's coarsest level"):
+        Trainer(tiny(tmp_path, task="det", min_size=16, mixup=0.0, cutmix=0.0), log=quiet)
 
 
 def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
@@ -399,9 +405,42 @@ def test_crowd_boxes_reach_the_detector_and_are_not_learned():
 def test_folders_default_to_the_papers_image_sizes_and_shapes_keeps_its_own():
     """PAPER.md Sec. 8, 11: ImageNet crops 224, COCO short side 800 (long side <= 1333), ADE20K crops 512."""
     for task, on_shapes, on_folder in (("cls", 64, 224), ("det", 128, 800), ("seg", 128, 512)):
-        assert TrainConfig(task=task).resolved().image_size == on_shapes
-        assert TrainConfig(task=task, data="/datasets/real").resolved().image_size == on_folder
-        assert TrainConfig(task=task, data="/datasets/real", image_size=96).resolved().image_size == 96
+        size = SIZE_FIELD[task]                                 # cls image_size, det min_size, seg crop_size
+        assert getattr(TrainConfig(task=task).resolved(), size) == on_shapes
+        assert getattr(TrainConfig(task=task, data="/datasets/real").resolved(), size) == on_folder
+        assert getattr(TrainConfig(task=task, data="/datasets/real", **{size: 96}).resolved(), size) == 96
+
+
+def test_a_config_saved_when_image_size_meant_every_tasks_size_maps_to_the_new_names():
+    """Before min_size/crop_size, det saved its short side and seg its crop as image_size (hand-made old dicts)."""
+    old = dict(task="det", model="asmlp_tiny", data="shapes", epochs=2, image_size=96, num_classes=3)
+    det = TrainConfig.from_dict(old).resolved()
+    assert (det.image_size, det.min_size, det.max_size, det.crop_size) == (None, 96, 160, None)  # 96 * 1333 / 800
+    seg = TrainConfig.from_dict({**old, "task": "seg"}).resolved()
+    assert (seg.image_size, seg.min_size, seg.crop_size) == (None, None, 96)
+    cls = TrainConfig.from_dict({**old, "task": "cls"}).resolved()
+    assert (cls.image_size, cls.min_size, cls.crop_size) == (96, None, None)
+
+
+@pytest.mark.parametrize("task, size", [("det", "min_size"), ("seg", "crop_size")])
+def test_an_old_run_checkpoint_with_image_size_loads_evaluates_predicts_and_resumes(tmp_path, task, size):
+    cfg = tiny(tmp_path, task=task, mixup=0.0, cutmix=0.0, head_channels=16, train_size=16, val_size=4,
+               batch_size=4, epochs=2, **{size: 64})
+    Trainer(dataclasses.replace(cfg, stop_at_epoch=1), log=quiet).fit()
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    old = {k: v for k, v in checkpoint["config"].items() if k not in ("min_size", "max_size", "crop_size")}
+    checkpoint["config"] = {**old, "image_size": 64}                  # as written before the sizes had names
+    path = tmp_path / "old.pt"
+    torch.save(checkpoint, path)
+    model, saved, _ = load_trained(path)
+    assert getattr(saved, size) == 64 and saved.image_size is None
+    if task == "det":
+        assert (model.min_size, model.max_size) == (64, 107)             # as the old image_size=64 built it
+    evaluate(model, saved, build_data(saved, with_train=False))
+    predict(model, saved, torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))
+    resumed = Trainer(cfg, resume=path, log=quiet)
+    resumed.fit()
+    assert resumed.epoch == 2
 
 
 def test_shapes_classification_scenes_hold_one_whole_shape_on_grey():
@@ -429,7 +468,7 @@ def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):
     cfg = TrainConfig(task="det", data=str(tmp_path / "coco"), output=str(tmp_path / "run"), epochs=1, batch_size=2,
                       embed_dim=8, depths=(1, 1, 1, 1), head_channels=16, drop_path=0.0, device="cpu")
     trainer = Trainer(cfg, log=quiet)
-    assert (trainer.cfg.image_size, trainer.cfg.augment) == (800, "paper")
+    assert (trainer.cfg.min_size, trainer.cfg.max_size, trainer.cfg.augment) == (800, 1333, "paper")
     seen = []
     record = lambda module, inputs, output: seen.append(tuple(inputs[0].shape))  # noqa: E731
     handle = trainer.model.backbone.register_forward_hook(record)
@@ -438,15 +477,15 @@ def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):
     assert seen == [(2, 3, 800, 800)] * 3                   # 2 training batches, then the validation batch
     path = tmp_path / "run" / "checkpoint.pt"
     model, saved, _ = load_trained(path)
-    assert (saved.image_size, model.min_size, model.max_size) == (800, 800, 1333)
+    assert (saved.min_size, model.min_size, model.max_size) == (800, 800, 1333)
     seen.clear()
     model.backbone.register_forward_hook(record)
     evaluate(model, saved, build_data(saved, with_train=False))
     predict(model, saved, torch.randint(0, 256, (3, 100, 250), dtype=torch.uint8))
     assert seen == [(2, 3, 800, 800), (1, 3, 544, 1344)]  # 100x250 -> 533x1333 (long side capped), padded to 32
     Trainer(cfg, resume=path, log=quiet)                    # the default resolves to the same size
-    with pytest.raises(CheckpointError, match="image_size: checkpoint 800, now 640"):
-        Trainer(dataclasses.replace(cfg, image_size=640), resume=path, log=quiet)
+    with pytest.raises(CheckpointError, match="min_size: checkpoint 800, now 640"):
+        Trainer(dataclasses.replace(cfg, min_size=640), resume=path, log=quiet)
 
 
 # ---------------------------------------------------------------- non-finite weights and damaged checkpoints
@@ -572,7 +611,7 @@ def test_metrics_jsonl_is_strict_json_with_null_for_nan(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (dict(device="gpu"), "device must be auto, cpu, cuda or cuda:N"),
     (dict(image_size=1), "cls: image_size must be >= 4, got 1: the model cuts the image into 4x4 patches"),
-    (dict(task="seg", image_size=3, mixup=0.0, cutmix=0.0), "seg: image_size must be >= 4"),
+    (dict(task="seg", crop_size=3, mixup=0.0, cutmix=0.0), "seg: crop_size must be >= 4"),
     (dict(warmup_epochs=float("nan")), "warmup_epochs must be a finite number, got nan"),
     (dict(mixup=float("nan")), "mixup must be a finite number"),
     (dict(cutmix=float("inf")), "cutmix must be a finite number"),
@@ -584,7 +623,7 @@ def test_more_bad_settings_raise_before_training(tmp_path, overrides, message):
 
 
 def test_unusable_output_folder_is_refused_before_data_and_model_are_built(tmp_path, monkeypatch):
-    monkeypatch.setattr("asmlp_min.engine.build_data", lambda *a, **k: pytest.fail("built data first"))
+    monkeypatch.setattr("asmlp_min.engine.trainer.build_data", lambda *a, **k: pytest.fail("built data first"))
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--output .*file' is a file, not a folder"):
         Trainer(tiny(tmp_path, "file"), log=quiet)
@@ -602,7 +641,7 @@ def test_a_run_folder_lock_names_its_holder_refuses_a_second_run_and_is_removed_
                                              f"lock file .*run/.train.lock\\): wait for it .* choose another --output"):
             with run_folder_lock(lock.parent):
                 pass
-        monkeypatch.setattr("asmlp_min.engine.build_data", lambda *a, **k: pytest.fail("built data first"))
+        monkeypatch.setattr("asmlp_min.engine.trainer.build_data", lambda *a, **k: pytest.fail("built data first"))
         with pytest.raises(ValueError, match="in use by another training run"):
             Trainer(tiny(tmp_path), log=quiet)
         monkeypatch.undo()
@@ -655,7 +694,7 @@ def gap_coco(root, categories=GAP_IDS, splits=(("train", 4), ("val", 2))):
 
 def gap_det_config(tmp_path, **overrides) -> TrainConfig:
     values = dict(task="det", data=str(tmp_path / "coco"), output=str(tmp_path / "run"), epochs=1, batch_size=2,
-                  image_size=64, embed_dim=8, depths=(1, 1, 1, 1), head_channels=16, drop_path=0.0, device="cpu")
+                  min_size=64, embed_dim=8, depths=(1, 1, 1, 1), head_channels=16, drop_path=0.0, device="cpu")
     return TrainConfig(**{**values, **overrides})
 
 

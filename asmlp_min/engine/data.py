@@ -1,0 +1,225 @@
+"""The datasets of a run: the built-in shapes scenes or a folder in the task's real layout, their transforms, and
+the loader that turns a reader's failure into one :class:`DataError` line."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import TrainConfig
+
+
+class DataError(ValueError):
+    """A sample could not be read or transformed (a truncated image, a mask value out of range); the message is the
+    reader's, which names the file."""
+
+
+@dataclass
+class TaskData:
+    """Datasets plus what the model and the evaluation need to know about them."""
+    train: Dataset | None
+    val: Dataset
+    num_classes: int
+    classes: list[str] = field(default_factory=list)
+    coco_gt: object = None  # detection: the validation ground truth for COCOeval (dict, path or COCO)
+    category_ids: list[int] | None = None  # detection: label k is COCO category category_ids[k - 1]; None: k itself
+
+
+SHAPES_SIZE = 128  # det/seg scenes are drawn at their native size and resized by the transform
+
+
+def _identity(*inputs):
+    return inputs if len(inputs) > 1 else inputs[0]
+
+
+def light_transforms(task: str, train: bool, size: int):
+    """Resize to ``size`` (cls, seg; the detector sizes its own input) and, when training, a horizontal flip.
+
+    ``--augment light``, the default on shapes: the paper's crops (RandomResizedCrop from 8% of the image,
+    0.5-2x rescale) would cut the dominant shape out of a 64-pixel scene and relabel it.
+    """
+    from torchvision.transforms import v2
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    ops = [v2.ToImage()]
+    if task != "det":
+        ops.append(v2.Resize((size, size), antialias=True))
+    if train:
+        ops.append(v2.RandomHorizontalFlip())
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    if task != "det":  # torchvision-style detectors normalise inside the model
+        ops.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    return v2.Compose(ops)
+
+
+def paper_transforms(task: str, train: bool, size: int):
+    """The data pipelines of the paper's recipes (asmlp_min.data.transforms).
+
+    det: flips only; the detector resizes every image to short side ``size`` itself (``build_model``), so
+    training and evaluation see the same scale (COCO: 800, single scale; the paper trains at 480-800).
+    """
+    from ..data import transforms as T
+    if task == "cls":
+        return T.classification_transforms(train, size)
+    if task == "det":
+        return T.detection_transforms(train)
+    return T.segmentation_transforms(train, size if train else None)
+
+
+def task_transforms(task: str, augment: str, train: bool, size: int):
+    """The transform for one split; ``augment='none'`` is the eval transform for training too."""
+    if augment == "paper":
+        return paper_transforms(task, train, size)
+    return light_transforms(task, train and augment == "light", size)
+
+
+class CachedDataset(Dataset):
+    """Keeps each untransformed sample after its first read (the shapes generator runs once per scene,
+    not once per epoch), then applies ``transform``. The cache is per process and filled lazily."""
+
+    def __init__(self, base: Dataset, transform: Callable, task: str):
+        self.base, self.transform, self.task, self.cache = base, transform, task, {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        if index not in self.cache:
+            self.cache[index] = self.base[index]
+        image, target = self.cache[index]
+        if self.task == "cls":
+            return self.transform(image), target
+        return self.transform(image, target)
+
+
+def build_data(cfg: TrainConfig, with_train: bool = True) -> TaskData:
+    """``--data shapes`` (generated, deterministic, cached in memory) or a folder in the task's real layout.
+
+    Folders: cls ``PATH/{train,val}/<class>/<image>`` (ImageFolder); det ``PATH/annotations/instances_{split}.json``
+    with images in ``PATH/{split}/`` for split train/val or train2017/val2017 (COCO); seg
+    ``PATH/{images,annotations}/{training,validation}`` (ADE20K: 150 classes, label 0 ignored) or ``.../{train,val}``
+    (``--num-classes`` required, 0 is a class). This is also what ``export_shapes`` writes.
+    ``train=False`` builds the validation split only (``TaskData.train`` is None), for evaluation.
+    """
+    train_tf, val_tf = (task_transforms(cfg.task, cfg.augment, train, cfg.input_size) for train in (True, False))
+    if cfg.data == "shapes":
+        return _shapes_data(cfg, train_tf, val_tf, with_train)
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {cfg.data!r}: no such folder (use --data shapes for the built-in data)")
+    folder = {"cls": _folder_cls, "det": _folder_det, "seg": _folder_seg}[cfg.task]
+    return folder(root, cfg, train_tf, val_tf, with_train)
+
+
+def _shapes_data(cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
+    from ..data import shapes
+    kind = {"cls": shapes.ShapesClassification, "det": shapes.ShapesDetection, "seg": shapes.ShapesSegmentation}
+    dataset = kind[cfg.task]
+    # cls: one whole shape on grey (a border-cut square can read as a triangle); det/seg: the default scenes
+    scene = shapes.CLS_SCENE if cfg.task == "cls" else dict(image_size=SHAPES_SIZE)
+    make = lambda n, split, tf: CachedDataset(  # noqa: E731
+        dataset(n, seed=cfg.seed, split=split, transform=_identity, **scene), tf, cfg.task)
+    val = make(cfg.val_size, "val", val_tf)
+    classes = list(dataset.classes)
+    return TaskData(make(cfg.train_size, "train", train_tf) if with_train else None, val, len(classes), classes,
+                    coco_gt=val.base.coco_dict() if cfg.task == "det" else None)
+
+
+def _existing(root: Path, candidates: Iterable[str], what: str) -> str:
+    for candidate in candidates:
+        if (root / candidate).exists():
+            return candidate
+    raise FileNotFoundError(f"{root}: no {what}; expected {' or '.join(str(root / c) for c in candidates)} "
+                            "(see data/README.md)")
+
+
+def _folder_cls(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
+    from ..data.datasets import ImageFolderClassification
+    val = ImageFolderClassification(root / _existing(root, ["val"], "validation split"), transform=val_tf)
+    train = None
+    if with_train:
+        train = ImageFolderClassification(root / _existing(root, ["train"], "training split"), transform=train_tf)
+        _check_same_labels({c: c for c in train.classes}, {c: c for c in val.classes},
+                           f"{root}: train and val have different class folders", "every class needs a folder in both")
+    return TaskData(train, val, len(val.classes), list(val.classes))
+
+
+def _folder_det(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
+    from ..data.datasets import CocoDetection
+
+    def split(names: list[str], tf) -> CocoDetection:
+        ann = _existing(root, [f"annotations/instances_{n}.json" for n in names], "COCO annotation file")
+        return CocoDetection(root / Path(ann).stem.removeprefix("instances_"), root / ann, transform=tf,
+                             contiguous_labels=True)
+    val = split(["val", "val2017"], val_tf)
+    train = split(["train", "train2017"], train_tf) if with_train else None
+    names = {c["id"]: c["name"] for c in val.coco.cats.values()}
+    if train is not None:  # label k must mean one category in both splits (COCO 2017's are identical)
+        _check_same_labels({c["id"]: c["name"] for c in train.coco.cats.values()}, names,
+                           f"{train.ann_file} and {val.ann_file} list different 'categories'",
+                           "give both files the same categories", show=lambda i, name: f"id {i} {name!r}")
+    # labels 1..K in the order of the category ids (COCO 2017: 80 ids in 1..90), mapped back for COCOeval
+    return TaskData(train, val, len(names), [names[c] for c in val.category_ids], coco_gt=val.coco,
+                    category_ids=val.category_ids)
+
+
+def _check_same_labels(train: dict, val: dict, what: str, fix: str, show: Callable = lambda key, name: name) -> None:
+    """The training and validation splits name the same labels ({key: name}), or a ValueError listing the
+    difference: ``what`` (only in train: ...; only in val: ...); ``fix``."""
+    def only(names: dict, other: dict) -> str:
+        return ", ".join(show(k, n) for k, n in sorted(names.items()) if other.get(k) != n) or "none"
+    if train != val:
+        raise ValueError(f"{what} (only in train: {only(train, val)}; only in val: {only(val, train)}); {fix}")
+
+
+def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
+    from ..data.datasets import ADE20KSegmentation
+    val_split = Path(_existing(root, ["images/validation", "images/val"], "validation images")).name
+    ade20k = val_split == "validation"
+    num_classes = cfg.num_classes or (150 if ade20k else None)
+    if num_classes is None:
+        raise ValueError(f"{root}: pass --num-classes for a segmentation folder that is not ADE20K "
+                         "(ADE20K is recognised by its images/training and images/validation folders)")
+    kwargs = dict(num_classes=num_classes, reduce_zero_label=ade20k)
+    val = ADE20KSegmentation(root, val_split, transform=val_tf, **kwargs)
+    train = ADE20KSegmentation(root, "training" if ade20k else "train", transform=train_tf, **kwargs) \
+        if with_train else None
+    return TaskData(train, val, num_classes, [str(i) for i in range(num_classes)])
+
+
+def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, device: torch.device) -> DataLoader:
+    # worker seeds come from this generator, not the global one, so the worker count cannot shift the global stream
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+
+
+def _loaded(loader: DataLoader):
+    """The batches of ``loader``; a file that cannot be read (ValueError, OSError) is raised as :class:`DataError`
+    with the reader's one-line message, whether it failed here (``--workers 0``) or in a worker process, which torch
+    reports as the worker's whole traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its traceback
+            raise DataError(_reader_message(err)) from None
+        yield batch
+
+
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _reader_message(err: Exception) -> str:
+    """``str(err)``, or for an error that torch re-raised from a worker, the worker's own message: the text after
+    the last line of its traceback that starts with the exception's name."""
+    text = str(err)
+    caught = _WORKER_ERROR.match(text)
+    if caught is None:
+        return text
+    last = list(re.finditer(rf"^(?:[\w.]+\.)?{caught[1]}: ", text, re.MULTILINE))
+    return text[last[-1].end():].strip() if last else text

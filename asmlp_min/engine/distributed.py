@@ -1,0 +1,147 @@
+"""Where a process sits (rank, world size, device), seeds and generator states, and the collectives the loop uses.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
+CUDA); losses and metrics are reduced over ranks; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank among world_size, and its device."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU); pick the device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistEnv(0, 1, torch.device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) from one integer."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:
+    if env.distributed:
+        values = values.to(env.device)
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+def _gather_objects(obj, env: DistEnv) -> list:
+    if not env.distributed:
+        return [obj]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def rng_state(env: DistEnv) -> dict[str, Tensor]:
+    """Every rank's torch generator state, stacked (world_size, n) uint8, so each rank resumes its own stream."""
+    states = {"cpu": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(env.device)
+    return {name: torch.stack([s.cpu() for s in _gather_objects(state, env)]) for name, state in states.items()}
+
+
+def set_rng_state(states: dict[str, Tensor], env: DistEnv) -> None:
+    """This rank's row of :func:`rng_state`, copied: torch 2.14 crashes (SIGSEGV) on a state tensor with a storage
+    offset, which every row but the first has."""
+    torch.set_rng_state(states["cpu"][env.rank].clone())
+    if "cuda" in states and env.device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"][env.rank].clone(), env.device)
+
+
+def _broadcast_object(obj, env: DistEnv):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """bfloat16 on CPU, float16 on CUDA (paired with a GradScaler); a no-op when not enabled."""
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+@contextlib.contextmanager
+def stop_requests(on_signal: Callable[[int], None]):
+    """While the block runs, SIGINT and SIGTERM call ``on_signal(signum)`` instead of ending the process (the loop
+    stops at its next safe point); a second Ctrl-C aborts at once. Outside the main thread signals cannot be
+    caught, and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        on_signal(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def process_group_closed_at_exit():
+    """Destroy the torch.distributed process group, if one is up, when the block ends. After a block that finished
+    on every process, a barrier first: PyTorch 2.11's gloo process group deadlocked at exit (its worker thread
+    waited for the GIL to free the last collective's Python-made tensors while the main thread, holding the GIL,
+    waited for that thread); after a barrier the last collective holds none. After an error the other processes
+    may never reach a barrier, so there is none."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()

@@ -1,0 +1,276 @@
+"""A run folder (created, locked against a second writer) and reading a run's ``checkpoint.pt`` back: every entry
+checked once here, so evaluate, predict and ``--resume`` trust what they get."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ..checkpoint import (CheckpointError, atomic_write, compare_state_dicts, load_checkpoint, non_finite_keys,
+                          shown_keys)
+from .config import SIZE_FIELDS, TrainConfig
+from .data import TaskData
+from .tasks import build_model
+
+CHECKPOINT_NAME = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "curves.png")  # what a run writes into its folder
+CHECKPOINT_FORMAT = "asmlp_min.engine/1"
+
+# Fields that must match for --resume: they define the model and the data order.
+_RESUME_MUST_MATCH = ("task", "model", "embed_dim", "depths", "shift_size", "head_channels", "num_classes",
+                      *SIZE_FIELDS, "seed", "batch_size", "accum_steps")
+# ... and the learning-rate schedule, which the checkpoint's optimiser and scheduler state continue (their saved
+# lr and weight decay would silently win over new values).
+_RESUME_SCHEDULE = ("lr", "weight_decay", "schedule", "warmup_epochs", "warmup_ratio", "min_lr_ratio")
+
+
+_CURVE_METRICS = ("top1", "top5", "AP", "AP50", "mIoU", "aAcc")
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """metrics.jsonl, one line per epoch (rewritten from the history, so a resumed run stays consistent), and
+    curves.png."""
+    from ..viz import plot_curves
+    with atomic_write(run_dir / "metrics.jsonl", "w") as f:
+        f.write("".join(strict_json(record) + "\n" for record in history))
+    curves = [{k: v for k, v in r.items() if k in ("epoch", "train_loss", "val_loss", "lr") or k in _CURVE_METRICS}
+              for r in history]
+    plot_curves(curves, run_dir / "curves.png")
+
+
+def format_record(record: dict, epochs: int) -> str:
+    """One log line per epoch (the same numbers as metrics.jsonl)."""
+    parts = [f"{k} {record[k]:.4f}" for k in ("train_loss", "val_loss") + _CURVE_METRICS if k in record]
+    return (f"epoch {record['epoch']}/{epochs}: " + ", ".join(parts) + f", lr {record['lr']:.2e}, "
+            f"{record['train_img_per_s']:.1f} img/s, {record['train_time_s']:.1f}s")
+
+
+def strict_json(obj, **kwargs) -> str:
+    """``json.dumps`` that strict parsers accept: nan and inf (e.g. a diverged loss) become null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Create ``path`` (a folder for outputs) now, or raise ValueError saying why it cannot be used."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"--{flag} {str(path)!r} is a file, not a folder; choose another path") from None
+    except NotADirectoryError:
+        raise ValueError(f"--{flag} {str(path)!r}: a part of the path is a file, not a folder; "
+                         "choose another path") from None
+    except OSError as err:
+        raise ValueError(f"--{flag} {str(path)!r}: cannot create the folder ({err.strerror}); "
+                         "choose a folder you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag} {str(path)!r}: the folder is not writable; choose a folder you can write to")
+    return path
+
+
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path):
+    """Hold an exclusive lock on a run folder while the block runs: ``RUN/.train.lock``, flock-ed, holding our
+    process id. A second run into the folder gets a ValueError naming the process that writes there, not a
+    silent race in which the last to finish wins. The kernel drops a flock when its process dies, so the lock
+    file of a killed run does not block the next one. Without ``fcntl`` (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{run_dir} is in use by another training run (process {holder}, lock file {path}): "
+                             "wait for it to end or stop it, or choose another --output") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so a process that opened this file retries on a new one
+        os.close(fd)
+
+
+_RESUME_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "epoch": int,
+                 "step": int, "batch_in_epoch": int, "epoch_totals": Tensor, "world_size": int, "metrics": list}
+
+
+def _damaged(path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is damaged or inconsistent: {what}. Use another checkpoint of the run (or "
+                           "train again); a file edited by hand cannot be trusted.")
+
+
+def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict:
+    """A Trainer checkpoint, or an error that says what the file is and what to do.
+
+    Checks what evaluate/predict need (a valid config, a classes list) and, with ``resume``, that the training
+    state is all there; the weights are checked against the model by :func:`_check_weights`.
+    """
+    checkpoint = load_checkpoint(path)  # FileNotFoundError / CheckpointError with the reason
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was not written by 'asmlp-min train' (no {CHECKPOINT_FORMAT!r} tag): "
+                              "--resume, evaluate and predict need the checkpoint.pt of a training run. To start "
+                              "from official or other backbone weights, use train --pretrained PATH.")
+    if not isinstance(checkpoint.get("config"), dict):
+        raise _damaged(path, f"its 'config' should be a dict of settings, got "
+                             f"{type(checkpoint.get('config')).__name__ if 'config' in checkpoint else 'none'}")
+    cfg = _saved_config(checkpoint, path)
+    classes = checkpoint.get("classes")
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) == cfg.num_classes):
+        raise _damaged(path, f"its 'classes' should be a list of {cfg.num_classes} names, got {classes!r:.200}")
+    ids = checkpoint.get("category_ids")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(set(ids)) == cfg.num_classes
+                                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in ids)):
+        raise _damaged(path, f"its 'category_ids' should be None or {cfg.num_classes} distinct COCO category ids "
+                             f">= 1, got {ids!r:.200}")
+    wanted = dict(_RESUME_STATE) if resume else {"model": dict}
+    wrong = [f"'{k}' (expected {kind.__name__}, got {type(checkpoint[k]).__name__})" if k in checkpoint
+             else f"'{k}' (missing)" for k, kind in wanted.items()
+             if not (isinstance(checkpoint.get(k), kind) and not isinstance(checkpoint.get(k), bool))]
+    if wrong:
+        raise _damaged(path, "wrong or missing entries " + ", ".join(wrong))
+    return checkpoint  # the generator state is checked as it loads, the position by check_resume_state
+
+
+def _saved_config(checkpoint: dict, path) -> TrainConfig:
+    """The checkpoint's TrainConfig, resolved, or a CheckpointError saying which value is wrong."""
+    try:
+        cfg = TrainConfig.from_dict(checkpoint["config"]).resolved()
+    except (TypeError, ValueError) as err:
+        raise _damaged(path, f"its config is invalid: {err}") from None
+    return cfg  # num_classes: None is refused by the 'classes' check of _read_engine_checkpoint
+
+
+def _model_for(checkpoint: dict, cfg: TrainConfig, path) -> nn.Module:
+    """The model the checkpoint's config describes, with the checkpoint's (checked) weights."""
+    try:
+        model = build_model(**{**cfg.model_kwargs(), "pretrained": None})
+    except (TypeError, ValueError) as err:
+        raise _damaged(path, f"its config does not describe a model that can be built ({err})") from None
+    _check_weights(model, checkpoint, cfg, path)
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def _check_weights(model: nn.Module, checkpoint: dict, cfg: TrainConfig, path) -> None:
+    """Same keys and shapes as ``model``, and finite, or a CheckpointError listing what differs."""
+    saved, target = checkpoint["model"], model.state_dict()
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in saved.items()):
+        raise _damaged(path, "its 'model' entry is not a state dict (parameter names -> tensors)")
+    report = compare_state_dicts(saved, target)
+    if not report.ok:
+        raise _damaged(path, f"its weights do not match the {cfg.task} {cfg.model} model its config describes "
+                             f"(embed_dim {cfg.embed_dim}, depths {cfg.depths}): " + str(report).replace("\n", "; "))
+    broken = non_finite_keys(saved)
+    if broken:
+        raise _damaged(path, f"{len(broken)} weight tensor(s) hold NaN or inf ({shown_keys(broken, 6)}): the run "
+                             "diverged before this file was written")
+
+
+def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
+    """The data must have the checkpoint's class names in its order: a label index means one class."""
+    saved = list(checkpoint["classes"])
+    if saved == list(classes):
+        return
+    only_saved = [c for c in saved if c not in classes]
+    only_data = [c for c in classes if c not in saved]
+    if only_saved or only_data:
+        what = (f"only in the checkpoint: {', '.join(only_saved) or 'none'}; only in the data: "
+                f"{', '.join(only_data) or 'none'}")
+    else:
+        what = "the same names in another order: " + ", ".join(
+            f"label {i} is {a!r} in the checkpoint, {b!r} in the data" for i, (a, b) in enumerate(zip(saved, classes))
+            if a != b)
+    raise ValueError(f"the data's classes differ from the {len(saved)} classes {path} was trained on ({what}); "
+                     "use data with the same class folders")
+
+
+def _check_label_set(checkpoint: dict, data: TaskData, path) -> None:
+    """Label k must be the same class in the checkpoint and the data (evaluate, resume): as many classes, with the
+    same names (COCO category ids may differ: each side maps its own to labels 1..K)."""
+    saved = checkpoint["classes"]
+    if len(saved) != data.num_classes:
+        legacy = ("; it was written before COCO category ids were numbered 1..K, when the detector had one class "
+                  "per id up to the largest: train again on this data"
+                  if checkpoint["config"]["task"] == "det" and "category_ids" not in checkpoint else "")
+        raise ValueError(f"{path} predicts {len(saved)} classes but the data has {data.num_classes}{legacy}; use "
+                         "data of the same label set")
+    _check_classes(checkpoint, data.classes, path)
+
+
+def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
+    saved = _saved_config(checkpoint, path)  # resolved: a config saved before a setting existed gets its default
+    diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
+             for k in _RESUME_MUST_MATCH if getattr(saved, k) != getattr(cfg, k)]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: it was trained with different settings:\n  "
+                              + "\n  ".join(diffs) + "\nPass the same values (or start a new run without --resume).")
+    if saved.epochs != cfg.epochs:
+        raise CheckpointError(f"cannot resume from {path}: it was scheduled for {saved.epochs} epochs, now "
+                              f"{cfg.epochs}; the lr schedule depends on it. Use --epochs {saved.epochs} "
+                              "(or --stop-at-epoch to end a run early and resume later).")
+    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint's: {getattr(saved, k)})"
+               for k in _RESUME_SCHEDULE if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run continues the "
+                              "checkpoint's learning-rate schedule and optimiser state exactly. Leave the flag out, "
+                              f"or start a new run with a new schedule from these weights: --pretrained {path} "
+                              "(loads the backbone).")
+
+
+def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, world_size: int, batches_per_epoch: int,
+                       path) -> None:
+    """The training state of ``checkpoint`` fits this run: process count, weights, position in the schedule."""
+    if checkpoint["world_size"] != world_size:
+        raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es) and this run "
+                              f"has {world_size}; resume with the same number (the data order and "
+                              "random streams are per process)")
+    _check_weights(model, checkpoint, cfg, path)
+    epoch, batch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
+    if not (0 <= epoch <= cfg.epochs and 0 <= batch < batches_per_epoch and batch % cfg.accum_steps == 0
+            and checkpoint["epoch_totals"].shape == (3,) and checkpoint["step"] >= 0):
+        raise _damaged(path, f"its position (epoch {epoch}, batch {batch}) does not fit {cfg.epochs} epochs of "
+                             f"{batches_per_epoch} batches (or its step count or 3 epoch totals are malformed)")
+
+
+def restore_state(checkpoint: dict, parts: dict, path) -> None:
+    """``part.load_state_dict(checkpoint[name])`` for each part (model, optimizer, scheduler, scaler), or a
+    CheckpointError; AdamW's moments are checked to have their parameter's shape (``load_state_dict`` casts them
+    but never checks shapes)."""
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(checkpoint[name])
+        optimizer = parts["optimizer"]
+        for param in (p for group in optimizer.param_groups for p in group["params"]):
+            for name, value in optimizer.state.get(param, {}).items():
+                if value.ndim > 0 and value.shape != param.shape:
+                    raise ValueError(f"AdamW {name} of shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(param.shape)}")
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+        raise _damaged(path, f"its optimiser or schedule state does not fit the model "
+                             f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
