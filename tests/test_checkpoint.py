@@ -115,6 +115,10 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="no state dict found"):
         load_official_checkpoint(tiny(), {"epoch": 3})
+    listed = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], listed)  # a loadable file that holds no dict
+    with pytest.raises(CheckpointError, match=r"list.pth: expected a dict .*got list"):
+        load_checkpoint(listed)
 
 
 class _Exploit:

@@ -273,6 +273,12 @@ def test_bad_inputs_raise_clear_errors():
         model([torch.zeros(3, 64, 64, dtype=torch.uint8)], [target([[0, 0, 9, 9]], [1])])
     with pytest.raises(ValueError, match=r"\(3, h, w\)"):
         model([torch.rand(1, 64, 64)], [target([[0, 0, 9, 9]], [1])])
+    with pytest.raises(TypeError, match="images must be a non-empty list"):
+        model([], [])
+    with pytest.raises(ValueError, match=r"targets\[0\] must be a dict with 'boxes'"):
+        model([image], [{"boxes": torch.zeros(0, 4)}])
+    with pytest.raises(ValueError, match=r"frozen_stages must be in \[-1, 4\], got 5"):
+        tiny_detector(frozen_stages=5)
     with pytest.raises(ValueError, match="regress_ranges"):
         tiny_detector(regress_ranges=[(0, 64), (64, 128)])
     with pytest.raises(ValueError, match="num_classes"):

@@ -338,6 +338,15 @@ def test_bad_settings_raise_before_training(tmp_path):
         Trainer(tiny(tmp_path, task="seg"), log=quiet)
     with pytest.raises(ValueError, match="det: min_size must be >= 32, got 16: the detector's coarsest level"):
         Trainer(tiny(tmp_path, task="det", min_size=16, mixup=0.0, cutmix=0.0), log=quiet)
+    with pytest.raises(ValueError, match=r"schedule must be one of \('cosine', .*got 'linear-ish'"):
+        Trainer(tiny(tmp_path, schedule="linear-ish"), log=quiet)
+    with pytest.raises(ValueError, match=r"stop_at_epoch must be in \[1, epochs=2\], got 3"):
+        Trainer(tiny(tmp_path, epochs=2, stop_at_epoch=3), log=quiet)
+    with pytest.raises(ValueError, match="num_classes=5 but the data has 3 classes"):
+        Trainer(tiny(tmp_path, num_classes=5), log=quiet)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda was asked for but no CUDA GPU is visible"):
+            Trainer(tiny(tmp_path, device="cuda"), log=quiet)
 
 
 def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
@@ -567,6 +576,8 @@ def _other_optimizer_moments(checkpoint):
     (_set("model/head.bias", KeyError), "missing from checkpoint \\(1\\): head.bias"),
     (_set("classes", ["circle"]), "'classes' should be a list of 3 names"),
     (_nan_weight, "1 weight tensor\\(s\\) hold NaN or inf \\(head.weight\\)"),
+    (_set("model", {"head.weight": [1.0]}), "'model' entry is not a state dict"),
+    (_set("category_ids", [1, 1, 2]), "'category_ids' should be None or 3 distinct ids >= 1"),
 ])
 def test_damaged_checkpoints_are_refused_by_load_resume_and_say_what_is_wrong(tmp_path, change, message):
     Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()

@@ -141,6 +141,11 @@ def test_coco_evaluate_rejects_bad_input(shapes_gt):
     stray = [{**_as_detections(targets)[0], "image_id": 999}]
     with pytest.raises(ValueError, match="999"):
         coco_evaluate(coco, stray)
+    no_scores = [{k: v for k, v in _as_detections(targets)[0].items() if k != "scores"}]
+    with pytest.raises(ValueError, match=r"needs image_id, boxes .*missing \['scores'\]"):
+        coco_evaluate(coco, no_scores)
+    with pytest.raises(TypeError, match="gt must be a pycocotools COCO, a COCO dict or a path, got int"):
+        coco_evaluate(7, _as_detections(targets))
 
 
 # ---------------------------------------------------------------- mIoU

@@ -228,6 +228,8 @@ def test_bad_arguments_are_rejected_early():
         model(torch.randn(1, 3, 32, 32), torch.zeros(1, 16, 32, dtype=torch.long))
     with pytest.raises(ValueError, match="channels"):
         UperHead((8, 16, 32, 64), channels=8)([torch.randn(1, 8, 8, 8)] * 4)
+    with pytest.raises(ValueError, match=r"UperHead needs >= 2 input levels.*got \(8,\)"):
+        UperHead((8,), channels=8, num_classes=3)
 
 
 def test_single_image_overfit_reaches_miou_09():

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backbone import MODEL_CONFIGS
+from ..backbone import model_config
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,7 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
         values.update(warmup=1, repeats=3, shift_repeats=10)
     values.update(overrides)
     settings = BenchSettings(**values)
-    if settings.model not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {settings.model!r}; choose from {sorted(MODEL_CONFIGS)}")
+    model_config(settings.model)  # an unknown variant: ValueError naming the known ones
     sizes = (settings.batch, settings.train_batch, settings.image_size, settings.repeats, settings.shift_repeats,
              *settings.batches, *settings.train_batches)
     if min(sizes) < 1 or settings.warmup < 0:

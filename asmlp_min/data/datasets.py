@@ -111,8 +111,7 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
     for field in ("images", "annotations", "categories"):
         value = dataset.get(field, [] if field == "annotations" else None) if isinstance(dataset, dict) else None
         if not isinstance(value, list) or (field == "categories" and not value):
-            raise ValueError(f"{source}: field '{field}' is empty or not a list (a COCO instances file is a JSON "
-                             "object with 'images', 'annotations' and 'categories' lists)")
+            raise ValueError(f"{source}: field '{field}' is empty or not a list (see the COCO instances format)")
     _unique_ids(dataset["images"], "images", source)
     images = {image["id"]: image for image in dataset["images"]}
     for i, image in enumerate(dataset["images"]):
@@ -190,11 +189,11 @@ def _checked_segmentation(segmentation, image: dict, where: str) -> list | None:
     if isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation):
         return [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
     if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
-        raise ValueError(f"{where} field 'segmentation' must be a list of polygons (each a list of numbers x1, y1, "
-                         f"x2, y2, ...) or an RLE dict with 'counts' and 'size', got {str(segmentation)[:80]}")
+        raise ValueError(f"{where} field 'segmentation' must be a list of polygons [x1, y1, x2, y2, ...] or an RLE "
+                         f"dict with 'counts' and 'size', got {str(segmentation)[:80]}")
     size, expected = segmentation["size"], [image.get("height"), image.get("width")]
     if None not in expected and not (isinstance(size, (list, tuple)) and list(size) == expected):
-        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but its image "
+        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but image "
                          f"id={image['id']} ({image.get('file_name')}) is {expected[0]}x{expected[1]}")
     return None
 
@@ -318,8 +317,7 @@ class ADE20KSegmentation(Dataset):
         try:
             with Image.open(mask_path) as png:
                 if png.mode not in ("L", "P"):
-                    raise ValueError(f"{mask_path}: mask must be a single-channel PNG of class ids (mode L or P), "
-                                     f"got mode {png.mode}")
+                    raise ValueError(f"{mask_path}: mode {png.mode}; a mask is a single-channel PNG (L or P)")
                 mask = np.array(png, dtype=np.int64)
         except OSError as err:
             raise ValueError(f"{mask_path}: unreadable or truncated mask ({err})") from err

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from ..backbone import MODEL_CONFIGS
+from ..backbone import MODEL_CONFIGS, model_config
 
 TASKS = ("cls", "det", "seg")
 SCHEDULES = ("cosine", "poly", "step")
@@ -151,8 +151,7 @@ class TrainConfig:
         """A copy with task defaults filled in, after checking every value (ValueError saying what to fix)."""
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.model not in MODEL_CONFIGS:
-            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(MODEL_CONFIGS)}")
+        model_config(self.model)  # an unknown variant: ValueError naming the known ones
         if (self.mixup or self.cutmix) and self.task != "cls":
             raise ValueError("mixup/cutmix apply to classification only")
         if self.class_weight is not None and self.task != "seg":

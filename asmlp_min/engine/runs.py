@@ -67,16 +67,13 @@ def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"--{flag} {str(path)!r} is a file, not a folder; choose another path") from None
-    except NotADirectoryError:
-        raise ValueError(f"--{flag} {str(path)!r}: a part of the path is a file, not a folder; "
-                         "choose another path") from None
+        problem = "" if os.access(path, os.W_OK | os.X_OK) else "is a folder you cannot write to"
     except OSError as err:
-        raise ValueError(f"--{flag} {str(path)!r}: cannot create the folder ({err.strerror}); "
-                         "choose a folder you can write to") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--{flag} {str(path)!r}: the folder is not writable; choose a folder you can write to")
+        problem = {FileExistsError: "is a file, not a folder",
+                   NotADirectoryError: "is unusable: a part of the path is a file, not a folder"}.get(
+            type(err), f"is unusable: cannot create the folder ({err.strerror})")
+    if problem:
+        raise ValueError(f"--{flag} {str(path)!r} {problem}; choose a folder you can write to")
     return path
 
 
@@ -133,9 +130,8 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> di
     """
     checkpoint = load_checkpoint(path)  # FileNotFoundError / CheckpointError with the reason
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was not written by 'asmlp-min train' (no {CHECKPOINT_FORMAT!r} tag): "
-                              "--resume, evaluate and predict need the checkpoint.pt of a training run. To start "
-                              "from official or other backbone weights, use train --pretrained PATH.")
+        raise CheckpointError(f"{path} was not written by 'asmlp-min train': --resume, evaluate and predict need a "
+                              "run's checkpoint.pt; for official or backbone weights use train --pretrained PATH")
     if not isinstance(checkpoint.get("config"), dict):
         raise _damaged(path, f"its 'config' should be a dict of settings, got "
                              f"{type(checkpoint.get('config')).__name__ if 'config' in checkpoint else 'none'}")
@@ -146,8 +142,7 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> di
     ids = checkpoint.get("category_ids")
     if ids is not None and not (isinstance(ids, list) and len(ids) == len(set(ids)) == cfg.num_classes
                                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in ids)):
-        raise _damaged(path, f"its 'category_ids' should be None or {cfg.num_classes} distinct COCO category ids "
-                             f">= 1, got {ids!r:.200}")
+        raise _damaged(path, f"its 'category_ids' should be None or {cfg.num_classes} distinct ids >= 1: {ids!r:.200}")
     wanted = dict(_RESUME_STATE) if resume else {"model": dict}
     wrong = [f"'{k}' (expected {kind.__name__}, got {type(checkpoint[k]).__name__})" if k in checkpoint
              else f"'{k}' (missing)" for k, kind in wanted.items()
@@ -184,8 +179,8 @@ def _check_weights(model: nn.Module, checkpoint: dict, cfg: TrainConfig, path) -
         raise _damaged(path, "its 'model' entry is not a state dict (parameter names -> tensors)")
     report = compare_state_dicts(saved, target)
     if not report.ok:
-        raise _damaged(path, f"its weights do not match the {cfg.task} {cfg.model} model its config describes "
-                             f"(embed_dim {cfg.embed_dim}, depths {cfg.depths}): " + str(report).replace("\n", "; "))
+        raise _damaged(path, f"its weights do not match the {cfg.task} {cfg.model} model of its config: "
+                             + str(report).replace("\n", "; "))
     broken = non_finite_keys(saved)
     if broken:
         raise _damaged(path, f"{len(broken)} weight tensor(s) hold NaN or inf ({shown_keys(broken, 6)}): the run "
@@ -232,30 +227,26 @@ def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
                               + "\n  ".join(diffs) + "\nPass the same values (or start a new run without --resume).")
     if saved.epochs != cfg.epochs:
         raise CheckpointError(f"cannot resume from {path}: it was scheduled for {saved.epochs} epochs, now "
-                              f"{cfg.epochs}; the lr schedule depends on it. Use --epochs {saved.epochs} "
-                              "(or --stop-at-epoch to end a run early and resume later).")
+                              f"{cfg.epochs}; use --epochs {saved.epochs} (--stop-at-epoch ends a run early)")
     changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint's: {getattr(saved, k)})"
                for k in _RESUME_SCHEDULE if getattr(saved, k) != getattr(cfg, k)]
     if changed:
-        raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run continues the "
-                              "checkpoint's learning-rate schedule and optimiser state exactly. Leave the flag out, "
-                              f"or start a new run with a new schedule from these weights: --pretrained {path} "
-                              "(loads the backbone).")
+        raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run keeps its schedule. "
+                              f"Leave the flag out, or start a new run from these weights with --pretrained {path}")
 
 
 def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, world_size: int, batches_per_epoch: int,
                        path) -> None:
     """The training state of ``checkpoint`` fits this run: process count, weights, position in the schedule."""
     if checkpoint["world_size"] != world_size:
-        raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es) and this run "
-                              f"has {world_size}; resume with the same number (the data order and "
-                              "random streams are per process)")
+        raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es), this run has "
+                              f"{world_size}: resume with as many (data order and random streams are per process)")
     _check_weights(model, checkpoint, cfg, path)
     epoch, batch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
     if not (0 <= epoch <= cfg.epochs and 0 <= batch < batches_per_epoch and batch % cfg.accum_steps == 0
             and checkpoint["epoch_totals"].shape == (3,) and checkpoint["step"] >= 0):
         raise _damaged(path, f"its position (epoch {epoch}, batch {batch}) does not fit {cfg.epochs} epochs of "
-                             f"{batches_per_epoch} batches (or its step count or 3 epoch totals are malformed)")
+                             f"{batches_per_epoch} batches, or its step count or 3 epoch totals are malformed")
 
 
 def restore_state(checkpoint: dict, parts: dict, path) -> None:
@@ -269,8 +260,7 @@ def restore_state(checkpoint: dict, parts: dict, path) -> None:
         for param in (p for group in optimizer.param_groups for p in group["params"]):
             for name, value in optimizer.state.get(param, {}).items():
                 if value.ndim > 0 and value.shape != param.shape:
-                    raise ValueError(f"AdamW {name} of shape {tuple(value.shape)} for a parameter of shape "
-                                     f"{tuple(param.shape)}")
+                    raise ValueError(f"AdamW {name} of shape {tuple(value.shape)} for a parameter {tuple(param.shape)}")
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        raise _damaged(path, f"its optimiser or schedule state does not fit the model "
-                             f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
+        detail = " ".join(str(err).split())[:300]
+        raise _damaged(path, f"its optimiser or schedule state does not fit the model ({detail})") from None

@@ -174,7 +174,4 @@ def class_weights(cfg: TrainConfig, train, log) -> list[float]:
         share = ", ".join(f"{c / counts.sum():.1%}" for c in counts.tolist())
         log(f"class_weight balanced: pixel shares {share} -> weights {', '.join(f'{w:.2f}' for w in weights)}")
         return weights
-    weights = _parse_class_weight(cfg.class_weight)
-    if len(weights) != cfg.num_classes:
-        raise ValueError(f"--class-weight gives {len(weights)} weights for {cfg.num_classes} classes")
-    return weights
+    return _parse_class_weight(cfg.class_weight)  # the model checks the count
