@@ -5,12 +5,10 @@ PyTorch allocates CPU tensors with plain ``malloc``. glibc serves big blocks (ab
 which the kernel zero-fills on first touch, on every pass. :func:`keep_freed_memory` keeps freed memory in the heap.
 Results are unchanged; the process keeps its peak memory instead of shrinking between passes.
 
-Measured with ``asmlp-min bench`` on 2 cores, one full run without it and one with it (inference, batch 16, ms per
-batch, page faults per batch without it): the official configuration (NCHW, Algorithm 1, which allocates a padded
-copy and a concatenation per shift) 2104 -> 1643 (225,111 faults), swin_t 1956 -> 1753 (150,283), convnext_tiny
-1714 -> 1521 (112,902), asmlp_min 1441 -> 1500 (0 faults: it cuts the batch into pieces whose temporaries stay
-under the 32 MiB limit). So ``asmlp-min`` does not call it by default; ``asmlp-min bench --keep-freed-memory``
-applies it to every candidate.
+``asmlp-min`` does not call it by default: asmlp_min's CPU inference cuts the batch into pieces whose temporaries
+stay under that threshold (``fast.inference_pieces``), so it has nothing to gain; ``asmlp-min bench
+--keep-freed-memory`` applies it to every candidate, to see what allocation costs them (numbers in
+benchmarks/README.md).
 """
 from __future__ import annotations
 
