@@ -67,6 +67,14 @@ def test_every_subcommand_and_flag_has_help(capsys):
         assert capsys.readouterr().out.startswith(f"usage: asmlp-min {name}")
 
 
+@pytest.mark.parametrize("depths", ["0,2", "two", ""])
+def test_depths_that_are_not_block_counts_are_refused_by_argparse(depths, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--depths", depths])
+    assert exit_info.value.code == 2
+    assert f"expected block counts >= 1 separated by commas, e.g. 2,2,6,2, got {depths!r}" in capsys.readouterr().err
+
+
 def test_train_help_states_task_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -296,6 +296,31 @@ def test_bad_masks_name_the_file(tmp_path, mask, image_size, message):
     assert "annotations/training/a.png" in str(err.value)
 
 
+def test_truncated_mask_names_the_file(tmp_path):
+    root = _ade_tree(tmp_path, np.zeros((4, 4)))
+    mask = root / "annotations/training/a.png"
+    mask.write_bytes(mask.read_bytes()[:20])
+    with pytest.raises(ValueError, match="annotations/training/a.png: unreadable or truncated mask"):
+        ADE20KSegmentation(root, num_classes=4)[0]
+
+
+def test_coco_without_its_image_folder_or_images_is_refused(coco_export, tmp_path):
+    root, ann_file = coco_export
+    with pytest.raises(ValueError, match="nowhere: image folder not found"):
+        CocoDetection(tmp_path / "nowhere", ann_file)
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**json.loads(ann_file.read_text()), "images": [], "annotations": []}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no annotations: AP undefined
+        with pytest.raises(ValueError, match="empty.json: field 'images' is empty"):
+            CocoDetection(root / "train", empty)
+
+
+def test_segmentation_train_transforms_need_a_crop_size():
+    with pytest.raises(ValueError, match=r"segmentation_transforms\(train=True\) needs size"):
+        segmentation_transforms(train=True)
+
+
 def test_colour_mask_is_rejected(tmp_path):
     root = _ade_tree(tmp_path, np.zeros((4, 4, 3)))
     with pytest.raises(ValueError, match="single-channel"):

@@ -197,6 +197,12 @@ def test_first_conv_is_adapted_as_timm_adapts_it(in_chans):
                                timm_adapt_input_conv(in_chans, weight), rtol=0, atol=0)
 
 
+def test_first_conv_of_another_width_than_rgb_is_refused():
+    from asmlp_min.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="has 4 input channels: only RGB adapts to in_chans=1"):
+        asmlp_min.timm.adapt_input_conv(torch.randn(16, 4, 4, 4), 1)
+
+
 @pytest.fixture(scope="module")
 def official_file(tmp_path_factory):
     """A small randomised ImageNet-shaped classifier in the official key layout, {"model": state_dict}."""
