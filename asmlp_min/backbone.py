@@ -167,7 +167,7 @@ class ASMLP(nn.Module):
                  out_indices: int | tuple[int, ...] = (0, 1, 2, 3), dilation: int = 1, padding: str = "zeros",
                  connection: str = "parallel", global_pool: str = "avg"):
         super().__init__()
-        _check_options(in_chans, embed_dim, patch_size, mlp_ratio, depths)
+        _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths)
         self.num_stages = len(depths)
         self.embed_dim, self.in_chans, self.features_only = embed_dim, in_chans, features_only
         self.grad_checkpointing = False
@@ -327,9 +327,10 @@ class ASMLP(nn.Module):
             raise ValueError("a features_only model has no final norm or head: model(x) returns its feature maps")
 
 
-def _check_options(in_chans, embed_dim, patch_size, mlp_ratio, depths) -> None:
-    """ASMLP's constructor arguments, each with what to pass instead (num_classes: ``_new_head``; drop_path_rate:
-    ``DropPath``)."""
+def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths) -> None:
+    """ASMLP's constructor arguments, each with what to pass instead (num_classes: ``_new_head``)."""
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("patch_size", patch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -80,7 +80,7 @@ class DropPath(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop path probability (drop_path_rate) must be in [0, 1), got {p}")
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:

@@ -73,7 +73,8 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     bad = next((r for r in results if not all(map(_is_finite_number, [r.get("score"), *r.get("bbox", [])]))), None)
     if bad is not None:  # COCOeval would rank a NaN anywhere and report an AP without a word
         raise ValueError(f"detections for image_id={bad.get('image_id')}: 'score' is {bad.get('score')!r}; scores must "
-                         f"be finite and boxes finite xyxy boxes, got {bad.get('bbox')} (did training diverge?)")
+                         f"be finite and boxes finite xyxy boxes, got {bad.get('bbox')} (COCO results: xywh); "
+                         "did training diverge?")
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise ValueError(f"detections refer to image ids not in the ground truth: {sorted(unknown)[:5]}")

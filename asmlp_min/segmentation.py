@@ -242,8 +242,9 @@ class SemanticSegmenter(nn.Module):
         if class_weight is not None:
             class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
             if class_weight.shape != (self.num_classes,) or not (class_weight.isfinite() & (class_weight > 0)).all():
-                raise ValueError(f"class_weight gives {class_weight.numel()} weights for {self.num_classes} classes: it "
-                                 f"must hold {self.num_classes} positive numbers, one per class, all finite")
+                raise ValueError(f"class_weight gives {class_weight.numel()} weights for {self.num_classes} classes: "
+                                 f"it must hold {self.num_classes} positive numbers, one per class, all finite, got "
+                                 f"{class_weight.tolist()}")
             device = next(self.parameters()).device
             class_weight = class_weight.to(device)
         self.class_weight = class_weight

@@ -13,6 +13,7 @@ from timm.models._features import feature_take_indices
 
 import asmlp_min.timm
 from asmlp_min.backbone import create_model
+from asmlp_min.checkpoint import CheckpointError
 from asmlp_min.features import take_indices
 from tests.test_block import randomise
 
@@ -198,7 +199,6 @@ def test_first_conv_is_adapted_as_timm_adapts_it(in_chans):
 
 
 def test_first_conv_of_another_width_than_rgb_is_refused():
-    from asmlp_min.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="has 4 input channels: only RGB adapts to in_chans=1"):
         asmlp_min.timm.adapt_input_conv(torch.randn(16, 4, 4, 4), 1)
 

@@ -317,7 +317,8 @@ class ADE20KSegmentation(Dataset):
         try:
             with Image.open(mask_path) as png:
                 if png.mode not in ("L", "P"):
-                    raise ValueError(f"{mask_path}: mode {png.mode}; a mask is a single-channel PNG (L or P)")
+                    raise ValueError(f"{mask_path}: mask must be a single-channel PNG of class ids (mode L or P), "
+                                     f"got mode {png.mode}")
                 mask = np.array(png, dtype=np.int64)
         except OSError as err:
             raise ValueError(f"{mask_path}: unreadable or truncated mask ({err})") from err

@@ -67,11 +67,14 @@ def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        problem = "" if os.access(path, os.W_OK | os.X_OK) else "is a folder you cannot write to"
+    except FileExistsError:
+        problem = "is a file, not a folder"
+    except NotADirectoryError:
+        problem = "is unusable: a part of the path is a file, not a folder"
     except OSError as err:
-        problem = {FileExistsError: "is a file, not a folder",
-                   NotADirectoryError: "is unusable: a part of the path is a file, not a folder"}.get(
-            type(err), f"is unusable: cannot create the folder ({err.strerror})")
+        problem = f"is unusable: cannot create the folder ({err.strerror})"
+    else:
+        problem = "" if os.access(path, os.W_OK | os.X_OK) else "is a folder you cannot write to"
     if problem:
         raise ValueError(f"--{flag} {str(path)!r} {problem}; choose a folder you can write to")
     return path
@@ -179,8 +182,8 @@ def _check_weights(model: nn.Module, checkpoint: dict, cfg: TrainConfig, path) -
         raise _damaged(path, "its 'model' entry is not a state dict (parameter names -> tensors)")
     report = compare_state_dicts(saved, target)
     if not report.ok:
-        raise _damaged(path, f"its weights do not match the {cfg.task} {cfg.model} model of its config: "
-                             + str(report).replace("\n", "; "))
+        raise _damaged(path, f"its weights do not match the {cfg.task} {cfg.model} model its config describes "
+                             f"(embed_dim {cfg.embed_dim}, depths {cfg.depths}): " + str(report).replace("\n", "; "))
     broken = non_finite_keys(saved)
     if broken:
         raise _damaged(path, f"{len(broken)} weight tensor(s) hold NaN or inf ({shown_keys(broken, 6)}): the run "
@@ -262,5 +265,5 @@ def restore_state(checkpoint: dict, parts: dict, path) -> None:
                 if value.ndim > 0 and value.shape != param.shape:
                     raise ValueError(f"AdamW {name} of shape {tuple(value.shape)} for a parameter {tuple(param.shape)}")
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        detail = " ".join(str(err).split())[:300]
+        detail = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
         raise _damaged(path, f"its optimiser or schedule state does not fit the model ({detail})") from None
