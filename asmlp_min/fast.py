@@ -1,13 +1,14 @@
 """The speed paths, behind one switch: ``enable(model, on)``, which ``create_model(..., fast=True)`` calls.
 
-block.py and backbone.py are the reference: plain ``nn.Conv2d`` 1x1 convs, ``nn.GroupNorm(1, c)``, ``nn.GELU``,
-NCHW tensors, the whole batch through every stage. ``enable`` changes the class of those modules in place to the
+block.py and backbone.py are the reference: ``nn.GroupNorm(1, c)``, ``nn.GELU``, NCHW tensors, the whole batch
+through every stage. ``enable`` changes the class of those modules in place to the
 subclasses below, whose forward computes the same function faster; ``enable(model, False)`` changes them back.
 Parameters, their names and the state_dict keys stay as they are, so official checkpoints load either way and an
 optimizer keeps its parameters. tests/test_fast.py checks each piece and whole models against the reference.
 
-- CPU activations are channels_last (:class:`FastPatchEmbed`, :class:`FastPatchMerging`), where a 1x1 conv is one
-  matrix product over channels (:func:`pointwise_conv`) and GELU runs on the contiguous (b, h, w, c) view.
+- CPU activations are channels_last (:class:`FastPatchEmbed`, :class:`FastPatchMerging`), where oneDNN runs each
+  plain 1x1 ``nn.Conv2d`` as one matrix product over channels, forward and backward, and GELU runs on the
+  contiguous (b, h, w, c) view.
 - CPU inference runs each stage on pieces of the batch (:func:`inference_pieces`), which reuse freed memory.
 - CUDA inference takes GroupNorm(1, c)'s statistics with ``torch.var_mean`` (:func:`var_mean_group_norm`), which
   spreads a sample over the whole GPU where the native kernel gives it one thread block.
@@ -27,30 +28,6 @@ from . import backbone
 from .backbone import ASMLPStage, PatchEmbed, PatchMerging, pad_to_multiple
 
 torch.fx.wrap("pad_to_multiple")  # a leaf here too, as in backbone.py: it branches on the input size
-
-
-# ---------------------------------------------------------------- 1x1 convolution
-@torch.fx.wrap  # a leaf for FX tracing: it branches on the memory layout and the autograd mode
-def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """1x1 convolution (b, c_in, h, w) -> (b, c_out, h, w), computed in the layout ``x`` is stored in.
-
-    channels_last with autograd: "b c h w -> (b h w) c" is a free view, so the conv is one GEMM (``F.linear``).
-    Otherwise ``F.conv2d``: in inference oneDNN runs it on channels_last as the same GEMM with the bias added
-    inside, where ``F.linear`` would copy the bias into every output row first; in training its backward is slower.
-    """
-    if torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last):
-        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-    return F.conv2d(x, weight, bias)
-
-
-class Conv1x1(nn.Conv2d):
-    """An ``nn.Conv2d`` with a 1x1 kernel (official parameter names and shapes) run by :func:`pointwise_conv`."""
-
-    def __init__(self, c_in: int, c_out: int, bias: bool = True):
-        super().__init__(c_in, c_out, kernel_size=1, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return pointwise_conv(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------- GroupNorm(1, c)
@@ -179,16 +156,13 @@ class FastASMLPStage(ASMLPStage):
 
 
 # ---------------------------------------------------------------- the switch
-FAST = {nn.Conv2d: Conv1x1, nn.GroupNorm: GroupNorm1, nn.GELU: GELU, PatchEmbed: FastPatchEmbed,
-        PatchMerging: FastPatchMerging, ASMLPStage: FastASMLPStage}
+FAST = {nn.GroupNorm: GroupNorm1, nn.GELU: GELU, PatchEmbed: FastPatchEmbed, PatchMerging: FastPatchMerging,
+        ASMLPStage: FastASMLPStage}
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 
 
 def _has_fast_twin(module: nn.Module) -> bool:
-    """Only modules the fast classes compute exactly: 1x1 convs, one-group norms, exact GELU."""
-    if isinstance(module, nn.Conv2d):
-        return (module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
-                module.padding_mode) == ((1, 1), (1, 1), (0, 0), (1, 1), 1, "zeros")
+    """Only modules the fast classes compute exactly: one-group norms, exact GELU."""
     if isinstance(module, nn.GroupNorm):
         return module.num_groups == 1
     return not isinstance(module, nn.GELU) or module.approximate == "none"

@@ -9,7 +9,6 @@ import stat
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from asmlp_min import backbone, fast
 from asmlp_min.backbone import create_model, pad_to_multiple
@@ -17,7 +16,7 @@ from asmlp_min.bench import (BenchSettings, OfficialASMLPStage, OfficialAxialShi
                              OfficialPatchMerging, format_table, official_configuration, page_faults,
                              peak_memory_bytes, run_bench, settings_for, summarise, time_in_turns, write_json)
 from asmlp_min.block import AxialShiftMix
-from asmlp_min.fast import Conv1x1, pointwise_conv, to_fast_layout
+from asmlp_min.fast import GroupNorm1, to_fast_layout
 from asmlp_min.cli import main
 from asmlp_min.shift import axial_shift
 from tests.test_bench_sweep import Compiled
@@ -52,37 +51,7 @@ def test_channels_last_shift_equals_algorithm1_forward_and_backward(channels, sh
     assert torch.equal(g_ours, g_ref)
 
 
-# ---------------------------------------------------------------- 1x1 conv as a GEMM, layout helpers
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_conv_on_channels_last_is_conv2d(bias):
-    torch.manual_seed(0)
-    conv = Conv1x1(12, 20, bias=bias)
-    x = torch.randn(3, 12, 5, 7)
-    want = F.conv2d(x, conv.weight, conv.bias)
-    x_cl = x.contiguous(memory_format=CL).requires_grad_()
-    out = conv(x_cl)
-    assert out.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv(x), want, rtol=0, atol=0)  # NCHW input takes F.conv2d itself
-    with torch.no_grad():  # inference on channels_last: oneDNN's conv, layout kept
-        out_inference = conv(x_cl)
-    assert out_inference.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(out_inference, want, rtol=1e-5, atol=1e-5)
-    grad_out = torch.randn_like(want)
-    grads = torch.autograd.grad(out, [x_cl, conv.weight], grad_out)
-    x_ref = x.clone().requires_grad_()
-    want_grads = torch.autograd.grad(F.conv2d(x_ref, conv.weight, conv.bias), [x_ref, conv.weight], grad_out)
-    for got, ref in zip(grads, want_grads):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_conv1x1_keeps_the_official_parameters():
-    conv = Conv1x1(8, 32)
-    assert isinstance(conv, torch.nn.Conv2d)
-    assert [(n, tuple(p.shape)) for n, p in conv.named_parameters()] == [("weight", (32, 8, 1, 1)), ("bias", (32,))]
-    assert pointwise_conv(torch.zeros(1, 8, 2, 2), conv.weight, None).shape == (1, 32, 2, 2)
-
+# ---------------------------------------------------------------- layout helpers
 
 def test_pad_to_multiple_pads_right_bottom_and_copies_only_when_needed():
     x = torch.arange(12.0).view(1, 1, 3, 4)
@@ -109,12 +78,12 @@ def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weigh
     model = randomise(tiny(num_classes=10))
     official = official_configuration(model)
     assert not fast.is_enabled(official) and fast.is_enabled(model)
-    assert not any(isinstance(m, Conv1x1) for m in official.modules())
+    assert not any(isinstance(m, GroupNorm1) for m in official.modules())
     assert sum(isinstance(m, OfficialAxialShiftMix) for m in official.modules()) == 5
     assert sum(type(m) is torch.nn.GELU for m in official.modules()) == 10  # out of place, as the official code
     assert sum(isinstance(m, OfficialPatchMerging) for m in official.modules()) == 3
     assert sum(isinstance(m, OfficialASMLPStage) for m in official.modules()) == 4
-    assert sum(isinstance(m, Conv1x1) for m in model.modules()) == 5 * 6 + 3  # the original is untouched
+    assert sum(isinstance(m, GroupNorm1) for m in model.modules()) == 5 * 4 + 1 + 3 + 1  # the original is untouched
     sd, sd_off = model.state_dict(), official.state_dict()
     assert list(sd) == list(sd_off) and all(torch.equal(sd[k], sd_off[k]) for k in sd)
     mix = next(m for m in official.modules() if isinstance(m, AxialShiftMix))

@@ -10,7 +10,7 @@ from torch import nn
 
 from asmlp_min import fast
 from asmlp_min.backbone import ASMLPStage, PatchEmbed, PatchMerging, create_model
-from asmlp_min.fast import (GELU, Conv1x1, FastASMLPStage, FastPatchEmbed, FastPatchMerging, GroupNorm1,
+from asmlp_min.fast import (GELU, FastASMLPStage, FastPatchEmbed, FastPatchMerging, GroupNorm1,
                             var_mean_group_norm)
 from tests.test_block import randomise
 
@@ -45,8 +45,7 @@ def assert_same_function(plain: nn.Module, quick: nn.Module, x: torch.Tensor, **
 
 # ---------------------------------------------------------------- each fast piece against its plain module
 
-@pytest.mark.parametrize("plain,cls", [(nn.Conv2d(12, 20, 1), Conv1x1), (nn.Conv2d(12, 20, 1, bias=False), Conv1x1),
-                                       (nn.GroupNorm(1, 12), GroupNorm1), (nn.GELU(), GELU)])
+@pytest.mark.parametrize("plain,cls", [(nn.GroupNorm(1, 12), GroupNorm1), (nn.GELU(), GELU)])
 def test_each_fast_module_computes_its_plain_module(plain, cls):
     plain = randomise(plain).double()
     quick = fast.enable(copy.deepcopy(plain))
@@ -115,6 +114,25 @@ def test_float32_fast_model_is_within_rounding_of_the_plain_one():
         torch.testing.assert_close(quick(x), plain(x), rtol=1e-4, atol=1e-4)
 
 
+def test_float32_fast_training_gradients_match_float64_plain_ones():
+    """oneDNN's float32 kernels on channels_last (1x1 conv forward and backward, GELU on the (b, h, w, c) view)
+    give every parameter the gradient of the plain float64 model, up to float32 rounding: the plain float32 model
+    is off by at most 2e-6 of each gradient's largest entry."""
+    torch.manual_seed(0)
+    plain = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 2, 1), num_classes=7, fast=False,
+                         drop_path_rate=0.0).double()
+    quick = fast.enable(copy.deepcopy(plain)).float()
+    x, y = torch.randn(3, 3, 64, 96, dtype=torch.float64), torch.tensor([0, 3, 6])
+    grads = []
+    for model in (plain, quick):
+        F.cross_entropy(model.train()(x.to(next(model.parameters()).dtype)), y).backward()
+        grads.append({k: p.grad.double() for k, p in model.named_parameters()})
+    want, got = grads
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5 * want[k].abs().max().item(), msg=k)
+
+
 def test_switch_keeps_parameters_and_checkpoint_keys():
     model = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1))
     plain = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), fast=False)
@@ -125,8 +143,8 @@ def test_switch_keeps_parameters_and_checkpoint_keys():
     assert {type(m) for m in model.modules()} == {type(m) for m in plain.modules()}
     assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
     plain.load_state_dict(fast.enable(model).state_dict(), strict=True)
-    assert sum(isinstance(m, Conv1x1) for m in model.modules()) == 4 * 6 + 3  # every 1x1 conv, not the 4x4 stem
-    assert type(model.patch_embed.proj) is nn.Conv2d
+    assert sum(isinstance(m, GroupNorm1) for m in model.modules()) == 4 * 4 + 1 + 3 + 1  # 4 a block, stem, merges, final
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))  # oneDNN's conv as is
 
 
 def test_enable_leaves_modules_it_cannot_compute_alone():
@@ -183,3 +201,4 @@ def test_norm_after_a_frozen_part_trains_its_weights():
     F.group_norm(x, 1, norm.weight, norm.bias, norm.eps).backward(grad)
     torch.testing.assert_close(got[0], norm.weight.grad)
     torch.testing.assert_close(got[1], norm.bias.grad)
+
