@@ -8,16 +8,17 @@ import os
 from ..checkpoint import atomic_write
 
 
-# The issue's targets (issue 7): name -> (json path of the ratio, threshold, "min" = ratio must be >= threshold).
+# The issues' targets: name -> (json path of the ratio, threshold, "min" = ratio must be >= threshold, issue).
+# Issue 20 raised issue 7's inference targets against the peers; the others stand as issue 7 set them.
 TARGETS = {
-    "shift <= 1.3x clone at every stage": ("shift_vs_clone_worst", 1.3, "max"),
-    "shift >= 4x faster than Algorithm 1 at every stage": ("shift_speedup_worst", 4.0, "min"),
-    "inference >= 1.5x official configuration": ("inference_vs_official", 1.5, "min"),
-    "inference >= 1.4x swin_t": ("inference_vs_swin_t", 1.4, "min"),
-    "inference >= convnext_tiny": ("inference_vs_convnext_tiny", 1.0, "min"),
-    "inference >= 85% of matmul GFLOP/s": ("matmul_fraction", 0.85, "min"),
-    "training step >= 1.3x official configuration": ("training_vs_official", 1.3, "min"),
-    "training peak memory <= official configuration": ("training_memory_vs_official", 1.0, "max"),
+    "shift <= 1.3x clone at every stage": ("shift_vs_clone_worst", 1.3, "max", 7),
+    "shift >= 4x faster than Algorithm 1 at every stage": ("shift_speedup_worst", 4.0, "min", 7),
+    "inference >= 1.5x official configuration": ("inference_vs_official", 1.5, "min", 7),
+    "inference >= 1.5x swin_t": ("inference_vs_swin_t", 1.5, "min", 20),
+    "inference >= 1.2x convnext_tiny": ("inference_vs_convnext_tiny", 1.2, "min", 20),
+    "inference >= 85% of matmul GFLOP/s": ("matmul_fraction", 0.85, "min", 20),
+    "training step >= 1.3x official configuration": ("training_vs_official", 1.3, "min", 20),
+    "training peak memory <= official configuration": ("training_memory_vs_official", 1.0, "max", 7),
 }
 
 
@@ -40,10 +41,11 @@ def summarise(results: dict) -> dict:
         if peer in inference:
             ratios[f"inference_vs_{peer}"] = ours / inference[peer]["images_per_s"]
     targets = {}
-    for text, (key, threshold, kind) in TARGETS.items():
+    for text, (key, threshold, kind, issue) in TARGETS.items():
         if key in ratios:
             value = ratios[key]
-            targets[text] = dict(value=value, met=value >= threshold if kind == "min" else value <= threshold)
+            targets[text] = dict(value=value, met=value >= threshold if kind == "min" else value <= threshold,
+                                 issue=issue)
     return dict(ratios=ratios, targets=targets)
 
 
@@ -126,8 +128,8 @@ def _training_lines(tr: dict, device: str) -> list[str]:
 
 
 def _target_lines(targets: dict) -> list[str]:
-    return ["", "### Targets (issue 7)", "", "| target | measured | met |", "|---|---|---|"] + [
-        f"| {text} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |" for text, t in targets.items()]
+    return ["", "### Targets", "", "| target | issue | measured | met |", "|---|---|---|---|"] + [
+        f"| {text} | {t['issue']} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |" for text, t in targets.items()]
 
 
 def format_table(results: dict) -> str:
