@@ -10,6 +10,7 @@ optimizer keeps its parameters. tests/test_fast.py checks each piece and whole m
   plain 1x1 ``nn.Conv2d`` as one matrix product over channels, forward and backward, and GELU runs on the
   contiguous (b, h, w, c) view.
 - CPU inference runs each stage on pieces of the batch (:func:`inference_pieces`), which reuse freed memory.
+- On CUDA the zero-padded shift is one Triton kernel (:func:`kernel_shift`), where Triton is installed.
 - CUDA inference takes GroupNorm(1, c)'s statistics with ``torch.var_mean`` (:func:`var_mean_group_norm`), which
   spreads a sample over the whole GPU where the native kernel gives it one thread block.
 
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from . import backbone
+from . import backbone, shift
 from .backbone import ASMLPStage, PatchEmbed, PatchMerging, pad_to_multiple
+from .block import AxialShiftMix
 
 torch.fx.wrap("pad_to_multiple")  # a leaf here too, as in backbone.py: it branches on the input size
 
@@ -60,9 +62,9 @@ def var_mean_group_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> 
     exact = torch.promote_types(x.dtype, torch.float32)
     var, mean = torch.var_mean(x.to(exact), dim=(1, 2, 3), correction=0, keepdim=True)
     scale = weight.to(exact).view(-1, 1, 1) * torch.rsqrt(var + eps)  # (b, c, 1, 1)
-    shift = bias.to(exact).view(-1, 1, 1) - mean * scale
+    offset = bias.to(exact).view(-1, 1, 1) - mean * scale
     with torch.autocast("cuda", enabled=False):  # autocast would copy x to float32; type promotion reads it as is
-        y = torch.addcmul(shift, x, scale)
+        y = torch.addcmul(offset, x, scale)
     return y if torch.is_autocast_enabled("cuda") else y.to(x.dtype)
 
 
@@ -125,6 +127,76 @@ class FastPatchMerging(PatchMerging):
         return self.reduction(self.norm(space_to_depth(pad_to_multiple(x, 2))))
 
 
+# ---------------------------------------------------------------- the shift as one kernel on CUDA (Triton)
+try:  # Triton comes with PyTorch's CUDA builds on Linux; without it CUDA runs shift.axial_shift's slice copies
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _shift_kernel(x_ptr, out_ptr, numel, channel_stride, channels, axis_stride, axis_size, group, half, step,
+                      BLOCK: tl.constexpr):
+        """out[p] = x[p - o(c) * axis_stride] or 0, for the elements p of a dense tensor in memory order.
+
+        An element's channel is ``(p // channel_stride) % channels`` and its position along the shifted axis
+        ``(p // axis_stride) % axis_size``, whatever the memory format; ``o(c) = (c // group - half) * step``.
+        """
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: the caller keeps numel below 2**31
+        inside = p < numel
+        offset = ((p // channel_stride) % channels // group - half) * step
+        source = (p // axis_stride) % axis_size - offset
+        keep = inside & (source >= 0) & (source < axis_size)
+        tl.store(out_ptr + p, tl.load(x_ptr + p - offset * axis_stride, mask=keep, other=0.0), mask=inside)
+
+
+def kernel_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 1) -> Tensor:
+    """``shift._zero_shift`` as one launch of :func:`_shift_kernel`, which reads each output's source element
+    or writes its zero: (b, c, h, w) -> (b, c, h, w), same memory format. ``sign=-1`` is the backward."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        block = 1024
+        _shift_kernel[(triton.cdiv(x.numel(), block),)](
+            x, out, x.numel(), x.stride(1), x.shape[1], x.stride(dim), x.shape[dim], -(-x.shape[1] // shift_size),
+            shift_size // 2, sign * dilation, BLOCK=block)
+    return out
+
+
+class _KernelShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, shift_size: int, dim: int, dilation: int) -> Tensor:
+        ctx.config = (shift_size, dim, dilation)
+        return kernel_shift(x, shift_size, dim, dilation)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return kernel_shift(grad, *ctx.config, sign=-1), None, None, None
+
+
+@torch.fx.wrap  # a leaf for FX tracing, as shift.axial_shift is in block.py: it branches on the device
+def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding: str = "zeros") -> Tensor:
+    """:func:`shift.axial_shift`, under its name, so FX graph node names stay the same with the switch on or off.
+
+    A zero-padded shift of a CUDA tensor runs :func:`kernel_shift` (one launch where the slice copies take
+    ``shift_size`` copies and zero fills), except under torch.compile, which fuses those, and for tensors of 2**31
+    elements or more, which the kernel's int32 indices cannot address.
+    """
+    if (triton is None or not x.is_cuda or padding != "zeros" or torch.compiler.is_compiling()
+            or x.numel() >= 2**31):
+        return shift.axial_shift(x, shift_size, dim, dilation, padding)
+    return _KernelShift.apply(x, shift_size, dim % 4, dilation)
+
+
+class FastAxialShiftMix(AxialShiftMix):
+    """:class:`AxialShiftMix` whose shifts run this module's :func:`axial_shift`."""
+
+    def shift(self, z: Tensor, dim: int) -> Tensor:
+        return axial_shift(z, self.shift_size, dim, self.dilation, self.padding)
+
+
 # ---------------------------------------------------------------- batch pieces in CPU inference
 PIECE_BYTES = 16 * 2**20
 
@@ -157,7 +229,7 @@ class FastASMLPStage(ASMLPStage):
 
 # ---------------------------------------------------------------- the switch
 FAST = {nn.GroupNorm: GroupNorm1, nn.GELU: GELU, PatchEmbed: FastPatchEmbed, PatchMerging: FastPatchMerging,
-        ASMLPStage: FastASMLPStage}
+        ASMLPStage: FastASMLPStage, AxialShiftMix: FastAxialShiftMix}
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 
 

@@ -2,6 +2,9 @@
 (train and eval, forward and input gradient, NCHW and channels_last, odd and non-square sizes), in float64 where
 the kernels allow it, so any difference beyond rounding shows."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch import nn
 
 from asmlp_min import fast
 from asmlp_min.backbone import ASMLPStage, PatchEmbed, PatchMerging, create_model
+from asmlp_min.block import AxialShiftMix
 from asmlp_min.fast import (GELU, FastASMLPStage, FastPatchEmbed, FastPatchMerging, GroupNorm1,
                             var_mean_group_norm)
 from tests.test_block import randomise
@@ -202,3 +206,52 @@ def test_norm_after_a_frozen_part_trains_its_weights():
     torch.testing.assert_close(got[0], norm.weight.grad)
     torch.testing.assert_close(got[1], norm.bias.grad)
 
+
+# ---------------------------------------------------------------- the one-kernel shift (Triton, CUDA)
+
+KERNEL_CHECK = """
+import itertools, torch
+from asmlp_min.fast import _KernelShift
+from asmlp_min.shift import axial_shift
+torch.manual_seed(0)
+cases = 0
+for (c, h, w), s, d, dim, layout, dtype in itertools.product(
+        [(13, 5, 7), (4, 1, 2), (16, 6, 3)], [1, 3, 5, 7], [1, 2], [2, 3],
+        [torch.contiguous_format, torch.channels_last], [torch.float32, torch.float64]):
+    x = torch.randn(2, c, h, w, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+    grad = torch.randn(2, c, h, w, dtype=dtype)
+    got = _KernelShift.apply(x, s, dim, d)
+    want = axial_shift(x, s, dim, d)
+    assert got.stride() == x.stride(), (got.stride(), x.stride())
+    assert torch.equal(got, want), (c, h, w, s, d, dim, layout)
+    (g_got,) = torch.autograd.grad(got, x, grad)
+    (g_want,) = torch.autograd.grad(want, x, grad)
+    assert torch.equal(g_got, g_want), ("backward", c, h, w, s, d, dim, layout)
+    cases += 1
+x = torch.randn(2, 13, 5, 8)[..., ::2]  # not dense: copied first
+assert torch.equal(_KernelShift.apply(x, 5, 3, 1), axial_shift(x, 5, 3))
+print(cases)
+"""
+
+
+def test_kernel_shift_equals_the_torch_shift_under_the_triton_interpreter():
+    """The Triton kernel, run by Triton's interpreter on CPU tensors (it only launches on a GPU otherwise), against
+    shift.axial_shift, forward and backward: odd channel counts, images narrower than the shift, dilation 2,
+    both memory formats. A fresh process, because TRITON_INTERPRET is read when the kernel is defined."""
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=os.environ | {"TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == [str(3 * 4 * 2 * 2 * 2 * 2)]
+
+
+def test_fast_shift_mix_runs_the_torch_shift_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast, "_KernelShift", type("Spy", (), {"apply": staticmethod(lambda *a: calls.append(a))}))
+    for padding in ("zeros", "reflect"):
+        mix = fast.enable(randomise(AxialShiftMix(10, padding=padding)))
+        assert type(mix) is fast.FastAxialShiftMix
+        plain = fast.enable(copy.deepcopy(mix), False)
+        x = torch.randn(2, 10, 6, 7)
+        torch.testing.assert_close(mix(x), plain(x), rtol=0, atol=0)
+    assert calls == []
