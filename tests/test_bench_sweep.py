@@ -150,6 +150,31 @@ def test_compile_mode_compiles_every_candidate_once_and_times_it_beside_its_eage
     assert set(results["targets"]) == {"eager inference >= 1.4x swin_t", "compiled inference >= compiled swin_t"}
 
 
+def test_compile_mode_reaches_torch_compile_and_the_tables(monkeypatch, capsys):
+    """--compile-mode reduce-overhead (CUDA graphs): the same torch.compile call for every candidate, with that mode;
+    the default mode passes none. The tables name the mode."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or Compiled(model))
+    monkeypatch.setattr(bench_sweep, "_peer", lambda name: Peer())
+    settings = tiny_settings(batches=(2,), train_batches=(), compile=True, compile_mode="reduce-overhead",
+                             peers=("swin_t",))
+    results = run_sweep(settings, progress=False)
+    assert calls == [dict(backend="inductor", mode="reduce-overhead")] * 3
+    assert "### Inference, each model through torch.compile (reduce-overhead mode)" in format_sweep_table(results)
+    calls.clear()
+    assert main(["bench", "--quick", "--no-peers", "--model=asmlp_mobile", "--image-size=32", "--batches=1",
+                 "--compile", "--compile-mode=max-autotune"]) == 0
+    assert calls == [dict(backend="inductor", mode="max-autotune")] * 2
+    assert "torch.compile (max-autotune mode)" in capsys.readouterr().out
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ValueError, match="must be one of .* and applies with --compile"):
+        settings_for("cpu", compile=True, compile_mode="fastest")
+    with pytest.raises(ValueError, match="applies with --compile, got 'reduce-overhead' with compile=False"):
+        settings_for("cpu", compile_mode="reduce-overhead")
+
+
 def test_one_compilation_serves_every_batch_of_the_sweep():
     graphs = []
 

@@ -10,7 +10,7 @@ from ..runtime import keep_freed_memory
 from . import sweep
 from .measure import run_bench
 from .report import format_table, write_json
-from .settings import settings_for
+from .settings import COMPILE_MODES, settings_for
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,6 +35,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="also time every candidate through torch.compile (default mode), beside its eager self; "
                              "compilation takes minutes on a small CPU")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile's mode for --compile: reduce-overhead replays CUDA graphs, which cuts the "
+                             "GPU's per-kernel launch cost (default: default)")
     parser.add_argument("--batches", type=_batch_list, metavar="B1,B2,...",
                         help="sweep these inference batches for every candidate (eager, and compiled with --compile), "
                              "report where each saturates, and time the training step of asmlp_min and the official "
@@ -75,7 +78,8 @@ def bench_command(args: argparse.Namespace) -> int:
         if args.batch is not None:
             raise ValueError("--batch is the single batch of the default tables; with --batches give the sweep only")
         overrides.update(batches=args.batches, train_batches=(args.train_batch,) if args.train_batch else args.batches)
-    settings = settings_for(args.device, args.quick, model=args.model, compile=args.compile, **overrides)
+    settings = settings_for(args.device, args.quick, model=args.model, compile=args.compile,
+                            compile_mode=args.compile_mode, **overrides)
     if args.keep_freed_memory and not keep_freed_memory():
         raise ValueError("--keep-freed-memory needs glibc's malloc (Linux); this platform has another")
     if settings.batches:

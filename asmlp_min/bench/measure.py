@@ -163,6 +163,12 @@ def _autocast(settings: BenchSettings):
     return contextlib.nullcontext()
 
 
+def compiled(model: nn.Module, settings: BenchSettings) -> nn.Module:
+    """``torch.compile(model)`` with the run's backend and mode: the one call every compiled candidate goes through."""
+    mode = {} if settings.compile_mode == "default" else dict(mode=settings.compile_mode)
+    return torch.compile(model, backend=settings.compile_backend, **mode)
+
+
 def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
                       progress: tqdm | None = None) -> dict:
     """Images/s of each model (eval, no autograd) and of a square matmul, timed in the same rounds."""
@@ -170,8 +176,7 @@ def measure_inference(settings: BenchSettings, ours: ASMLP, official: ASMLP,
     models = {"asmlp_min": ours, "official configuration": official}
     models.update({name: _peer(name).to(device) for name in settings.peers})
     if settings.compile:  # every candidate compiled the same way, beside its eager self
-        models.update({f"{name} + torch.compile": torch.compile(model, backend=settings.compile_backend)
-                       for name, model in list(models.items())})
+        models.update({f"{name} + torch.compile": compiled(model, settings) for name, model in list(models.items())})
     for model in models.values():
         model.eval()
     images = torch.randn(settings.batch, 3, settings.image_size, settings.image_size, device=device)

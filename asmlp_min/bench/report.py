@@ -51,7 +51,14 @@ def summarise(results: dict) -> dict:
 
 # ---------------------------------------------------------------- the markdown table
 
-def _inference_lines(inf: dict) -> list[str]:
+def compile_label(settings: dict) -> str:
+    """How the tables name the compiled candidates' ``torch.compile`` call (``settings``: the run's, as in JSON)."""
+    if settings["compile_backend"] != "inductor":
+        return f"torch.compile(backend={settings['compile_backend']!r})"
+    return f"torch.compile ({settings['compile_mode']} mode)"
+
+
+def _inference_lines(inf: dict, label: str) -> list[str]:
     ours = inf["models"]["asmlp_min"]["images_per_s"]
     lines = [
         "",
@@ -72,7 +79,7 @@ def _inference_lines(inf: dict) -> list[str]:
                       "model after the timed rounds (getrusage)."]
     if inf.get("compile_seconds"):
         took = ", ".join(f"{name} {s:.0f} s" for name, s in inf["compile_seconds"].items())
-        lines += ["", f"torch.compile (default mode) took {took} before timing (not included)."]
+        lines += ["", f"{label} took {took} before timing (not included)."]
     return lines
 
 
@@ -134,7 +141,8 @@ def _target_lines(targets: dict) -> list[str]:
 
 def format_table(results: dict) -> str:
     """Markdown: settings, the three tables, and the targets with their measured ratios."""
-    lines = (_header_lines(results) + _shift_lines(results["shift"]) + _inference_lines(results["inference"])
+    lines = (_header_lines(results) + _shift_lines(results["shift"])
+             + _inference_lines(results["inference"], compile_label(results["settings"]))
              + _training_lines(results["training"], results["settings"]["device"])
              + _target_lines(results["targets"]))
     return "\n".join(lines)

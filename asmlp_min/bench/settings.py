@@ -9,6 +9,9 @@ import torch
 from ..backbone import model_config
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     """What one ``asmlp-min bench`` run measures; :func:`settings_for` gives the defaults per device."""
@@ -26,6 +29,7 @@ class BenchSettings:
     peers: tuple[str, ...] = ("swin_t", "convnext_tiny")
     compile: bool = False      # also time every candidate through torch.compile; never part of the default path
     compile_backend: str = "inductor"  # torch.compile's default; tests pass "eager" to skip code generation
+    compile_mode: str = "default"      # torch.compile's mode; "reduce-overhead" replays CUDA graphs
     batches: tuple[int, ...] = ()        # a sweep (sweep.py) instead of the default tables
     train_batches: tuple[int, ...] = ()  # the sweep's training-step batches
     max_seconds: float | None = None     # the sweep's time guard
@@ -46,6 +50,9 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
         values.update(warmup=1, repeats=3, shift_repeats=10)
     values.update(overrides)
     settings = BenchSettings(**values)
+    if settings.compile_mode not in COMPILE_MODES or (settings.compile_mode != "default" and not settings.compile):
+        raise ValueError(f"compile_mode (--compile-mode) must be one of {COMPILE_MODES} and applies with --compile, "
+                         f"got {settings.compile_mode!r} with compile={settings.compile}")
     model_config(settings.model)  # an unknown variant: ValueError naming the known ones
     sizes = (settings.batch, settings.train_batch, settings.image_size, settings.repeats, settings.shift_repeats,
              *settings.batches, *settings.train_batches)

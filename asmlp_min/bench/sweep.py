@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbone import ASMLP
-from .measure import _autocast, _environment, _loadavg, _peer, _sync, build_models, measure_training, time_in_turns
+from .measure import (_autocast, _environment, _loadavg, _peer, _sync, build_models, compiled, measure_training,
+                      time_in_turns)
+from .report import compile_label
 from .settings import BenchSettings
 
 SATURATION_TOLERANCE = 0.05  # saturated: within 5% of the best images/s over the sweep
@@ -81,8 +83,7 @@ def sweep_candidates(settings: BenchSettings, ours: ASMLP, official: ASMLP) -> d
     eager.update({name: _peer(name).to(settings.device).eval() for name in settings.peers})
     candidates = {("eager", name): model for name, model in eager.items()}
     if settings.compile:
-        candidates.update({("compiled", name): torch.compile(model, backend=settings.compile_backend)
-                           for name, model in eager.items()})
+        candidates.update({("compiled", name): compiled(model, settings) for name, model in eager.items()})
     return candidates
 
 
@@ -290,11 +291,10 @@ def _header(results: dict) -> list[str]:
          ["", f"**Stopped before batch {sweep['stopped']['before_batch']}**: {sweep['stopped']['reason']}."])
 
 
-def _inference_lines(sweep: dict, backend: str) -> list[str]:
+def _inference_lines(sweep: dict, label: str) -> list[str]:
     batches, lines = sweep["batches"], []
-    compiled = "torch.compile (default mode)" if backend == "inductor" else f"torch.compile(backend={backend!r})"
     for mode, models in sweep["inference"].items():
-        how = "eager" if mode == "eager" else f"each model through {compiled}"
+        how = "eager" if mode == "eager" else f"each model through {label}"
         lines += ["", f"### Inference, {how}: images/s, eval, no autograd", "",
                   "| model | " + " | ".join(f"batch {b}" for b in batches) + " | saturates at |",
                   "|---|" + "---|" * (len(batches) + 1)]
@@ -329,7 +329,7 @@ def format_sweep_table(results: dict) -> str:
     """Markdown: settings, one images/s table per mode (rows models, columns batches) with the saturating batch and
     the ratios, the training table, and issue 20's targets."""
     sweep = results["sweep"]
-    lines = (_header(results) + _inference_lines(sweep, results["settings"]["compile_backend"])
+    lines = (_header(results) + _inference_lines(sweep, compile_label(results["settings"]))
              + _training_lines(sweep))
     if results["targets"]:
         lines += ["", "### Targets (issue 20, stated for the GPU in fp16)", "",
