@@ -187,7 +187,8 @@ def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding
     if (triton is None or not x.is_cuda or padding != "zeros" or torch.compiler.is_compiling()
             or x.numel() >= 2**31):
         return shift.axial_shift(x, shift_size, dim, dilation, padding)
-    return _KernelShift.apply(x, shift_size, dim % 4, dilation)
+    shift.check_shift_args(shift_size, dilation, padding)  # the checks shift.axial_shift makes, with its messages
+    return _KernelShift.apply(x, shift_size, shift._spatial_dim(x, dim), dilation)
 
 
 class FastAxialShiftMix(AxialShiftMix):

@@ -64,6 +64,16 @@ def test_triton_shift_on_cuda_equals_the_torch_shift(dtype, layout, dim, channel
     assert torch.equal(torch.autograd.grad(out, x_fast, grad)[0], torch.autograd.grad(want, x_ref, grad)[0])
 
 
+def test_triton_shift_on_cuda_rejects_what_the_torch_shift_rejects():
+    pytest.importorskip("triton")
+    x = torch.randn(1, 8, 4, 4, device=CUDA)
+    for args, message in [((x, 5, 1), "dim must be a spatial axis"), ((x, 4, -1), "shift_size must be odd"),
+                          ((x[0], 5, -1), "expects a .b, c, h, w. tensor")]:
+        for shift_fn in (fast.axial_shift, axial_shift):
+            with pytest.raises(ValueError, match=message):
+                shift_fn(*args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_inference_group_norm_on_cuda_equals_the_float64_group_norm(dtype, layout):
