@@ -257,6 +257,30 @@ def test_format_table_lists_every_candidate_and_target():
         assert text in table, text
 
 
+def test_cuda_tables_say_whether_the_shift_ran_as_the_triton_kernel(monkeypatch):
+    """The Triton A/B (fast.triton = None in one run) must be readable from the tables alone."""
+    from asmlp_min.bench import measure
+    from asmlp_min.bench.sweep import format_sweep_table, sweep_targets
+    from tests.test_bench_sweep import hand_made_sweep
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # settings_for("cuda") checks it
+    notes = {}
+    for triton, cuda_shift in [(object(), "one Triton kernel"), (None, "torch slice copies (no Triton)")]:
+        monkeypatch.setattr(fast, "triton", triton)
+        results = {**fake_results(), **measure._environment(settings_for("cuda"))}
+        assert results["cuda_shift"] == cuda_shift
+        results.update(summarise(results))
+        made = hand_made_sweep()
+        sweep = dict(results, sweep=made, targets=sweep_targets(made["ratios"]),
+                     settings=vars(settings_for("cuda", batches=(64, 128))))
+        notes[triton is None] = [f"asmlp_min's eager shift: {cuda_shift}." in text
+                                 for text in (format_table(results), format_sweep_table(sweep))]
+    assert notes == {False: [True, True], True: [True, True]}
+    cpu = {**fake_results(), **measure._environment(settings_for("cpu"))}
+    cpu.update(summarise(cpu))
+    assert cpu["cuda_shift"] is None and "eager shift" not in format_table(cpu)
+
+
 def test_run_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or Compiled(model))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .. import fast
 from ..backbone import ASMLP, MODEL_CONFIGS, create_model
 from ..complexity import count_gmacs, stage_resolutions
 from ..runtime import freed_memory_kept
@@ -293,4 +294,11 @@ def _environment(settings: BenchSettings) -> dict:
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else _cpu_name()
     return dict(settings=asdict(settings), torch=torch.__version__, device_name=device_name,
                 threads=torch.get_num_threads(), cpu_count=os.cpu_count(), python=platform.python_version(),
-                freed_memory_kept=freed_memory_kept())
+                freed_memory_kept=freed_memory_kept(), cuda_shift=_cuda_shift(settings.device))
+
+
+def _cuda_shift(device: str) -> str | None:
+    """How asmlp_min's zero-padded shift runs in eager CUDA mode (a Triton A/B sets ``fast.triton = None``)."""
+    if device != "cuda":
+        return None
+    return "one Triton kernel" if fast.triton is not None else "torch slice copies (no Triton)"

@@ -96,8 +96,14 @@ def _header_lines(results: dict) -> list[str]:
         + (f"; load average {load[0]:.2f} before, {results['loadavg_after'][0]:.2f} after" if load else "")
         + f"; {results['seconds']:.0f} s in all. "
         + ("malloc keeps freed memory for reuse (--keep-freed-memory), for every candidate alike."
-           if results.get("freed_memory_kept") else "malloc at its defaults."),
+           if results.get("freed_memory_kept") else "malloc at its defaults.")
+        + shift_path(results),
     ]
+
+
+def shift_path(results: dict) -> str:
+    """The header's note of how asmlp_min's shift ran on CUDA, eager: one Triton kernel or the torch slices."""
+    return f" asmlp_min's eager shift: {results['cuda_shift']}." if results.get("cuda_shift") else ""
 
 
 def _shift_lines(shift: list[dict]) -> list[str]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..backbone import ASMLP
 from .measure import (_autocast, _environment, _loadavg, _peer, _sync, build_models, compiled, measure_training,
                       time_in_turns)
-from .report import compile_label
+from .report import compile_label, shift_path
 from .settings import BenchSettings
 
 SATURATION_TOLERANCE = 0.05  # saturated: within 5% of the best images/s over the sweep
@@ -282,7 +282,7 @@ def _header(results: dict) -> list[str]:
         f"turns; median of {s['repeats']} rounds after {s['warmup']} warm-up rounds at batch {first}, "
         f"proportionally fewer at larger batches (at least {MIN_ROUNDS})"
         + (f"; load average {load[0]:.2f} before, {results['loadavg_after'][0]:.2f} after" if load else "")
-        + f"; {results['seconds']:.0f} s in all.",
+        + f"; {results['seconds']:.0f} s in all." + shift_path(results),
         "",
         f"*Saturates at*: the smallest batch whose images/s is within {SATURATION_TOLERANCE:.0%} of the model's "
         "best over the sweep (\"still rising?\" when that is the largest batch measured). A ratio is taken at the "
