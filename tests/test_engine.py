@@ -18,7 +18,8 @@ import asmlp_min.checkpoint
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
 from asmlp_min.engine.config import SIZE_FIELD
 from asmlp_min.engine import (DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data,
-                              build_model, evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock)
+                              build_model, evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
+                              WorkerDied)
 
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -231,6 +232,51 @@ def test_an_unreadable_image_mid_epoch_saves_the_epochs_progress_and_resumes_bit
     cfg = tiny(tmp_path, accum_steps=2)
     with pytest.raises(DataError, match=r"Saved epoch 2's progress \(2 of 4 batches\) in .*checkpoint.pt"):
         Trainer(cfg, data=_with_bad_read(cfg, 32 + 3 * 8 + 5), log=quiet).fit()
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 2, 3)
+    resumed = Trainer(cfg, resume=tmp_path / "run" / "checkpoint.pt", log=quiet)
+    resumed.fit()
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    assert without_times(resumed.history) == without_times(straight.history)
+
+
+class _WorkerKilledOnce(torch.utils.data.Dataset):
+    """The wrapped dataset, except that the worker process making read number ``bad_read`` is killed with SIGKILL,
+    as the kernel's out-of-memory killer does; the first time only (reads are counted in a file, across processes)."""
+
+    def __init__(self, base, bad_read: int, counter):
+        self.base, self.bad_read, self.counter = base, bad_read, counter
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        with open(self.counter, "a+b") as f:
+            f.write(b".")
+            reads = f.tell()
+        if reads == self.bad_read and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.base[index]
+
+
+def test_a_killed_loader_worker_saves_the_epochs_progress_and_says_why_and_how_to_resume(tmp_path):
+    """A worker killed mid-epoch 2 (while it reads the 4th batch, so during the step on the 3rd) is the same kind of
+    stop as an unreadable image: the progress up to the last step is saved, the message names the likely cause, and
+    --resume ends exactly where an uninterrupted run with two workers does (samples are seeded one by one)."""
+    straight = Trainer(tiny(tmp_path, "straight", accum_steps=2, workers=2), log=quiet)
+    straight.fit()
+    torch_handler = signal.getsignal(signal.SIGCHLD)  # set by PyTorch's first loader with workers
+    cfg = tiny(tmp_path, accum_steps=2, workers=1)
+    data = build_data(cfg.resolved())
+    data = dataclasses.replace(data, train=_WorkerKilledOnce(data.train, 32 + 3 * 8 + 1, tmp_path / "reads"))
+    with pytest.raises(WorkerDied) as err:  # a DataError, which the CLI prints as one line
+        Trainer(cfg, data=data, log=quiet).fit()
+    text = str(err.value)
+    assert text.startswith("a data-loading worker process died (DataLoader worker (pid ")
+    assert "out-of-memory killer" in text and "--workers" in text and "\n" not in text and "Traceback" not in text
+    assert "Saved epoch 2's progress (2 of 4 batches)" in text
+    assert text.endswith(f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}")
+    assert signal.getsignal(signal.SIGCHLD) is torch_handler
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 2, 3)
     resumed = Trainer(cfg, resume=tmp_path / "run" / "checkpoint.pt", log=quiet)

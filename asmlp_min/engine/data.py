@@ -2,7 +2,10 @@
 the loader that turns a reader's failure into one :class:`DataError` line."""
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,13 @@ from .config import TrainConfig
 class DataError(ValueError):
     """A sample could not be read or transformed (a truncated image, a mask value out of range); the message is the
     reader's, which names the file."""
+    fix = "once the file is replaced by a readable one, "  # the advice before "continue with --resume ..."
+
+
+class WorkerDied(DataError):
+    """A DataLoader worker process ended without an error of its own: killed by a signal, most often the kernel's
+    out-of-memory killer. The batches it delivered before were whole."""
+    fix = "with fewer --workers or a smaller --batch-size if memory ran out, "
 
 
 @dataclass
@@ -192,23 +202,90 @@ def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
 
 def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, device: torch.device) -> DataLoader:
     # worker seeds come from this generator, not the global one, so the worker count cannot shift the global stream
+    if workers:
+        dataset = SeededSamples(dataset, seed)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+
+
+class SeededSamples(Dataset):
+    """``base``, with torch's random generator seeded from (``seed``, index) before each sample is read.
+
+    Used in worker processes, where a sample's random augmentation would otherwise come from the worker's stream,
+    which depends on every sample the worker read before: a run resumed mid-epoch starts its workers at a later
+    batch and would augment the rest of the epoch differently from the run it continues. Seeded per sample, it
+    does not, and the worker count (1 or more) does not change the run. Without workers the samples draw from the
+    main process's generator, which a checkpoint saves and restores.
+    """
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        torch.manual_seed((self.seed * 2**32 + index) % 2**64)
+        return self.base[index]
 
 
 def _loaded(loader: DataLoader):
     """The batches of ``loader``; a file that cannot be read (ValueError, OSError) is raised as :class:`DataError`
     with the reader's one-line message, whether it failed here (``--workers 0``) or in a worker process, which torch
-    reports as the worker's whole traceback."""
+    reports as the worker's whole traceback. A worker process that dies is raised as :class:`WorkerDied`, between
+    batches (:func:`_worker_deaths_deferred`)."""
     iterator = iter(loader)
-    while True:
+    with _worker_deaths_deferred() as died:
+        while True:
+            if died:  # a worker died while the caller was busy with the last batch
+                raise WorkerDied(_worker_death_message(died[0]))
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its traceback
+                raise DataError(_reader_message(err)) from None
+            except RuntimeError as err:
+                if not _WORKER_DEATH.match(str(err)):
+                    raise
+                raise WorkerDied(_worker_death_message(err)) from None
+            yield batch
+
+
+_WORKER_DEATH = re.compile(r"DataLoader worker \(pid")
+
+
+@contextlib.contextmanager
+def _worker_deaths_deferred():
+    """Collect the errors that PyTorch's SIGCHLD handler raises for a dead worker, instead of letting them fly.
+
+    That handler (set when a loader with workers starts) raises at whatever line the main process is running: maybe
+    inside ``optimizer.step()``, between the updates of two parameters, so that the weights a save would keep are
+    half-updated. Deferred, the error comes out of :func:`_loaded` at the next batch, after a whole step. Only the
+    main thread can set a handler; elsewhere (and without workers) nothing changes.
+    """
+    died: list[RuntimeError] = []
+    torch_handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+    if not callable(torch_handler) or threading.current_thread() is not threading.main_thread():
+        yield died
+        return
+
+    def collect(signum, frame):
         try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its traceback
-            raise DataError(_reader_message(err)) from None
-        yield batch
+            torch_handler(signum, frame)
+        except RuntimeError as err:
+            died.append(err)
+
+    signal.signal(signal.SIGCHLD, collect)
+    try:
+        yield died
+    finally:
+        signal.signal(signal.SIGCHLD, torch_handler)
+
+
+def _worker_death_message(err: RuntimeError) -> str:
+    return (f"a data-loading worker process died ({str(err).strip().rstrip('.')}); 'Killed' (signal 9) is most "
+            "often the kernel's out-of-memory killer")
 
 
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")

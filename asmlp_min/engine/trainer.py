@@ -176,8 +176,8 @@ class Trainer:
 
         Ctrl-C (SIGINT) or SIGTERM: finish the current optimiser step, save, return with ``stop_signal`` set (a
         second Ctrl-C aborts at once). A training sample that cannot be read stops the same way, then raises
-        :class:`DataError`. A nan/inf loss raises :class:`NonFiniteLossError` before the bad update, without
-        touching the checkpoint on disk.
+        :class:`DataError`; so does a DataLoader worker that dies (:class:`WorkerDied`). A nan/inf loss raises
+        :class:`NonFiniteLossError` before the bad update, without touching the checkpoint on disk.
         """
         last = self.cfg.stop_at_epoch or self.cfg.epochs
         if self.epoch >= last:
@@ -285,12 +285,12 @@ class Trainer:
         """A validation image could not be read: keep the trained epoch (saved without validation metrics) rather than
         lose it; with several processes the others wait in a collective, so nothing is saved."""
         if self.env.distributed:
-            return DataError(f"{err}; stopped without saving, {self._checkpoint_on_disk()}")
+            return type(err)(f"{err}; stopped without saving, {self._checkpoint_on_disk()}")
         self.history.append(record)
         self.save()
         self._write_metrics()
-        return DataError(f"{err}. Saved epoch {self.epoch} without its validation in {self.checkpoint_path}; once the "
-                         f"file is replaced by a readable one, continue with --resume {self.checkpoint_path}")
+        return type(err)(f"{err}. Saved epoch {self.epoch} without its validation in {self.checkpoint_path}; "
+                         f"{err.fix}continue with --resume {self.checkpoint_path}")
 
     def _remember_step(self) -> None:
         """What the last optimiser step left (generator state, epoch totals): a save after a data error goes back to
@@ -305,15 +305,15 @@ class Trainer:
         processes the others wait in a collective and cannot join a save: the error ends the run (torchrun stops
         the other processes) and the checkpoint on disk is left as it was."""
         if self.env.distributed:
-            return DataError(f"{err}; stopped without saving, {self._checkpoint_on_disk()}")
+            return type(err)(f"{err}; stopped without saving, {self._checkpoint_on_disk()}")
         generators, self.epoch_totals = self._at_last_step
         torch.set_rng_state(generators["cpu"])
         if "cuda" in generators:
             torch.cuda.set_rng_state(generators["cuda"], self.env.device)
         self.save()
-        return DataError(f"{err}. Saved epoch {self.epoch + 1}'s progress ({self.batch_in_epoch} of "
-                         f"{self.batches_per_epoch} batches) in {self.checkpoint_path}; once the file is replaced by a "
-                         f"readable one, continue with --resume {self.checkpoint_path}")
+        return type(err)(f"{err}. Saved epoch {self.epoch + 1}'s progress ({self.batch_in_epoch} of "
+                         f"{self.batches_per_epoch} batches) in {self.checkpoint_path}; {err.fix}continue with "
+                         f"--resume {self.checkpoint_path}")
 
     def _non_finite_message(self, value: float) -> str:
         return (f"the training loss became {value} in epoch {self.epoch + 1} (step {self.step + 1}); stopped before "
