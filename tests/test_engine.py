@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,18 @@ def test_an_unreadable_training_image_is_one_line_naming_the_file(tmp_path, work
     assert f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}" in text
 
 
+def assert_saved_after_step_3_and_resumes_to(straight: Trainer, cfg: TrainConfig) -> None:
+    """The run in ``cfg.output`` stopped in epoch 2 and saved the state after its first step there (step 3, batch 2
+    of 4); resumed, it ends exactly where ``straight``, the run that never stopped, did."""
+    checkpoint = Path(cfg.output) / "checkpoint.pt"
+    saved = load_checkpoint(checkpoint)
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 2, 3)
+    resumed = Trainer(cfg, resume=checkpoint, log=quiet)
+    resumed.fit()
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    assert without_times(resumed.history) == without_times(straight.history)
+
+
 def test_an_unreadable_image_mid_epoch_saves_the_epochs_progress_and_resumes_bit_for_bit(tmp_path):
     """Epoch 2 (4 batches of 8, 2 per step) fails reading its 4th batch: the save goes back to the state after its
     first step (batch 2), although batch 3 has drawn random numbers since; with the image replaced, the resumed
@@ -232,12 +245,7 @@ def test_an_unreadable_image_mid_epoch_saves_the_epochs_progress_and_resumes_bit
     cfg = tiny(tmp_path, accum_steps=2)
     with pytest.raises(DataError, match=r"Saved epoch 2's progress \(2 of 4 batches\) in .*checkpoint.pt"):
         Trainer(cfg, data=_with_bad_read(cfg, 32 + 3 * 8 + 5), log=quiet).fit()
-    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 2, 3)
-    resumed = Trainer(cfg, resume=tmp_path / "run" / "checkpoint.pt", log=quiet)
-    resumed.fit()
-    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
-    assert without_times(resumed.history) == without_times(straight.history)
+    assert_saved_after_step_3_and_resumes_to(straight, cfg)
 
 
 class _WorkerKilledOnce(torch.utils.data.Dataset):
@@ -277,12 +285,7 @@ def test_a_killed_loader_worker_saves_the_epochs_progress_and_says_why_and_how_t
     assert "Saved epoch 2's progress (2 of 4 batches)" in text
     assert text.endswith(f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}")
     assert signal.getsignal(signal.SIGCHLD) is torch_handler
-    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 2, 3)
-    resumed = Trainer(cfg, resume=tmp_path / "run" / "checkpoint.pt", log=quiet)
-    resumed.fit()
-    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
-    assert without_times(resumed.history) == without_times(straight.history)
+    assert_saved_after_step_3_and_resumes_to(straight, cfg)
 
 
 def test_an_unreadable_validation_image_keeps_the_trained_epoch(tmp_path):
