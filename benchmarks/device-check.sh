@@ -10,7 +10,8 @@
 #
 #   bash benchmarks/device-check.sh tests         # make test's pytest command: unit tests and notebooks
 #   bash benchmarks/device-check.sh eager         # CUDA batch sweep, eager, with the Triton shift and without it
-#   bash benchmarks/device-check.sh compiled      # the same sweep with --compile, then --compile-mode reduce-overhead
+#   bash benchmarks/device-check.sh compiled      # the same sweep with --compile (compiling takes minutes, cold)
+#   bash benchmarks/device-check.sh graphs        # the same with --compile-mode reduce-overhead (CUDA graphs)
 #
 # Several stages may follow one another in one call (`... tests eager`). Logs and tables go to $OUT (the device
 # tool brings that folder back), or to runs/device-check here.
@@ -61,11 +62,13 @@ for stage in "$@"; do
         "${SWEEP[@]}" --no-peers --json "$OUT/cuda-sweep-eager-no-triton.json" | tee "$OUT/cuda-sweep-eager-no-triton.md" || status=1 ;;
     compiled)
       device_python
-      python3 -m asmlp_min "${SWEEP[@]}" --compile --max-seconds 330 --json "$OUT/cuda-sweep.json" | tee "$OUT/cuda-sweep.md" || status=1
-      python3 -m asmlp_min "${SWEEP[@]}" --compile --compile-mode reduce-overhead --max-seconds 200 \
+      python3 -m asmlp_min "${SWEEP[@]}" --compile --max-seconds 330 --json "$OUT/cuda-sweep.json" | tee "$OUT/cuda-sweep.md" || status=1 ;;
+    graphs)
+      device_python
+      python3 -m asmlp_min "${SWEEP[@]}" --compile --compile-mode reduce-overhead --max-seconds 330 \
         --json "$OUT/cuda-sweep-reduce-overhead.json" | tee "$OUT/cuda-sweep-reduce-overhead.md" || status=1 ;;
     *)
-      echo "device-check: unknown stage '$stage' (wheels, tests, eager, compiled)" >&2; exit 2 ;;
+      echo "device-check: unknown stage '$stage' (wheels, tests, eager, compiled, graphs)" >&2; exit 2 ;;
   esac
 done
 exit $status
