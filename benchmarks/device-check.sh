@@ -53,7 +53,8 @@ for stage in "$@"; do
       du -sh .whl ;;
     tests)
       device_python
-      python3 -m pytest -q -rs -p no:cacheprovider --durations=15 --nbval --nbval-current-env \
+      # -p no:benchmark: the image's pytest-benchmark plugin also owns a 'benchmark' marker, which pyproject uses
+      python3 -m pytest -q -rs -p no:cacheprovider -p no:benchmark --durations=15 --nbval --nbval-current-env \
         --nbval-sanitize-with nbval.cfg tests notebooks 2>&1 | tee "$OUT/tests.log" || status=1 ;;
     eager)
       device_python
