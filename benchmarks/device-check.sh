@@ -53,7 +53,8 @@ for stage in "$@"; do
       du -sh .whl ;;
     tests)
       device_python
-      # -p no:benchmark: the image's pytest-benchmark plugin also owns a 'benchmark' marker, which pyproject uses
+      # The Makefile's test command (keep the two alike), called directly: the image may have no make, and make test
+      # would build .venv. -p no:benchmark: the image's pytest-benchmark plugin also owns pyproject's 'benchmark' marker.
       python3 -m pytest -q -rs -p no:cacheprovider -p no:benchmark --durations=15 --nbval --nbval-current-env \
         --nbval-sanitize-with nbval.cfg tests notebooks 2>&1 | tee "$OUT/tests.log" || status=1 ;;
     eager)
