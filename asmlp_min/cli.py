@@ -351,10 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine import NonFiniteLossError
+    from .engine import NonFiniteLossError, new_folders_removed_on_failure
     args = build_parser().parse_args(argv)
+    named = [path for path in (getattr(args, "output", None), getattr(args, "json", None)) if path]
     try:
-        return args.func(args)
+        with new_folders_removed_on_failure(*named):  # a command that fails leaves no empty folder behind
+            return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes (CheckpointError included)
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
         print(f"asmlp-min {args.command}: {kind}: {err}", file=sys.stderr)

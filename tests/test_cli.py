@@ -359,10 +359,24 @@ def test_info_prints_the_paper_table(capsys):
     (["predict", "--checkpoint=/no/such.pt", "--topk=0", "/no/image.png"], "--topk must be >= 1, got 0"),
     (["info", "asmlp_tiny", "--image-size=-3"], "--image-size must be >= 1, got -3"),
 ])
-def test_user_mistakes_give_one_line_not_a_traceback(argv, message, capsys):
+def test_user_mistakes_give_one_line_not_a_traceback(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default run/predict folders would go
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.startswith("asmlp-min ")
+    assert list(tmp_path.iterdir()) == []  # no empty runs/cls or runs/predict left behind
+
+
+def test_a_failed_command_removes_only_the_empty_folders_it_created(image, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "runs" / "cls").mkdir(parents=True)  # existed before: stays, and so does its parent
+    assert main(["train", "--data=/no/such/folder", *TINY, "--output=runs/cls"]) == 2
+    assert main(["predict", "--checkpoint=/no/such.pt", "--output=kept/new/png", str(image)]) == 2
+    assert main(["evaluate", "--checkpoint=/no/such.pt", "--json=new/metrics.json"]) == 2
+    assert main(["train", "--data=/no/such/folder", *TINY, "--output=a/b"]) == 2
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["kept", "runs", "runs/cls"]
+    assert capsys.readouterr().err.count("error") == 4
 
 
 def test_wrong_task_and_corrupt_checkpoint(runs, image, tmp_path, capsys):

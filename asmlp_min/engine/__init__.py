@@ -16,6 +16,6 @@ from .distributed import DistEnv, init_distributed, rng_state, seed_everything, 
 from .inference import evaluate, load_trained, predict
 from .optim import build_optimizer, lr_factor, param_groups
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RUN_FILES, _check_label_set, _read_engine_checkpoint,
-                   prepare_output_folder, run_folder_lock, strict_json)
+                   new_folders_removed_on_failure, prepare_output_folder, run_folder_lock, strict_json)
 from .tasks import ClassificationTask, DetectionTask, SegmentationTask, build_model, make_task
 from .trainer import NonFiniteLossError, Trainer

@@ -80,6 +80,22 @@ def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def new_folders_removed_on_failure(*paths: str | os.PathLike):
+    """Run the block; if it raises (bad input, Ctrl-C), remove again each folder on ``paths`` (a path and its
+    parents) that did not exist before the block and is still empty, so that a command which fails leaves no empty
+    run folder behind. Files are never removed."""
+    new = {folder for path in paths for folder in (Path(path).absolute(), *Path(path).absolute().parents)
+           if not folder.exists()}
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(new, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty, or a file (a named output file's own path)
+                folder.rmdir()
+        raise
+
+
 LOCK_NAME = ".train.lock"
 
 

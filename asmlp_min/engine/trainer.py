@@ -39,8 +39,8 @@ from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed,
 from .inference import _progress, evaluate
 from .optim import build_optimizer
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RUN_FILES, _check_compatible, _check_label_set, _damaged,
-                   _read_engine_checkpoint, check_resume_state, format_record, prepare_output_folder,
-                   restore_state, run_folder_lock, write_metrics)
+                   _read_engine_checkpoint, check_resume_state, format_record, new_folders_removed_on_failure,
+                   prepare_output_folder, restore_state, run_folder_lock, write_metrics)
 from .tasks import build_model, class_weights, make_task
 
 
@@ -62,24 +62,26 @@ class Trainer:
         self.env = env or init_distributed(cfg.device)
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.output)
-        self._claim_run_folder()  # before data and model are built: an unusable or busy folder fails in a second
-        self.data = data or build_data(cfg)
-        self.cfg = self._settle_classes(cfg, checkpoint, resume)
-        self._verified_epoch = None  # epoch of the checkpoint on disk whose weights this run checked finite
-        self.task = make_task(cfg, self.data)
-        self.model = self._build_model(model, log_pretrained=checkpoint is None)
-        self._build_optimizer()
-        self.epoch, self.step, self.batch_in_epoch, self.history = 0, 0, 0, []
-        self.epoch_totals = torch.zeros(3, dtype=torch.float64)  # loss * images, images, seconds (this epoch)
-        if checkpoint is not None:
-            self._load_state(checkpoint, resume)
-        self.ddp_model = self._wrap_distributed()
-        seed_everything(cfg.seed + self.env.rank)  # per-rank streams for dropout, drop path, augmentation
-        if checkpoint is not None:
-            try:
-                set_rng_state(checkpoint["rng"], self.env)
-            except (RuntimeError, TypeError, IndexError, KeyError, AttributeError) as err:
-                raise _damaged(resume, f"its random generator state does not load ({err})") from None
+        new_folders = new_folders_removed_on_failure(self.run_dir) if self.env.is_main else contextlib.nullcontext()
+        with new_folders:  # a run that fails to start leaves no empty run folder behind
+            self._claim_run_folder()  # before data and model are built: an unusable or busy folder fails at once
+            self.data = data or build_data(cfg)
+            self.cfg = self._settle_classes(cfg, checkpoint, resume)
+            self._verified_epoch = None  # epoch of the checkpoint on disk whose weights this run checked finite
+            self.task = make_task(cfg, self.data)
+            self.model = self._build_model(model, log_pretrained=checkpoint is None)
+            self._build_optimizer()
+            self.epoch, self.step, self.batch_in_epoch, self.history = 0, 0, 0, []
+            self.epoch_totals = torch.zeros(3, dtype=torch.float64)  # loss * images, images, seconds (this epoch)
+            if checkpoint is not None:
+                self._load_state(checkpoint, resume)
+            self.ddp_model = self._wrap_distributed()
+            seed_everything(cfg.seed + self.env.rank)  # per-rank streams for dropout, drop path, augmentation
+            if checkpoint is not None:
+                try:
+                    set_rng_state(checkpoint["rng"], self.env)
+                except (RuntimeError, TypeError, IndexError, KeyError, AttributeError) as err:
+                    raise _damaged(resume, f"its random generator state does not load ({err})") from None
         self._signal_received = 0      # the number of the signal (Ctrl-C, SIGTERM) this rank received
         self._stopping = False         # agreed by all ranks: stop after this optimiser step
         self.stop_signal = None        # set when a signal stopped fit() before its last epoch
