@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import asmlp_min.checkpoint
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
 from asmlp_min.engine.config import SIZE_FIELD
+from asmlp_min.engine.data import _worker_death_message
 from asmlp_min.engine import (DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data,
                               build_model, evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
                               WorkerDied)
@@ -280,12 +282,26 @@ def test_a_killed_loader_worker_saves_the_epochs_progress_and_says_why_and_how_t
     with pytest.raises(WorkerDied) as err:  # a DataError, which the CLI prints as one line
         Trainer(cfg, data=data, log=quiet).fit()
     text = str(err.value)
-    assert text.startswith("a data-loading worker process died (DataLoader worker (pid ")
+    # torch names the signal itself ("is killed by signal: Killed") or, when its queue noticed the death first,
+    # says "exited unexpectedly", and the worker's exit code names it
+    assert re.match(r"a data-loading worker process died \(DataLoader worker \(pid(\(s\))? \d+\) "
+                    r"(is killed by signal: Killed|exited unexpectedly; killed by signal 9 \(Killed\))\); ", text)
     assert "out-of-memory killer" in text and "--workers" in text and "\n" not in text and "Traceback" not in text
     assert "Saved epoch 2's progress (2 of 4 batches)" in text
     assert text.endswith(f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}")
     assert signal.getsignal(signal.SIGCHLD) is torch_handler
     assert_saved_after_step_3_and_resumes_to(straight, cfg)
+
+
+def test_a_worker_death_that_torch_reports_without_its_signal_is_named_by_the_exit_codes():
+    torch_says = RuntimeError("DataLoader worker (pid(s) 4577, 4578) exited unexpectedly")
+    assert _worker_death_message(torch_says, [None, -9, 0, -15, -9]) == (
+        "a data-loading worker process died (DataLoader worker (pid(s) 4577, 4578) exited unexpectedly; killed by "
+        "signal 9 (Killed), signal 15 (Terminated)); 'Killed' (signal 9) is most often the kernel's out-of-memory "
+        "killer")
+    named = RuntimeError("DataLoader worker (pid 4577) is killed by signal: Killed.")
+    assert _worker_death_message(named, [-9]).startswith(
+        "a data-loading worker process died (DataLoader worker (pid 4577) is killed by signal: Killed); ")
 
 
 def test_an_unreadable_validation_image_keeps_the_trained_epoch(tmp_path):

@@ -248,7 +248,10 @@ def _loaded(loader: DataLoader):
             except RuntimeError as err:
                 if not _WORKER_DEATH.match(str(err)):
                     raise
-                raise WorkerDied(_worker_death_message(err)) from None
+                # torch's own words: "is killed by signal: Killed" from its SIGCHLD handler (collected in died),
+                # or "exited unexpectedly" when the queue noticed first, without the signal: then the exit codes say it
+                exit_codes = [worker.exitcode for worker in getattr(iterator, "_workers", ())]
+                raise WorkerDied(_worker_death_message(died[0] if died else err, exit_codes)) from None
             yield batch
 
 
@@ -283,9 +286,14 @@ def _worker_deaths_deferred():
         signal.signal(signal.SIGCHLD, torch_handler)
 
 
-def _worker_death_message(err: RuntimeError) -> str:
-    return (f"a data-loading worker process died ({str(err).strip().rstrip('.')}); 'Killed' (signal 9) is most "
-            "often the kernel's out-of-memory killer")
+def _worker_death_message(err: RuntimeError, exit_codes=()) -> str:
+    """torch's message, plus the signals that ended workers (a negative exit code) where torch does not name one."""
+    text = str(err).strip().rstrip(".")
+    signals = sorted({-code for code in exit_codes if code is not None and code < 0})
+    if signals and "signal" not in text:
+        text += "; killed by " + ", ".join(f"signal {n} ({signal.strsignal(n) or 'unknown'})" for n in signals)
+    return (f"a data-loading worker process died ({text}); 'Killed' (signal 9) is most often the kernel's "
+            "out-of-memory killer")
 
 
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
