@@ -250,7 +250,7 @@ def _loaded(loader: DataLoader):
                     raise
                 # torch's own words: "is killed by signal: Killed" from its SIGCHLD handler (collected in died),
                 # or "exited unexpectedly" when the queue noticed first, without the signal: then the exit codes say it
-                exit_codes = [worker.exitcode for worker in getattr(iterator, "_workers", ())]
+                exit_codes = [worker.exitcode for worker in getattr(iterator, "_workers", ())]  # torch-private
                 raise WorkerDied(_worker_death_message(died[0] if died else err, exit_codes)) from None
             yield batch
 
@@ -286,7 +286,7 @@ def _worker_deaths_deferred():
         signal.signal(signal.SIGCHLD, torch_handler)
 
 
-def _worker_death_message(err: RuntimeError, exit_codes=()) -> str:
+def _worker_death_message(err: RuntimeError, exit_codes: Iterable[int | None] = ()) -> str:
     """torch's message, plus the signals that ended workers (a negative exit code) where torch does not name one."""
     text = str(err).strip().rstrip(".")
     signals = sorted({-code for code in exit_codes if code is not None and code < 0})
