@@ -25,7 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from .data.datasets import _is_finite_number, coco_index, load_coco, mask_to_rle, validate_coco
+from .data.datasets import _is_finite_number, coco_index, mask_to_rle, polygons_of, read_json, validate_coco
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -49,25 +49,27 @@ def topk_accuracy(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) ->
 
 # ---------------------------------------------------------------- COCO AP
 
-def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict],
+def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict] | str | os.PathLike,
                   iou_type: str = "bbox") -> OrderedDict[str, float]:
     """COCO AP/AR of ``detections`` against ``gt``; returns the 12 ``COCOeval.stats`` by name.
 
     gt: a pycocotools ``COCO``, a COCO dict, or the path of an ``instances_*.json``; checked with
-    ``data.datasets.validate_coco`` (clear errors for bad fields, defaults for missing ``iscrowd``/``area``).
+    ``data.datasets.validate_coco`` (clear errors for bad fields, defaults for missing ``iscrowd``/``area``) and
+    scored whole, as COCOeval scores it: degenerate boxes and short polygons count as objects to find.
+    ``iou_type="segm"`` needs every image's ``height``/``width`` and every annotation's ``segmentation``.
     detections: either torchvision-style per-image dicts ``{"image_id", "boxes" (k, 4) xyxy, "scores" (k,),
     "labels" (k,) category ids, optional "masks" (k, h, w) or (k, 1, h, w), probabilities cut at 0.5}``,
-    or a ready COCO result list (dicts with ``category_id``, ``score`` and ``bbox`` xywh / ``segmentation``).
-    No detections at all gives zeros (pycocotools itself would crash). An area range with no ground
-    truth (e.g. no small objects) is -1, as in COCOeval. Boxes and scores must be finite and labels must be
-    category ids of ``gt`` (ValueError otherwise: a NaN box or score or a 0-based label would be scored silently).
+    or a ready COCO result list (dicts with ``image_id``, ``category_id``, ``score`` and ``bbox`` xywh /
+    ``segmentation`` RLE; numbers may be numpy or torch) or the path of such a list's JSON file. No detections
+    at all score 0 where there is ground truth (COCOeval on an empty result; ``loadRes`` itself would crash). An
+    area range with no ground truth (e.g. no small objects) is -1, as in COCOeval. Boxes and scores must be finite,
+    labels category ids of ``gt`` and masks of their image's size (ValueError otherwise: a NaN box or score, a
+    0-based label or a mask at another resolution would be scored silently).
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
-    coco_gt = _as_coco(gt)
+    coco_gt = _as_coco(gt, iou_type)
     results = to_coco_results(detections, iou_type)
-    if not results:
-        return OrderedDict((name, 0.0) for name in COCO_STAT_NAMES)
     if iou_type == "segm" and any("segmentation" not in r for r in results):
         raise ValueError("iou_type='segm' needs 'masks' in every detection dict ('segmentation' in COCO results)")
     bad = next((r for r in results if not all(map(_is_finite_number, [r.get("score"), *r.get("bbox", [])]))), None)
@@ -83,8 +85,10 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     if unknown:
         raise ValueError(f"detections have labels {sorted(unknown)[:10]} that are not category ids of the ground "
                          f"truth {sorted(known)[:10]}; labels are category ids (COCO: from 1), not 0-based indices")
+    if iou_type == "segm":
+        _check_mask_sizes(results, coco_gt)
     with contextlib.redirect_stdout(io.StringIO()):      # COCOeval prints timings ("DONE (t=0.01s)")
-        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes edits the dicts it is given
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else _no_results(coco_gt)  # loadRes edits dicts
         evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
@@ -92,12 +96,18 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     return OrderedDict((name, float(v)) for name, v in zip(COCO_STAT_NAMES, evaluator.stats))
 
 
-def to_coco_results(detections: Sequence[dict], iou_type: str = "bbox") -> list[dict]:
-    """torchvision-style per-image outputs -> COCO result list (xyxy -> xywh, masks -> compressed RLE)."""
+def to_coco_results(detections: Sequence[dict] | str | os.PathLike, iou_type: str = "bbox") -> list[dict]:
+    """torchvision-style per-image outputs -> COCO result list (xyxy -> xywh, masks -> compressed RLE); COCO
+    results, given as a list or the path of its JSON file, come back with plain int ids and float numbers."""
+    if isinstance(detections, (str, os.PathLike)):
+        detections = read_json(detections)
+    if not isinstance(detections, (list, tuple)) or not all(isinstance(det, dict) for det in detections):
+        raise TypeError(f"detections must be a list of dicts (torchvision-style outputs or COCO results) or the path "
+                        f"of a COCO results JSON, got {_kind(detections)}")
     results = []
     for det in detections:
         if "category_id" in det:                          # already a COCO result
-            results.append(dict(det))
+            results.append(_plain_coco_result(det))
             continue
         missing = {"image_id", "boxes", "scores", "labels"} - set(det)
         boxes = _numpy(det.get("boxes", [])).reshape(-1, 4).astype(np.float64)
@@ -122,18 +132,88 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
-def _as_coco(gt) -> COCO:
+def _kind(value) -> str:
+    """What a wrong ``detections`` argument is ("dict", "list of str"), for the error message."""
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of " + next(type(v).__name__ for v in value if not isinstance(v, dict))
+    return type(value).__name__
+
+
+# A ready COCO result's numbers: (field, how many, numpy kinds allowed, type COCOeval needs)
+RESULT_NUMBERS = (("image_id", 1, "iu", int), ("category_id", 1, "iu", int), ("score", 1, "iuf", float),
+                  ("bbox", 4, "iuf", float))
+
+
+def _plain_coco_result(result: dict) -> dict:
+    """A copy of a COCO result with ids as ints, ``score`` a float and ``bbox`` 4 floats, whatever held them (numpy,
+    tuple, tensor): COCOeval fails on those without saying why."""
+    missing = [field for field in ("image_id", "category_id", "score") if field not in result]
+    if missing or not {"bbox", "segmentation"} & set(result):
+        raise ValueError(f"a COCO result needs image_id, category_id, score and bbox (or segmentation), got the "
+                         f"fields {sorted(result)}")
+    plain = dict(result)
+    for field, count, kinds, kind in RESULT_NUMBERS:
+        if field not in result:
+            continue
+        values = _numpy(result[field]).reshape(-1)
+        if values.size != count or values.dtype.kind not in kinds:
+            raise ValueError(f"a COCO result's '{field}' must be {count} number(s) ({kind.__name__}), got "
+                             f"{result[field]!r} for image_id={result['image_id']!r}")
+        plain[field] = [kind(v) for v in values] if field == "bbox" else kind(values[0])
+    return plain
+
+
+def _check_mask_sizes(results: list[dict], coco_gt: COCO) -> None:
+    """Every result's RLE is as large as its image: COCOeval would score a mask at another resolution 0 in silence."""
+    for result in results:
+        image, rle = coco_gt.imgs[result["image_id"]], result["segmentation"]
+        size = list(rle.get("size", ())) if isinstance(rle, dict) else None
+        if size != [image["height"], image["width"]]:
+            raise ValueError(f"detections for image_id={result['image_id']}: a mask of size {size} (height, width) "
+                             f"but the image is {image['height']}x{image['width']}; resize masks to their image's own "
+                             "size (COCO results: RLE dicts with 'counts' and 'size')")
+
+
+def _no_results(coco_gt: COCO) -> COCO:
+    """A result COCO without detections (``loadRes`` crashes on an empty list): every object then counts as missed."""
+    return coco_index({"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                       "annotations": []})
+
+
+def _as_coco(gt, iou_type: str) -> COCO:
     """gt checked by ``validate_coco`` and indexed as a new pycocotools ``COCO`` (never edits what it is given);
     the check adds the ``info`` entry that ``loadRes`` of pycocotools 2.0.9 and 2.0.10 reads."""
     if isinstance(gt, (str, os.PathLike)):
-        return load_coco(gt)
-    if isinstance(gt, COCO):
+        dataset, source = read_json(gt), str(gt)
+    elif isinstance(gt, COCO):
         dataset, source = gt.dataset, "ground truth (a pycocotools COCO)"
     elif isinstance(gt, dict):
         dataset, source = gt, "ground truth (a COCO dict)"
     else:
         raise TypeError(f"gt must be a pycocotools COCO, a COCO dict or a path, got {type(gt).__name__}")
-    return coco_index(validate_coco(dataset, source))
+    dataset = validate_coco(dataset, source, require_size=iou_type == "segm")
+    return coco_index(_rasterisable(dataset, source) if iou_type == "segm" else dataset)
+
+
+def _rasterisable(dataset: dict, source: str) -> dict:
+    """The ground truth with masks pycocotools can draw: polygons of fewer than 3 points are left out (it crashes on
+    them), and an annotation left with none gets an empty mask, so it still counts as an object to find, as its box
+    does in bbox AP. An annotation without a mask (no 'segmentation', or []) cannot be scored: ValueError."""
+    images = {image["id"]: image for image in dataset["images"]}
+    annotations = []
+    for ann in dataset["annotations"]:
+        segmentation = ann.get("segmentation")
+        if not segmentation:
+            raise ValueError(f"{source}: annotation id={ann['id']} has no 'segmentation' (box only); iou_type='segm' "
+                             "needs a mask for every ground-truth object, or use iou_type='bbox'")
+        if isinstance(segmentation, list):
+            segmentation = polygons_of(segmentation) or _empty_rle(images[ann["image_id"]])
+        annotations.append({**ann, "segmentation": segmentation})
+    return {**dataset, "annotations": annotations}
+
+
+def _empty_rle(image: dict) -> dict:
+    return mask_to_rle(np.zeros((image["height"], image["width"]), np.uint8))
 
 
 # ---------------------------------------------------------------- mIoU

@@ -219,12 +219,19 @@ def test_rle_of_another_size_than_its_image_names_file_annotation_and_image(tmp_
     assert str(path) in str(err.value)
 
 
-def test_polygons_of_fewer_than_three_points_are_dropped_with_a_warning(tmp_path):
+def test_polygons_of_fewer_than_three_points_are_dropped_for_training_only(tmp_path):
     good, short = [1, 1, 4, 1, 4, 4], [1, 2, 3, 4]
     path = _coco(tmp_path, annotations=[{"id": 1, "segmentation": [short, good]}, {"id": 2, "segmentation": [short]}])
-    with pytest.warns(UserWarning, match="dropped polygons of fewer than 3 points from 2 annotation"):
+    _write_png(tmp_path / "x.png", np.zeros((8, 8, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # evaluation keeps them all, without a word
         coco = load_coco(path)
-    assert list(coco.anns) == [1] and coco.anns[1]["segmentation"] == [good]
+    assert sorted(coco.anns) == [1, 2] and coco.anns[2]["segmentation"] == [short]
+    with pytest.warns(UserWarning, match="dropped polygons of fewer than 3 points from 2 annotation"):
+        dataset = CocoDetection(tmp_path, path)
+    _, target = dataset[0]
+    expected = coco.annToMask({**coco.anns[1], "segmentation": [good]})   # pycocotools draws the good polygon
+    assert target["boxes"].tolist() == [[1, 1, 4, 4]] and torch.equal(target["masks"][0], torch.from_numpy(expected))
 
 
 @pytest.mark.parametrize("changes", [{"annotations": []}, {"annotations": None}])
@@ -243,22 +250,82 @@ def test_images_without_file_name_fail_at_load_time_only_for_a_dataset(tmp_path)
     assert str(path) in str(err.value)
 
 
-def test_degenerate_boxes_are_skipped_with_one_counting_warning(tmp_path):
+def test_degenerate_boxes_are_skipped_for_training_with_one_counting_warning(tmp_path):
     path = _coco(tmp_path, annotations=[{"id": 1}, {"id": 2, "bbox": [0, 0, 0, 4]}, {"id": 3, "bbox": [0, 0, 5, -1]}])
+    _write_png(tmp_path / "x.png", np.zeros((8, 8, 3)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         coco = load_coco(path)
+        dataset = CocoDetection(tmp_path, path)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "skipped 2 annotation" in messages[0] and str(path) in messages[0]
-    assert sorted(coco.anns) == [1]
+    assert sorted(coco.anns) == [1, 2, 3]                          # the ground truth COCOeval scores keeps them
+    assert dataset[0][1]["boxes"].tolist() == [[1, 1, 4, 4]]
 
 
 def test_image_size_disagreeing_with_json(tmp_path):
     path = _coco(tmp_path)
     _write_png(tmp_path / "x.png", np.zeros((8, 9, 3)))
-    with pytest.raises(ValueError, match="'height'x'width'") as err:
+    with pytest.raises(ValueError, match="'height'x'width'.*phone JPEG stored rotated with an EXIF orientation") as err:
         CocoDetection(tmp_path, path)[0]
     assert "x.png" in str(err.value)
+
+
+def test_box_only_annotations_with_empty_segmentation_have_no_masks(tmp_path):
+    """Box-only exports write "segmentation": [] (as a missing key: boxes, no masks)."""
+    path = _coco(tmp_path, annotations=[{"segmentation": []}])
+    _write_png(tmp_path / "x.png", np.zeros((8, 8, 3)))
+    _, target = CocoDetection(tmp_path, path)[0]
+    assert target["boxes"].tolist() == [[1, 1, 4, 4]] and "masks" not in target
+
+
+def test_images_without_height_and_width_take_the_decoded_size(tmp_path):
+    polygon = [[1, 1, 8, 1, 8, 5]]
+    path = _coco(tmp_path, images=[{"id": 1, "file_name": "x.png"}], annotations=[{"segmentation": polygon}])
+    _write_png(tmp_path / "x.png", np.zeros((6, 10, 3)))
+    _, target = CocoDetection(tmp_path, path)[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        sized = COCO(str(_coco(tmp_path, images=[{"id": 1, "file_name": "x.png", "height": 6, "width": 10}],
+                               annotations=[{"segmentation": polygon}])))
+    assert target["masks"].shape == (1, 6, 10)
+    assert torch.equal(target["masks"][0], torch.from_numpy(sized.annToMask(sized.anns[1])))
+
+
+def test_rle_of_another_size_than_an_image_without_height_and_width(tmp_path):
+    rle = {"counts": [0, 48], "size": [6, 8]}
+    path = _coco(tmp_path, images=[{"id": 1, "file_name": "x.png"}], annotations=[{"id": 3, "segmentation": rle}])
+    _write_png(tmp_path / "x.png", np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match=r"x.png: annotation id=3 is an RLE of 'size' \[6, 8\] but the image is 8x8"):
+        CocoDetection(tmp_path, path)[0]
+
+
+def test_missing_image_file_is_not_found_not_truncated(tmp_path):
+    path = _coco(tmp_path)
+    with pytest.raises(ValueError, match=r"x.png: image file not found; check the image folder .*'file_name'") as err:
+        CocoDetection(tmp_path, path)[0]
+    assert "unreadable" not in str(err.value)
+
+
+def test_image_over_the_pil_pixel_limit_names_the_file_and_the_limit(tmp_path, monkeypatch):
+    from asmlp_min.data.datasets import load_image
+    _write_png(tmp_path / "big.png", np.zeros((8, 8, 3)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)            # 64 pixels > 2 x 10: PIL's DecompressionBombError
+    with pytest.raises(ValueError, match=r"big.png: .*exceeds limit.* raise PIL.Image.MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "big.png")
+
+
+def test_annotation_json_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    import builtins
+
+    from asmlp_min.data import datasets
+
+    def latin1_locale_open(file, mode="r", *args, encoding=None, **kwargs):   # open() on a cp1252/latin-1 machine
+        return builtins.open(file, mode, *args, encoding=encoding or "latin-1", **kwargs)
+    monkeypatch.setattr(datasets, "open", latin1_locale_open, raising=False)
+    path = tmp_path / "instances_utf8.json"
+    path.write_text(json.dumps({**json.loads(_coco(tmp_path).read_text()), "categories": [{"id": 1, "name": "café"}]},
+                               ensure_ascii=False), encoding="utf-8")
+    assert load_coco(path).cats[1]["name"] == "café"
 
 
 def test_truncated_image_names_the_file(tmp_path):
@@ -332,6 +399,34 @@ def test_missing_mask_is_reported_at_construction(tmp_path):
     _write_png(root / "images/training/b.png", np.zeros((4, 4, 3)))
     with pytest.raises(ValueError, match="no mask.*b.png"):
         ADE20KSegmentation(root)
+
+
+def _mask_tree(root, save_mask):
+    _write_png(root / "images/training/a.png", np.zeros((2, 2, 3)))
+    (root / "annotations/training").mkdir(parents=True)
+    save_mask(root / "annotations/training/a.png")
+    return root
+
+
+@pytest.mark.parametrize("mode, values, num_classes", [
+    ("I;16", np.array([[0, 1], [300, 255]], np.uint16), 301),
+    ("1", np.array([[0, 1], [1, 0]], bool), 2),
+    ("I", np.array([[0, 70000], [3, 255]], np.int32), 70001),
+])
+def test_16_bit_32_bit_and_1_bit_masks_are_class_ids(tmp_path, mode, values, num_classes):
+    # Pillow cannot write mode I as PNG; a TIFF stands in for a 16-bit PNG that an older Pillow opens as I
+    root = _mask_tree(tmp_path, lambda p: Image.fromarray(values).save(p, format="TIFF" if mode == "I" else "PNG"))
+    with Image.open(root / "annotations/training/a.png") as written:
+        assert written.mode == mode
+    _, mask = ADE20KSegmentation(root, num_classes=num_classes, reduce_zero_label=False)[0]
+    assert mask.tolist() == values.astype(int).tolist()
+
+
+def test_negative_mask_values_are_refused(tmp_path):
+    values = np.array([[0, 1], [-2, 255]], np.int32)
+    root = _mask_tree(tmp_path, lambda p: Image.fromarray(values).save(p, format="TIFF"))
+    with pytest.raises(ValueError, match=r"a.png: mask values \[-2\] are >= num_classes=4 or < 0"):
+        ADE20KSegmentation(root, num_classes=4, reduce_zero_label=False)[0]
 
 
 def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):

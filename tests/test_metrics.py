@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from asmlp_min.data.shapes import ShapesDetection
 from asmlp_min.metrics import COCO_STAT_NAMES, SegmentationMeter, coco_evaluate, topk_accuracy
@@ -124,12 +126,114 @@ def test_shapes_ground_truth_evaluates_on_every_pycocotools(pycocotools_2_0_9, s
     assert coco_evaluate(coco, _as_detections(targets))["AP"] == 1.0
 
 
-def test_empty_detections_give_zeros(shapes_gt, tmp_path):
+def _pycocotools_stats(gt: dict, results: list[dict], iou_type: str = "bbox") -> list[float]:
+    """COCOeval's 12 stats, run directly; no results: a result COCO built by hand (loadRes crashes on [])."""
+    coco_gt = COCO()
+    coco_gt.dataset = copy.deepcopy(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+        if results:
+            coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+        else:
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats.tolist()
+
+
+def test_no_detections_score_as_cocoeval_scores_an_empty_result(shapes_gt):
+    # two medium objects, none found: 0 for every stat over them, -1 for the small and large ranges (no objects)
+    assert list(coco_evaluate(_one_image_gt(), []).values()) == [0, 0, 0, -1, 0, -1, 0, 0, 0, -1, 0, -1]
     coco, targets = shapes_gt
-    assert set(coco_evaluate(coco, []).values()) == {0.0}
     empty = [{"image_id": 1, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0),
               "masks": torch.zeros(0, 1, 128, 128)}]
-    assert set(coco_evaluate(coco, empty, iou_type="segm").values()) == {0.0}
+    assert list(coco_evaluate(coco, empty, iou_type="segm").values()) == _pycocotools_stats(coco, [], "segm")
+
+
+def _square(x: int, y: int, side: int = 20) -> list[int]:
+    return [x, y, x + side, y, x + side, y + side, x, y + side]
+
+
+def _gt_with(first: dict) -> dict:
+    """One 100x100 image: annotation 1 as given, annotation 2 a valid 20x20 square at (50, 50)."""
+    valid = {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 20, 20], "area": 400, "iscrowd": 0,
+             "segmentation": [_square(50, 50)]}
+    return {"images": [{"id": 1, "height": 100, "width": 100}], "categories": [{"id": 1, "name": "a"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "area": 400, "iscrowd": 0, **first}, valid]}
+
+
+def _hit_on_the_valid_square(with_mask: bool = False) -> list[dict]:
+    mask = np.zeros((100, 100), np.uint8)
+    mask[50:70, 50:70] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 20, 20], "score": 0.9,
+             **({"segmentation": rle} if with_mask else {})}]
+
+
+@pytest.mark.parametrize("first", [
+    {"bbox": [10, 10, 20, 20], "segmentation": [[10, 10, 30, 30]]},        # a valid box, a 2-point polygon
+    {"bbox": [10, 10, 0, 20], "segmentation": [_square(10, 10)]},         # a box of width 0
+    {"bbox": [10, 10, 20, 20], "segmentation": []},                       # box only
+])
+def test_ground_truth_that_training_skips_is_scored_as_pycocotools_scores_it(first, tmp_path):
+    # one object of two found at precision 1: recall 0.5, so 51 of the 101 recall points have precision 1
+    gt = _gt_with(first)
+    expected = _pycocotools_stats(gt, _hit_on_the_valid_square())
+    assert math.isclose(expected[0], 51 / 101, rel_tol=1e-9)
+    path, coco = _as_file_and_coco(gt, tmp_path)
+    for source in (gt, path, coco):
+        assert list(coco_evaluate(source, _hit_on_the_valid_square()).values()) == expected
+
+
+def test_segm_ground_truth_without_a_drawable_polygon_is_a_missed_object():
+    # pycocotools cannot draw [[10, 10, 30, 30]] (it crashes); the object keeps an empty mask and is missed: AP 51/101
+    gt = _gt_with({"bbox": [10, 10, 20, 20], "segmentation": [[10, 10, 30, 30]]})
+    stats = coco_evaluate(gt, _hit_on_the_valid_square(with_mask=True), iou_type="segm")
+    assert math.isclose(stats["AP"], 51 / 101, rel_tol=1e-9) and stats["AR100"] == 0.5
+
+
+def test_segm_needs_a_mask_and_a_size_for_every_ground_truth_object():
+    box_only = _gt_with({"bbox": [10, 10, 20, 20], "segmentation": []})
+    with pytest.raises(ValueError, match=r"annotation id=1 has no 'segmentation' \(box only\); iou_type='segm'"):
+        coco_evaluate(box_only, _hit_on_the_valid_square(with_mask=True), iou_type="segm")
+    unsized = _gt_with({"bbox": [10, 10, 20, 20], "segmentation": [_square(10, 10)]})
+    unsized["images"] = [{"id": 1, "file_name": "a.png"}]
+    with pytest.raises(ValueError, match=r"images\[0\] \(id=1\) needs 'height' and 'width' .* to evaluate masks"):
+        coco_evaluate(unsized, _hit_on_the_valid_square(with_mask=True), iou_type="segm")
+
+
+def test_masks_of_another_size_than_their_image_are_an_error():
+    gt = _gt_with({"bbox": [10, 10, 20, 20], "segmentation": [_square(10, 10)]})
+    half = [{"image_id": 1, "boxes": torch.tensor([[25.0, 25.0, 35.0, 35.0]]), "scores": torch.tensor([0.9]),
+             "labels": torch.tensor([1]), "masks": torch.ones(1, 1, 50, 50)}]
+    with pytest.raises(ValueError, match=r"image_id=1: a mask of size \[50, 50\] .* the image is 100x100"):
+        coco_evaluate(gt, half, iou_type="segm")
+
+
+@pytest.mark.parametrize("as_array", [np.array, tuple, torch.tensor])
+def test_coco_results_held_in_numpy_tuples_or_tensors(as_array):
+    results = [{"image_id": 1, "category_id": 1, "bbox": as_array([150.0, 10.0, 40.0, 40.0]), "score": 0.9},
+               {"image_id": 1, "category_id": 1, "bbox": as_array([10.0, 10.0, 40.0, 40.0]),
+                "score": torch.tensor(0.8)}]
+    assert math.isclose(coco_evaluate(_one_image_gt(), results)["AP"], 25.5 / 101, rel_tol=1e-9)
+
+
+def test_coco_results_file_and_what_is_no_result_list(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [150, 10, 40, 40], "score": 0.9},
+                                {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.8}]))
+    for source in (path, str(path)):
+        assert math.isclose(coco_evaluate(_one_image_gt(), source)["AP"], 25.5 / 101, rel_tol=1e-9)
+    for wrong, kind in (({"image_id": 1}, "dict"), (["results.json"], "list of str"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=f"detections must be a list of dicts .* got {kind}$"):
+            coco_evaluate(_one_image_gt(), wrong)
+    with pytest.raises(ValueError, match=r"'bbox' must be 4 number\(s\) \(float\), got \[10, 10, 40\]"):
+        coco_evaluate(_one_image_gt(), [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40], "score": 0.8}])
 
 
 def test_coco_evaluate_rejects_bad_input(shapes_gt):

@@ -23,6 +23,7 @@ import math
 import numbers
 import os
 import warnings
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def load_image(path: str | os.PathLike) -> tv_tensors.Image:
         with Image.open(path) as img:
             img.load()
             rgb = _to_rgb(img)
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
+                         "'file_name'") from err
+    except Image.DecompressionBombError as err:            # an Exception, not an OSError: PIL's guard for huge images
+        raise ValueError(f"{path}: {err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) "
+                         "before loading it") from err
     except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
         raise ValueError(f"{path}: unreadable or truncated image ({err}); re-download or remove it") from err
     return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
@@ -97,16 +104,18 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
 
 # ---------------------------------------------------------------- COCO detection / instance segmentation
 
-def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -> dict:
-    """Check a COCO instances dict field by field; return a copy without degenerate boxes.
+def validate_coco(dataset: dict, source: str, require_file_name: bool = False, require_size: bool = False) -> dict:
+    """Check a COCO instances dict field by field; return a copy that keeps every annotation, as COCOeval does.
 
     Raises ValueError naming ``source`` and the field for: a missing ``images``/``categories`` list, an empty
     ``categories``, a category without ``name`` or with ``id`` < 1, image or annotation ids that are not unique
-    ints, an annotation field that breaks ``ANNOTATION_RULES``, ``segmentation`` neither polygons nor RLE, an RLE
-    ``size`` other than its image's ``height``/``width``, and (``require_file_name``, for datasets that read the
-    pixels) an image without ``file_name``. Boxes with width or height <= 0 are dropped with one warning that
-    counts them; no annotations at all warns that AP will be -1. Missing ``iscrowd`` defaults to 0, missing
-    ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to evaluate).
+    ints, an annotation field that breaks ``ANNOTATION_RULES``, ``segmentation`` neither polygons (``[]``: box
+    only) nor RLE, an RLE ``size`` other than its image's ``height``/``width``, and an image without ``file_name``
+    (``require_file_name``, for datasets that read the pixels) or without ``height``/``width``
+    (``require_size``, for evaluating masks). No annotations at all warns that AP will be -1. Missing ``iscrowd``
+    defaults to 0, missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and
+    2.0.10 need it to evaluate). Degenerate boxes and polygons are kept: only training skips them
+    (``CocoDetection``).
     """
     for field in ("images", "annotations", "categories"):
         value = dataset.get(field, [] if field == "annotations" else None) if isinstance(dataset, dict) else None
@@ -115,8 +124,12 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False) -
     _unique_ids(dataset["images"], "images", source)
     images = {image["id"]: image for image in dataset["images"]}
     for i, image in enumerate(dataset["images"]):
+        where = f"{source}: images[{i}] (id={image['id']})"
         if require_file_name and not isinstance(image.get("file_name"), str):
-            raise ValueError(f"{source}: images[{i}] (id={image['id']}) needs a 'file_name' string (the image file)")
+            raise ValueError(f"{where} needs a 'file_name' string (the image file)")
+        if require_size and not all(_is_int(image.get(key)) and image[key] >= 1 for key in ("height", "width")):
+            raise ValueError(f"{where} needs 'height' and 'width' (ints >= 1) to evaluate masks, the size they are "
+                             f"compared at; got {image.get('height')!r} x {image.get('width')!r}")
     category_ids = _unique_ids(dataset["categories"], "categories", source)
     for i, category in enumerate(dataset["categories"]):
         if category["id"] < 1 or not isinstance(category.get("name"), str):
@@ -144,33 +157,19 @@ ANNOTATION_RULES = (
 
 
 def _checked_annotations(annotations: list, images: dict, category_ids: set, source: str) -> list:
-    """The annotations that pass ``ANNOTATION_RULES``, without degenerate boxes and polygons of < 3 points."""
+    """Copies of the annotations, each checked against ``ANNOTATION_RULES``, with absent ``iscrowd``/``area`` filled."""
     context = {"images": images, "categories": category_ids}
-    kept, degenerate, short_polygons = [], 0, 0
+    checked = []
     for i, ann in enumerate(annotations):
         where = f"{source}: annotations[{i}] (id={ann.get('id')})"
         for field, absent, test, requirement in ANNOTATION_RULES:
             if not test(ann.get(field, absent), context):
                 raise ValueError(f"{where} field '{field}' must be {requirement}, got {ann.get(field)!r}")
-        box = ann["bbox"]
-        if box[2] <= 0 or box[3] <= 0:
-            degenerate += 1
-            continue
         if "segmentation" in ann:
-            polygons = _checked_segmentation(ann["segmentation"], images[ann["image_id"]], where)
-            if polygons is not None and len(polygons) < len(ann["segmentation"]):
-                short_polygons += 1
-                if not polygons:
-                    continue
-                ann = {**ann, "segmentation": polygons}
-        kept.append({"iscrowd": 0, "area": float(box[2] * box[3]), **ann})
-    if degenerate:
-        warnings.warn(f"{source}: skipped {degenerate} annotation(s) whose 'bbox' has zero or negative width/height",
-                      stacklevel=4)
-    if short_polygons:  # real COCO has a few; detectron2 drops them the same way
-        warnings.warn(f"{source}: dropped polygons of fewer than 3 points from {short_polygons} annotation(s); "
-                      "those left with no polygon were skipped", stacklevel=4)
-    return kept
+            _check_segmentation(ann["segmentation"], images[ann["image_id"]], where)
+        width, height = ann["bbox"][2:]
+        checked.append({"iscrowd": 0, "area": float(max(width, 0) * max(height, 0)), **ann})
+    return checked
 
 
 def _is_int(value) -> bool:
@@ -181,13 +180,12 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy too
 
 
-def _checked_segmentation(segmentation, image: dict, where: str) -> list | None:
-    """An RLE dict as large as its image (returns None), or a list of polygons, of which those with >= 3 points
-    (6 numbers) are returned. Coordinates are not checked one by one (COCO has millions). The RLE ``size``
-    [height, width] is compared when the image gives its ``height`` and ``width``: else the masks of one image
-    could not be stacked."""
-    if isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation):
-        return [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+def _check_segmentation(segmentation, image: dict, where: str) -> None:
+    """A list of polygons (``[]``: no mask, as box-only exports write it) or an RLE dict as large as its image.
+    Coordinates are not checked one by one (COCO has millions). The RLE ``size`` [height, width] is compared when
+    the image gives its ``height`` and ``width``: else the masks of one image could not be stacked."""
+    if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
+        return
     if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
         raise ValueError(f"{where} field 'segmentation' must be a list of polygons [x1, y1, x2, y2, ...] or an RLE "
                          f"dict with 'counts' and 'size', got {str(segmentation)[:80]}")
@@ -195,7 +193,11 @@ def _checked_segmentation(segmentation, image: dict, where: str) -> list | None:
     if None not in expected and not (isinstance(size, (list, tuple)) and list(size) == expected):
         raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but image "
                          f"id={image['id']} ({image.get('file_name')}) is {expected[0]}x{expected[1]}")
-    return None
+
+
+def polygons_of(segmentation: list) -> list:
+    """The polygons of >= 3 points (an even count of >= 6 numbers): pycocotools cannot rasterise the others."""
+    return [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
 
 
 def _unique_ids(entries: list, field: str, source: str) -> set:
@@ -224,14 +226,57 @@ def mask_to_rle(mask) -> dict:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def load_coco(ann_file: str | os.PathLike, require_file_name: bool = False) -> COCO:
-    """Read, validate (``validate_coco``) and index a COCO instances JSON, without pycocotools' prints."""
+def read_json(path: str | os.PathLike):
+    """The JSON value in ``path``, read as UTF-8 (the JSON standard's encoding), whatever the locale's encoding."""
     try:
-        with open(ann_file) as f:
-            dataset = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{ann_file}: not valid JSON ({err})") from err
-    return coco_index(validate_coco(dataset, str(ann_file), require_file_name))
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as err:          # JSONDecodeError, or UnicodeDecodeError for a file in another encoding
+        raise ValueError(f"{path}: not valid JSON ({err}); JSON files are UTF-8 text") from err
+
+
+def load_coco(ann_file: str | os.PathLike, require_file_name: bool = False, require_size: bool = False) -> COCO:
+    """Read, validate (``validate_coco``) and index a COCO instances JSON, without pycocotools' prints."""
+    return coco_index(validate_coco(read_json(ann_file), str(ann_file), require_file_name, require_size))
+
+
+def training_annotations(coco: COCO, source: str) -> dict[int, list[dict]]:
+    """{image id: the annotations to train on}, as detectron2 loads COCO: boxes of width or height <= 0 are
+    skipped, polygons of fewer than 3 points dropped, and an annotation left with no polygon skipped (real COCO has
+    a few of each); one warning counts each kind. Evaluation keeps them all, as COCOeval does."""
+    kept, degenerate, short_polygons = defaultdict(list), 0, 0
+    for ann in coco.dataset["annotations"]:
+        if ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
+            degenerate += 1
+            continue
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list) and segmentation:
+            polygons = polygons_of(segmentation)
+            if len(polygons) < len(segmentation):
+                short_polygons += 1
+                if not polygons:
+                    continue
+                ann = {**ann, "segmentation": polygons}
+        kept[ann["image_id"]].append(ann)
+    if degenerate:
+        warnings.warn(f"{source}: skipped {degenerate} annotation(s) whose 'bbox' has zero or negative width/height "
+                      "(for training; evaluation keeps them)", stacklevel=3)
+    if short_polygons:
+        warnings.warn(f"{source}: dropped polygons of fewer than 3 points from {short_polygons} annotation(s); "
+                      "those left with no polygon were skipped (for training; evaluation keeps them)", stacklevel=3)
+    return kept
+
+
+def _annotation_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """(h', w') uint8 mask of polygons or an RLE, as ``COCO.annToMask`` but at the size of the decoded image, which
+    the JSON need not give; an RLE is decoded at its own ``size`` (h', w')."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):       # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)
 
 
 class CocoDetection(Dataset):
@@ -239,8 +284,9 @@ class CocoDetection(Dataset):
 
     Returns (image, target) as described in the module docstring; ``labels`` are the COCO
     ``category_id``s (COCO 2017: 80 ids in 1..90, with gaps), ``image_id`` is the COCO image id, so
-    predictions can go straight to ``metrics.coco_evaluate(dataset.coco, ...)``. ``masks`` are present
-    when every annotation of the image has a ``segmentation`` (polygons or RLE).
+    predictions can go straight to ``metrics.coco_evaluate(dataset.coco, ...)``: ``coco`` is the whole ground
+    truth, while targets leave out what ``training_annotations`` skips. ``masks`` are present when every
+    annotation of the image has a ``segmentation`` (polygons or RLE; ``[]`` is none).
 
     ``contiguous_labels=True`` numbers the categories 1..K instead, in the order of their ids, as mmdet's and
     detectron2's COCO loaders do: a detector then has K classes, not the largest id, and predicts no id that
@@ -253,6 +299,7 @@ class CocoDetection(Dataset):
         if not self.image_root.is_dir():
             raise ValueError(f"{image_root}: image folder not found")
         self.coco = load_coco(ann_file, require_file_name=True)
+        self.annotations = training_annotations(self.coco, str(ann_file))
         self.category_ids = sorted(self.coco.cats)
         self.label_of = ({c: i + 1 for i, c in enumerate(self.category_ids)} if contiguous_labels
                          else {c: c for c in self.category_ids})
@@ -270,14 +317,21 @@ class CocoDetection(Dataset):
         image = load_image(path)
         h, w = image.shape[-2:]
         if (info.get("height", h), info.get("width", w)) != (h, w):
-            raise ValueError(f"{path}: image is {h}x{w} but {self.ann_file} says 'height'x'width' = {info}")
-        anns = self.coco.imgToAnns.get(info["id"], [])
+            raise ValueError(f"{path}: image is {h}x{w} but {self.ann_file} says 'height'x'width' = {info}; a common "
+                             "cause is a phone JPEG stored rotated with an EXIF orientation tag, which is not applied "
+                             "here (as in torchvision): save the pixels upright or fix the JSON")
+        anns = self.annotations.get(info["id"], [])
         boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         masks = None
-        if all("segmentation" in a for a in anns):
+        if all(a.get("segmentation") for a in anns):
             with warnings.catch_warnings():              # pycocotools' decode trips a numpy 2 DeprecationWarning
                 warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-                masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+                masks = [_annotation_mask(a["segmentation"], h, w) for a in anns]
+            wrong = next((a for a, mask in zip(anns, masks) if mask.shape != (h, w)), None)
+            if wrong is not None:  # validate_coco compares RLE sizes only with a JSON 'height'/'width'
+                raise ValueError(f"{path}: annotation id={wrong['id']} is an RLE of 'size' "
+                                 f"{wrong['segmentation']['size']} but the image is {h}x{w} (height x width)")
+            masks = np.stack(masks) if anns else np.zeros((0, h, w), np.uint8)
         target = detection_target(boxes, [self.label_of[a["category_id"]] for a in anns], masks, info["id"],
                                   [a["area"] for a in anns], [a["iscrowd"] for a in anns], (h, w))
         return self.transform(image, target)
@@ -285,13 +339,16 @@ class CocoDetection(Dataset):
 
 # ---------------------------------------------------------------- ADE20K-style semantic segmentation
 
+MASK_MODES = ("L", "P", "I;16", "I", "1")  # one channel of integers; some Pillow versions read 16-bit PNGs as I
+
+
 class ADE20KSegmentation(Dataset):
     """ADE20K layout: ``root/images/<split>/<name>.jpg|png`` and ``root/annotations/<split>/<name>.png``.
 
-    Masks are single-channel PNGs of class ids. ``reduce_zero_label=True`` follows mmseg for ADE20K,
-    where 0 means "unlabelled": 0 -> 255 (ignored) and every other id moves down by one, so the 150 ADE20K
-    classes become 0..149. After that, values must be < ``num_classes`` or 255. Returns (image, mask)
-    with mask (h, w) int64.
+    Masks are single-channel PNGs of class ids: 8-bit (mode L or P), 16-bit (I;16, or I) or 1-bit.
+    ``reduce_zero_label=True`` follows mmseg for ADE20K, where 0 means "unlabelled": 0 -> 255 (ignored) and every
+    other id moves down by one, so the 150 ADE20K classes become 0..149. After that, values must be in
+    [0, ``num_classes``) or 255. Returns (image, mask) with mask (h, w) int64.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training", num_classes: int = 150,
@@ -316,9 +373,9 @@ class ADE20KSegmentation(Dataset):
         image, mask_path = load_image(self.images[index]), self.masks[index]
         try:
             with Image.open(mask_path) as png:
-                if png.mode not in ("L", "P"):
-                    raise ValueError(f"{mask_path}: mask must be a single-channel PNG of class ids (mode L or P), "
-                                     f"got mode {png.mode}")
+                if png.mode not in MASK_MODES:
+                    raise ValueError(f"{mask_path}: mask must be a single-channel PNG of class ids (mode "
+                                     f"{', '.join(MASK_MODES)}), got mode {png.mode}")
                 mask = np.array(png, dtype=np.int64)
         except OSError as err:
             raise ValueError(f"{mask_path}: unreadable or truncated mask ({err})") from err
@@ -328,8 +385,8 @@ class ADE20KSegmentation(Dataset):
         if self.reduce_zero_label:
             mask = np.where(mask == 0, 255, mask - 1)
             mask[mask == 254] = 255                          # 255 stays ignore after the shift
-        bad = np.unique(mask[(mask >= self.num_classes) & (mask != 255)])
+        bad = np.unique(mask[((mask >= self.num_classes) | (mask < 0)) & (mask != 255)])   # < 0: from a mode I file
         if len(bad):
-            raise ValueError(f"{mask_path}: mask values {bad[:5].tolist()} are >= num_classes={self.num_classes} "
-                             f"and not the ignore value 255 (reduce_zero_label={self.reduce_zero_label})")
+            raise ValueError(f"{mask_path}: mask values {bad[:5].tolist()} are >= num_classes={self.num_classes} or "
+                             f"< 0, and not the ignore value 255 (reduce_zero_label={self.reduce_zero_label})")
         return self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))
