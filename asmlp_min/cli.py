@@ -272,7 +272,7 @@ def _add_demo_parser(sub) -> None:
                           description="On the built-in shapes data and the CPU: trains a small AS-MLP classifier, "
                                       "detector and segmenter, evaluates them, and writes OUTPUT/report.md with "
                                       "accuracy, AP and mIoU beside their targets and chance, params/GMACs beside "
-                                      "the paper, and figures; exits with status 1 if a target is missed. About 10 "
+                                      "the paper, and figures; exits with status 1 if a target is missed. 7 to 10 "
                                       "minutes on 2 cores; a re-run reuses the generated data.")
     demo.add_argument("--output", default="runs/demo", help="report folder (default: runs/demo)")
     demo.add_argument("--data-root", default="data/shapes",

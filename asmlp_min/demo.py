@@ -5,7 +5,7 @@
       -> evaluate them -> runs/demo/report.md + figures/ (axial shift, training curves, predictions)
 
 The models are the paper's architectures at a small width (C = 32, one or two blocks per stage) so the
-three runs fit in about ten minutes on two cores. Each run is an ordinary engine run folder: a finished
+three runs fit in seven to ten minutes on two cores. Each run is an ordinary engine run folder: a finished
 one is reused, an interrupted one (Ctrl-C) is resumed, so a re-run only does what is missing.
 
 Every demo scene holds whole shapes (inside the image, nothing covering them) on a flat grey background
