@@ -18,6 +18,7 @@ import os
 import re
 import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,16 +37,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
+    if _is_torchscript(path):  # torch.load would say to retry with weights_only=False, which runs its code
+        raise CheckpointError(f"{path}: a TorchScript model, not a checkpoint: torch.jit.load it and save its "
+                              "state_dict() with torch.save")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to unpickle: corrupt, or holds objects other than tensors (a tampered "
                               f"file may run code; it was NOT executed). Details: {_refusal_detail(err)}") from None
     except Exception as err:  # torch.load fails in many ways on damaged bytes (EOFError, IndexError, ...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): "
+                              f"{_refusal_detail(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict (a state dict or {{'model': ...}}), got {type(obj).__name__}")
     return obj
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` archive: a zip with ``constants.pkl`` in its folder (torch's own test for one)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):  # not a zip (a legacy torch.save, or damaged): torch.load will say
+        return False
 
 
 def _refusal_detail(err: Exception) -> str:
@@ -56,7 +70,7 @@ def _refusal_detail(err: Exception) -> str:
         text = text.rsplit("WeightsUnpickler error:", 1)[1]
     elif "Trying to load" in text:
         text = text[text.index("Trying to load"):]
-    for advice in ("Please use", "Check the documentation"):
+    for advice in ("Please use", "Check the documentation", "Re-running"):
         text = text.split(advice, 1)[0]
     return text.strip()
 
@@ -71,7 +85,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a folder where no file can be created (read-only, /proc)
+        raise _not_written(err, path) from None
     try:
         with os.fdopen(fd, mode) as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -81,10 +98,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in _NO_ROOM:
-            raise WriteError(err.errno, f"{path} was not written: {_NO_ROOM[err.errno]}. Any earlier {path.name} is "
-                             "unchanged, no temp file is left; free some space or write elsewhere", str(path)) from None
+        if isinstance(err, OSError) and (err.errno in _NO_ROOM or err.filename == tmp):  # tmp: os.replace failed
+            raise _not_written(err, path) from None
         raise
+
+
+def _not_written(err: OSError, path: Path) -> OSError:
+    """``err`` told about ``path`` rather than the temp file standing in for it (which is gone): a :class:`WriteError`
+    for lack of room, else the same kind of OSError (IsADirectoryError, PermissionError, ...) naming ``path``."""
+    if err.errno in _NO_ROOM:
+        return WriteError(err.errno, f"{path} was not written: {_NO_ROOM[err.errno]}. Any earlier {path.name} is "
+                          "unchanged, no temp file is left; free some space or write elsewhere", str(path))
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 class WriteError(OSError):
@@ -270,12 +295,21 @@ def _copy_loaded(model: nn.Module, source: dict, report: LoadReport) -> None:
 
 def load_backbone_checkpoint(model: nn.Module, checkpoint, skip_head: bool = False,
                              name: str = "this backbone") -> LoadReport:
-    """``load_official_checkpoint(strict=False)`` for pretrained backbones: missing keys are fine (new heads or
-    per-stage norms), but a checkpoint that matches nothing, or has tensors of the wrong shape (another variant),
-    raises :class:`CheckpointError` naming ``name``."""
+    """``load_official_checkpoint(strict=False)`` for pretrained backbones: the trunk (``patch_embed``, ``layers``)
+    must match key for key; only its ends may differ, since a classifier has ``norm`` and ``head`` and a dense
+    backbone one ``norm{i}`` per output (an ImageNet checkpoint lacks those). Anything else, a checkpoint that matches
+    nothing or tensors of the wrong shape, is another variant: :class:`CheckpointError` naming ``name``, and the
+    model is left untouched."""
     report, source = _match(model, checkpoint, skip_head)
-    if report.mismatched or not report.loaded:  # refused before anything is copied: the model stays as it was
-        raise CheckpointError(f"backbone checkpoint does not fit {name}:\n{report}\n"
-                              "Check the variant (tiny/small/base) and settings such as embed_dim.")
+    trunk = [k for k in report.missing + report.unexpected if not _BACKBONE_ENDS.match(k)]
+    if report.mismatched or trunk or not report.loaded:  # refused before anything is copied
+        example = f" (e.g. {shown_keys(trunk, 4)} in one and not the other)" if trunk else ""
+        raise CheckpointError(f"backbone checkpoint does not fit {name}: it is another variant, with a different "
+                              f"number of blocks per stage or another width{example}:\n{report}\nCheck the variant "
+                              "(tiny/small/base) and settings such as depths and embed_dim; nothing was loaded.")
     _copy_loaded(model, source, report)
     return report
+
+
+# a classifier's final norm and head, a dense backbone's per-output norms: the parts one may have and the other not
+_BACKBONE_ENDS = re.compile(r"(head|norm\d*)\.")

@@ -9,20 +9,20 @@ checkpoint) and partly frozen here, so the detector and the segmenter check a ba
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 
 from .backbone import ASMLP, MODEL_CONFIGS, create_model
 from .checkpoint import LoadReport, load_backbone_checkpoint
 
 
-def build_backbone(name: str, out_indices: Sequence[int], pretrained_backbone=None, frozen_stages: int = -1,
-                   **backbone_kwargs) -> tuple[ASMLP, LoadReport | None]:
-    """A ``features_only`` AS-MLP with ``out_indices``, its weights loaded and its first stages frozen."""
+def build_backbone(name: str, out_indices: Sequence[int] | slice | None, pretrained_backbone=None,
+                   frozen_stages: int = -1, **backbone_kwargs) -> tuple[ASMLP, LoadReport | None]:
+    """A ``features_only`` AS-MLP with ``out_indices`` (None: every stage), its weights loaded and its first stages
+    frozen."""
     if name not in MODEL_CONFIGS or {"features_only", "num_classes"} & set(backbone_kwargs):
         raise ValueError(f"unknown backbone {name!r} (choose from {sorted(MODEL_CONFIGS)}), or features_only / "
                          f"num_classes in backbone_kwargs {sorted(backbone_kwargs)}: those belong to the model")
-    backbone = create_model(name, features_only=True, out_indices=tuple(out_indices), **backbone_kwargs)
+    backbone = create_model(name, features_only=True, out_indices=out_indices, **backbone_kwargs)
     if not -1 <= frozen_stages <= len(backbone.layers):
         raise ValueError(f"frozen_stages must be in [-1, {len(backbone.layers)}], got {frozen_stages}: "
                          "-1 trains everything, 0 freezes the patch embedding, k also freezes stages 0..k-1")
@@ -35,15 +35,10 @@ def load_backbone_weights(backbone: ASMLP, checkpoint: str | os.PathLike | dict)
     """Official classification ``.pth``, mmdet ``{"state_dict": {"backbone.…"}}`` or a project checkpoint.
 
     Missing ``norm{i}`` keys are expected from a classification checkpoint (the per-output norms are new);
-    other missing keys are reported with a warning. A checkpoint that matches nothing, or has tensors of
-    the wrong shape (another variant), raises ``CheckpointError``.
+    a checkpoint of another variant (any other key missing or unexpected, or a wrong shape) raises
+    ``CheckpointError``, see :func:`~asmlp_min.checkpoint.load_backbone_checkpoint`.
     """
-    report = load_backbone_checkpoint(backbone, checkpoint)
-    surprising = [k for k in report.missing if not k.startswith("norm")]
-    if surprising:
-        warnings.warn(f"backbone checkpoint lacks {len(surprising)} tensors, left at their random init: "
-                      f"{surprising[:5]}", stacklevel=3)
-    return report
+    return load_backbone_checkpoint(backbone, checkpoint)
 
 
 def freeze_stages(backbone: ASMLP, frozen_stages: int) -> None:

@@ -75,7 +75,11 @@ def _export(args: argparse.Namespace) -> int:
         print("no --weights: exporting randomly initialised weights", file=sys.stderr)
     height, width = (args.image_size * 2)[:2]  # one size: a square
     export_onnx(model, output, (height, width))
-    print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> "
-          + ("stage maps " + ", ".join(f"stage{i}" for i in model.out_indices) if args.features_only
-             else f"logits (batch, {args.num_classes})"))
+    if args.features_only:
+        outputs = "stage maps " + ", ".join(f"stage{i}" for i in model.out_indices)
+    elif model.num_classes:
+        outputs = f"logits (batch, {model.num_classes})"
+    else:  # no head (num_classes 0): the pooled features
+        outputs = f"pooled features (batch, {model.head_hidden_size})"
+    print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> {outputs}")
     return 0

@@ -83,6 +83,37 @@ def test_refused_backbone_checkpoint_copies_nothing():
     assert report.loaded and not torch.equal(before["patch_embed.proj.weight"], model.patch_embed.proj.weight)
 
 
+BLOCK_TENSORS = 20  # weight, bias: norm1, axial_shift.{conv1, norm1, conv2_1, conv2_2, norm2, conv3}, norm2, fc1, fc2
+
+
+def test_backbone_checkpoint_with_other_blocks_per_stage_is_refused_both_ways(tmp_path):
+    """Official tiny and small differ only in stage 2's depth: every shared tensor fits, so only the keys tell.
+    The trunk (patch_embed, layers) must match; a classifier's norm/head and a backbone's norm0..3 may differ."""
+    deeper = tmp_path / "deeper.pth"
+    torch.save({"model": create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 3, 1)).state_dict()}, deeper)
+    model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), features_only=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"another variant.* \(e\.g\. layers\.2\.blocks\.1\.norm1\.weight") as err:
+        load_backbone_checkpoint(model, deeper)
+    assert f"unexpected in checkpoint ({2 * BLOCK_TENSORS + 4})" in str(err.value)  # 2 blocks, final norm and head
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    shallower = {"model": create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1)).state_dict()}
+    deep_model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 3, 1), features_only=True)
+    with pytest.raises(CheckpointError, match=r"another variant.* \(e\.g\. layers\.2\.blocks\.1\.") as err:
+        load_backbone_checkpoint(deep_model, shallower, name="asmlp_small")
+    assert "does not fit asmlp_small" in str(err.value)
+    assert f"missing from checkpoint ({2 * BLOCK_TENSORS + 8})" in str(err.value)  # 2 blocks and norm0..3
+    # the ends may differ: an mmdet backbone (norm0..3, no final norm) into a classifier, the reverse of ImageNet -> det
+    dense = tiny(features_only=True).state_dict()
+    model = tiny(num_classes=5)
+    report = load_backbone_checkpoint(model, {"state_dict": {f"backbone.{k}": v for k, v in dense.items()}},
+                                      skip_head=True)
+    assert sorted(report.missing) == ["norm.bias", "norm.weight"]
+    assert sorted(report.unexpected) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    assert report.skipped == ["head.bias", "head.weight"]
+    assert torch.equal(model.layers[2].blocks[1].mlp.fc1.weight, dense["layers.2.blocks.1.mlp.fc1.weight"])
+
+
 def test_skip_head_for_fine_tuning():
     imagenet = tiny(num_classes=1000).state_dict()
     model = tiny(num_classes=3)
@@ -148,6 +179,28 @@ def test_a_pickle_that_runs_code_is_not_executed(tmp_path):
     assert "weights_only" not in str(refused.value)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated: this is the file a user may still have
+def test_a_torchscript_file_is_named_without_the_unsafe_advice(tmp_path, monkeypatch):
+    path = tmp_path / "ts.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (f"{path}: a TorchScript model, not a checkpoint: torch.jit.load it and save its "
+                              "state_dict() with torch.save")
+    good = tmp_path / "good.pth"
+    torch.save({"model": {}}, good)
+    advice = ("Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``. Re-running "
+              "`torch.load` with `weights_only` set to `False` will likely succeed, but it can result in arbitrary "
+              "code execution.")  # torch 2.6+'s wording, raised here for any file: the advice is never passed on
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(advice)
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(CheckpointError, match="TorchScript archives") as err:
+        load_checkpoint(good)
+    assert "False" not in str(err.value) and "Re-running" not in str(err.value)
+
+
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     save_checkpoint({"step": torch.tensor(1)}, path)
@@ -164,6 +217,20 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pth"]  # no temp file left behind
     monkeypatch.undo()
     assert load_checkpoint(path)["step"].item() == 1
+
+
+def test_atomic_write_errors_name_the_destination_not_its_temp_file(tmp_path):
+    (tmp_path / "taken.png").mkdir()  # os.replace cannot put a file over a folder
+    with pytest.raises(IsADirectoryError) as err:
+        with atomic_write(tmp_path / "taken.png") as f:
+            f.write(b"png")
+    assert err.value.filename == str(tmp_path / "taken.png") and ".tmp" not in str(err.value)
+    assert os.listdir(tmp_path) == ["taken.png"] and os.listdir(tmp_path / "taken.png") == []
+    if os.path.isdir("/proc/self"):  # Linux: no file can be created in /proc, not even by root
+        with pytest.raises(OSError) as err:
+            with atomic_write("/proc/m.json", "w") as f:
+                f.write("{}")
+        assert err.value.filename == "/proc/m.json" and ".tmp" not in str(err.value)
 
 
 def test_wrong_argument_types():

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import asmlp_min.checkpoint
+from asmlp_min.backbone import create_model
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
 from asmlp_min.engine.config import SIZE_FIELD
 from asmlp_min.engine.data import _worker_death_message
@@ -338,6 +339,18 @@ def test_resume_errors_say_what_is_wrong(tmp_path):
         Trainer(tiny(tmp_path, epochs=3), resume=good, log=quiet)
 
 
+def test_a_run_checkpoint_of_a_newer_format_asks_for_an_upgrade(tmp_path):
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": "asmlp_min.engine/2", "model": {}, "config": {}}, newer)
+    with pytest.raises(CheckpointError, match=r"newer\.pt was written by a newer version of asmlp_min \(format "
+                                              r"'asmlp_min.engine/2'; this one reads 'asmlp_min.engine/1'\): upgrade"):
+        load_trained(newer)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "somebody.else/2", "model": {}}, other)
+    with pytest.raises(CheckpointError, match="not written by 'asmlp-min train'"):
+        load_trained(other)
+
+
 # ---------------------------------------------------------------- numerics of the step
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
@@ -453,6 +466,21 @@ def test_trainer_reports_what_pretrained_loaded(tmp_path):
     n_backbone = sum(1 for k in build_model("cls", "asmlp_tiny", 3, embed_dim=8, depths=(1, 1, 1, 1)).state_dict()
                      if not k.startswith("head."))
     assert any(f"{n_backbone} backbone tensors loaded" in line for line in lines), lines
+
+
+def test_pretrained_of_another_depth_is_refused_and_every_key_left_out_is_reported(tmp_path):
+    deeper = tmp_path / "small.pth"
+    torch.save({"model": build_model("cls", "asmlp_tiny", 3, embed_dim=8, depths=(1, 1, 3, 1)).state_dict()}, deeper)
+    with pytest.raises(CheckpointError, match=r"does not fit asmlp_tiny: it is another variant.*layers\.2\.blocks"):
+        Trainer(tiny(tmp_path, pretrained=str(deeper)), log=quiet)
+    dense = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), features_only=True).state_dict()  # norm0..3
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in dense.items()}}, tmp_path / "upernet.pth")
+    lines = []
+    Trainer(tiny(tmp_path, name="from_seg", pretrained=str(tmp_path / "upernet.pth")),
+            log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    line = next(line for line in lines if "backbone tensors loaded" in line)
+    assert "2 new (norm.weight, norm.bias)" in line and "2 skipped (head.bias, head.weight)" in line
+    assert "8 unused (norm0.weight, norm0.bias, norm1.weight, norm1.bias, ... (4 more))" in line
 
 
 # ---------------------------------------------------------------- detection: crowd boxes, the paper's scale on folders

@@ -161,3 +161,19 @@ def test_export_refuses_three_image_sizes_in_one_line(capsys):
     from asmlp_min.cli import main
     assert main(["export", "--image-size", "64", "64", "64"]) == 2
     assert "--image-size takes one size or two" in capsys.readouterr().err
+
+
+def test_export_without_a_head_says_it_writes_pooled_features(tmp_path, capsys, monkeypatch):
+    from asmlp_min.cli import main
+    shapes = []
+
+    def traced(model, path, image_size):  # stands in for the ~40 s ONNX export: what would be exported
+        shapes.append(tuple(model(torch.randn(2, 3, *image_size)).shape))
+    monkeypatch.setattr("asmlp_min.export.export_onnx", traced)
+    out = tmp_path / "features.onnx"
+    argv = ["export", "--embed-dim=8", "--depths=1,1,1,1", "--image-size=32", f"--output={out}"]
+    assert main(argv + ["--num-classes=0"]) == 0
+    assert shapes == [(2, 64)]  # 8C = 64 pooled channels, no head
+    assert capsys.readouterr().out.endswith(f"{out}: images (batch, 3, 32, 32) -> pooled features (batch, 64)\n")
+    assert main(argv + ["--num-classes=7"]) == 0
+    assert shapes[-1] == (2, 7) and capsys.readouterr().out.endswith("-> logits (batch, 7)\n")

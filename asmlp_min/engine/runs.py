@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ from .tasks import build_model
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "curves.png")  # what a run writes into its folder
 CHECKPOINT_FORMAT = "asmlp_min.engine/1"
+_FORMAT_FAMILY = CHECKPOINT_FORMAT.rsplit("/", 1)[0] + "/"  # every version of our run checkpoints starts so
 
 # Fields that must match for --resume: they define the model and the data order.
 _RESUME_MUST_MATCH = ("task", "model", "embed_dim", "depths", "shift_size", "head_channels", "num_classes",
@@ -74,10 +76,20 @@ def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
     except OSError as err:
         problem = f"is unusable: cannot create the folder ({err.strerror})"
     else:
-        problem = "" if os.access(path, os.W_OK | os.X_OK) else "is a folder you cannot write to"
+        problem = _cannot_create_files_in(path)
     if problem:
         raise ValueError(f"--{flag} {str(path)!r} {problem}; choose a folder you can write to")
     return path
+
+
+def _cannot_create_files_in(folder: Path) -> str:
+    """Why no file can be created in ``folder`` ('' if one can), found by creating and removing one: os.access says
+    yes to root everywhere, even on a read-only mount or in /proc."""
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".asmlp-min.", suffix=".probe", dir=folder):
+            return ""
+    except OSError as err:
+        return f"is a folder you cannot write to ({err.strerror or err})"
 
 
 @contextlib.contextmanager
@@ -148,7 +160,11 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> di
     state is all there; the weights are checked against the model by :func:`_check_weights`.
     """
     checkpoint = load_checkpoint(path)  # FileNotFoundError / CheckpointError with the reason
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+    written = checkpoint.get("format")
+    if isinstance(written, str) and written.startswith(_FORMAT_FAMILY) and written != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was written by a newer version of asmlp_min (format {written!r}; this one reads "
+                              f"{CHECKPOINT_FORMAT!r}): upgrade asmlp_min to use it")
+    if written != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was not written by 'asmlp-min train': --resume, evaluate and predict need a "
                               "run's checkpoint.pt; for official or backbone weights use train --pretrained PATH")
     if not isinstance(checkpoint.get("config"), dict):

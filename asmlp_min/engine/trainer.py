@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from ..checkpoint import WriteError, non_finite_keys, remove_stale_temp_files, save_checkpoint
+from ..checkpoint import WriteError, non_finite_keys, remove_stale_temp_files, save_checkpoint, shown_keys
 from .config import TrainConfig
 from .data import DataError, TaskData, _loaded, _loader, build_data
 from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed, rng_state, seed_everything,
@@ -117,9 +117,10 @@ class Trainer:
         model = model if model is not None else build_model(**cfg.model_kwargs())
         report = getattr(model, "backbone_load_report", None)
         if report is not None and log_pretrained:  # self.log is silent on ranks other than 0
-            self.log(f"--pretrained {cfg.pretrained}: {len(report.loaded)} backbone tensors loaded"
-                     + (f", {len(report.missing)} new ({', '.join(report.missing[:4])}"
-                        f"{', ...' if len(report.missing) > 4 else ''})" if report.missing else ""))
+            self.log(f"--pretrained {cfg.pretrained}: {len(report.loaded)} backbone tensors loaded" + "".join(
+                f", {len(keys)} {what} ({shown_keys(keys, 4)})"  # every key left out either way, so none is unseen
+                for what, keys in (("new", report.missing), ("skipped", report.skipped), ("unused", report.unexpected))
+                if keys))
         if cfg.class_weight is not None:
             model.set_class_weight(class_weights(cfg, self.data.train, self.log))
         model.to(self.env.device)
