@@ -14,6 +14,8 @@ ones of asmlp_min/fast.py, which have the same parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,13 +160,13 @@ class ASMLP(nn.Module):
 
     Classification: (b, in_chans, H, W) -> (b, num_classes), pooled by ``global_pool`` (the paper averages; the
     other choices are timm's, see :class:`GlobalPool`). Features: list of (b, C*2^i, H/2^(i+2), W/2^(i+2)) for i
-    in ``out_indices`` (sizes rounded up; an int n means the last n stages, as in timm).
+    in ``out_indices`` (sizes rounded up; None: every stage; an int n: the last n stages, as in timm; or a slice).
     """
 
     def __init__(self, *, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2), shift_size: int = 5,
                  drop_path_rate: float = 0.2, mlp_ratio: float = 4.0, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, drop_rate: float = 0.0, features_only: bool = False,
-                 out_indices: int | tuple[int, ...] = (0, 1, 2, 3), dilation: int = 1, padding: str = "zeros",
+                 out_indices: int | tuple[int, ...] | slice | None = None, dilation: int = 1, padding: str = "zeros",
                  connection: str = "parallel", global_pool: str = "avg"):
         super().__init__()
         _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths)
@@ -314,7 +316,7 @@ class ASMLP(nn.Module):
 
     def _new_head(self, num_classes: int) -> None:
         """The constructor's and reset_classifier's head, after checking num_classes against the pooling."""
-        if not isinstance(num_classes, int) or num_classes < 0:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if num_classes > 0 and not self.global_pool.pool_type:
             raise ValueError(f"global_pool='' keeps the (b, c, h, w) map: use it with num_classes=0, not {num_classes}")
@@ -329,15 +331,25 @@ class ASMLP(nn.Module):
 
 def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths) -> None:
     """ASMLP's constructor arguments, each with what to pass instead (num_classes: ``_new_head``)."""
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if not _is_finite_number(drop_path_rate) or not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
     for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("patch_size", patch_size)):
-        if not isinstance(value, int) or value < 1:
+        if not is_count(value):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not mlp_ratio > 0:
-        raise ValueError(f"mlp_ratio must be > 0 (the paper uses 4), got {mlp_ratio}")
-    if len(depths) == 0 or any(d < 1 for d in depths):
-        raise ValueError(f"depths needs one block count >= 1 per stage, e.g. (2, 2, 6, 2); got {tuple(depths)}")
+    if isinstance(depths, str) or not isinstance(depths, Sequence) or not depths or not all(map(is_count, depths)):
+        raise ValueError(f"depths needs one block count >= 1 per stage, integers, e.g. (2, 2, 6, 2); got {depths!r}")
+    if not _is_finite_number(mlp_ratio) or int(embed_dim * mlp_ratio) < 1:  # stage 0 is the narrowest
+        raise ValueError(f"mlp_ratio must be > 0 and leave each MLP a hidden channel, int(embed_dim * mlp_ratio) >= 1 "
+                         f"(the paper uses 4); got {mlp_ratio!r} with embed_dim {embed_dim}")
+
+
+def is_count(value) -> bool:
+    """An int >= 1 and not a bool: Python's True is the int 1, but never meant as a size or a count."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _init_weights(module: nn.Module) -> None:

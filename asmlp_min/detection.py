@@ -92,10 +92,10 @@ class SimpleFPNDetector(nn.Module):
 
     num_classes: K, labels 1..K (COCO 2017: 80 categories, whose ids 1..90 have gaps;
     ``CocoDetection(contiguous_labels=True)`` numbers them 1..80; shapes: 3).
-    levels: backbone stages fed to the FPN (1, 2, 3 = strides 8, 16, 32); extra_levels: P6, P7 by stride-2
-    convs (FCOS on COCO: ``extra_levels=2``). regress_ranges: (lo, hi] per level for max(l, t, r, b); the
-    default is FCOS's rule ``fcos_regress_ranges(strides, 8)``, for COCO-sized images (``min_size=800,
-    max_size=1333``). min_size / max_size: resize rule; None keeps the input size.
+    levels: backbone stages fed to the FPN (default: all but the first, 1, 2, 3 = strides 8, 16, 32); extra_levels:
+    P6, P7 by stride-2 convs (FCOS on COCO: ``extra_levels=2``). regress_ranges: (lo, hi] per level for
+    max(l, t, r, b); the default is FCOS's rule ``fcos_regress_ranges(strides, 8)``, for COCO-sized images
+    (``min_size=800, max_size=1333``). min_size / max_size: resize rule; None keeps the input size.
     frozen_stages: see ``freeze_stages``; channels_last: NHWC memory format (faster convs on some devices).
     backbone_kwargs override the backbone config (e.g. ``embed_dim=16, depths=(1, 1, 1, 1)``, ``drop_path_rate``).
     """
@@ -103,7 +103,7 @@ class SimpleFPNDetector(nn.Module):
     def __init__(self, backbone: str = "asmlp_tiny", num_classes: int = 90,
                  pretrained_backbone: str | os.PathLike | dict | None = None,
                  min_size: int | None = None, max_size: int | None = None, *,
-                 levels: Sequence[int] = (1, 2, 3), extra_levels: int = 0, fpn_channels: int = 256,
+                 levels: Sequence[int] | None = None, extra_levels: int = 0, fpn_channels: int = 256,
                  num_convs: int = 4, regress_ranges: Sequence[tuple[float, float]] | None = None,
                  center_sampling_radius: float = 1.5, score_thresh: float = 0.05, nms_thresh: float = 0.6,
                  detections_per_img: int = 100, topk_candidates: int = 1000, frozen_stages: int = -1,
@@ -117,6 +117,7 @@ class SimpleFPNDetector(nn.Module):
         self.center_sampling_radius, self.score_thresh, self.nms_thresh = center_sampling_radius, score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
         self.frozen_stages, self.channels_last = frozen_stages, channels_last
+        levels = slice(1, None) if levels is None else levels  # FCOS's P3..: every stage of stride 8 and more
         self.backbone, self.backbone_load_report = build_backbone(
             backbone, levels, pretrained_backbone, frozen_stages, **backbone_kwargs)
         in_channels = self.backbone.feature_info.channels()  # of the out_indices maps, as in timm

@@ -31,8 +31,14 @@ class FCOSHead(nn.Module):
     def __init__(self, channels: int, num_classes: int, strides: Sequence[int], num_convs: int = 4,
                  prior_prob: float = 0.01):
         super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
+            raise ValueError(f"the FCOS head needs an int >= 2 channels (fpn_channels; FCOS uses 256), got "
+                             f"{channels!r}: its GroupNorm needs two channels per group")
         self.strides = tuple(strides)
-        groups = math.gcd(32, channels)  # GroupNorm(32, d) as in FCOS, fewer groups for narrow heads
+        # GroupNorm(32, d) as in FCOS; fewer groups for narrow heads, and at least two channels per group: with one,
+        # a 1x1 map (stride 32 on a small image) has a single value to normalise, which torch refuses. This only
+        # changes d = 2, 4, 8, 16, 32 (one channel per group before); 256 (FCOS) and 64 (the demo) keep 32 groups.
+        groups = min(math.gcd(32, channels), channels // 2)
         tower = lambda: nn.Sequential(*[m for _ in range(num_convs) for m in (  # noqa: E731
             nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU())])
         self.cls_tower, self.box_tower = tower(), tower()

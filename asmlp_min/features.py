@@ -91,9 +91,14 @@ def take_indices(num_stages: int, indices: int | list[int] | None) -> tuple[list
     return take, max(take)
 
 
-def out_indices_tuple(out_indices: int | tuple[int, ...], num_stages: int) -> tuple[int, ...]:
-    """``features_only``'s ``out_indices`` as sorted, distinct stage numbers 0..num_stages-1."""
-    if isinstance(out_indices, int):
+def out_indices_tuple(out_indices: int | tuple[int, ...] | slice | None, num_stages: int) -> tuple[int, ...]:
+    """``features_only``'s ``out_indices`` as sorted, distinct stage numbers 0..num_stages-1: None means every stage,
+    a slice picks from them (``slice(1, None)``: all but the first, whatever the depth), an int n the last n."""
+    if out_indices is None:
+        out_indices = slice(None)
+    if isinstance(out_indices, slice):
+        out_indices = tuple(range(num_stages))[out_indices]
+    elif isinstance(out_indices, int):
         out_indices = tuple(range(-out_indices, 0))  # timm: n means the last n stages
     indices = tuple(i % num_stages if -num_stages <= i < num_stages else None for i in out_indices)
     if not indices or None in indices or len(set(indices)) != len(indices):

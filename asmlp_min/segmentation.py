@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbone import is_count
 from .checkpoint import LoadReport, load_backbone_checkpoint
 from .dense_backbone import build_backbone
 
@@ -93,9 +94,10 @@ class UperHead(nn.Module):
     def __init__(self, in_channels: tuple[int, ...] = (96, 192, 384, 768), channels: int = 512,
                  pool_scales: tuple[int, ...] = (1, 2, 3, 6), num_classes: int = 150, dropout: float = 0.1):
         super().__init__()
-        if len(in_channels) < 2 or min(pool_scales, default=0) < 1 or min(channels, num_classes) < 1:
-            raise ValueError(f"UperHead needs >= 2 input levels, pool scales, channels and num_classes >= 1, got "
-                             f"{in_channels}, {pool_scales}, {channels}, {num_classes}")
+        sizes = (*in_channels, *pool_scales, channels, num_classes)
+        if len(in_channels) < 2 or not pool_scales or not all(map(is_count, sizes)):
+            raise ValueError(f"UperHead needs >= 2 input levels, pool scales, channels and num_classes, all integers "
+                             f">= 1; got {in_channels}, {pool_scales}, {channels!r}, {num_classes!r}")
         self.in_channels = tuple(in_channels)
         self.psp_modules = PyramidPooling(pool_scales, in_channels[-1], channels)
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
@@ -129,6 +131,9 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_channels: int = 384, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
         super().__init__()
+        if not all(map(is_count, (in_channels, channels, num_classes))):
+            raise ValueError(f"FCNHead needs in_channels, channels and num_classes that are integers >= 1; got "
+                             f"{in_channels!r}, {channels!r}, {num_classes!r}")
         self.convs = nn.Sequential(ConvBNReLU(in_channels, channels, 3))
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = _classifier(channels, num_classes)
@@ -214,7 +219,7 @@ class SemanticSegmenter(nn.Module):
         self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
         self.inference, self.crop_size, self.stride = inference, _pair(crop_size), _pair(stride)
         kwargs = {**SEG_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
-        self.backbone, _ = build_backbone(backbone, (0, 1, 2, 3), **kwargs)
+        self.backbone, _ = build_backbone(backbone, None, **kwargs)  # every stage
         in_channels = tuple(self.backbone.feature_info.channels())
         stages, windows = range(len(in_channels)), self.stride + self.crop_size
         if inference not in ("whole", "slide") or min(windows) < 1 or (aux and aux_index not in stages):

@@ -36,6 +36,8 @@ def check_shift_args(shift_size: int, dilation: int = 1, padding: str = "zeros")
 
 def _axis(dim: int) -> int:
     """The tensor axis of a shift along ``dim``: -1 or 3 (along w), -2 or 2 (along h)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):  # 3.0 == 3, but indexes nothing
+        raise TypeError(f"dim must be an int, -1/3 (along w) or -2/2 (along h), got {type(dim).__name__} {dim!r}")
     if dim not in (-1, -2, 2, 3):
         raise ValueError(f"dim must be a spatial axis: -1/3 (along w) or -2/2 (along h), got {dim}")
     return dim % 4
@@ -101,10 +103,12 @@ def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding
     """Shift channel group k of ``x`` by ``(k - shift_size // 2) * dilation`` pixels along ``dim``.
 
     x: (b, c, h, w) -> (b, c, h, w). ``dim=-1`` shifts along w (left-right), ``dim=-2`` along h (top-down).
-    Out of place and differentiable; ``shift_size=1`` returns a copy of ``x``.
+    Out of place and differentiable; ``shift_size=1``, or no channels, returns a copy of ``x``.
     """
     check_shift_args(shift_size, dilation, padding)
     axis = _spatial_dim(x, dim)
+    if x.shape[1] == 0:  # no channels, no groups to move: the empty result Algorithm 1 (reference_shift) gives
+        return x.clone()
     if padding == "zeros":
         if torch.is_grad_enabled() and x.requires_grad:
             return _ZeroShift.apply(x, shift_size, axis, dilation)

@@ -194,6 +194,35 @@ def test_bad_sizes_are_refused_at_construction(option, match):
         create_model("asmlp_tiny", **option)
 
 
+@pytest.mark.parametrize("option,match", [
+    (dict(depths=(1.5, 1, 1, 1)), r"depths needs one block count >= 1 per stage.*got \(1\.5, 1, 1, 1\)"),
+    (dict(depths="2262"), "depths needs one block count >= 1 per stage.*got '2262'"),
+    (dict(depths=4), "depths needs one block count >= 1 per stage.*got 4"),
+    (dict(depths=(True, 1, 1, 1)), r"depths needs one block count >= 1 per stage.*got \(True, 1, 1, 1\)"),
+    (dict(embed_dim=True), "embed_dim must be an integer >= 1, got True"),
+    (dict(num_classes=True), "num_classes must be an integer >= 0 .*got True"),
+    (dict(mlp_ratio="4"), "mlp_ratio must be > 0"), (dict(drop_path_rate="0.1"), "drop_path_rate must be a number")])
+def test_arguments_of_the_wrong_type_are_refused_by_name(option, match):
+    """Python's True is the int 1 and a string is a sequence: neither is a block count, width or class count."""
+    with pytest.raises(ValueError, match=match):
+        create_model("asmlp_tiny", **{"embed_dim": 8, "depths": (1, 1, 1, 1), **option})
+
+
+def test_mlp_ratio_must_leave_each_mlp_a_hidden_channel():
+    with pytest.raises(ValueError, match=r"int\(embed_dim \* mlp_ratio\) >= 1 .*got 0.1 with embed_dim 8"):
+        create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), mlp_ratio=0.1)  # int(0.8) = 0 hidden channels
+    model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), mlp_ratio=0.125, num_classes=3)
+    assert model.layers[0].blocks[0].mlp.fc1.out_channels == 1  # int(8 * 0.125)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_out_indices_default_to_every_stage_of_any_depth():
+    model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1), features_only=True)
+    assert model.out_indices == (0, 1, 2)
+    assert [tuple(m.shape) for m in model(torch.randn(1, 3, 32, 32))] == [(1, 8, 8, 8), (1, 16, 4, 4), (1, 32, 2, 2)]
+    assert tiny(features_only=True, out_indices=slice(1, None)).out_indices == (1, 2, 3)
+
+
 def test_reset_classifier_refuses_a_negative_class_count():
     with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
         tiny().reset_classifier(-3)

@@ -10,7 +10,7 @@ from asmlp_min.block import DropPath
 from asmlp_min.checkpoint import CheckpointError
 from asmlp_min.complexity import count_params
 from asmlp_min.detection import SimpleFPNDetector, build_maskrcnn, sanitize_boxes
-from asmlp_min.fcos import assign_targets, centerness_target, fcos_losses, fcos_regress_ranges, level_points
+from asmlp_min.fcos import FCOSHead, assign_targets, centerness_target, fcos_losses, fcos_regress_ranges, level_points
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, num_convs=1, drop_path_rate=0.0)
 
@@ -311,6 +311,35 @@ def test_pretrained_backbone_from_an_official_classification_checkpoint():
     weight = "layers.2.blocks.0.axial_shift.conv2_1.weight"
     assert torch.equal(model.backbone.state_dict()[weight], classifier.state_dict()[weight])
     assert set(model.backbone_load_report.missing) == {f"norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+
+
+def test_narrow_head_on_a_small_image_whose_top_map_is_1x1_in_eval_mode():
+    """min_size 32 resizes 40 x 40 to 32 x 32, so the stride-32 map is 1x1: a GroupNorm group needs two channels."""
+    model = SimpleFPNDetector("asmlp_tiny", num_classes=3, fpn_channels=16, min_size=32, embed_dim=8,
+                              depths=(1, 1, 1, 1)).eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 40, 40)])[0]
+    assert out["boxes"].shape[1:] == (4,) and out["scores"].isfinite().all()
+    norms = {c: FCOSHead(c, 3, (8, 16, 32)).cls_tower[1] for c in (256, 64, 48, 32, 16, 2)}
+    assert {c: n.num_groups for c, n in norms.items()} == {256: 32, 64: 32, 48: 16, 32: 16, 16: 8, 2: 1}
+    top = torch.tensor([[[[1.0]], [[3.0]]]])  # (1, 2, 1, 1): one group of two values, mean 2, variance 1
+    torch.testing.assert_close(norms[2](top).flatten(), torch.tensor([-1.0, 1.0]), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="needs an int >= 2 channels .*got 1"):
+        tiny_detector(fpn_channels=1)
+
+
+def test_a_backbone_of_three_stages_feeds_every_stage_but_the_first():
+    model = tiny_detector(depths=(1, 1, 1)).eval()
+    assert model.backbone.out_indices == (1, 2) and model.strides == (8, 16)
+    assert tiny_detector().strides == (8, 16, 32)  # four stages: FCOS's P3-P5, as before
+    with torch.no_grad():
+        assert model([torch.rand(3, 64, 64)])[0]["boxes"].shape[1:] == (4,)
+
+
+def test_pretrained_backbone_with_another_stage_depth_is_refused():
+    deeper = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 3, 1), num_classes=10)  # tiny vs small, in small
+    with pytest.raises(CheckpointError, match=r"another variant.*layers\.2\.blocks\.1\."):
+        tiny_detector(pretrained_backbone={"model": deeper.state_dict()})
 
 
 # ---------------------------------------------------------------- Mask R-CNN (paper setup)

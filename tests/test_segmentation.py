@@ -216,6 +216,12 @@ def test_checkpoint_of_another_variant_is_refused():
         tiny(pretrained_backbone={"state_dict": {f"backbone.{k}": v for k, v in other.state_dict().items()}})
 
 
+def test_checkpoint_with_fewer_blocks_is_refused():
+    shallower = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=10)
+    with pytest.raises(CheckpointError, match=r"another variant.*layers\.2\.blocks\.1\."):
+        tiny(depths=(1, 1, 2, 1), pretrained_backbone={"model": shallower.state_dict()})
+
+
 def test_bad_arguments_are_rejected_early():
     with pytest.raises(ValueError, match="unknown backbone"):
         SemanticSegmenter("resnet50", num_classes=3)
@@ -230,6 +236,24 @@ def test_bad_arguments_are_rejected_early():
         UperHead((8, 16, 32, 64), channels=8)([torch.randn(1, 8, 8, 8)] * 4)
     with pytest.raises(ValueError, match=r"UperHead needs >= 2 input levels.*got \(8,\)"):
         UperHead((8,), channels=8, num_classes=3)
+
+
+@pytest.mark.parametrize("num_classes", [2.5, True, "3"])
+def test_class_and_channel_counts_must_be_integers(num_classes):
+    """True is the int 1 in Python, 2.5 and '3' are not counts: each is refused by name, before any layer is built."""
+    with pytest.raises(ValueError, match=f"all integers >= 1; got .*, 32, {num_classes!r}$"):
+        tiny(num_classes=num_classes)
+    with pytest.raises(ValueError, match=f"all integers >= 1; got \\(8, 16\\), \\(1, 2\\), {num_classes!r}, 3"):
+        UperHead((8, 16), channels=num_classes, pool_scales=(1, 2), num_classes=3)
+    with pytest.raises(ValueError, match=f"FCNHead needs .* integers >= 1; got 64, {num_classes!r}, 3"):  # stage 2: 4C
+        tiny(aux_channels=num_classes)
+
+
+def test_a_backbone_of_three_stages_feeds_all_three():
+    model = tiny(depths=(1, 1, 1), aux_index=1).eval()
+    assert model.backbone.out_indices == (0, 1, 2) and model.decode_head.in_channels == (16, 32, 64)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
 def test_single_image_overfit_reaches_miou_09():

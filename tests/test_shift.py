@@ -136,3 +136,20 @@ def test_other_bad_arguments_are_named():
         axial_shift(x, 3, dim=-1, dilation=0)
     with pytest.raises(ValueError, match="reflect padding"):
         axial_shift(torch.zeros(1, 3, 2, 2), 5, dim=-1, padding="reflect")
+
+
+def test_a_float_axis_is_refused_by_name():
+    with pytest.raises(TypeError, match="dim must be an int, -1/3 .* got float 3.0"):
+        axial_shift(torch.zeros(1, 3, 4, 4), 3, dim=3.0)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        AxialShift(3, dim=-1.0)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_no_channels_shift_to_the_empty_tensor_as_algorithm1_does(padding):
+    """Nothing to move: chunk/roll/cat of Algorithm 1 give a (b, 0, h, w) tensor, and so does the shift."""
+    x = torch.zeros(2, 0, 4, 5, requires_grad=True)
+    out = axial_shift(x, 5, dim=-1, padding=padding)
+    assert out.shape == (2, 0, 4, 5) and algorithm1(x, 5, 3).shape == (2, 0, 4, 5)
+    out.sum().backward()
+    assert x.grad.shape == (2, 0, 4, 5)
