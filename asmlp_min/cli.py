@@ -10,15 +10,16 @@
     torchrun --nproc_per_node=2 -m asmlp_min train cls ...   # DistributedDataParallel, one process per device
 
 User mistakes (a missing file, an unknown model, a checkpoint of another task, an unreadable image) end with
-one line on stderr and exit status 2, not a traceback; a full disk with one line and status 1. A training stopped
-by Ctrl-C or SIGTERM saves, says how to resume, and exits 130 or 143 (128 + the signal), so that a job scheduler
-does not take it for a finished run.
+one line on stderr and exit status 2, not a traceback; a full disk, or memory running out, with one line and
+status 1. A training stopped by Ctrl-C or SIGTERM saves, says how to resume, and exits 130 or 143 (128 + the
+signal), so that a job scheduler does not take it for a finished run.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -187,11 +188,18 @@ def _predict(args: argparse.Namespace) -> int:
     from .viz import draw_scenes, save_figure
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    if not 0.0 <= args.score_threshold <= 1.0:  # nan fails both comparisons: it would hide every box
+        raise ValueError(f"--score-threshold must be a number in [0, 1], got {args.score_threshold}")
     images = _image_files(args.images)
     output = prepare_output_folder(args.output, "output")
     model, cfg, checkpoint = _load_for(args)
     classes = list(checkpoint["classes"])
-    for path, destination in zip(images, _output_names(images, output, cfg.task)):
+    destinations = _output_names(images, output, cfg.task)
+    folders = [str(d) for d in destinations if d.is_dir()]
+    if folders:  # found before any image is drawn, not after some
+        raise ValueError(f"cannot write {', '.join(folders)}: a folder of that name is in the way; move it or choose "
+                         "another --output")
+    for path, destination in zip(images, destinations):
         image = load_image(path)
         result = predict(model, cfg, image)
         if cfg.task == "cls":
@@ -371,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteLossError as err:
         print(f"asmlp-min {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # torch out of memory: CUDA's OutOfMemoryError, the CPU allocator's "can't allocate"
+        if "out of memory" not in str(err) and "can't allocate memory" not in str(err):
+            raise
+        asked = re.search(r"(?i)tried to allocate ([\d.]+ ?\w+)", str(err))  # "240000000000 bytes", "20.00 GiB"
+        print(f"asmlp-min {args.command}: error: out of memory{f': {asked[1]} were asked for' if asked else ''}; use "
+              "a smaller --image-size or --batch-size (from a checkpoint: its config looks wrong, no AS-MLP variant "
+              "needs that much)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"asmlp-min {args.command}: interrupted", file=sys.stderr)

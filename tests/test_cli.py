@@ -357,6 +357,10 @@ def test_info_prints_the_paper_table(capsys):
     (["train", *TINY, "--workers=-1"], "workers must be >= 0"),
     (["train", *TINY, "--output=/sys/asmlp_min_run"], "cannot create the folder"),
     (["predict", "--checkpoint=/no/such.pt", "--topk=0", "/no/image.png"], "--topk must be >= 1, got 0"),
+    (["predict", "--checkpoint=/no/such.pt", "--score-threshold=nan", "/no/image.png"],
+     "--score-threshold must be a number in [0, 1], got nan"),
+    (["predict", "--checkpoint=/no/such.pt", "--score-threshold=1.5", "/no/image.png"],
+     "--score-threshold must be a number in [0, 1], got 1.5"),
     (["info", "asmlp_tiny", "--image-size=-3"], "--image-size must be >= 1, got -3"),
 ])
 def test_user_mistakes_give_one_line_not_a_traceback(argv, message, capsys, tmp_path, monkeypatch):
@@ -463,6 +467,56 @@ def test_unwritable_outputs_give_one_line_before_any_work(runs, image, tmp_path,
     assert main(["train", *TINY, f"--output={tmp_path / 'file' / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "a part of the path is a file" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, where no file can be created")
+def test_a_folder_where_no_file_can_be_created_is_found_before_any_work(runs, image, capsys, monkeypatch):
+    """In /proc os.access says yes to root, yet creating a file fails: the check creates one, before the work."""
+    checkpoint = str(runs / "cls" / "checkpoint.pt")
+    monkeypatch.setattr("asmlp_min.engine.evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json", "/proc/m.json"]) == 2
+    err = capsys.readouterr().err
+    assert "--json '/proc' is a folder you cannot write to" in err and ".tmp" not in err
+    monkeypatch.setattr("asmlp_min.engine.load_trained", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["predict", "--checkpoint", checkpoint, str(image), "--output=/proc"]) == 2
+    assert "--output '/proc' is a folder you cannot write to" in capsys.readouterr().err
+    monkeypatch.setattr("asmlp_min.export.export_onnx", lambda *a, **k: pytest.fail("exported before checking"))
+    assert main(["export", "--embed-dim=8", "--depths=1,1,1,1", "--image-size=32", "--output=/proc/x.onnx"]) == 2
+    assert "--output '/proc' is a folder you cannot write to" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_folder_in_the_way_before_writing_any_image(runs, image, tmp_path, capsys):
+    shutil.copy(image, tmp_path / "first.png")
+    (tmp_path / "out" / "scene_cls.png").mkdir(parents=True)
+    assert main(["predict", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), str(tmp_path / "first.png"),
+                 str(image), f"--output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'out' / 'scene_cls.png'}: a folder of that name is in the way" in err
+    assert os.listdir(tmp_path / "out") == ["scene_cls.png"]  # first_cls.png was not drawn either
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS caps a process's memory on Linux")
+def test_running_out_of_memory_is_one_line_saying_what_was_asked(runs, tmp_path):
+    """In a child capped at 16 GiB (on any machine a larger request fails at once): a 100000-pixel image, and a run
+    checkpoint whose config was tampered to embed_dim 10**6 (one 1x1 conv of the first block: 10**12 floats)."""
+    checkpoint = load_checkpoint(runs / "cls" / "checkpoint.pt")
+    checkpoint["config"]["embed_dim"] = 10**6
+    tampered = tmp_path / "checkpoint.pt"
+    torch.save(checkpoint, tampered)
+    child = f"""if True:
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (16 * 2**30, 16 * 2**30))
+        from asmlp_min.cli import main
+        info = main(["info", "asmlp_tiny", "--image-size=100000"])
+        sys.exit(10 * info + main(["evaluate", "--checkpoint", {str(tampered)!r}]))"""
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CUDA reserves more address space than the cap allows
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, env=cpu_only)
+    assert done.returncode == 11, done.stderr
+    advice = ("use a smaller --image-size or --batch-size (from a checkpoint: its config looks wrong, no AS-MLP "
+              "variant needs that much)")
+    assert done.stderr.splitlines() == [  # the (1, 3, h, w) float32 input; a (C, C) 1x1 conv of 10**12 floats
+        f"asmlp-min info: error: out of memory: {3 * 100000 ** 2 * 4} bytes were asked for; {advice}",
+        f"asmlp-min evaluate: error: out of memory: {10**12 * 4} bytes were asked for; {advice}"]
 
 
 def test_os_errors_end_in_one_line(monkeypatch, capsys):
