@@ -14,7 +14,6 @@ ones of asmlp_min/fast.py, which have the same parameters.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .block import ASMLPBlock
+from .checks import is_count, is_finite_number
 from .features import FeatureInfo, GlobalPool, out_indices_tuple, take_indices
 
 
@@ -331,25 +331,17 @@ class ASMLP(nn.Module):
 
 def _check_options(in_chans, drop_path_rate, embed_dim, patch_size, mlp_ratio, depths) -> None:
     """ASMLP's constructor arguments, each with what to pass instead (num_classes: ``_new_head``)."""
-    if not _is_finite_number(drop_path_rate) or not 0.0 <= drop_path_rate < 1.0:
+    if not is_finite_number(drop_path_rate) or not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
     for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("patch_size", patch_size)):
         if not is_count(value):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(depths, str) or not isinstance(depths, Sequence) or not depths or not all(map(is_count, depths)):
         raise ValueError(f"depths needs one block count >= 1 per stage, integers, e.g. (2, 2, 6, 2); got {depths!r}")
-    if not _is_finite_number(mlp_ratio) or int(embed_dim * mlp_ratio) < 1:  # stage 0 is the narrowest
+    if not is_finite_number(mlp_ratio) or int(embed_dim * mlp_ratio) < 1:  # stage 0 is the narrowest
         raise ValueError(f"mlp_ratio must be > 0 and leave each MLP a hidden channel, int(embed_dim * mlp_ratio) >= 1 "
                          f"(the paper uses 4); got {mlp_ratio!r} with embed_dim {embed_dim}")
 
-
-def is_count(value) -> bool:
-    """An int >= 1 and not a bool: Python's True is the int 1, but never meant as a size or a count."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from .checks import is_count
+
 
 # ---------------------------------------------------------------- the shared head
 
@@ -31,7 +33,7 @@ class FCOSHead(nn.Module):
     def __init__(self, channels: int, num_classes: int, strides: Sequence[int], num_convs: int = 4,
                  prior_prob: float = 0.01):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
+        if not (is_count(channels) and channels >= 2):
             raise ValueError(f"the FCOS head needs an int >= 2 channels (fpn_channels; FCOS uses 256), got "
                              f"{channels!r}: its GroupNorm needs two channels per group")
         self.strides = tuple(strides)

@@ -25,7 +25,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from .data.datasets import _is_finite_number, coco_index, mask_to_rle, polygons_of, read_json, validate_coco
+from .checks import is_finite_number
+from .data.datasets import coco_index, mask_to_rle, polygons_of, read_json, validate_coco
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -72,7 +73,7 @@ def coco_evaluate(gt: COCO | dict | str | os.PathLike, detections: Sequence[dict
     results = to_coco_results(detections, iou_type)
     if iou_type == "segm" and any("segmentation" not in r for r in results):
         raise ValueError("iou_type='segm' needs 'masks' in every detection dict ('segmentation' in COCO results)")
-    bad = next((r for r in results if not all(map(_is_finite_number, [r.get("score"), *r.get("bbox", [])]))), None)
+    bad = next((r for r in results if not all(map(is_finite_number, [r.get("score"), *r.get("bbox", [])]))), None)
     if bad is not None:  # COCOeval would rank a NaN anywhere and report an AP without a word
         raise ValueError(f"detections for image_id={bad.get('image_id')}: 'score' is {bad.get('score')!r}; scores must "
                          f"be finite and boxes finite xyxy boxes, got {bad.get('bbox')} (COCO results: xywh); "

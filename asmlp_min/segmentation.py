@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import is_count
+from .checks import is_count
 from .checkpoint import LoadReport, load_backbone_checkpoint
 from .dense_backbone import build_backbone
 

@@ -1,4 +1,5 @@
 """The backbone: exact parameter counts, official key layout, an official-style forward, any input size."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,6 +215,14 @@ def test_mlp_ratio_must_leave_each_mlp_a_hidden_channel():
     model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), mlp_ratio=0.125, num_classes=3)
     assert model.layers[0].blocks[0].mlp.fc1.out_channels == 1  # int(8 * 0.125)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_numpy_scalars_are_numbers_for_the_rates():
+    """A sweep over np.linspace hands numpy scalars: they are real numbers, as they were before the type checks."""
+    model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), num_classes=3,
+                         drop_path_rate=np.float32(0.1), mlp_ratio=np.float32(2.0))
+    assert model.layers[0].blocks[0].mlp.fc1.out_channels == 16  # int(8 * 2.0)
+    assert model.layers[-1].blocks[-1].drop_path.p == pytest.approx(0.1)  # the last block gets the full rate
 
 
 def test_out_indices_default_to_every_stage_of_any_depth():

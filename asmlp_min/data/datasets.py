@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
-import numbers
 import os
 import warnings
 from collections import defaultdict
@@ -37,6 +35,8 @@ from torchvision import datasets as tv_datasets
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
+
+from ..checks import is_finite_number
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 to_float_image = v2.ToDtype(torch.float32, scale=True)    # images only; targets pass through untouched
@@ -149,10 +149,10 @@ ANNOTATION_RULES = (
     ("id", None, lambda v, ctx: _is_int(v) and v >= 1, ">= 1: COCOeval uses 0 to mean 'unmatched'"),
     ("image_id", None, lambda v, ctx: _is_int(v) and v in ctx["images"], "an int, the id of an entry in 'images'"),
     ("category_id", None, lambda v, ctx: _is_int(v) and v in ctx["categories"], "the id of an entry in 'categories'"),
-    ("bbox", None, lambda v, ctx: isinstance(v, list) and len(v) == 4 and all(map(_is_finite_number, v)),
+    ("bbox", None, lambda v, ctx: isinstance(v, list) and len(v) == 4 and all(map(is_finite_number, v)),
      "[x, y, width, height] finite numbers"),
     ("iscrowd", 0, lambda v, ctx: _is_int(v) and v in (0, 1), "0 or 1"),
-    ("area", 0, lambda v, ctx: _is_finite_number(v) and v >= 0, "a finite number >= 0 (pixels)"),
+    ("area", 0, lambda v, ctx: is_finite_number(v) and v >= 0, "a finite number >= 0 (pixels)"),
 )
 
 
@@ -174,10 +174,6 @@ def _checked_annotations(annotations: list, images: dict, category_ids: set, sou
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)   # JSON true is a bool, and bool is an int
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy too
 
 
 def _check_segmentation(segmentation, image: dict, where: str) -> None:

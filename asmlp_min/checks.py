@@ -1,0 +1,19 @@
+"""Type checks shared by the constructors and loaders that validate their arguments.
+
+Python's ``bool`` is an ``int`` (``True == 1``), but it is never meant as a size, a count or a coordinate, so
+both checks leave it out.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def is_count(value) -> bool:
+    """An int >= 1 that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_finite_number(value) -> bool:
+    """A finite real number that is not a bool: Python's int and float, and numpy's scalars too."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
