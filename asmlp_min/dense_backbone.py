@@ -1,7 +1,8 @@
 """The AS-MLP feature extractor shared by the dense-prediction models (detection, segmentation).
 
     image (b, 3, H, W) -> ``features_only`` AS-MLP -> the maps of stages ``out_indices``,
-    stage i: (b, 2^i C, H / 2^(i+2), W / 2^(i+2)), each through its own LayerNorm (``norm{i}``).
+    stage i: (b, 2^i C, H / 2^(i+2), W / 2^(i+2)), each through its own ``norm{i}`` = GroupNorm(1, 2^i C)
+    (the official code's: one group, so it normalises each image over channels and positions together).
 
 Built, loaded (official classification ``.pth``, mmdet/mmseg ``{"state_dict": {"backbone.…"}}`` or a project
 checkpoint) and partly frozen here, so the detector and the segmenter check a backbone name once.
