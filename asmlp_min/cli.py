@@ -70,8 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run = groups["run folder, checkpoints and resuming"]
     run.add_argument("--resume", help="continue exactly from a run's checkpoint.pt (its settings are reused; flags "
                                       "given here override them and must not change the model or data order)")
-    run.add_argument("--overwrite", action="store_true", help="start a new run in a folder that already has a "
-                                                              "checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="start a new run, or write a resumed one, in a folder "
+                                                              "that already has a checkpoint")
     _describe_defaults(p, task=None, model="asmlp_tiny")
 
 
@@ -112,6 +112,13 @@ def _train(args: argparse.Namespace) -> int:
         sizes = dict.fromkeys(SIZE_FIELDS) if other_task else {}
         base = dataclasses.replace(saved, stop_at_epoch=None, **sizes)
         overrides.setdefault("output", str(Path(args.resume).parent))
+        elsewhere = Path(overrides["output"]).resolve() != Path(args.resume).resolve().parent
+        held = [Path(overrides["output"]) / name for name in ("checkpoint.pt", "metrics.jsonl")]
+        held = [path for path in held if path.exists()]
+        if elsewhere and held and not args.overwrite and int(os.environ.get("RANK", "0")) == 0:
+            raise ValueError(f"--output {overrides['output']} already holds a run ({held[0]}); resuming "
+                             f"{args.resume} there would overwrite it: leave --output out to continue in the "
+                             "checkpoint's own folder, choose another --output, or pass --overwrite")
     else:
         task = overrides.get("task", "cls")
         base = TrainConfig(task=task, output=f"runs/{task}")

@@ -156,6 +156,20 @@ def test_resume_reuses_the_checkpoint_settings(runs, tmp_path, capsys):
     assert "task: checkpoint 'cls', now 'det'" in capsys.readouterr().err
 
 
+def test_resume_into_another_run_folder_is_refused_and_leaves_that_run(runs, tmp_path, capsys):
+    assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path / 'a'}"]) == 0
+    other = runs / "cls" / "checkpoint.pt"
+    before = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert main(["train", "--resume", str(tmp_path / "a" / "checkpoint.pt"), f"--output={runs / 'cls'}"]) == 2
+    assert f"already holds a run ({other}); resuming" in capsys.readouterr().err
+    assert hashlib.sha256(other.read_bytes()).hexdigest() == before
+    # an empty folder is fine, and so is the checkpoint's own folder named explicitly
+    assert main(["train", "--resume", str(tmp_path / "a" / "checkpoint.pt"), f"--output={tmp_path / 'b'}"]) == 0
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2
+    assert main(["train", "--resume", str(tmp_path / "a" / "checkpoint.pt"), f"--output={tmp_path / 'a'}"]) == 0
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["epoch"] == 2
+
+
 def test_resume_with_another_lr_or_warmup_is_refused_and_the_checkpoint_kept(tmp_path, capsys):
     """The checkpoint's schedule would win over the flag while the saved config recorded the flag: refused."""
     assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
