@@ -337,6 +337,9 @@ def test_resume_errors_say_what_is_wrong(tmp_path):
         Trainer(tiny(tmp_path, embed_dim=16), resume=good, log=quiet)
     with pytest.raises(CheckpointError, match="scheduled for 2 epochs, now 3"):
         Trainer(tiny(tmp_path, epochs=3), resume=good, log=quiet)
+    with pytest.raises(CheckpointError, match="its epochs had 4 batches per process, this data gives 8, which would "
+                                              "change the learning-rate schedule"):
+        Trainer(tiny(tmp_path, train_size=64), resume=good, log=quiet)    # 32 / 8 = 4 batches, 64 / 8 = 8
 
 
 def test_a_run_checkpoint_of_a_newer_format_asks_for_an_upgrade(tmp_path):

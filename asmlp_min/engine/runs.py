@@ -277,6 +277,12 @@ def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, wor
         raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es), this run has "
                               f"{world_size}: resume with as many (data order and random streams are per process)")
     _check_weights(model, checkpoint, cfg, path)
+    saved = checkpoint.get("batches_per_epoch")    # absent from checkpoints written before it was saved
+    if saved is not None and saved != batches_per_epoch:
+        raise CheckpointError(
+            f"cannot resume from {path}: its epochs had {saved} batches per process, this data gives "
+            f"{batches_per_epoch}, which would change the learning-rate schedule and the data order; resume on the "
+            "same data (--data, --train-size) or start a new run from these weights with --pretrained")
     epoch, batch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
     if not (0 <= epoch <= cfg.epochs and 0 <= batch < batches_per_epoch and batch % cfg.accum_steps == 0
             and checkpoint["epoch_totals"].shape == (3,) and checkpoint["step"] >= 0):

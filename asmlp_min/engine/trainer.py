@@ -359,6 +359,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(self.env),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+            "batches_per_epoch": self.batches_per_epoch,
             "epoch_totals": self.epoch_totals.clone(),
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
