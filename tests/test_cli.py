@@ -152,8 +152,9 @@ def test_resume_reuses_the_checkpoint_settings(runs, tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "checkpoint.pt")]) == 0   # no other flag needed
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-    assert main(["train", "det", "--resume", str(tmp_path / "checkpoint.pt")]) == 2
-    assert "task: checkpoint 'cls', now 'det'" in capsys.readouterr().err
+    for task in ("det", "seg"):
+        assert main(["train", task, "--resume", str(tmp_path / "checkpoint.pt")]) == 2
+        assert f"it was trained for task 'cls', now '{task}'" in capsys.readouterr().err
 
 
 def test_resume_into_another_run_folder_is_refused_and_leaves_that_run(runs, tmp_path, capsys):

@@ -253,6 +253,12 @@ def _check_label_set(checkpoint: dict, data: TaskData, path) -> None:
     _check_classes(checkpoint, data.classes, path)
 
 
+def _check_task(checkpoint: dict, cfg: TrainConfig, path) -> None:
+    saved = _saved_config(checkpoint, path).task
+    if saved != cfg.task:
+        raise CheckpointError(f"cannot resume from {path}: it was trained for task {saved!r}, now {cfg.task!r}")
+
+
 def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
     saved = _saved_config(checkpoint, path)  # resolved: a config saved before a setting existed gets its default
     diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"

@@ -38,9 +38,10 @@ from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed,
                           set_rng_state, stop_requests)
 from .inference import _progress, evaluate
 from .optim import build_optimizer
-from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RUN_FILES, _check_compatible, _check_label_set, _damaged,
-                   _read_engine_checkpoint, check_resume_state, format_record, new_folders_removed_on_failure,
-                   prepare_output_folder, restore_state, run_folder_lock, write_metrics)
+from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RUN_FILES, _check_compatible, _check_label_set, _check_task,
+                   _damaged, _read_engine_checkpoint, check_resume_state, format_record,
+                   new_folders_removed_on_failure, prepare_output_folder, restore_state, run_folder_lock,
+                   write_metrics)
 from .tasks import build_model, class_weights, make_task
 
 
@@ -102,6 +103,7 @@ class Trainer:
     def _settle_classes(self, cfg: TrainConfig, checkpoint: dict | None, resume) -> TrainConfig:
         """num_classes from the data (or checked against it), and a resumed run's labels and settings checked."""
         if checkpoint is not None:
+            _check_task(checkpoint, cfg, resume)   # before the labels, which differ between tasks anyway
             _check_label_set(checkpoint, self.data, resume)
         if cfg.num_classes is None:
             cfg.num_classes = self.data.num_classes
