@@ -206,8 +206,14 @@ def _predict(args: argparse.Namespace) -> int:
     if folders:  # found before any image is drawn, not after some
         raise ValueError(f"cannot write {', '.join(folders)}: a folder of that name is in the way; move it or choose "
                          "another --output")
+    unreadable = []
     for path, destination in zip(images, destinations):
-        image = load_image(path)
+        try:
+            image = load_image(path, upright=True)   # as a photo viewer shows it, EXIF orientation applied
+        except ValueError as err:                    # one bad file in a folder costs only its own result
+            print(f"asmlp-min predict: warning: skipped {err}", file=sys.stderr)
+            unreadable.append(path)
+            continue
         result = predict(model, cfg, image)
         if cfg.task == "cls":
             top = result.topk(min(args.topk, len(classes)))
@@ -230,6 +236,12 @@ def _predict(args: argparse.Namespace) -> int:
         save_figure(fig, destination)
         print(f"{path}: " + ("; ".join(lines) if lines else "nothing above the score threshold")
               + f" -> {destination}{replaced}")
+    if len(unreadable) == len(images):
+        raise ValueError(f"none of the {len(images)} image(s) could be read (see the warnings above)")
+    if unreadable:
+        print(f"asmlp-min predict: {len(unreadable)} of {len(images)} images could not be read: "
+              + ", ".join(map(str, unreadable)), file=sys.stderr)
+        return 2
     return 0
 
 
@@ -332,7 +344,9 @@ def _add_predict_parser(sub) -> None:
                                     "top-k classes as the title (cls), boxes with labels and scores (det), or the "
                                     "class mask blended over the image (seg). Images of the same name get "
                                     "<name>_2_<task>.png, ...; a file left by an earlier call is replaced, and the "
-                                    "output line says so.")
+                                    "output line says so. Photos are turned upright as their EXIF orientation says. "
+                                    "An unreadable image is skipped with a warning and the others go on (exit "
+                                    "status 2 if any was skipped).")
     pr.add_argument("images", nargs="+", help="image files (png, jpg, ...) or folders (every image directly in them)")
     pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     pr.add_argument("--output", default="runs/predict", help="folder for the PNGs (default: runs/predict)")

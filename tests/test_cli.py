@@ -296,6 +296,22 @@ def test_predict_reads_folders_and_never_overwrites_its_own_results(runs, image,
     assert f"folder '{tmp_path / 'empty'}' has no images" in capsys.readouterr().err
 
 
+def test_predict_skips_an_unreadable_image_keeps_the_others_and_exits_2(runs, image, tmp_path, capsys):
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    folder.mkdir()
+    shutil.copy(image, folder / "a.png")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    shutil.copy(image, folder / "c.png")
+    checkpoint = str(runs / "cls" / "checkpoint.pt")
+    assert main(["predict", "--checkpoint", checkpoint, str(folder), "--output", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert sorted(os.listdir(out)) == ["a_cls.png", "c_cls.png"]
+    assert f"warning: skipped {folder / 'b.jpg'}: unreadable or truncated image" in captured.err
+    assert f"1 of 3 images could not be read: {folder / 'b.jpg'}" in captured.err
+    assert main(["predict", "--checkpoint", checkpoint, str(folder / "b.jpg"), "--output", str(out)]) == 2
+    assert "none of the 1 image(s) could be read" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_run_stopped_by_a_signal_exits_128_plus_it_and_resumes(tmp_path, monkeypatch, capsys, signum):
     """Schedulers read 0 as "finished": a stop by Ctrl-C is 130, by SIGTERM 143; the checkpoint resumes."""

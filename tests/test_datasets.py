@@ -439,3 +439,19 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert torch.equal(image[0], want) and torch.equal(image[2], want)
     Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(tmp_path / "rgb8.png")
     assert torch.equal(load_image(tmp_path / "rgb8.png"), torch.full((3, 4, 4), 200, dtype=torch.uint8))
+
+
+def test_upright_applies_the_exif_orientation_and_datasets_keep_the_stored_pixels(tmp_path):
+    """A phone photo stored sideways with EXIF Orientation 6 ("turn 90 degrees clockwise to view"): drawn by hand,
+    the stored 20 x 40 image with a red top-left block is shown 40 x 20 with the block at the top right."""
+    from asmlp_min.data.datasets import load_image
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:8, :8] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # the Orientation tag
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    as_stored = load_image(tmp_path / "phone.jpg")
+    assert as_stored.shape == (3, 20, 40) and as_stored[0, :8, :8].float().mean() > 200
+    upright = load_image(tmp_path / "phone.jpg", upright=True)
+    assert upright.shape == (3, 40, 20)
+    assert upright[0, :8, -8:].float().mean() > 200 and upright[0, :8, :8].float().mean() < 50

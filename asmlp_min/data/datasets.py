@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
@@ -42,12 +42,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 to_float_image = v2.ToDtype(torch.float32, scale=True)    # images only; targets pass through untouched
 
 
-def load_image(path: str | os.PathLike) -> tv_tensors.Image:
-    """(3, h, w) uint8 RGB. Decodes fully now, so a truncated file fails here with its name, not in a worker."""
+def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Image:
+    """(3, h, w) uint8 RGB. Decodes fully now, so a truncated file fails here with its name, not in a worker.
+
+    ``upright``: turn the pixels as the file's EXIF Orientation tag says, as a photo viewer shows them (phone
+    photos are often stored sideways). Off for datasets, whose boxes and masks are drawn on the stored pixels
+    (torchvision and pycocotools read them so too); on for ``predict`` on a user's own photos."""
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(ImageOps.exif_transpose(img) if upright else img)
     except FileNotFoundError as err:
         raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
                          "'file_name'") from err
