@@ -149,12 +149,12 @@ def _load_for(args: argparse.Namespace):
     return model, cfg, checkpoint
 
 
-def _writable_file(path: str, flag: str) -> Path:
+def _writable_file(path: str, flag: str, example: str = "metrics.json") -> Path:
     """Check now, before minutes of work, that ``path`` can be written: not a folder, in a writable folder."""
     from .engine import prepare_output_folder
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"--{flag} {str(path)!r} is a folder; give a file name such as {str(path / 'metrics.json')!r}")
+        raise ValueError(f"--{flag} {str(path)!r} is a folder; give a file name such as {str(path / example)!r}")
     prepare_output_folder(path.parent, flag)
     return path
 

@@ -61,19 +61,24 @@ def add_export_parser(sub) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from .backbone import create_model
-    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint
+    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint, shown_keys
     from .cli import _writable_file
     if len(args.image_size) > 2 or min(args.image_size) < 1:
         raise ValueError(f"--image-size takes one size or two (height width), each >= 1, got {args.image_size}")
-    output = _writable_file(args.output or f"{args.model}.onnx", "output")
+    output = _writable_file(args.output or f"{args.model}.onnx", "output", f"{args.model}.onnx")
     overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
     model = create_model(args.model, num_classes=args.num_classes, features_only=args.features_only,
                          **{k: v for k, v in overrides.items() if v is not None})
     if args.weights:  # a backbone takes the backbone's keys of any checkpoint; a classifier all of them
-        (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, args.weights)
+        report = (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, args.weights)
+        kept = (f"; not in it, so left at their initial values: {shown_keys(report.missing, 4)} (a classifier "
+                "checkpoint has no per-stage norms: export a detection or segmentation backbone for trained ones)"
+                if report.missing else "")
+        print(f"--weights {args.weights}: loaded {len(report.loaded)} tensors{kept}", file=sys.stderr)
     else:
         print("no --weights: exporting randomly initialised weights", file=sys.stderr)
     height, width = (args.image_size * 2)[:2]  # one size: a square
+    replaced = " (replaced an older file)" if output.exists() else ""
     export_onnx(model, output, (height, width))
     if args.features_only:
         outputs = "stage maps " + ", ".join(f"stage{i}" for i in model.out_indices)
@@ -81,5 +86,5 @@ def _export(args: argparse.Namespace) -> int:
         outputs = f"logits (batch, {model.num_classes})"
     else:  # no head (num_classes 0): the pooled features
         outputs = f"pooled features (batch, {model.head_hidden_size})"
-    print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> {outputs}")
+    print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> {outputs}{replaced}")
     return 0

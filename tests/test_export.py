@@ -1,5 +1,6 @@
 """Static graphs: torch.export of the classifier and the features model, FX tracing, torchvision's feature extractor."""
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,22 @@ def test_export_without_a_head_says_it_writes_pooled_features(tmp_path, capsys, 
     assert capsys.readouterr().out.endswith(f"{out}: images (batch, 3, 32, 32) -> pooled features (batch, 64)\n")
     assert main(argv + ["--num-classes=7"]) == 0
     assert shapes[-1] == (2, 7) and capsys.readouterr().out.endswith("-> logits (batch, 7)\n")
+
+
+def test_export_says_what_the_weights_filled_and_which_norms_kept_their_initial_values(official_layout_weights,
+                                                                                      tmp_path, capsys, monkeypatch):
+    from asmlp_min.cli import main
+    monkeypatch.setattr("asmlp_min.export.export_onnx", lambda model, path, image_size: Path(path).write_bytes(b"x"))
+    weights, classifier = official_layout_weights
+    out = tmp_path / "model.onnx"
+    argv = ["export", "--embed-dim=8", "--depths=1,1,1,1", "--shift-size=3", "--num-classes=7",
+            f"--weights={weights}", "--image-size=32", f"--output={out}"]
+    assert main(argv) == 0                                    # a classifier: every tensor of the file
+    captured = capsys.readouterr()
+    assert f"loaded {len(classifier.state_dict())} tensors\n" in captured.err and "initial values" not in captured.err
+    assert main(argv + ["--features-only"]) == 0              # its backbone: the classifier has no norm0..norm3
+    captured = capsys.readouterr()
+    assert "left at their initial values: norm0.weight, norm0.bias, norm1.weight, norm1.bias, ... (4 more)" in captured.err
+    assert captured.out.endswith("(replaced an older file)\n")
+    assert main(argv[:-1] + [f"--output={tmp_path}"]) == 2  # a folder: the hint names an .onnx file in it
+    assert f"is a folder; give a file name such as '{tmp_path / 'asmlp_tiny.onnx'}'" in capsys.readouterr().err
