@@ -333,6 +333,31 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_it_and_resumes(tmp_path, monke
     assert load_checkpoint(checkpoint)["epoch"] == 1
 
 
+CTRL_C_TO_THE_GROUP = """
+import os, signal, sys
+from asmlp_min.cli import main
+from asmlp_min.engine import Trainer
+step = Trainer._optimizer_step
+def ctrl_c_in_the_terminal(trainer):   # a terminal sends SIGINT to every process of the foreground group
+    step(trainer)
+    if trainer.step == 2:
+        os.killpg(os.getpgid(0), signal.SIGINT)
+Trainer._optimizer_step = ctrl_c_in_the_terminal
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_with_loader_workers_is_handled_once_by_the_main_process(tmp_path):
+    """Forked workers inherit the main process's handler: each printed the stop message and, on a second Ctrl-C,
+    died in the middle of the epoch; they ignore SIGINT, and the main process ends them when it stops."""
+    argv = ["train", "cls", *TINY, "--train-size=32", "--workers=2", f"--output={tmp_path}"]
+    done = subprocess.run([sys.executable, "-c", CTRL_C_TO_THE_GROUP, *argv], capture_output=True, text=True,
+                          start_new_session=True, timeout=300)     # its own process group: pytest's is not signalled
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.count("stopping after this step") == 1, done.stderr
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["batch_in_epoch"] == 3    # read at the batch after that step
+
+
 def test_a_truncated_image_read_by_a_worker_is_one_line_naming_it(tmp_path, capsys):
     from asmlp_min.data.shapes import export_shapes
     for split in ("train", "val"):

@@ -205,7 +205,16 @@ def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, devi
     if workers:
         dataset = SeededSamples(dataset, seed)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+                      generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda",
+                      worker_init_fn=_leave_ctrl_c_to_the_main_process if workers else None)
+
+
+def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches every process of the group. A forked worker would run the main process's stop
+    handler (printing its message again) and die on a second Ctrl-C; the main process stops the run at a safe
+    point and ends its workers itself. SIGTERM ends a worker at once again, as the DataLoader's shutdown expects."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class SeededSamples(Dataset):
