@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine import NonFiniteLossError, new_folders_removed_on_failure
+    from .engine import NonFiniteLossError, PeerStopped, new_folders_removed_on_failure
     args = build_parser().parse_args(argv)
     named = [path for path in (getattr(args, "output", None), getattr(args, "json", None)) if path]
     try:
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asmlp-min {args.command}: error: cannot use{where}: {err.strerror or err}; check the path and its "
               "permissions", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, PeerStopped) as err:
         print(f"asmlp-min {args.command}: stopped: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:  # torch out of memory: CUDA's OutOfMemoryError, the CPU allocator's "can't allocate"

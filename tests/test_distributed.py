@@ -82,3 +82,36 @@ def test_two_process_run_stopped_after_epoch_1_and_resumed_ends_as_the_uninterru
     times = ("train_time_s", "eval_time_s", "train_img_per_s")
     assert [{k: v for k, v in r.items() if k not in times} for r in mine["metrics"]] == \
            [{k: v for k, v in r.items() if k not in times} for r in theirs["metrics"]]
+
+
+RANK_1_DIES_AT_STEP_6 = """
+import os, sys
+from asmlp_min.cli import main
+from asmlp_min.engine import Trainer
+step = Trainer._optimizer_step
+def dies(trainer):   # a crash, an out-of-memory kill: the process is gone without a word to the others
+    step(trainer)
+    if trainer.step == 6 and os.environ["RANK"] == "1":
+        os._exit(9)
+Trainer._optimizer_step = dies
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_that_dies_leaves_the_others_one_line_saying_where_to_resume(ddp_run, tmp_path):
+    _, flags, _ = ddp_run
+    (tmp_path / "dies.py").write_text(RANK_1_DIES_AT_STEP_6)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dies.py",
+               "train", "cls", "--device=cpu", "--batch-size=4", f"--output={run}", *flags]   # 4 steps an epoch
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    said = [line for line in lines if "cannot go on" in line]
+    assert len(said) == 1, done.stderr[-3000:]
+    assert said[0].startswith("asmlp-min train: stopped: another process of this run stopped, so process 0 cannot")
+    assert f"the last checkpoint, {run / 'checkpoint.pt'} (epoch 1), is intact" in said[0]
+    assert not any(line.startswith("[rank0]") for line in lines)   # torchrun's prefix of a rank's traceback
+    resumed = torchrun(tmp_path, "--resume", str(run / "checkpoint.pt"))
+    assert resumed.stdout.count("epoch 2/2:") == 1

@@ -12,7 +12,7 @@
 from .config import (AUGMENTATIONS, DET_MAX_SIZE_RATIO, FOLDER_IMAGE_SIZE, PATCH_SIZE, SCHEDULES, TASK_DEFAULTS, TASKS,
                      TrainConfig)
 from .data import DataError, TaskData, WorkerDied, build_data, task_transforms
-from .distributed import DistEnv, init_distributed, rng_state, seed_everything, set_rng_state
+from .distributed import DistEnv, PeerStopped, init_distributed, rng_state, seed_everything, set_rng_state
 from .inference import evaluate, load_trained, predict
 from .optim import build_optimizer, lr_factor, param_groups
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RUN_FILES, _check_label_set, _read_engine_checkpoint,

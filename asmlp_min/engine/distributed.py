@@ -63,6 +63,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class PeerStopped(RuntimeError):
+    """Another process of a torchrun job ended (crash, out of memory, killed), so this one's collectives fail."""
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` comes from a gloo or NCCL collective whose peer went away, not from this process's own code."""
+    distributed_error = getattr(dist, "DistError", ())       # torch >= 2.2 raises some of them as DistBackendError
+    return isinstance(err, distributed_error) or any(word in str(err) for word in ("gloo", "NCCL", "Connection "))
+
+
 def _all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:
     if env.distributed:
         values = values.to(env.device)

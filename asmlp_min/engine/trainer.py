@@ -34,8 +34,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from ..checkpoint import WriteError, non_finite_keys, remove_stale_temp_files, save_checkpoint, shown_keys
 from .config import TrainConfig
 from .data import DataError, TaskData, _loaded, _loader, build_data
-from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed, rng_state, seed_everything,
-                          set_rng_state, stop_requests)
+from .distributed import (DistEnv, PeerStopped, _all_reduce_sum, _autocast, init_distributed, is_collective_failure,
+                          rng_state, seed_everything, set_rng_state, stop_requests)
 from .inference import _progress, evaluate
 from .optim import build_optimizer
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RUN_FILES, _check_compatible, _check_label_set, _check_task,
@@ -191,7 +191,7 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = run_folder_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext()  # one writer
-        with lock, stop_requests(self._request_stop):
+        with lock, stop_requests(self._request_stop), self._peer_failures_explained():
             while self.epoch < last:
                 try:
                     self._train_epoch()
@@ -210,6 +210,23 @@ class Trainer:
                     self.log(f"stopped after epoch {self.epoch}; continue with: --resume {self.checkpoint_path}")
                     break
         return self.history
+
+    @contextlib.contextmanager
+    def _peer_failures_explained(self):
+        """Under torchrun, a process that dies breaks the others' next collective with gloo's or NCCL's traceback:
+        say instead that another process stopped and where the run can continue from."""
+        try:
+            yield
+        except RuntimeError as err:
+            if not (self.env.distributed and is_collective_failure(err)) or isinstance(err, PeerStopped):
+                raise
+            cause = " ".join(str(err).split())[:200]
+            resume = (f"the last checkpoint, {self.checkpoint_path} (epoch {self._verified_epoch}), is intact: once "
+                      f"the cause is fixed, continue with --resume {self.checkpoint_path}"
+                      if self._verified_epoch is not None else "no checkpoint was written yet: train again once the "
+                      "cause is fixed")
+            raise PeerStopped(f"another process of this run stopped, so process {self.env.rank} cannot go on "
+                              f"({cause}); that process's own output says why. {resume}") from None
 
     def _train_epoch(self) -> None:
         cfg, env = self.cfg, self.env
