@@ -46,10 +46,12 @@ def add_export_parser(sub) -> None:
                         description="torch.onnx.export(dynamo=True) of a variant with its weights, written "
                                     "atomically; the batch size is free, height and width are fixed (export one "
                                     "file per size). Needs onnx and onnxscript.")
-    ex.add_argument("--model", choices=list_models(), default="asmlp_tiny", help="variant (default: asmlp_tiny)")
-    ex.add_argument("--weights", help="official .pth, mmdet/mmseg or our checkpoint (default: random weights)")
-    ex.add_argument("--features-only", action="store_true", help="the backbone's four stage maps, not logits")
-    ex.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+    ex.add_argument("--model", choices=list_models(), help="variant (default: asmlp_tiny)")
+    ex.add_argument("--weights", help="official .pth, mmdet/mmseg, or a training run's checkpoint.pt, which "
+                                      "brings its own architecture (default: random weights)")
+    ex.add_argument("--features-only", action="store_true", help="the backbone's stage maps, not logits (from a "
+                                                                  "det/seg run: its trained backbone)")
+    ex.add_argument("--num-classes", type=int, help="classifier outputs (default: 1000)")
     ex.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="SIZE",
                     help="height [width] of the input (default: 224)")
     ex.add_argument("--embed-dim", type=int, help="override the variant's channel width C")
@@ -61,21 +63,27 @@ def add_export_parser(sub) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from .backbone import create_model
-    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint, shown_keys
+    from .checkpoint import load_backbone_checkpoint, load_checkpoint, load_official_checkpoint, shown_keys
     from .cli import _writable_file
     if len(args.image_size) > 2 or min(args.image_size) < 1:
         raise ValueError(f"--image-size takes one size or two (height width), each >= 1, got {args.image_size}")
-    output = _writable_file(args.output or f"{args.model}.onnx", "output", f"{args.model}.onnx")
-    overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
-    model = create_model(args.model, num_classes=args.num_classes, features_only=args.features_only,
-                         **{k: v for k, v in overrides.items() if v is not None})
-    if args.weights:  # a backbone takes the backbone's keys of any checkpoint; a classifier all of them
-        report = (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, args.weights)
+    checkpoint = load_checkpoint(args.weights) if args.weights else None
+    if _is_training_run(checkpoint):
+        model, name = _model_of_a_run(args)
+    else:
+        name = args.model or "asmlp_tiny"
+        overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
+        model = create_model(name, num_classes=1000 if args.num_classes is None else args.num_classes,
+                             features_only=args.features_only, **{k: v for k, v in overrides.items() if v is not None})
+    output = _writable_file(args.output or f"{name}.onnx", "output", f"{name}.onnx")
+    if checkpoint is not None and not _is_training_run(checkpoint):
+        # a backbone takes the backbone's keys of any checkpoint; a classifier all of them
+        report = (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, checkpoint)
         kept = (f"; not in it, so left at their initial values: {shown_keys(report.missing, 4)} (a classifier "
                 "checkpoint has no per-stage norms: export a detection or segmentation backbone for trained ones)"
                 if report.missing else "")
         print(f"--weights {args.weights}: loaded {len(report.loaded)} tensors{kept}", file=sys.stderr)
-    else:
+    elif checkpoint is None:
         print("no --weights: exporting randomly initialised weights", file=sys.stderr)
     height, width = (args.image_size * 2)[:2]  # one size: a square
     replaced = " (replaced an older file)" if output.exists() else ""
@@ -88,3 +96,36 @@ def _export(args: argparse.Namespace) -> int:
         outputs = f"pooled features (batch, {model.head_hidden_size})"
     print(f"{output}: images (batch, {model.in_chans}, {height}, {width}) -> {outputs}{replaced}")
     return 0
+
+
+def _is_training_run(checkpoint: dict | None) -> bool:
+    from .engine.runs import _FORMAT_FAMILY
+    return isinstance(checkpoint, dict) and str(checkpoint.get("format", "")).startswith(_FORMAT_FAMILY)
+
+
+def _model_of_a_run(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The network of an ``asmlp-min train`` checkpoint, built from its own config: the classifier, or with
+    ``--features-only`` the backbone (with its trained per-stage norms, for a det/seg run)."""
+    from .backbone import create_model
+    from .checkpoint import load_backbone_checkpoint
+    from .engine import load_trained
+    given = [flag for flag, value in (("--model", args.model), ("--num-classes", args.num_classes),
+                                      ("--embed-dim", args.embed_dim), ("--depths", args.depths),
+                                      ("--shift-size", args.shift_size)) if value is not None]
+    if given:
+        raise ValueError(f"{args.weights} is a training run's checkpoint, which sets the architecture itself: "
+                         f"leave out {', '.join(given)}")
+    net, cfg, _ = load_trained(args.weights)
+    if cfg.task != "cls" and not args.features_only:
+        raise ValueError(f"{args.weights} holds a {cfg.task} model; the ONNX export covers classifiers and "
+                         f"backbones: add --features-only to export its trained backbone")
+    if cfg.task != "cls":
+        model = net.backbone
+    elif args.features_only:
+        model = create_model(cfg.model, features_only=True, **cfg.backbone_kwargs())
+        load_backbone_checkpoint(model, args.weights, name=cfg.model)
+    else:
+        model = net
+    print(f"--weights {args.weights}: the {cfg.task} run's {cfg.model}"
+          + (" backbone" if args.features_only else "") + " with its trained weights", file=sys.stderr)
+    return model, cfg.model

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -610,3 +611,33 @@ def test_bench_ships_with_the_package_and_a_broken_import_is_not_hidden(monkeypa
     monkeypatch.setitem(sys.modules, "asmlp_min.bench", None)
     with pytest.raises(ImportError):
         build_parser()
+
+
+def test_export_of_a_training_run_builds_the_runs_own_architecture_with_its_weights(runs, tmp_path, capsys,
+                                                                                    monkeypatch):
+    exported = []
+
+    def traced(model, path, image_size):  # stands in for the ~40 s ONNX export: what would be exported
+        exported.append(model)
+        Path(path).write_bytes(b"onnx")
+    monkeypatch.setattr("asmlp_min.export.export_onnx", traced)
+    for task, flags in (("cls", []), ("cls", ["--features-only"]), ("det", ["--features-only"]),
+                        ("seg", ["--features-only"])):
+        path = runs / task / "checkpoint.pt"
+        saved = load_checkpoint(path)["model"]
+        prefix = "" if task == "cls" else "backbone."
+        assert main(["export", f"--weights={path}", "--image-size=64", f"--output={tmp_path / task}.onnx",
+                     *flags]) == 0, capsys.readouterr().err
+        state = exported[-1].state_dict()
+        assert exported[-1].features_only == bool(flags) and len(state) > 10
+        for key, value in state.items():          # every tensor is the run's (the stage norms of det/seg included)
+            if task == "cls" and flags and re.match(r"norm\d\.", key):
+                continue                          # a classifier run has no per-stage norms
+            assert torch.equal(value, saved[prefix + key]), key
+        assert "with its trained weights" in capsys.readouterr().err
+    assert main(["export", f"--weights={runs / 'det' / 'checkpoint.pt'}", f"--output={tmp_path / 'd.onnx'}"]) == 2
+    assert "holds a det model; the ONNX export covers classifiers and backbones: add --features-only" in \
+        capsys.readouterr().err
+    assert main(["export", f"--weights={runs / 'cls' / 'checkpoint.pt'}", "--embed-dim=16",
+                 f"--output={tmp_path / 'c.onnx'}"]) == 2
+    assert "which sets the architecture itself: leave out --embed-dim" in capsys.readouterr().err
