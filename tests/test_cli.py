@@ -278,6 +278,32 @@ def test_predict_writes_a_png(runs, image, tmp_path, capsys, task):
         assert "% of pixels" in out
 
 
+def test_predict_json_and_the_seg_class_mask_hold_what_the_model_predicts(runs, image, tmp_path, capsys):
+    from asmlp_min.data.datasets import load_image
+    from asmlp_min.engine import load_trained, predict
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for task in ("det", "seg"):
+        checkpoint = runs / task / "checkpoint.pt"
+        out, report = tmp_path / task, tmp_path / f"{task}.json"
+        assert main(["predict", "--checkpoint", str(checkpoint), str(image), str(tmp_path / "broken.png"),
+                     "--output", str(out), "--score-threshold=0", f"--json={report}"]) == 2
+        records = json.loads(report.read_text())
+        assert records[1]["image"] == str(tmp_path / "broken.png") and "unreadable" in records[1]["error"]
+        model, cfg, saved = load_trained(checkpoint)
+        want = predict(model, cfg, load_image(image))
+        if task == "det":
+            got = records[0]["detections"]
+            assert [d["score"] for d in got] == want["scores"].tolist() and len(got) > 0
+            assert [d["box_xyxy"] for d in got] == want["boxes"].tolist()
+            assert [d["class"] for d in got] == [saved["classes"][label - 1] for label in want["labels"].tolist()]
+        else:
+            mask = np.asarray(Image.open(records[0]["mask"]))
+            assert mask.dtype == np.uint8 and torch.equal(torch.from_numpy(mask.astype(np.int64)), want)
+            shares = {saved["classes"][c]: float((want == c).float().mean()) for c in want.unique().tolist()}
+            assert records[0]["pixel_share"] == pytest.approx(shares)
+            assert f"and its class ids {out / 'scene_seg_mask.png'}" in capsys.readouterr().out
+
+
 def test_predict_reads_folders_and_never_overwrites_its_own_results(runs, image, tmp_path, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
