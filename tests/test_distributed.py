@@ -113,5 +113,4 @@ def test_a_process_that_dies_leaves_the_others_one_line_saying_where_to_resume(d
     assert said[0].startswith("asmlp-min train: stopped: another process of this run stopped, so process 0 cannot")
     assert f"the last checkpoint, {run / 'checkpoint.pt'} (epoch 1), is intact" in said[0]
     assert not any(line.startswith("[rank0]") for line in lines)   # torchrun's prefix of a rank's traceback
-    resumed = torchrun(tmp_path, "--resume", str(run / "checkpoint.pt"))
-    assert resumed.stdout.count("epoch 2/2:") == 1
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1   # resuming it is the test above's business
