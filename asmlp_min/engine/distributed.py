@@ -69,8 +69,9 @@ class PeerStopped(RuntimeError):
 
 def is_collective_failure(err: BaseException) -> bool:
     """Whether ``err`` comes from a gloo or NCCL collective whose peer went away, not from this process's own code."""
-    distributed_error = getattr(dist, "DistError", ())       # torch >= 2.2 raises some of them as DistBackendError
-    return isinstance(err, distributed_error) or any(word in str(err) for word in ("gloo", "NCCL", "Connection "))
+    # torch raises backend errors such as NCCL's as DistError subclasses (DistBackendError); gloo's peer loss as a
+    # plain RuntimeError "[.../gloo/transport/tcp/pair.cc] Read error ...: Connection reset by peer"
+    return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "Connection "))
 
 
 def _all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:
