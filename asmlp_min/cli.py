@@ -155,7 +155,7 @@ def _writable_file(path: str, flag: str, example: str = "metrics.json") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--{flag} {str(path)!r} is a folder; give a file name such as {str(path / example)!r}")
-    prepare_output_folder(path.parent, flag)
+    prepare_output_folder(path.parent, flag, file=path)
     return path
 
 

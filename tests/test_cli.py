@@ -559,13 +559,14 @@ def test_a_folder_where_no_file_can_be_created_is_found_before_any_work(runs, im
     monkeypatch.setattr("asmlp_min.engine.evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
     assert main(["evaluate", "--checkpoint", checkpoint, "--json", "/proc/m.json"]) == 2
     err = capsys.readouterr().err
-    assert "--json '/proc' is a folder you cannot write to" in err and ".tmp" not in err
+    assert "--json '/proc/m.json' cannot be written: '/proc' is a folder you cannot write to" in err
+    assert ".tmp" not in err
     monkeypatch.setattr("asmlp_min.engine.load_trained", lambda *a, **k: pytest.fail("loaded the model first"))
     assert main(["predict", "--checkpoint", checkpoint, str(image), "--output=/proc"]) == 2
     assert "--output '/proc' is a folder you cannot write to" in capsys.readouterr().err
     monkeypatch.setattr("asmlp_min.export.export_onnx", lambda *a, **k: pytest.fail("exported before checking"))
     assert main(["export", "--embed-dim=8", "--depths=1,1,1,1", "--image-size=32", "--output=/proc/x.onnx"]) == 2
-    assert "--output '/proc' is a folder you cannot write to" in capsys.readouterr().err
+    assert "--output '/proc/x.onnx' cannot be written: '/proc' is a folder you" in capsys.readouterr().err
 
 
 def test_predict_refuses_a_folder_in_the_way_before_writing_any_image(runs, image, tmp_path, capsys):

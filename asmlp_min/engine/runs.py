@@ -64,8 +64,9 @@ def strict_json(obj, **kwargs) -> str:
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
-def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
-    """Create ``path`` (a folder for outputs) now, or raise ValueError saying why it cannot be used."""
+def prepare_output_folder(path: str | os.PathLike, flag: str, file: Path | None = None) -> Path:
+    """Create ``path`` (a folder for outputs) now, or raise ValueError saying why it cannot be used; ``file``: the
+    file the flag named, when ``path`` is its folder."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,8 @@ def prepare_output_folder(path: str | os.PathLike, flag: str) -> Path:
     else:
         problem = _cannot_create_files_in(path)
     if problem:
-        raise ValueError(f"--{flag} {str(path)!r} {problem}; choose a folder you can write to")
+        given = f"{str(file)!r} cannot be written: {str(path)!r}" if file is not None else repr(str(path))
+        raise ValueError(f"--{flag} {given} {problem}; choose a folder you can write to")
     return path
 
 
