@@ -62,29 +62,15 @@ def add_export_parser(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .backbone import create_model
-    from .checkpoint import load_backbone_checkpoint, load_checkpoint, load_official_checkpoint, shown_keys
+    from .checkpoint import load_checkpoint
     from .cli import _writable_file
+    from .engine.runs import is_run_checkpoint
     if len(args.image_size) > 2 or min(args.image_size) < 1:
         raise ValueError(f"--image-size takes one size or two (height width), each >= 1, got {args.image_size}")
     checkpoint = load_checkpoint(args.weights) if args.weights else None
-    if _is_training_run(checkpoint):
-        model, name = _model_of_a_run(args)
-    else:
-        name = args.model or "asmlp_tiny"
-        overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
-        model = create_model(name, num_classes=1000 if args.num_classes is None else args.num_classes,
-                             features_only=args.features_only, **{k: v for k, v in overrides.items() if v is not None})
+    build = _model_of_a_run if is_run_checkpoint(checkpoint) else _variant_with_weights
+    model, name = build(args, checkpoint)
     output = _writable_file(args.output or f"{name}.onnx", "output", f"{name}.onnx")
-    if checkpoint is not None and not _is_training_run(checkpoint):
-        # a backbone takes the backbone's keys of any checkpoint; a classifier all of them
-        report = (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, checkpoint)
-        kept = (f"; not in it, so left at their initial values: {shown_keys(report.missing, 4)} (a classifier "
-                "checkpoint has no per-stage norms: export a detection or segmentation backbone for trained ones)"
-                if report.missing else "")
-        print(f"--weights {args.weights}: loaded {len(report.loaded)} tensors{kept}", file=sys.stderr)
-    elif checkpoint is None:
-        print("no --weights: exporting randomly initialised weights", file=sys.stderr)
     height, width = (args.image_size * 2)[:2]  # one size: a square
     replaced = " (replaced an older file)" if output.exists() else ""
     export_onnx(model, output, (height, width))
@@ -98,12 +84,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_training_run(checkpoint: dict | None) -> bool:
-    from .engine.runs import _FORMAT_FAMILY
-    return isinstance(checkpoint, dict) and str(checkpoint.get("format", "")).startswith(_FORMAT_FAMILY)
+def _variant_with_weights(args: argparse.Namespace, checkpoint: dict | None) -> tuple[nn.Module, str]:
+    """The variant the flags describe, with the official, mmdet/mmseg or backbone ``checkpoint`` loaded (a backbone
+    takes the backbone's keys of any checkpoint; a classifier all of them), or random weights without one."""
+    from .backbone import create_model
+    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint, shown_keys
+    name = args.model or "asmlp_tiny"
+    overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
+    model = create_model(name, num_classes=1000 if args.num_classes is None else args.num_classes,
+                         features_only=args.features_only, **{k: v for k, v in overrides.items() if v is not None})
+    if checkpoint is None:
+        print("no --weights: exporting randomly initialised weights", file=sys.stderr)
+        return model, name
+    report = (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, checkpoint)
+    kept = (f"; not in it, so left at their initial values: {shown_keys(report.missing, 4)} (a classifier "
+            "checkpoint has no per-stage norms: export a detection or segmentation backbone for trained ones)"
+            if report.missing else "")
+    print(f"--weights {args.weights}: loaded {len(report.loaded)} tensors{kept}", file=sys.stderr)
+    return model, name
 
 
-def _model_of_a_run(args: argparse.Namespace) -> tuple[nn.Module, str]:
+def _model_of_a_run(args: argparse.Namespace, checkpoint: dict) -> tuple[nn.Module, str]:
     """The network of an ``asmlp-min train`` checkpoint, built from its own config: the classifier, or with
     ``--features-only`` the backbone (with its trained per-stage norms, for a det/seg run)."""
     from .backbone import create_model
@@ -115,7 +116,7 @@ def _model_of_a_run(args: argparse.Namespace) -> tuple[nn.Module, str]:
     if given:
         raise ValueError(f"{args.weights} is a training run's checkpoint, which sets the architecture itself: "
                          f"leave out {', '.join(given)}")
-    net, cfg, _ = load_trained(args.weights)
+    net, cfg, _ = load_trained(args.weights)   # reads the file again, with the checks evaluate and predict make
     if cfg.task != "cls" and not args.features_only:
         raise ValueError(f"{args.weights} holds a {cfg.task} model; the ONNX export covers classifiers and "
                          f"backbones: add --features-only to export its trained backbone")
@@ -123,7 +124,7 @@ def _model_of_a_run(args: argparse.Namespace) -> tuple[nn.Module, str]:
         model = net.backbone
     elif args.features_only:
         model = create_model(cfg.model, features_only=True, **cfg.backbone_kwargs())
-        load_backbone_checkpoint(model, args.weights, name=cfg.model)
+        load_backbone_checkpoint(model, checkpoint, name=cfg.model)
     else:
         model = net
     print(f"--weights {args.weights}: the {cfg.task} run's {cfg.model}"

@@ -155,6 +155,11 @@ def _damaged(path, what: str) -> CheckpointError:
                            "train again); a file edited by hand cannot be trusted.")
 
 
+def is_run_checkpoint(checkpoint) -> bool:
+    """Whether a loaded checkpoint was written by :class:`Trainer`, of this version or another."""
+    return isinstance(checkpoint, dict) and str(checkpoint.get("format", "")).startswith(_FORMAT_FAMILY)
+
+
 def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict:
     """A Trainer checkpoint, or an error that says what the file is and what to do.
 
@@ -163,7 +168,7 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> di
     """
     checkpoint = load_checkpoint(path)  # FileNotFoundError / CheckpointError with the reason
     written = checkpoint.get("format")
-    if isinstance(written, str) and written.startswith(_FORMAT_FAMILY) and written != CHECKPOINT_FORMAT:
+    if is_run_checkpoint(checkpoint) and written != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was written by a newer version of asmlp_min (format {written!r}; this one reads "
                               f"{CHECKPOINT_FORMAT!r}): upgrade asmlp_min to use it")
     if written != CHECKPOINT_FORMAT:
