@@ -111,6 +111,7 @@ def test_a_process_that_dies_leaves_the_others_one_line_saying_where_to_resume(d
     said = [line for line in lines if "cannot go on" in line]
     assert len(said) == 1, done.stderr[-3000:]
     assert said[0].startswith("asmlp-min train: stopped: another process of this run stopped, so process 0 cannot")
-    assert f"the last checkpoint, {run / 'checkpoint.pt'} (epoch 1), is intact" in said[0]
+    assert said[0].endswith(f"the last good checkpoint {run / 'checkpoint.pt'} (epoch 1) is unchanged; once the "
+                            f"cause is fixed, continue with --resume {run / 'checkpoint.pt'}")
     assert not any(line.startswith("[rank0]") for line in lines)   # torchrun's prefix of a rank's traceback
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1   # resuming it is the test above's business

@@ -74,6 +74,20 @@ def is_collective_failure(err: BaseException) -> bool:
     return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "Connection "))
 
 
+@contextlib.contextmanager
+def peer_failures_explained(env: DistEnv, what_now: Callable[[], str]):
+    """Under torchrun, a process that dies breaks the others' next collective with gloo's or NCCL's traceback:
+    raise :class:`PeerStopped` instead, saying that another process stopped, then ``what_now()`` (the checkpoint)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (env.distributed and is_collective_failure(err)) or isinstance(err, PeerStopped):
+            raise
+        cause = " ".join(str(err).split())[:200]
+        raise PeerStopped(f"another process of this run stopped, so process {env.rank} cannot go on ({cause}); "
+                          f"that process's own output says why. {what_now()}") from None
+
+
 def _all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:
     if env.distributed:
         values = values.to(env.device)

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ..checkpoint import (CheckpointError, atomic_write, compare_state_dicts, load_checkpoint, non_finite_keys,
-                          shown_keys)
+                          remove_stale_temp_files, shown_keys)
 from .config import SIZE_FIELDS, TrainConfig
 from .data import TaskData
 from .tasks import build_model
@@ -144,6 +144,16 @@ def run_folder_lock(run_dir: Path):
     finally:
         path.unlink(missing_ok=True)  # while still locked, so a process that opened this file retries on a new one
         os.close(fd)
+
+
+def claim_run_folder(run_dir: Path, log) -> None:
+    """Create the run folder and, while holding its lock (no live run writes there), remove stale temp files."""
+    prepare_output_folder(run_dir, "output")
+    with run_folder_lock(run_dir):
+        stale = remove_stale_temp_files(run_dir, RUN_FILES)
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) that a run killed while saving left in "
+            f"{run_dir}: {', '.join(p.name for p in stale)}")
 
 
 _RESUME_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "epoch": int,

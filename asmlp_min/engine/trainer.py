@@ -31,17 +31,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from ..checkpoint import WriteError, non_finite_keys, remove_stale_temp_files, save_checkpoint, shown_keys
+from ..checkpoint import WriteError, non_finite_keys, save_checkpoint, shown_keys
 from .config import TrainConfig
 from .data import DataError, TaskData, _loaded, _loader, build_data
-from .distributed import (DistEnv, PeerStopped, _all_reduce_sum, _autocast, init_distributed, is_collective_failure,
-                          rng_state, seed_everything, set_rng_state, stop_requests)
+from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed, peer_failures_explained, rng_state,
+                          seed_everything, set_rng_state, stop_requests)
 from .inference import _progress, evaluate
 from .optim import build_optimizer
-from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RUN_FILES, _check_compatible, _check_label_set, _check_task,
-                   _damaged, _read_engine_checkpoint, check_resume_state, format_record,
-                   new_folders_removed_on_failure, prepare_output_folder, restore_state, run_folder_lock,
-                   write_metrics)
+from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _check_compatible, _check_label_set, _check_task, _damaged,
+                   _read_engine_checkpoint, check_resume_state, claim_run_folder, format_record,
+                   new_folders_removed_on_failure, restore_state, run_folder_lock, write_metrics)
 from .tasks import build_model, class_weights, make_task
 
 
@@ -65,7 +64,8 @@ class Trainer:
         self.run_dir = Path(cfg.output)
         new_folders = new_folders_removed_on_failure(self.run_dir) if self.env.is_main else contextlib.nullcontext()
         with new_folders:  # a run that fails to start leaves no empty run folder behind
-            self._claim_run_folder()  # before data and model are built: an unusable or busy folder fails at once
+            if self.env.is_main:  # before data and model are built: an unusable or busy folder fails at once
+                claim_run_folder(self.run_dir, self.log)
             self.data = data or build_data(cfg)
             self.cfg = self._settle_classes(cfg, checkpoint, resume)
             self._verified_epoch = None  # epoch of the checkpoint on disk whose weights this run checked finite
@@ -88,17 +88,6 @@ class Trainer:
         self.stop_signal = None        # set when a signal stopped fit() before its last epoch
 
     # -- build steps --------------------------------------------------------------------------------
-
-    def _claim_run_folder(self) -> None:
-        """Create the run folder and, while holding its lock (no live run writes there), remove stale temp files."""
-        if not self.env.is_main:
-            return
-        prepare_output_folder(self.run_dir, "output")
-        with run_folder_lock(self.run_dir):
-            stale = remove_stale_temp_files(self.run_dir, RUN_FILES)
-        if stale:
-            self.log(f"removed {len(stale)} temporary file(s) that a run killed while saving left in "
-                     f"{self.run_dir}: {', '.join(p.name for p in stale)}")
 
     def _settle_classes(self, cfg: TrainConfig, checkpoint: dict | None, resume) -> TrainConfig:
         """num_classes from the data (or checked against it), and a resumed run's labels and settings checked."""
@@ -191,7 +180,7 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = run_folder_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext()  # one writer
-        with lock, stop_requests(self._request_stop), self._peer_failures_explained():
+        with lock, stop_requests(self._request_stop), peer_failures_explained(self.env, self._after_a_peer_stopped):
             while self.epoch < last:
                 try:
                     self._train_epoch()
@@ -210,23 +199,6 @@ class Trainer:
                     self.log(f"stopped after epoch {self.epoch}; continue with: --resume {self.checkpoint_path}")
                     break
         return self.history
-
-    @contextlib.contextmanager
-    def _peer_failures_explained(self):
-        """Under torchrun, a process that dies breaks the others' next collective with gloo's or NCCL's traceback:
-        say instead that another process stopped and where the run can continue from."""
-        try:
-            yield
-        except RuntimeError as err:
-            if not (self.env.distributed and is_collective_failure(err)) or isinstance(err, PeerStopped):
-                raise
-            cause = " ".join(str(err).split())[:200]
-            resume = (f"the last checkpoint, {self.checkpoint_path} (epoch {self._verified_epoch}), is intact: once "
-                      f"the cause is fixed, continue with --resume {self.checkpoint_path}"
-                      if self._verified_epoch is not None else "no checkpoint was written yet: train again once the "
-                      "cause is fixed")
-            raise PeerStopped(f"another process of this run stopped, so process {self.env.rank} cannot go on "
-                              f"({cause}); that process's own output says why. {resume}") from None
 
     def _train_epoch(self) -> None:
         cfg, env = self.cfg, self.env
@@ -344,6 +316,10 @@ class Trainer:
     def _non_finite_weights_message(self, what: str) -> str:
         return (f"{what} after step {self.step} (epoch {self.epoch}); stopped without saving a checkpoint; "
                 f"{self._checkpoint_on_disk()}. {self._advice()}")
+
+    def _after_a_peer_stopped(self) -> str:
+        resume = f"; once the cause is fixed, continue with --resume {self.checkpoint_path}"
+        return self._checkpoint_on_disk() + (resume if self._verified_epoch is not None else "")
 
     def _checkpoint_on_disk(self) -> str:
         """Only a checkpoint whose weights this run checked (written or resumed from) is called good."""
