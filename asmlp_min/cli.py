@@ -184,124 +184,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- predict
-
-def _predict(args: argparse.Namespace) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-
-    from .checkpoint import atomic_write
-    from .data.datasets import load_image
-    from .engine import predict, prepare_output_folder, strict_json
-    from .viz import draw_scenes, save_figure
-    if args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    if not 0.0 <= args.score_threshold <= 1.0:  # nan fails both comparisons: it would hide every box
-        raise ValueError(f"--score-threshold must be a number in [0, 1], got {args.score_threshold}")
-    images = _image_files(args.images)
-    json_path = _writable_file(args.json, "json", "predictions.json") if args.json else None
-    output = prepare_output_folder(args.output, "output")
-    model, cfg, checkpoint = _load_for(args)
-    classes = list(checkpoint["classes"])
-    destinations = _output_names(images, output, cfg.task)
-    masks = [d.with_name(d.stem + "_mask.png") if cfg.task == "seg" else None for d in destinations]
-    folders = [str(d) for d in destinations + masks if d is not None and d.is_dir()]
-    if folders:  # found before any image is drawn, not after some
-        raise ValueError(f"cannot write {', '.join(folders)}: a folder of that name is in the way; move it or choose "
-                         "another --output")
-    unreadable, records = [], []
-    for path, destination, mask_path in zip(images, destinations, masks):
-        try:
-            image = load_image(path, upright=True)   # as a photo viewer shows it, EXIF orientation applied
-        except ValueError as err:                    # one bad file in a folder costs only its own result
-            print(f"asmlp-min predict: warning: skipped {err}", file=sys.stderr)
-            unreadable.append(path)
-            records.append({"image": str(path), "error": str(err)})
-            continue
-        result = predict(model, cfg, image)
-        if cfg.task == "cls":
-            top = result.topk(min(args.topk, len(classes)))
-            found = [{"class": classes[i], "probability": p} for p, i in zip(top.values.tolist(), top.indices.tolist())]
-            lines = [f"{f['class']} {f['probability']:.3f}" for f in found]
-            fig = draw_scenes([image], [int(top.indices[0])], classes, ncols=1, panel_size=4)
-            fig.axes[0].set_title("\n".join(lines), fontsize=9)
-            record = {"top": found}
-        elif cfg.task == "det":
-            keep = result["scores"] >= args.score_threshold
-            result = {k: v[keep] for k, v in result.items()}
-            found = [{"class": classes[label - 1] if 1 <= label <= len(classes) else label, "score": score,
-                      "box_xyxy": box} for box, score, label in
-                     zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist())]
-            lines = [f"{f['class']} {f['score']:.3f} box xyxy {[round(v, 1) for v in f['box_xyxy']]}" for f in found]
-            fig = draw_scenes([image], [result], classes, ncols=1, panel_size=4)
-            record = {"detections": found}
-        else:
-            shown = classes[1:] if classes and classes[0] == "background" else classes
-            counts = result.flatten().bincount(minlength=len(classes))
-            share = {classes[c]: n / result.numel() for c, n in enumerate(counts.tolist()) if n}
-            lines = [f"{name} {value:.1%} of pixels" for name, value in share.items()]
-            fig = draw_scenes([image], [result], shown, ncols=1, panel_size=4)
-            _save_class_mask(result, mask_path)
-            record = {"pixel_share": share, "mask": str(mask_path)}
-        replaced = " (replaced an older file)" if destination.exists() else ""
-        save_figure(fig, destination)
-        print(f"{path}: " + ("; ".join(lines) if lines else "nothing above the score threshold")
-              + f" -> {destination}{replaced}" + (f" and its class ids {mask_path}" if mask_path else ""))
-        records.append({"image": str(path), "picture": str(destination), **record})
-    if json_path is not None:
-        with atomic_write(json_path, "w") as f:
-            f.write(strict_json(records, indent=1) + "\n")
-    if len(unreadable) == len(images):
-        raise ValueError(f"none of the {len(images)} image(s) could be read (see the warnings above)")
-    if unreadable:
-        print(f"asmlp-min predict: {len(unreadable)} of {len(images)} images could not be read: "
-              + ", ".join(map(str, unreadable)), file=sys.stderr)
-        return 2
-    return 0
-
-
-def _save_class_mask(mask, path: Path) -> None:
-    """The (h, w) class map as a grayscale PNG of class ids (8-bit, 16-bit past 255 classes), written atomically."""
-    import numpy as np
-    from PIL import Image
-
-    from .checkpoint import atomic_write
-    values = mask.numpy()
-    pixels = Image.fromarray(values.astype(np.uint8 if values.max() < 256 else np.uint16))
-    with atomic_write(path) as f:
-        pixels.save(f, format="PNG")
-
-
-def _image_files(paths: list[str]) -> list[Path]:
-    """The files given, with a folder standing for the images directly in it (sorted by name)."""
-    from .data.datasets import IMAGE_EXTENSIONS
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not found:
-                raise FileNotFoundError(f"folder {str(path)!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    return files
-
-
-def _output_names(images: list[Path], output: Path, task: str) -> list[Path]:
-    """``<name>_<task>.png`` per image, numbered ``<name>_2_<task>.png``, ... where names repeat (a/x.jpg, b/x.png),
-    so that no result of this call overwrites another."""
-    names = []
-    for image in images:
-        name, n = f"{image.stem}_{task}.png", 1
-        while name in names:
-            n += 1
-            name = f"{image.stem}_{n}_{task}.png"
-        names.append(name)
-    return [output / name for name in names]
-
-
 # ---------------------------------------------------------------- info, demo, bench
 
 def _info(args: argparse.Namespace) -> int:
@@ -365,27 +247,6 @@ def _add_evaluate_parser(sub) -> None:
     ev.set_defaults(func=_evaluate)
 
 
-def _add_predict_parser(sub) -> None:
-    pr = sub.add_parser("predict", help="run a checkpoint on images: top-k classes, boxes or a mask overlay PNG",
-                        description="For each image, print the prediction and write OUTPUT/<name>_<task>.png: the "
-                                    "top-k classes as the title (cls), boxes with labels and scores (det), or the "
-                                    "class mask blended over the image (seg), which also writes the class ids as "
-                                    "<name>_seg_mask.png (8-bit grayscale, the image's size). Images of the same "
-                                    "name get "
-                                    "<name>_2_<task>.png, ...; a file left by an earlier call is replaced, and the "
-                                    "output line says so. Photos are turned upright as their EXIF orientation says. "
-                                    "An unreadable image is skipped with a warning and the others go on (exit "
-                                    "status 2 if any was skipped).")
-    pr.add_argument("images", nargs="+", help="image files (png, jpg, ...) or folders (every image directly in them)")
-    pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
-    pr.add_argument("--output", default="runs/predict", help="folder for the PNGs (default: runs/predict)")
-    pr.add_argument("--topk", type=int, default=5, help="cls: classes to list (default: 5)")
-    pr.add_argument("--score-threshold", type=float, default=0.3, help="det: hide boxes scored below (default: 0.3)")
-    pr.add_argument("--json", help="also write every image's result to this JSON file (top-k classes, boxes with "
-                                   "scores, or pixel shares; unreadable images with their error)")
-    pr.set_defaults(func=_predict)
-
-
 def _add_info_parser(sub) -> None:
     info = sub.add_parser("info", help="parameters, GMACs and per-stage shapes beside the paper's numbers",
                           description="Print parameters, GMACs (measured and analytic) and stage shapes of a "
@@ -399,14 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asmlp-min", description="AS-MLP: models, training and benchmarks.",
                                      epilog="Run 'asmlp-min COMMAND --help' for the flags of a command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo_parser, _add_train_parser, _add_evaluate_parser, _add_predict_parser, _add_info_parser):
-        add(sub)
-
-    from .export import add_export_parser
-    add_export_parser(sub)
-
     from .bench import add_bench_parser
-    add_bench_parser(sub)
+    from .export import add_export_parser
+    from .predict import add_predict_parser
+    for add in (_add_demo_parser, _add_train_parser, _add_evaluate_parser, add_predict_parser, _add_info_parser,
+                add_export_parser, add_bench_parser):
+        add(sub)
     return parser
 
 
