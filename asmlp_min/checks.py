@@ -9,9 +9,14 @@ import math
 import numbers
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON's ``true`` loads as a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_count(value) -> bool:
     """An int >= 1 that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def is_finite_number(value) -> bool:

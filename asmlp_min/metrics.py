@@ -26,7 +26,8 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from .checks import is_finite_number
-from .data.datasets import coco_index, mask_to_rle, polygons_of, read_json, validate_coco
+from .data.datasets import coco_index, polygons_of, read_json, validate_coco
+from .data.rle import mask_to_rle
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 

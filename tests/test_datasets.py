@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
@@ -16,6 +17,7 @@ from torchvision.transforms import v2
 
 from asmlp_min.data.datasets import (ADE20KSegmentation, CocoDetection, ImageFolderClassification,
                                      detection_collate, load_coco)
+from asmlp_min.data.rle import run_lengths
 from asmlp_min.data.shapes import CLASSES, ShapesDetection, export_shapes, make_scene, scene_rng
 from asmlp_min.data.transforms import (IMAGENET_MEAN, classification_transforms, detection_transforms,
                                        eval_resize_size, segmentation_transforms)
@@ -196,6 +198,10 @@ def test_coco_ground_truth_always_has_info(tmp_path):
     ({"annotations": [{"segmentation": [1, 1, 4, 1, 4, 4]}]}, "'segmentation' must be a list of polygons"),
     ({"annotations": [{"segmentation": {"counts": "abc"}}]}, "'segmentation' must be .* RLE dict"),
     ({"annotations": [{"segmentation": "abc"}]}, "'segmentation' must be"),
+    ({"annotations": [{"segmentation": {"counts": [0, 60], "size": [8, 8]}}]}, r"runs of 60 pixels .* 8x8 has 64"),
+    ({"annotations": [{"segmentation": {"counts": [0, 66], "size": [8, 8]}}]}, r"runs of 66 pixels .* 8x8 has 64"),
+    ({"annotations": [{"segmentation": {"counts": [10, -2, 56], "size": [8, 8]}}]}, r"smallest run -2"),
+    ({"annotations": [{"segmentation": {"counts": [0, 64.0], "size": [8, 8]}}]}, r"'counts' must be a list of ints"),
 ])
 def test_malformed_coco_names_file_and_field(tmp_path, changes, field):
     path = _coco(tmp_path, **changes)
@@ -209,6 +215,22 @@ def test_valid_segmentations_pass(tmp_path):
     coco = load_coco(_coco(tmp_path, annotations=[{"id": 1, "segmentation": polygon},
                                                   {"id": 2, "segmentation": rle}]))
     assert coco.annToMask(coco.anns[1]).sum() > 0 and coco.annToMask(coco.anns[2]).sum() == 64
+
+
+def test_compressed_runs_are_read_as_pycocotools_writes_them():
+    """The oracle: pycocotools compresses a list of runs we choose (signs, multi-character and delta-coded runs)."""
+    for runs in ([0, 64], [5, 3, 56], [1, 40, 2, 1000, 17, 3, 0, 1, 33]):
+        compressed = mask_utils.frPyObjects({"counts": runs, "size": [1, sum(runs)]}, 1, sum(runs))["counts"]
+        assert run_lengths(compressed) == run_lengths(compressed.decode()) == runs
+    assert run_lengths("52") == [5, 2]                           # by hand: '5' = 53 - 48 = 5, '2' = 2
+
+
+def test_compressed_rle_of_too_few_pixels_is_refused_when_read_not_decoded_from_stray_memory(tmp_path):
+    short = mask_utils.frPyObjects({"counts": [10, 20], "size": [8, 8]}, 8, 8)["counts"].decode()
+    path = _coco(tmp_path, annotations=[{"id": 5, "segmentation": {"counts": short, "size": [8, 8]}}])
+    _write_png(tmp_path / "x.png", np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match=r"instances_bad.json: annotation id=5 RLE 'counts' are runs of 30 pixels"):
+        CocoDetection(tmp_path, path)[0]
 
 
 def test_rle_of_another_size_than_its_image_names_file_annotation_and_image(tmp_path):

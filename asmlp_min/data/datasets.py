@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
@@ -36,7 +35,8 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
-from ..checks import is_finite_number
+from ..checks import is_finite_number, is_int
+from .rle import annotation_mask, check_runs, mask_to_rle
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 to_float_image = v2.ToDtype(torch.float32, scale=True)    # images only; targets pass through untouched
@@ -114,7 +114,8 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
     Raises ValueError naming ``source`` and the field for: a missing ``images``/``categories`` list, an empty
     ``categories``, a category without ``name`` or with ``id`` < 1, image or annotation ids that are not unique
     ints, an annotation field that breaks ``ANNOTATION_RULES``, ``segmentation`` neither polygons (``[]``: box
-    only) nor RLE, an RLE ``size`` other than its image's ``height``/``width``, and an image without ``file_name``
+    only) nor RLE, an RLE ``size`` other than its image's ``height``/``width``, a list of RLE runs that does not
+    cover that size (``rle.check_runs``; compressed strings are checked when decoded), an image without ``file_name``
     (``require_file_name``, for datasets that read the pixels) or without ``height``/``width``
     (``require_size``, for evaluating masks). No annotations at all warns that AP will be -1. Missing ``iscrowd``
     defaults to 0, missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and
@@ -131,7 +132,7 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
         where = f"{source}: images[{i}] (id={image['id']})"
         if require_file_name and not isinstance(image.get("file_name"), str):
             raise ValueError(f"{where} needs a 'file_name' string (the image file)")
-        if require_size and not all(_is_int(image.get(key)) and image[key] >= 1 for key in ("height", "width")):
+        if require_size and not all(is_int(image.get(key)) and image[key] >= 1 for key in ("height", "width")):
             raise ValueError(f"{where} needs 'height' and 'width' (ints >= 1) to evaluate masks, the size they are "
                              f"compared at; got {image.get('height')!r} x {image.get('width')!r}")
     category_ids = _unique_ids(dataset["categories"], "categories", source)
@@ -150,12 +151,12 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
 # What each annotation field must be: (field, value when absent, test, requirement). COCOeval reads an
 # annotation id of 0 as "unmatched", and would silently score a NaN box or a label that is no category.
 ANNOTATION_RULES = (
-    ("id", None, lambda v, ctx: _is_int(v) and v >= 1, ">= 1: COCOeval uses 0 to mean 'unmatched'"),
-    ("image_id", None, lambda v, ctx: _is_int(v) and v in ctx["images"], "an int, the id of an entry in 'images'"),
-    ("category_id", None, lambda v, ctx: _is_int(v) and v in ctx["categories"], "the id of an entry in 'categories'"),
+    ("id", None, lambda v, ctx: is_int(v) and v >= 1, ">= 1: COCOeval uses 0 to mean 'unmatched'"),
+    ("image_id", None, lambda v, ctx: is_int(v) and v in ctx["images"], "an int, the id of an entry in 'images'"),
+    ("category_id", None, lambda v, ctx: is_int(v) and v in ctx["categories"], "the id of an entry in 'categories'"),
     ("bbox", None, lambda v, ctx: isinstance(v, list) and len(v) == 4 and all(map(is_finite_number, v)),
      "[x, y, width, height] finite numbers"),
-    ("iscrowd", 0, lambda v, ctx: _is_int(v) and v in (0, 1), "0 or 1"),
+    ("iscrowd", 0, lambda v, ctx: is_int(v) and v in (0, 1), "0 or 1"),
     ("area", 0, lambda v, ctx: is_finite_number(v) and v >= 0, "a finite number >= 0 (pixels)"),
 )
 
@@ -176,10 +177,6 @@ def _checked_annotations(annotations: list, images: dict, category_ids: set, sou
     return checked
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)   # JSON true is a bool, and bool is an int
-
-
 def _check_segmentation(segmentation, image: dict, where: str) -> None:
     """A list of polygons (``[]``: no mask, as box-only exports write it) or an RLE dict as large as its image.
     Coordinates are not checked one by one (COCO has millions). The RLE ``size`` [height, width] is compared when
@@ -193,6 +190,8 @@ def _check_segmentation(segmentation, image: dict, where: str) -> None:
     if None not in expected and not (isinstance(size, (list, tuple)) and list(size) == expected):
         raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but image "
                          f"id={image['id']} ({image.get('file_name')}) is {expected[0]}x{expected[1]}")
+    if isinstance(segmentation["counts"], list):       # a sum per mask; strings are checked when decoded
+        check_runs(segmentation, f"{where} field 'segmentation':")
 
 
 def polygons_of(segmentation: list) -> list:
@@ -205,7 +204,7 @@ def _unique_ids(entries: list, field: str, source: str) -> set:
     ids = set()
     for i, entry in enumerate(entries):
         value = entry.get("id") if isinstance(entry, dict) else None
-        if not _is_int(value) or value in ids:
+        if not is_int(value) or value in ids:
             raise ValueError(f"{source}: {field}[{i}] field 'id' must be an int and no duplicate, got {value!r}")
         ids.add(value)
     return ids
@@ -218,12 +217,6 @@ def coco_index(dataset: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def mask_to_rle(mask) -> dict:
-    """(h, w) bool/uint8 mask -> compressed COCO RLE with a JSON-ready ``counts`` string."""
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask).astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def read_json(path: str | os.PathLike):
@@ -265,18 +258,6 @@ def training_annotations(coco: COCO, source: str) -> dict[int, list[dict]]:
         warnings.warn(f"{source}: dropped polygons of fewer than 3 points from {short_polygons} annotation(s); "
                       "those left with no polygon were skipped (for training; evaluation keeps them)", stacklevel=3)
     return kept
-
-
-def _annotation_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
-    """(h', w') uint8 mask of polygons or an RLE, as ``COCO.annToMask`` but at the size of the decoded image, which
-    the JSON need not give; an RLE is decoded at its own ``size`` (h', w')."""
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):       # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    return mask_utils.decode(rle)
 
 
 class CocoDetection(Dataset):
@@ -326,7 +307,8 @@ class CocoDetection(Dataset):
         if all(a.get("segmentation") for a in anns):
             with warnings.catch_warnings():              # pycocotools' decode trips a numpy 2 DeprecationWarning
                 warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-                masks = [_annotation_mask(a["segmentation"], h, w) for a in anns]
+                masks = [annotation_mask(a["segmentation"], h, w, f"{self.ann_file}: annotation id={a['id']}")
+                         for a in anns]
             wrong = next((a for a, mask in zip(anns, masks) if mask.shape != (h, w)), None)
             if wrong is not None:  # validate_coco compares RLE sizes only with a JSON 'height'/'width'
                 raise ValueError(f"{path}: annotation id={wrong['id']} is an RLE of 'size' "

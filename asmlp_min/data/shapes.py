@@ -41,7 +41,8 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
 from ..checkpoint import atomic_write
-from .datasets import detection_target, mask_to_rle, to_float_image
+from .datasets import detection_target, to_float_image
+from .rle import mask_to_rle
 
 CLASSES = ("circle", "square", "triangle")
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
