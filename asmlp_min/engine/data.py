@@ -19,7 +19,7 @@ from .config import TrainConfig
 class DataError(ValueError):
     """A sample could not be read or transformed (a truncated image, a mask value out of range); the message is the
     reader's, which names the file."""
-    fix = "once the file is replaced by a readable one, "  # the advice before "continue with --resume ..."
+    fix = "once the file it names is fixed or replaced, "  # the advice before "continue with --resume ..."
 
 
 class WorkerDied(DataError):
