@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -477,3 +478,37 @@ def test_upright_applies_the_exif_orientation_and_datasets_keep_the_stored_pixel
     upright = load_image(tmp_path / "phone.jpg", upright=True)
     assert upright.shape == (3, 40, 20)
     assert upright[0, :8, -8:].float().mean() > 200 and upright[0, :8, :8].float().mean() < 50
+
+
+def test_classification_folders_turn_photos_upright_as_predict_does(tmp_path):
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:8, :8] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # shown 40 x 20, the block at the top right
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(stored).save(tmp_path / "cat" / "phone.jpg", exif=exif, quality=95)
+    image, _ = ImageFolderClassification(tmp_path)[0]
+    assert image.shape == (3, 40, 20) and image[0, :8, -8:].mean() > 0.8
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """Jupyter leaves .ipynb_checkpoints beside and inside class folders; macOS leaves ._ files."""
+    for path in ("cat/a.png", "dog/b.png", ".ipynb_checkpoints/a.png", "cat/.ipynb_checkpoints/a.png", "dog/._b.png"):
+        _write_png(tmp_path / path, np.zeros((4, 4, 3)))
+    dataset = ImageFolderClassification(tmp_path)
+    assert dataset.classes == ["cat", "dog"]
+    assert sorted(str(Path(p).relative_to(tmp_path)) for p, _ in dataset.samples) == ["cat/a.png", "dog/b.png"]
+    for name in ("cat", "dog"):
+        (tmp_path / name / "a.png").unlink(missing_ok=True)
+        (tmp_path / name / "b.png").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no images"):       # only hidden files left: nothing to train on
+        ImageFolderClassification(tmp_path)
+
+
+def test_ade20k_classes_are_named_and_other_layouts_by_their_id_in_the_masks(tmp_path):
+    root = _ade_tree(tmp_path, [[0, 1, 2, 150]] * 4)
+    ade = ADE20KSegmentation(root)
+    assert len(ade.classes) == 150 and ade.classes[:3] == ["wall", "building", "sky"] and ade.classes[-1] == "flag"
+    assert ade[0][1][0].tolist() == [255, 0, 1, 149]           # mask id 1 (wall) is index 0, named "wall"
+    assert ADE20KSegmentation(root, num_classes=151, reduce_zero_label=True).classes[:2] == ["1", "2"]
+    assert ADE20KSegmentation(root, num_classes=151, reduce_zero_label=False).classes[:2] == ["0", "1"]

@@ -23,6 +23,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 from ..checks import is_finite_number, is_int
+from . import ade20k
 from .rle import annotation_mask, check_runs, mask_to_rle
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -46,8 +48,9 @@ def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Ima
     """(3, h, w) uint8 RGB. Decodes fully now, so a truncated file fails here with its name, not in a worker.
 
     ``upright``: turn the pixels as the file's EXIF Orientation tag says, as a photo viewer shows them (phone
-    photos are often stored sideways). Off for datasets, whose boxes and masks are drawn on the stored pixels
-    (torchvision and pycocotools read them so too); on for ``predict`` on a user's own photos."""
+    photos are often stored sideways). Off for detection and segmentation datasets, whose boxes and masks are drawn
+    on the stored pixels (torchvision and pycocotools read them so too); on for classification folders and for
+    ``predict`` on a user's own photos."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -96,15 +99,29 @@ def detection_collate(batch: list[tuple]) -> tuple[list, list]:
 # ---------------------------------------------------------------- classification
 
 class ImageFolderClassification(tv_datasets.ImageFolder):
-    """ImageNet-style tree ``root/<class name>/<image>``; labels are indices of the sorted class names."""
+    """ImageNet-style tree ``root/<class name>/<image>``; labels are indices of the sorted class names.
+
+    Unlike torchvision's ImageFolder, hidden folders and files (a name starting with "."), such as Jupyter's
+    ``.ipynb_checkpoints`` copies or macOS's ``._`` files, are left out, as ``ls`` leaves them out: torchvision
+    would make ``.ipynb_checkpoints`` a class. Photos are turned upright as their EXIF orientation says, as
+    ``predict`` shows them: a class has no boxes drawn on the stored pixels."""
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
         try:
-            super().__init__(str(root), transform=transform or to_float_image, loader=load_image,
-                             is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+            super().__init__(str(root), transform=transform or to_float_image, loader=partial(load_image, upright=True),
+                             is_valid_file=self._is_image)
         except OSError as err:          # torchvision's wording for a missing folder, a file, or an empty tree
             raise ValueError(f"{root}: no images found ({err}); expected root/<class name>/<image>.jpg") from err
 
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def _is_image(self, path: str) -> bool:
+        inside = Path(os.path.relpath(path, self.root)).parts
+        return path.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in inside)
 
 # ---------------------------------------------------------------- COCO detection / instance segmentation
 
@@ -347,6 +364,13 @@ class ADE20KSegmentation(Dataset):
         if missing:
             raise ValueError(f"{len(missing)} image(s) have no mask, e.g. {missing[0]}")
         self.transform = transform or to_float_image
+
+    @property
+    def classes(self) -> list[str]:
+        """Name of each class index: ADE20K's own for its 150 classes, else the class's id in the mask files."""
+        if self.reduce_zero_label and self.num_classes == len(ade20k.CLASSES):
+            return list(ade20k.CLASSES)
+        return [str(k + self.reduce_zero_label) for k in range(self.num_classes)]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -197,7 +197,7 @@ def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
     val = ADE20KSegmentation(root, val_split, transform=val_tf, **kwargs)
     train = ADE20KSegmentation(root, "training" if ade20k else "train", transform=train_tf, **kwargs) \
         if with_train else None
-    return TaskData(train, val, num_classes, [str(i) for i in range(num_classes)])
+    return TaskData(train, val, num_classes, val.classes)
 
 
 def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, device: torch.device) -> DataLoader:
