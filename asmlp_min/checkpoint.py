@@ -46,8 +46,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: refused to unpickle: corrupt, or holds objects other than tensors (a tampered "
                               f"file may run code; it was NOT executed). Details: {_refusal_detail(err)}") from None
     except Exception as err:  # torch.load fails in many ways on damaged bytes (EOFError, IndexError, ...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): "
-                              f"{_refusal_detail(err)}") from None
+        raise CheckpointError(f"{path}: not a file torch.save wrote, or a corrupt or truncated one (torch.load: "
+                              f"{type(err).__name__} {_refusal_detail(err)}); check the path, or copy the file "
+                              "again") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict (a state dict or {{'model': ...}}), got {type(obj).__name__}")
     return obj

@@ -136,11 +136,14 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path):
     garbage.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.pth"):
         load_checkpoint(garbage)
+    garbage.write_bytes(b"hello\n")                  # torch.load: KeyError(101), the byte 'e' read as an opcode
+    with pytest.raises(CheckpointError, match=r"garbage.pth: not a file torch.save wrote, .*torch.load: KeyError 101"):
+        load_checkpoint(garbage)
     good = tmp_path / "good.pth"
     torch.save({"model": tiny().state_dict()}, good)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="a corrupt or truncated one"):
         load_official_checkpoint(tiny(), truncated)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pth")

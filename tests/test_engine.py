@@ -327,7 +327,7 @@ def test_resume_errors_say_what_is_wrong(tmp_path):
         Trainer(tiny(tmp_path), resume=tmp_path / "nope.pt", log=quiet)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="a corrupt or truncated one"):
         Trainer(tiny(tmp_path), resume=corrupt, log=quiet)
     foreign = tmp_path / "weights.pt"
     torch.save({"model": load_checkpoint(good)["model"]}, foreign)
@@ -720,6 +720,7 @@ def test_metrics_jsonl_is_strict_json_with_null_for_nan(tmp_path):
     (dict(image_size=1), "cls: image_size must be >= 4, got 1: the model cuts the image into 4x4 patches"),
     (dict(task="seg", crop_size=3, mixup=0.0, cutmix=0.0), "seg: crop_size must be >= 4"),
     (dict(warmup_epochs=float("nan")), "warmup_epochs must be a finite number, got nan"),
+    (dict(epochs=2, warmup_epochs=2.5), "warmup_epochs must be at most epochs=2, got 2.5: the lr would still be"),
     (dict(mixup=float("nan")), "mixup must be a finite number"),
     (dict(cutmix=float("inf")), "cutmix must be a finite number"),
     (dict(workers=-1), "workers must be >= 0"),
