@@ -30,8 +30,11 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def count_gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
-    """Measured GMACs of one forward pass at ``input_size`` (c, h, w): FlopCounterMode FLOPs / 2 / 1e9."""
+def count_gmacs(model: nn.Module, input_size: int | tuple[int, int, int] = (3, 224, 224)) -> float:
+    """Measured GMACs of one forward pass at ``input_size`` (c, h, w), or an int s for (3, s, s): FlopCounterMode
+    FLOPs / 2 / 1e9."""
+    if isinstance(input_size, int):
+        input_size = (3, input_size, input_size)
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
     was_training = model.training

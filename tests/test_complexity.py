@@ -16,6 +16,11 @@ def test_measured_gmacs_within_one_percent_of_paper(name):
     assert abs(gmacs - OFFICIAL[name]) / OFFICIAL[name] < 0.01
 
 
+def test_an_int_image_size_is_a_square_rgb_input():
+    model = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1))
+    assert count_gmacs(model, 64) == count_gmacs(model, (3, 64, 64)) < count_gmacs(model, (3, 64, 96))
+
+
 @pytest.mark.parametrize("name,want", [("asmlp_tiny", 4.359), ("asmlp_small", 8.525), ("asmlp_base", 15.143)])
 def test_analytic_formula_reproduces_official_flops_method(name, want):
     assert round(analytic_gmacs(name), 3) == want
