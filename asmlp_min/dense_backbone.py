@@ -20,9 +20,11 @@ def build_backbone(name: str, out_indices: Sequence[int] | slice | None, pretrai
                    frozen_stages: int = -1, **backbone_kwargs) -> tuple[ASMLP, LoadReport | None]:
     """A ``features_only`` AS-MLP with ``out_indices`` (None: every stage), its weights loaded and its first stages
     frozen."""
-    if name not in MODEL_CONFIGS or {"features_only", "num_classes"} & set(backbone_kwargs):
-        raise ValueError(f"unknown backbone {name!r} (choose from {sorted(MODEL_CONFIGS)}), or features_only / "
-                         f"num_classes in backbone_kwargs {sorted(backbone_kwargs)}: those belong to the model")
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown backbone {name!r}: choose from {sorted(MODEL_CONFIGS)}")
+    if {"features_only", "num_classes"} & set(backbone_kwargs):
+        raise ValueError(f"backbone_kwargs {sorted(backbone_kwargs)}: features_only and num_classes are set by the "
+                         "detector or segmenter itself; leave them out")
     backbone = create_model(name, features_only=True, out_indices=out_indices, **backbone_kwargs)
     if not -1 <= frozen_stages <= len(backbone.layers):
         raise ValueError(f"frozen_stages must be in [-1, {len(backbone.layers)}], got {frozen_stages}: "

@@ -223,8 +223,10 @@ def test_checkpoint_with_fewer_blocks_is_refused():
 
 
 def test_bad_arguments_are_rejected_early():
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet50': choose from \['asmlp_base'"):
         SemanticSegmenter("resnet50", num_classes=3)
+    with pytest.raises(ValueError, match="features_only and num_classes are set by the detector or segmenter"):
+        SemanticSegmenter("asmlp_tiny", num_classes=3, features_only=False)
     with pytest.raises(ValueError, match="inference"):
         tiny(inference="tiles")
     model = tiny()
