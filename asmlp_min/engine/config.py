@@ -174,8 +174,8 @@ class TrainConfig:
         if cfg.stop_at_epoch is not None and cfg.stop_at_epoch > cfg.epochs:
             raise ValueError(f"stop_at_epoch must be in [1, epochs={cfg.epochs}], got {cfg.stop_at_epoch}")
         if cfg.warmup_epochs > cfg.epochs:
-            raise ValueError(f"warmup_epochs must be at most epochs={cfg.epochs}, got {cfg.warmup_epochs}: the lr would "
-                             "still be warming up when training ends, never reaching --lr")
+            raise ValueError(f"warmup_epochs must be at most epochs={cfg.epochs}, got {cfg.warmup_epochs}: the lr "
+                             "would still be warming up when training ends, never reaching --lr")
         return cfg
 
     def _defaults(self) -> dict:
