@@ -123,6 +123,7 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
         inside = Path(os.path.relpath(path, self.root)).parts
         return path.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in inside)
 
+
 # ---------------------------------------------------------------- COCO detection / instance segmentation
 
 def validate_coco(dataset: dict, source: str, require_file_name: bool = False, require_size: bool = False) -> dict:
