@@ -883,3 +883,14 @@ def test_resume_refuses_a_new_learning_rate_schedule_and_leaves_the_checkpoint(t
     assert sha256(path) == before
     Trainer(tiny(tmp_path, lr=1e-3, warmup_epochs=0.5), resume=path, log=quiet).fit()   # the same values resume
     assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_an_ade20k_run_saved_before_its_classes_had_names_still_fits_ade20k():
+    from asmlp_min.data import ade20k
+    from asmlp_min.engine.runs import _check_classes
+    before = {"classes": [str(k) for k in range(150)]}              # how such checkpoints named the classes
+    _check_classes(before, list(ade20k.CLASSES), "old.pt")           # accepted: the same 150 labels
+    with pytest.raises(ValueError, match="only in the checkpoint: 0, 1, 2"):
+        _check_classes(before, [f"class {k}" for k in range(150)], "old.pt")   # any other 150 names: refused
+    with pytest.raises(ValueError, match="only in the checkpoint: 2; only in the data: wall"):
+        _check_classes({"classes": ["0", "1", "2"]}, ["0", "1", "wall"], "old.pt")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import (CheckpointError, atomic_write, compare_state_dicts, load_checkpoint, non_finite_keys,
                           remove_stale_temp_files, shown_keys)
+from ..data import ade20k
 from .config import SIZE_FIELDS, TrainConfig
 from .data import TaskData
 from .tasks import build_model
@@ -239,10 +240,14 @@ def _check_weights(model: nn.Module, checkpoint: dict, cfg: TrainConfig, path) -
                              "diverged before this file was written")
 
 
+# Segmentation runs on ADE20K saved their classes as "0".."149" before they were named; those still fit ADE20K.
+_ADE20K_BEFORE_NAMES = [str(k) for k in range(150)]
+
+
 def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
     """The data must have the checkpoint's class names in its order: a label index means one class."""
     saved = list(checkpoint["classes"])
-    if saved == list(classes):
+    if saved == list(classes) or (saved == _ADE20K_BEFORE_NAMES and list(classes) == list(ade20k.CLASSES)):
         return
     only_saved = [c for c in saved if c not in classes]
     only_data = [c for c in classes if c not in saved]
