@@ -118,7 +118,7 @@ def _model_of_a_run(args: argparse.Namespace, checkpoint: dict) -> tuple[nn.Modu
     if given:
         raise ValueError(f"{args.weights} is a training run's checkpoint, which sets the architecture itself: "
                          f"leave out {', '.join(given)}")
-    net, cfg, _ = load_trained(args.weights)   # reads the file again, with the checks evaluate and predict make
+    net, cfg, _ = load_trained(args.weights, loaded=checkpoint)   # the checks evaluate and predict make
     if cfg.task != "cls" and not args.features_only:
         raise ValueError(f"{args.weights} holds a {cfg.task} model; the ONNX export covers classifiers and "
                          f"backbones: add --features-only to export its trained backbone")

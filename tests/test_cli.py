@@ -648,13 +648,18 @@ def test_export_of_a_training_run_builds_the_runs_own_architecture_with_its_weig
         exported.append(model)
         Path(path).write_bytes(b"onnx")
     monkeypatch.setattr("asmlp_min.export.export_onnx", traced)
+    reads, torch_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(path) or torch_load(path, *args,
+                                                                                                       **kwargs))
     for task, flags in (("cls", []), ("cls", ["--features-only"]), ("det", ["--features-only"]),
                         ("seg", ["--features-only"])):
         path = runs / task / "checkpoint.pt"
         saved = load_checkpoint(path)["model"]
         prefix = "" if task == "cls" else "backbone."
+        reads.clear()
         assert main(["export", f"--weights={path}", "--image-size=64", f"--output={tmp_path / task}.onnx",
                      *flags]) == 0, capsys.readouterr().err
+        assert reads == [path]                    # the run's file is read once
         state = exported[-1].state_dict()
         assert exported[-1].features_only == bool(flags) and len(state) > 10
         for key, value in state.items():          # every tensor is the run's (the stage norms of det/seg included)

@@ -71,9 +71,11 @@ def predict(model: nn.Module, cfg: TrainConfig, image: Tensor):
     return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False).argmax(1)[0].cpu()
 
 
-def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, dict]:
-    """(model in eval mode, its TrainConfig, the checkpoint) from a ``checkpoint.pt`` written by :class:`Trainer`."""
-    checkpoint = _read_engine_checkpoint(path)
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 loaded: dict | None = None) -> tuple[nn.Module, TrainConfig, dict]:
+    """(model in eval mode, its TrainConfig, the checkpoint) from a ``checkpoint.pt`` written by :class:`Trainer`;
+    ``loaded``: the file's contents, when the caller has read it already with ``load_checkpoint``."""
+    checkpoint = _read_engine_checkpoint(path, loaded=loaded)
     cfg = _saved_config(checkpoint, path)
     model = _model_for(checkpoint, cfg, path)
     return model.to(device).eval(), cfg, checkpoint

@@ -172,13 +172,14 @@ def is_run_checkpoint(checkpoint) -> bool:
     return isinstance(checkpoint, dict) and str(checkpoint.get("format", "")).startswith(_FORMAT_FAMILY)
 
 
-def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict:
+def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False, loaded: dict | None = None) -> dict:
     """A Trainer checkpoint, or an error that says what the file is and what to do.
 
     Checks what evaluate/predict need (a valid config, a classes list) and, with ``resume``, that the training
-    state is all there; the weights are checked against the model by :func:`_check_weights`.
+    state is all there; the weights are checked against the model by :func:`_check_weights`. ``loaded``: the
+    file's contents, when the caller has read it already with ``load_checkpoint``.
     """
-    checkpoint = load_checkpoint(path)  # FileNotFoundError / CheckpointError with the reason
+    checkpoint = load_checkpoint(path) if loaded is None else loaded  # FileNotFoundError / CheckpointError
     written = checkpoint.get("format")
     if is_run_checkpoint(checkpoint) and written != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was written by a newer version of asmlp_min (format {written!r}; this one reads "
