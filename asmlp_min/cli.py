@@ -108,7 +108,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         # the checkpoint's settings, except the one that only concerned the run that wrote it, and its input size
         # where another task is asked for (the resume check then names the task that differs)
-        saved = TrainConfig.from_dict(_read_engine_checkpoint(args.resume, resume=True)["config"])
+        loaded = _read_engine_checkpoint(args.resume, resume=True)   # read once, handed to the Trainer
+        saved = TrainConfig.from_dict(loaded["config"])
         other_task = overrides.get("task", saved.task) != saved.task
         sizes = dict.fromkeys(SIZE_FIELDS) if other_task else {}
         base = dataclasses.replace(saved, stop_at_epoch=None, **sizes)
@@ -121,13 +122,14 @@ def _train(args: argparse.Namespace) -> int:
                              f"{args.resume} there would overwrite it: leave --output out to continue in the "
                              "checkpoint's own folder, choose another --output, or pass --overwrite")
     else:
+        loaded = None
         task = overrides.get("task", "cls")
         base = TrainConfig(task=task, output=f"runs/{task}")
         existing = Path(overrides.get("output", base.output)) / "checkpoint.pt"
         if existing.exists() and not args.overwrite and int(os.environ.get("RANK", "0")) == 0:
             raise ValueError(f"{existing} exists: continue it with --resume {existing}, or start over with "
                              "--overwrite or another --output")
-    trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume)
+    trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume, loaded=loaded)
     with process_group_closed_at_exit():
         trainer.log(f"training {trainer.cfg.task} {trainer.cfg.model} on {trainer.cfg.data}: "
                     f"{trainer.steps_per_epoch} steps/epoch x {trainer.cfg.epochs} epochs, global batch "

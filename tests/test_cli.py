@@ -148,9 +148,13 @@ def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(runs, capsys):
     assert "exists: continue it with --resume" in capsys.readouterr().err
 
 
-def test_resume_reuses_the_checkpoint_settings(runs, tmp_path, capsys):
+def test_resume_reuses_the_checkpoint_settings_and_reads_the_checkpoint_once(runs, tmp_path, capsys, monkeypatch):
     assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
+    reads, torch_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(path) or torch_load(path, *args,
+                                                                                                       **kwargs))
     assert main(["train", "--resume", str(tmp_path / "checkpoint.pt")]) == 0   # no other flag needed
+    assert [Path(read) for read in reads] == [tmp_path / "checkpoint.pt"]     # by the flags' check, not again
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     for task in ("det", "seg"):

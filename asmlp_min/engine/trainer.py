@@ -52,13 +52,15 @@ class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs :meth:`fit`; :meth:`evaluate` for one pass.
 
     ``model`` / ``data`` may be given instead of built (tests, notebooks); the config still describes them.
-    ``resume``: a ``checkpoint.pt`` of an earlier run with the same settings, continued exactly.
+    ``resume``: a ``checkpoint.pt`` of an earlier run with the same settings, continued exactly; ``loaded``: its
+    contents, when the caller has read the file already (it can be large: it holds the optimizer state).
     """
 
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None, data: TaskData | None = None,
-                 env: DistEnv | None = None, resume: str | os.PathLike | None = None, log: Callable = print):
+                 env: DistEnv | None = None, resume: str | os.PathLike | None = None, loaded: dict | None = None,
+                 log: Callable = print):
         cfg = config.resolved()
-        checkpoint = _read_engine_checkpoint(resume, resume=True) if resume else None
+        checkpoint = _read_engine_checkpoint(resume, resume=True, loaded=loaded) if resume else None
         self.env = env or init_distributed(cfg.device)
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.output)
