@@ -73,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
     output = _writable_file(args.output or f"{name}.onnx", "output", f"{name}.onnx")
     height, width = (args.image_size * 2)[:2]  # one size: a square
     replaced = " (replaced an older file)" if output.exists() else ""
-    print(f"tracing {name} at {height}x{width} for ONNX (torch.export: this may take minutes on a CPU) ...",
+    print(f"tracing {name} at {height}x{width} for ONNX (torch.export: a minute or two on a CPU) ...",
           file=sys.stderr, flush=True)
     export_onnx(model, output, (height, width))
     if args.features_only:

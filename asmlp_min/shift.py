@@ -7,7 +7,10 @@ pixels along one axis; positions that fall off the border are dropped, vacated o
     Shift_W(z)[c, i, j] = z[c, i, j - o(c)],   o(c) = (c // ceil(C/s) - s // 2) * dilation
 
 ``axial_shift`` computes this with one pass over memory (slice copies into an empty tensor), and its
-zero-padding backward is the same shift with the offsets negated: the exact adjoint.
+zero-padding backward is the same shift with the offsets negated: the exact adjoint. Under ``torch.export`` (ONNX
+export goes through it) the same shift is written as pad -> one window per group -> cat instead: slice copies into
+a tensor export as ScatterND over index ranges, several ONNX nodes a group, which onnxscript's optimiser is slow to
+simplify; pad, slices and a concat export as the three ONNX ops of those names.
 ``reference_shift`` is the paper's Algorithm 1 (pad -> chunk -> roll -> cat -> narrow), kept as the
 oracle for tests and the baseline for ``asmlp-min bench``.
 """
@@ -87,13 +90,14 @@ class _ZeroShift(torch.autograd.Function):
 
 
 def _padded_shift(x: Tensor, shift_size: int, dim: int, dilation: int, padding: str) -> Tensor:
-    """Non-zero borders for ablations: pad the axis once with ``padding``, then take one window per group."""
+    """Pad the axis once with ``padding``, then take one window per group: other borders for ablations, and
+    zeros in a graph for torch.export."""
     reach = (shift_size // 2) * dilation
     n = x.shape[dim]
     pad = (reach, reach, 0, 0) if dim == 3 else (0, 0, reach, reach)
     if (padding == "reflect" and reach >= n) or (padding == "circular" and reach > n):
         raise ValueError(f"{padding} padding needs more than {reach} pixels along the axis, got {n}: use 'zeros'")
-    padded = F.pad(x, pad, mode=padding)
+    padded = F.pad(x, pad, mode="constant" if padding == "zeros" else padding)
     windows = [padded[:, c0:c1].narrow(dim, reach - offset, n)
                for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation)]
     return torch.cat(windows, dim=1)
@@ -109,7 +113,7 @@ def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding
     axis = _spatial_dim(x, dim)
     if x.shape[1] == 0:  # no channels, no groups to move: the empty result Algorithm 1 (reference_shift) gives
         return x.clone()
-    if padding == "zeros":
+    if padding == "zeros" and not torch.compiler.is_exporting():
         if torch.is_grad_enabled() and x.requires_grad:
             return _ZeroShift.apply(x, shift_size, axis, dilation)
         return _zero_shift(x, shift_size, axis, dilation, sign=1)  # inference: skip autograd.Function's overhead

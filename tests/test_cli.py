@@ -648,7 +648,7 @@ def test_export_of_a_training_run_builds_the_runs_own_architecture_with_its_weig
                                                                                     monkeypatch):
     exported = []
 
-    def traced(model, path, image_size):  # stands in for the ~40 s ONNX export: what would be exported
+    def traced(model, path, image_size):  # stands in for the ~10 s ONNX export: what would be exported
         exported.append(model)
         Path(path).write_bytes(b"onnx")
     monkeypatch.setattr("asmlp_min.export.export_onnx", traced)
