@@ -85,6 +85,25 @@ def test_scheduler_follows_lr_factor_per_iteration(tmp_path):
     assert seen == pytest.approx(want)
 
 
+def test_the_first_optimizer_step_is_adamw_by_hand_in_one_fused_pass(tmp_path):
+    """Step 1 of AdamW: m and v bias-corrected are g and g^2, so p <- p (1 - lr wd) - lr g / (|g| + eps)."""
+    trainer = Trainer(tiny(tmp_path, lr=1e-3, weight_decay=0.05), log=quiet)
+    optimizer = trainer.optimizer
+    assert optimizer.defaults["fused"] and all(group["fused"] for group in optimizer.param_groups)
+    torch.manual_seed(0)
+    want = []
+    for group in optimizer.param_groups:
+        lr, decay = group["lr"], group["weight_decay"]
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+            want.append(p.detach() * (1 - lr * decay) - lr * p.grad / (p.grad.abs() + 1e-8))
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.05, 0.0}
+    optimizer.step()
+    got = [p.detach() for group in optimizer.param_groups for p in group["params"]]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
 def test_no_weight_decay_on_norms_and_biases():
     model = build_model("cls", "asmlp_tiny", 3, embed_dim=8, depths=(1, 1, 1, 1))
     decay, no_decay = param_groups(model, 0.05)
