@@ -128,12 +128,14 @@ def _save_class_mask(mask: Tensor, path: Path) -> None:
 
 
 def _image_files(paths: list[str]) -> list[Path]:
-    """The files given, with a folder standing for the images directly in it (sorted by name)."""
+    """The files given, with a folder standing for the images directly in it (sorted by name). A folder's hidden
+    files are left out, as ImageFolder leaves them: macOS writes a '._x.jpg' of metadata beside each copied x.jpg."""
     from .data.datasets import IMAGE_EXTENSIONS
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {str(path)!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
             files += found

@@ -313,6 +313,7 @@ def test_predict_reads_folders_and_never_overwrites_its_own_results(runs, image,
         (tmp_path / folder).mkdir()
         shutil.copy(image, tmp_path / folder / "x.png")
     (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata of a copied x.png")  # hidden: left out
     checkpoint, out = str(runs / "cls" / "checkpoint.pt"), tmp_path / "out"
     assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
                  "--output", str(out)]) == 0
