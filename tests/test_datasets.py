@@ -86,9 +86,13 @@ def test_image_folder_reads_the_exported_tree(tmp_path):
     assert image.shape == (3, 128, 128) and image.dtype == torch.float32 and len(dataset) == 6
 
 
-def test_segmentation_folder_reads_the_exported_tree(tmp_path):
+def test_segmentation_folder_reads_the_exported_tree_and_not_its_hidden_files(tmp_path):
     root = export_shapes(tmp_path, task="seg", n=2, seed=7, split="val")
+    for folder, suffix in (("images", ".jpg"), ("annotations", ".png")):  # what a copy from a Mac adds beside each file
+        (root / folder / "val" / f"._000000{suffix}").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
     dataset = ADE20KSegmentation(root, split="val", num_classes=4, reduce_zero_label=False)
+    assert [p.name for p in dataset.images] == sorted(p.name for p in (root / "images" / "val").glob("[!.]*"))
+    assert len(dataset) == 2 and all(dataset[i][1].shape == (128, 128) for i in range(2))
     image, mask = dataset[1]
     assert torch.equal(mask, torch.from_numpy(make_scene(scene_rng(7, "val", 1)).semantic).long())
 

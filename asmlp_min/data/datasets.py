@@ -357,7 +357,7 @@ class ADE20KSegmentation(Dataset):
         image_dir, mask_dir = self.root / "images" / split, self.root / "annotations" / split
         if not image_dir.is_dir() or not mask_dir.is_dir():
             raise ValueError(f"{image_dir} or {mask_dir}: folder not found (see data/README.md)")
-        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.images = sorted(p for p in image_dir.glob("[!.]*") if p.suffix.lower() in IMAGE_EXTENSIONS)  # no ._x.jpg
         if not self.images:
             raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
         self.masks = [mask_dir / (p.stem + ".png") for p in self.images]
