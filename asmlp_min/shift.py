@@ -89,6 +89,13 @@ class _ZeroShift(torch.autograd.Function):
         return _zero_shift(grad, shift_size, dim, dilation, sign=-1), None, None, None
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing this call. ``torch.compiler.is_exporting`` is new in torch 2.6; before it the
+    export gets the slice copies, which are correct, only slow to export."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def _padded_shift(x: Tensor, shift_size: int, dim: int, dilation: int, padding: str) -> Tensor:
     """Pad the axis once with ``padding``, then take one window per group: other borders for ablations, and
     zeros in a graph for torch.export."""
@@ -113,7 +120,7 @@ def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding
     axis = _spatial_dim(x, dim)
     if x.shape[1] == 0:  # no channels, no groups to move: the empty result Algorithm 1 (reference_shift) gives
         return x.clone()
-    if padding == "zeros" and not torch.compiler.is_exporting():
+    if padding == "zeros" and not _exporting():
         if torch.is_grad_enabled() and x.requires_grad:
             return _ZeroShift.apply(x, shift_size, axis, dilation)
         return _zero_shift(x, shift_size, axis, dilation, sign=1)  # inference: skip autograd.Function's overhead

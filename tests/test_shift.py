@@ -53,6 +53,13 @@ def test_reference_shift_is_algorithm1(dims):
     assert torch.equal(reference_shift(x, 5, dims[0]), algorithm1(x, 5, dims[1]))
 
 
+def test_the_shift_runs_on_a_torch_without_is_exporting(monkeypatch):
+    """torch.compiler.is_exporting came with torch 2.6; pyproject allows torch 2.4."""
+    monkeypatch.delattr(torch.compiler, "is_exporting")
+    x = torch.randn(2, 7, 3, 5, requires_grad=True)
+    assert torch.equal(axial_shift(x, 5, -1), algorithm1(x, 5, 3))
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_torch_export_writes_the_shift_as_pad_and_cat_with_the_same_values(dilation):
     shift = AxialShift(5, dim=-1, dilation=dilation)
