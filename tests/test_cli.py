@@ -49,6 +49,15 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def reads(monkeypatch):
+    """The paths torch.load is called with during the test: each read of a checkpoint file, in order."""
+    paths, torch_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: paths.append(path) or torch_load(path, *args,
+                                                                                                       **kwargs))
+    return paths
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("images") / "scene.png"
@@ -148,11 +157,9 @@ def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(runs, capsys):
     assert "exists: continue it with --resume" in capsys.readouterr().err
 
 
-def test_resume_reuses_the_checkpoint_settings_and_reads_the_checkpoint_once(runs, tmp_path, capsys, monkeypatch):
+def test_resume_reuses_the_checkpoint_settings_and_reads_the_checkpoint_once(runs, tmp_path, capsys, reads):
     assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
-    reads, torch_load = [], torch.load
-    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(path) or torch_load(path, *args,
-                                                                                                       **kwargs))
+    reads.clear()
     assert main(["train", "--resume", str(tmp_path / "checkpoint.pt")]) == 0   # no other flag needed
     assert [Path(read) for read in reads] == [tmp_path / "checkpoint.pt"]     # by the flags' check, not again
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -646,16 +653,13 @@ def test_bench_ships_with_the_package_and_a_broken_import_is_not_hidden(monkeypa
 
 
 def test_export_of_a_training_run_builds_the_runs_own_architecture_with_its_weights(runs, tmp_path, capsys,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, reads):
     exported = []
 
     def traced(model, path, image_size):  # stands in for the ~10 s ONNX export: what would be exported
         exported.append(model)
         Path(path).write_bytes(b"onnx")
     monkeypatch.setattr("asmlp_min.export.export_onnx", traced)
-    reads, torch_load = [], torch.load
-    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(path) or torch_load(path, *args,
-                                                                                                       **kwargs))
     for task, flags in (("cls", []), ("cls", ["--features-only"]), ("det", ["--features-only"]),
                         ("seg", ["--features-only"])):
         path = runs / task / "checkpoint.pt"
