@@ -40,7 +40,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from .checkpoint import atomic_write
     from .cli import _load_for, _writable_file
-    from .data.datasets import load_image
+    from .data.images import load_image
     from .engine import predict, prepare_output_folder, strict_json
     from .viz import save_figure
     if args.topk < 1:
@@ -130,12 +130,11 @@ def _save_class_mask(mask: Tensor, path: Path) -> None:
 def _image_files(paths: list[str]) -> list[Path]:
     """The files given, with a folder standing for the images directly in it (sorted by name). A folder's hidden
     files are left out, as ImageFolder leaves them: macOS writes a '._x.jpg' of metadata beside each copied x.jpg."""
-    from .data.datasets import IMAGE_EXTENSIONS
+    from .data.images import IMAGE_EXTENSIONS, is_image_file
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+            found = sorted(p for p in path.iterdir() if is_image_file(p) and p.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {str(path)!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
             files += found

@@ -290,7 +290,7 @@ def test_predict_writes_a_png(runs, image, tmp_path, capsys, task):
 
 
 def test_predict_json_and_the_seg_class_mask_hold_what_the_model_predicts(runs, image, tmp_path, capsys):
-    from asmlp_min.data.datasets import load_image
+    from asmlp_min.data.images import load_image
     from asmlp_min.engine import load_trained, predict
     (tmp_path / "broken.png").write_bytes(b"not a png")
     for task in ("det", "seg"):

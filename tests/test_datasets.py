@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from asmlp_min.data.datasets import (ADE20KSegmentation, CocoDetection, ImageFolderClassification,
                                      detection_collate, load_coco)
+from asmlp_min.data.images import is_image_file
 from asmlp_min.data.rle import run_lengths
 from asmlp_min.data.shapes import CLASSES, ShapesDetection, export_shapes, make_scene, scene_rng
 from asmlp_min.data.transforms import (IMAGENET_MEAN, classification_transforms, detection_transforms,
@@ -507,6 +508,14 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
         (tmp_path / name / "b.png").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="no images"):       # only hidden files left: nothing to train on
         ImageFolderClassification(tmp_path)
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("a.jpg", True), ("b.JPEG", True), ("dir.d/c.Png", True), ("d.webp", True), ("e.bmp", True),
+    ("._a.jpg", False), (".a.png", False), ("a.txt", False), ("a.jpg.json", False), ("jpg", False)])
+def test_an_image_file_is_a_visible_name_with_an_image_extension(path, expected):
+    """The rule ImageFolder, ADE20K and predict share (data/images.py); the folder is not looked at."""
+    assert is_image_file(path) is expected and is_image_file(Path(path)) is expected
 
 
 def test_ade20k_classes_are_named_and_other_layouts_by_their_id_in_the_masks(tmp_path):

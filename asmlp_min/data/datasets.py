@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
@@ -38,41 +38,10 @@ from torchvision.transforms import v2
 
 from ..checks import is_finite_number, is_int
 from . import ade20k
-from .rle import annotation_mask, check_runs, mask_to_rle
+from .images import IMAGE_EXTENSIONS, is_image_file, load_image
+from .rle import annotation_mask, check_runs
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 to_float_image = v2.ToDtype(torch.float32, scale=True)    # images only; targets pass through untouched
-
-
-def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Image:
-    """(3, h, w) uint8 RGB. Decodes fully now, so a truncated file fails here with its name, not in a worker.
-
-    ``upright``: turn the pixels as the file's EXIF Orientation tag says, as a photo viewer shows them (phone
-    photos are often stored sideways). Off for detection and segmentation datasets, whose boxes and masks are drawn
-    on the stored pixels (torchvision and pycocotools read them so too); on for classification folders and for
-    ``predict`` on a user's own photos."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img) if upright else img)
-    except FileNotFoundError as err:
-        raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
-                         "'file_name'") from err
-    except Image.DecompressionBombError as err:            # an Exception, not an OSError: PIL's guard for huge images
-        raise ValueError(f"{path}: {err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) "
-                         "before loading it") from err
-    except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
-        raise ValueError(f"{path}: unreadable or truncated image ({err}); re-download or remove it") from err
-    return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB. 16-bit grayscale (PNG, TIFF) is scaled to 0-255, where ``convert("RGB")`` would clip every value
-    above 255 to white."""
-    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255):
-        gray = np.round(np.asarray(img, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
-    return img.convert("RGB")
 
 
 def detection_target(boxes_xyxy, labels, masks, image_id: int, area, iscrowd,
@@ -120,8 +89,8 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
     def _is_image(self, path: str) -> bool:
-        inside = Path(os.path.relpath(path, self.root)).parts
-        return path.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in inside)
+        folders = Path(os.path.relpath(path, self.root)).parts[:-1]
+        return is_image_file(path) and not any(folder.startswith(".") for folder in folders)
 
 
 # ---------------------------------------------------------------- COCO detection / instance segmentation
@@ -357,7 +326,7 @@ class ADE20KSegmentation(Dataset):
         image_dir, mask_dir = self.root / "images" / split, self.root / "annotations" / split
         if not image_dir.is_dir() or not mask_dir.is_dir():
             raise ValueError(f"{image_dir} or {mask_dir}: folder not found (see data/README.md)")
-        self.images = sorted(p for p in image_dir.glob("[!.]*") if p.suffix.lower() in IMAGE_EXTENSIONS)  # no ._x.jpg
+        self.images = sorted(p for p in image_dir.iterdir() if is_image_file(p))
         if not self.images:
             raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
         self.masks = [mask_dir / (p.stem + ".png") for p in self.images]

@@ -1,0 +1,51 @@
+"""Image files: which files in a folder are images, and decoding one into a (3, h, w) uint8 RGB tensor.
+
+The dataset loaders and ``predict`` share these, so a folder holds the same images for every command."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import tv_tensors
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """An image extension (any case) on a name that is not hidden. Hidden names (starting with ".") are left out as
+    ``ls`` leaves them out: macOS writes a ``._x.jpg`` of metadata beside each copied ``x.jpg``."""
+    name = os.path.basename(path)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Image:
+    """(3, h, w) uint8 RGB. Decodes fully now, so a truncated file fails here with its name, not in a worker.
+
+    ``upright``: turn the pixels as the file's EXIF Orientation tag says, as a photo viewer shows them (phone
+    photos are often stored sideways). Off for detection and segmentation datasets, whose boxes and masks are drawn
+    on the stored pixels (torchvision and pycocotools read them so too); on for classification folders and for
+    ``predict`` on a user's own photos."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img) if upright else img)
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
+                         "'file_name'") from err
+    except Image.DecompressionBombError as err:            # an Exception, not an OSError: PIL's guard for huge images
+        raise ValueError(f"{path}: {err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) "
+                         "before loading it") from err
+    except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
+        raise ValueError(f"{path}: unreadable or truncated image ({err}); re-download or remove it") from err
+    return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale (PNG, TIFF) is scaled to 0-255, where ``convert("RGB")`` would clip every value
+    above 255 to white."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255):
+        gray = np.round(np.asarray(img, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return img.convert("RGB")
