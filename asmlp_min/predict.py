@@ -2,7 +2,7 @@
 
 For each image: one printed line (top-k classes, boxes, or pixel shares), a picture ``OUTPUT/<name>_<task>.png``,
 for segmentation the class ids ``<name>_seg_mask.png``, and with ``--json`` every result in one file. An image
-that cannot be read costs only its own result (exit status 2).
+that cannot be read, or that runs out of memory, costs only its own result (exit status 2).
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def add_predict_parser(sub) -> None:
                                     "<name>_seg_mask.png (8-bit grayscale, the image's size). Images of the same "
                                     "name get <name>_2_<task>.png, ...; a file left by an earlier call is "
                                     "replaced, and the output line says so. Photos are turned upright as their "
-                                    "EXIF orientation says. An unreadable image is skipped with a warning and the "
-                                    "others go on (exit status 2 if any was skipped).")
+                                    "EXIF orientation says. An unreadable image, or one too large for the memory, is "
+                                    "skipped with a warning and the others go on (exit status 2 if any was skipped). "
+                                    "No input image is overwritten: an output name that is one gets a number.")
     pr.add_argument("images", nargs="+", help="image files (png, jpg, ...) or folders (every image directly in them)")
     pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     pr.add_argument("--output", default="runs/predict", help="folder for the PNGs (default: runs/predict)")
@@ -58,16 +59,16 @@ def _predict(args: argparse.Namespace) -> int:
     if folders:  # found before any image is drawn, not after some
         raise ValueError(f"cannot write {', '.join(folders)}: a folder of that name is in the way; move it or choose "
                          "another --output")
-    unreadable, records = [], []
+    skipped, records = [], []
     for path, destination, mask_path in zip(images, destinations, masks):
-        try:
+        try:                                         # one bad or huge file in a folder costs only its own result
             image = load_image(path, upright=True)   # as a photo viewer shows it, EXIF orientation applied
-        except ValueError as err:                    # one bad file in a folder costs only its own result
+            result = _predicted(predict, model, cfg, image, path)
+        except ValueError as err:
             print(f"asmlp-min predict: warning: skipped {err}", file=sys.stderr)
-            unreadable.append(path)
+            skipped.append(path)
             records.append({"image": str(path), "error": str(err)})
             continue
-        result = predict(model, cfg, image)
         lines, fig, record = _describe(cfg.task, result, image, classes, args)
         if mask_path is not None:
             _save_class_mask(result, mask_path)
@@ -80,13 +81,26 @@ def _predict(args: argparse.Namespace) -> int:
     if json_path is not None:
         with atomic_write(json_path, "w") as f:
             f.write(strict_json(records, indent=1) + "\n")
-    if len(unreadable) == len(images):
-        raise ValueError(f"none of the {len(images)} image(s) could be read (see the warnings above)")
-    if unreadable:
-        print(f"asmlp-min predict: {len(unreadable)} of {len(images)} images could not be read: "
-              + ", ".join(map(str, unreadable)), file=sys.stderr)
+    if len(skipped) == len(images):
+        raise ValueError(f"none of the {len(images)} image(s) could be predicted (see the warnings above)")
+    if skipped:
+        print(f"asmlp-min predict: {len(skipped)} of {len(images)} images could not be predicted: "
+              + ", ".join(map(str, skipped)), file=sys.stderr)
         return 2
     return 0
+
+
+def _predicted(predict, model, cfg, image: Tensor, path: Path):
+    """``predict(model, cfg, image)``; running out of memory becomes a ValueError naming the image, so that the
+    caller skips it as it skips an unreadable file."""
+    try:
+        return predict(model, cfg, image)
+    except RuntimeError as err:  # CUDA's OutOfMemoryError, the CPU allocator's "can't allocate memory"
+        if "out of memory" not in str(err) and "can't allocate memory" not in str(err):
+            raise
+        h, w = image.shape[-2:]
+        raise ValueError(f"{path}: out of memory predicting this {w}x{h} image; scale it down or free "
+                         "memory") from err
 
 
 def _describe(task: str, result, image: Tensor, classes: list[str], args: argparse.Namespace):
@@ -146,12 +160,18 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 
 def _output_names(images: list[Path], output: Path, task: str) -> list[Path]:
-    """``<name>_<task>.png`` per image, numbered ``<name>_2_<task>.png``, ... where names repeat (a/x.jpg, b/x.png),
-    so that no result of this call overwrites another."""
-    names = []
+    """``<name>_<task>.png`` per image, numbered ``<name>_2_<task>.png``, ... where names repeat (a/x.jpg, b/x.png)
+    or would be one of the input images (``--output`` the input folder), so that no result of this call overwrites
+    another or an image it reads. Segmentation also writes ``<name>_<task>_mask.png`` beside each."""
+    inputs, names = {image.resolve() for image in images}, []
+
+    def taken(name: str) -> bool:
+        mine = [name, name.removesuffix(".png") + "_mask.png"] if task == "seg" else [name]
+        return any(m in names or (output / m).resolve() in inputs for m in mine)
+
     for image in images:
         name, n = f"{image.stem}_{task}.png", 1
-        while name in names:
+        while taken(name):
             n += 1
             name = f"{image.stem}_{n}_{task}.png"
         names.append(name)

@@ -346,9 +346,51 @@ def test_predict_skips_an_unreadable_image_keeps_the_others_and_exits_2(runs, im
     captured = capsys.readouterr()
     assert sorted(os.listdir(out)) == ["a_cls.png", "c_cls.png"]
     assert f"warning: skipped {folder / 'b.jpg'}: unreadable or truncated image" in captured.err
-    assert f"1 of 3 images could not be read: {folder / 'b.jpg'}" in captured.err
+    assert f"1 of 3 images could not be predicted: {folder / 'b.jpg'}" in captured.err
     assert main(["predict", "--checkpoint", checkpoint, str(folder / "b.jpg"), "--output", str(out)]) == 2
-    assert "none of the 1 image(s) could be read" in capsys.readouterr().err
+    assert "none of the 1 image(s) could be predicted" in capsys.readouterr().err
+
+
+def test_predict_skips_an_image_that_runs_out_of_memory_and_writes_the_others_and_the_json(runs, image, tmp_path,
+                                                                                            monkeypatch, capsys):
+    import asmlp_min.engine as engine
+    folder, out, report = tmp_path / "photos", tmp_path / "out", tmp_path / "r.json"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(image, folder / name)
+    calls, real = [], engine.predict
+
+    def predict(model, cfg, img):  # the second image is "too large": the allocator fails as PyTorch's CPU one does
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 7315660800 bytes. Error code 12 (Cannot allocate memory)")
+        return real(model, cfg, img)
+    monkeypatch.setattr(engine, "predict", predict)
+    assert main(["predict", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), str(folder), "--output", str(out),
+                 f"--json={report}"]) == 2
+    assert sorted(os.listdir(out)) == ["a_cls.png", "c_cls.png"]
+    assert f"skipped {folder / 'b.png'}: out of memory predicting this 64x64 image" in capsys.readouterr().err
+    records = json.loads(report.read_text())
+    assert [("top" in r, "error" in r) for r in records] == [(True, False), (False, True), (True, False)]
+
+
+def test_predict_into_the_input_folder_numbers_its_results_and_leaves_every_input_image(runs, image, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(image, folder / "cat.png")
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(folder / "cat_cls.png")   # named like a result
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(folder / "dog_seg_mask.png")
+    shutil.copy(image, folder / "dog.png")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["predict", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), str(folder / "cat.png"),
+                 str(folder / "cat_cls.png"), "--output", str(folder)]) == 0
+    assert main(["predict", "--checkpoint", str(runs / "seg" / "checkpoint.pt"), str(folder / "dog.png"),
+                 str(folder / "dog_seg_mask.png"), "--output", str(folder)]) == 0
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert sorted(set(os.listdir(folder)) - set(before)) == ["cat_2_cls.png", "cat_cls_cls.png", "dog_2_seg.png",
+                                                            "dog_2_seg_mask.png", "dog_seg_mask_seg.png",
+                                                            "dog_seg_mask_seg_mask.png"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
