@@ -42,6 +42,25 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def class_map(logits: Tensor, size: tuple[int, int] | torch.Size, rows: int = 64) -> Tensor:
+    """(b, K, h, w) logits -> (b, H, W) int64 class ids at ``size``: the logits up-sampled by :func:`resize`, then
+    the argmax, as mmseg scores an image at its own size after inference at the test scale.
+
+    ``rows`` output rows at a time: each band interpolates along h by hand (PyTorch's source rows and weights) and
+    along w by :func:`resize`, so a 12-megapixel photo never holds its 150 (H, W) logit maps (7 GB) at once."""
+    (h, w), (H, W) = logits.shape[-2:], tuple(size)
+    if (h, w) == (H, W):
+        return logits.argmax(1)
+    out = torch.empty(logits.shape[0], H, W, dtype=torch.int64, device=logits.device)
+    for top in range(0, H, rows):
+        y = ((torch.arange(top, min(top + rows, H), device=logits.device) + 0.5) * (h / H) - 0.5).clamp(min=0)
+        y0 = y.long()
+        weight = (y - y0).to(logits.dtype)[:, None]                          # (n, 1): the lower row's share
+        band = logits[:, :, y0] * (1 - weight) + logits[:, :, (y0 + 1).clamp(max=h - 1)] * weight
+        out[:, top:top + len(y)] = resize(band, (len(y), W)).argmax(1)     # (b, K, n, w) -> (b, n, W)
+    return out
+
+
 class ConvBNReLU(nn.Module):
     """Conv (no bias) -> BatchNorm -> ReLU, mmcv's ``ConvModule`` layout (``conv``, ``bn``).
 

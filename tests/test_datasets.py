@@ -22,7 +22,7 @@ from asmlp_min.data.images import is_image_file
 from asmlp_min.data.rle import run_lengths
 from asmlp_min.data.shapes import CLASSES, ShapesDetection, export_shapes, make_scene, scene_rng
 from asmlp_min.data.transforms import (IMAGENET_MEAN, classification_transforms, detection_transforms,
-                                       eval_resize_size, segmentation_transforms)
+                                       eval_resize_size, rescaled_size, segmentation_transforms)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
 
@@ -153,6 +153,26 @@ def test_segmentation_train_pads_with_ignore():
         tv_tensors.Image(image), tv_tensors.Mask(mask))
     assert out.shape == (3, 64, 64) and crop.dtype == torch.int64
     assert set(crop.unique().tolist()) == {1, 255}                         # resized 0.5x: 32 px, padded to 64
+
+
+@pytest.mark.parametrize("size, short, long, expected", [
+    ((512, 683), 512, 2048, (512, 683)),      # an ADE20K image already at the scale
+    ((3024, 4032), 512, 2048, (512, 683)),    # a phone photo: the short side binds, 4032 * 512 / 3024 = 682.7
+    ((10, 1000), 512, 2048, (20, 2048)),      # a panorama: the long side binds, scaled up 2.048x
+    ((100, 250), 32, 128, (32, 80)),          # factor min(128 / 250, 32 / 100) = 0.32
+    ((64, 64), 32, 128, (32, 32))])
+def test_rescaled_size_is_mmcvs_imrescale_to_fit_both_sides(size, short, long, expected):
+    assert rescaled_size(*size, short, long) == expected
+
+
+def test_segmentation_eval_rescales_the_image_to_the_test_scale_and_keeps_the_mask():
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 100, 250), dtype=torch.uint8))
+    mask = torch.randint(0, 4, (100, 250))
+    out, kept = segmentation_transforms(train=False, size=32)(image, tv_tensors.Mask(mask))
+    assert out.shape == (3, 32, 80) and out.dtype == torch.float32
+    assert torch.equal(kept, mask)                                          # scored at the image's own size
+    alone = segmentation_transforms(train=False, size=32)(image)           # predict: an image without a mask
+    assert torch.equal(alone, out)
 
 
 # ---------------------------------------------------------------- bad input: clear errors naming file and field

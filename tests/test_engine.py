@@ -583,6 +583,39 @@ def test_shapes_classification_scenes_hold_one_whole_shape_on_grey():
             128, 128, 3)
 
 
+def test_segmentation_folder_evaluates_and_predicts_at_mmsegs_test_scale_scored_at_each_images_size(tmp_path):
+    """On a folder (``--augment paper``) evaluation and predict run the model at mmseg's test scale, the image
+    rescaled to fit (4 x crop, crop) as (2048, 512) for ADE20K's 512 crop, and score the logits up-sampled to the
+    image's own size. The oracle: torch's interpolate of the logits to the mask's size, IoU counted by hand."""
+    from asmlp_min.data.shapes import export_shapes
+    for split, n in (("train", 4), ("val", 3)):
+        export_shapes(tmp_path / "ade", task="seg", n=n, split=split, seed=3, image_size=64)
+    cfg = TrainConfig(task="seg", data=str(tmp_path / "ade"), output=str(tmp_path / "run"), num_classes=4,
+                      crop_size=32, epochs=1, batch_size=2, embed_dim=8, depths=(1, 1, 1, 1), head_channels=16,
+                      drop_path=0.0, mixup=0.0, cutmix=0.0, device="cpu")
+    Trainer(cfg, log=quiet).fit()
+    model, saved, _ = load_trained(tmp_path / "run" / "checkpoint.pt")
+    seen = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape)))
+    data = build_data(saved, with_train=False)
+    metrics = evaluate(model, saved, data)
+    assert seen == [(1, 3, 32, 32)] * 3                    # 64 x 64 -> short side 32 (the crop)
+    confusion = torch.zeros(4, 4, dtype=torch.int64)
+    with torch.no_grad():
+        for image, mask in data.val:
+            assert image.shape == (3, 32, 32) and mask.shape == (64, 64)  # the mask keeps its own size
+            logits = F.interpolate(model(image[None]), size=(64, 64), mode="bilinear", align_corners=False)
+            labelled = mask != 255
+            for truth, guess in zip(mask[labelled].tolist(), logits.argmax(1)[0][labelled].tolist()):
+                confusion[truth, guess] += 1
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    by_hand = [confusion[k, k].item() / union[k].item() for k in range(4) if union[k] > 0]
+    assert metrics["mIoU"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-6)
+    seen.clear()
+    assert predict(model, saved, torch.randint(0, 256, (3, 100, 250), dtype=torch.uint8)).shape == (100, 250)
+    assert seen == [(1, 3, 32, 80)]                        # factor min(128 / 250, 32 / 100) = 0.32
+
+
 def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):
     """On a COCO folder the detector resizes every image to short side 800, long side <= 1333, in training,
     evaluation and prediction alike; the checkpoint's config rebuilds that model, and resume checks the size."""

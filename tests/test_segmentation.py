@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from asmlp_min.backbone import create_model
 from asmlp_min.checkpoint import CheckpointError
-from asmlp_min.segmentation import (ConvBNReLU, SemanticSegmenter, UperHead, balanced_class_weights,
+from asmlp_min.segmentation import (ConvBNReLU, SemanticSegmenter, UperHead, balanced_class_weights, class_map,
                                     class_pixel_counts, segmentation_loss)
 
 @pytest.fixture(autouse=True)
@@ -324,3 +324,19 @@ def test_class_weight_must_be_finite_and_positive(weight):
     with pytest.raises(ValueError, match="3 positive numbers, one per class, all finite"):
         model.set_class_weight(weight)
     assert model.class_weight is None                              # the refused weights were not kept
+
+
+@pytest.mark.parametrize("logit_size, size, rows", [((13, 21), (100, 250), 64), ((16, 16), (64, 64), 7),
+                                                     ((20, 30), (10, 15), 4), ((7, 9), (5, 20), 1)])
+def test_class_map_in_row_bands_is_the_argmax_of_the_whole_bilinear_upsampling(logit_size, size, rows):
+    """The oracle is torch's interpolate of all the logits at once; pixels whose two best classes are within
+    1e-4 are left out, where the bands' different rounding may pick either."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, *logit_size)
+    whole = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    top2 = whole.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    banded = class_map(logits, size, rows)
+    assert banded.shape == (2, *size) and banded.dtype == torch.int64
+    assert torch.equal(banded[clear], whole.argmax(1)[clear]) and clear.float().mean() > 0.99
+    assert torch.equal(class_map(logits, logit_size), logits.argmax(1))   # at its own size: the argmax

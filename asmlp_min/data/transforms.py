@@ -83,8 +83,9 @@ def detection_transforms(train: bool, size: int | None = None, scale: tuple[floa
 
 def segmentation_transforms(train: bool, size: int | None = None, ratio_range: tuple[float, float] = (0.5, 2.0),
                             ignore_index: int = 255) -> v2.Compose:
-    """(image, mask) -> (normalised float image, int64 mask). Train needs ``size`` (the crop side); eval
-    resizes the short side to ``size`` when given, else keeps the input size (score at full resolution)."""
+    """(image, mask) -> (normalised float image, int64 mask). Train needs ``size`` (the crop side). Eval with
+    ``size`` rescales the image, not the mask, to mmseg's test scale (:class:`RescaleToTestScale`: ADE20K's crop 512
+    gives (2048, 512)); the logits are then scored at the mask's own size. Without ``size`` eval keeps the input."""
     ops: list[v2.Transform] = [v2.ToImage()]
     if train:
         if size is None:
@@ -94,5 +95,26 @@ def segmentation_transforms(train: bool, size: int | None = None, ratio_range: t
                 v2.RandomHorizontalFlip(),
                 v2.RandomPhotometricDistort(p=0.5)]
     elif size is not None:
-        ops.append(v2.Resize(size, antialias=True))
+        ops.append(RescaleToTestScale(size))
     return v2.Compose([*ops, *_to_float(normalize=True)])
+
+
+def rescaled_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
+    """mmcv's ``imrescale`` to the scale (long, short): the same aspect ratio, scaled up or down until the short side
+    is ``short`` or the long side ``long``, whichever comes first; rounded as mmcv rounds."""
+    factor = min(long / max(height, width), short / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+class RescaleToTestScale:
+    """mmseg's segmentation test resize (``Resize(img_scale=(2048, 512), keep_ratio=True)`` for ADE20K): the image
+    goes to :func:`rescaled_size` with ``short`` = the training crop and ``long`` = 4 x that; a mask passes
+    unchanged, because mmseg scores the logits up-sampled to the image's own size (``segmentation.class_map``)."""
+
+    def __init__(self, short: int):
+        self.short, self.long = short, 4 * short
+
+    def __call__(self, image: tv_tensors.Image, *mask):
+        resized = v2.functional.resize(image, list(rescaled_size(*image.shape[-2:], self.short, self.long)),
+                                       antialias=True)
+        return (resized, *mask) if mask else resized

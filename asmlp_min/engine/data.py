@@ -69,14 +69,15 @@ def paper_transforms(task: str, train: bool, size: int):
     """The data pipelines of the paper's recipes (asmlp_min.data.transforms).
 
     det: flips only; the detector resizes every image to short side ``size`` itself (``build_model``), so
-    training and evaluation see the same scale (COCO: 800, single scale; the paper trains at 480-800).
+    training and evaluation see the same scale (COCO: 800, single scale; the paper trains at 480-800). seg: eval at
+    mmseg's test scale from the crop ``size`` (ADE20K: 512 -> (2048, 512)), scored at each image's own size.
     """
     from ..data import transforms as T
     if task == "cls":
         return T.classification_transforms(train, size)
     if task == "det":
         return T.detection_transforms(train)
-    return T.segmentation_transforms(train, size if train else None)
+    return T.segmentation_transforms(train, size)
 
 
 def task_transforms(task: str, augment: str, train: bool, size: int):

@@ -6,7 +6,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, Subset
 from tqdm.auto import tqdm
@@ -33,7 +32,7 @@ def evaluate(model: nn.Module, cfg: TrainConfig, data: TaskData, env: DistEnv | 
     env = env or DistEnv(device=next(model.parameters()).device)
     task = make_task(cfg, data)
     shard = Subset(data.val, range(env.rank, len(data.val), env.world_size))
-    # paper-style seg evaluation keeps every image at its own size: one image per batch, as mmseg
+    # paper-style seg evaluation rescales each image by its own aspect ratio: one image per batch, as mmseg
     batch_size = 1 if cfg.task == "seg" and cfg.augment == "paper" else cfg.batch_size
     batches = list(BatchSampler(range(len(shard)), batch_size, drop_last=False))
     was_training = model.training
@@ -56,9 +55,12 @@ def predict(model: nn.Module, cfg: TrainConfig, image: Tensor):
     """One image (3, h, w), uint8 or float in [0, 1], through the validation transform and the model.
 
     Returns cls: class probabilities (num_classes,); det: ``{"boxes" (k, 4) xyxy in the image's pixels,
-    "scores", "labels"}``; seg: the (h, w) int64 class map at the image's own size.
+    "scores", "labels"}``; seg: the (h, w) int64 class map at the image's own size (the model runs at the eval
+    transform's size, as ``evaluate`` scores it).
     """
     from torchvision import tv_tensors
+
+    from ..segmentation import class_map
     device = next(model.parameters()).device
     inputs = task_transforms(cfg.task, cfg.augment, False, cfg.input_size)(tv_tensors.Image(image)).to(device)
     model.eval()
@@ -68,7 +70,7 @@ def predict(model: nn.Module, cfg: TrainConfig, image: Tensor):
         if cfg.task == "det":
             return {k: v.cpu() for k, v in model([inputs])[0].items()}
         logits = model(inputs[None]).float()
-    return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+    return class_map(logits, image.shape[-2:])[0].cpu()
 
 
 def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -151,11 +151,12 @@ class SegmentationTask:
 
     def evaluate(self, model: nn.Module, batches: Iterable, env: DistEnv, autocast) -> dict[str, float]:
         from ..metrics import SegmentationMeter
+        from ..segmentation import class_map
         meter = SegmentationMeter(self.num_classes)
         for images, masks in batches:
             with autocast():
                 logits = model(images)
-            meter.update(logits.argmax(1), masks)
+            meter.update(class_map(logits.float(), masks.shape[-2:]), masks)  # at the mask's size, as mmseg
         meter.all_reduce()
         return meter.compute()
 
