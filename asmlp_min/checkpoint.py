@@ -87,7 +87,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as err:  # a folder where no file can be created (read-only, /proc)
         raise _not_written(err, path) from None
     try:
@@ -102,6 +102,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         if isinstance(err, OSError) and (err.errno in _NO_ROOM or err.filename == tmp):  # tmp: os.replace failed
             raise _not_written(err, path) from None
         raise
+
+
+def _temp_prefix(name: str) -> str:
+    """``.<name>.``, the name cut (at a whole character) so that the temp file's name, 14 bytes longer with
+    mkstemp's 8 characters and ".tmp", stays within the usual 255-byte limit where ``name`` itself fits."""
+    return "." + name.encode()[:255 - 14].decode(errors="ignore") + "."
 
 
 def _not_written(err: OSError, path: Path) -> OSError:

@@ -259,6 +259,14 @@ def test_atomic_write_gives_normal_permissions_and_removes_its_temp_file_on_fail
     assert (tmp_path / "sub" / "notes.txt").read_text() == "all or nothing"
 
 
+@pytest.mark.parametrize("name", ["写" * 78 + "_cls.png", "a" * 255, "é" * 127])
+def test_atomic_write_writes_a_name_near_the_255_byte_limit(tmp_path, name):
+    """The temp file's name is 14 bytes longer than ``name``; it is cut, not refused ("File name too long")."""
+    with atomic_write(tmp_path / name, "w") as f:
+        f.write("long")
+    assert os.listdir(tmp_path) == [name] and (tmp_path / name).read_text() == "long"
+
+
 def test_non_finite_weights_are_refused_and_nothing_is_copied():
     source = tiny(num_classes=10).state_dict()
     source["head.weight"][0, 0] = float("nan")
