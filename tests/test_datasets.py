@@ -402,7 +402,8 @@ def test_empty_folders_are_errors(tmp_path):
 
 @pytest.mark.parametrize("mask, image_size, message", [
     ([[0, 1], [9, 255]], (2, 2), r"values \[9\] are >= num_classes=4"),
-    ([[0, 1], [2, 3]], (3, 2), "mask is 2x2 but image"),
+    ([[0, 1], [2, 3]], (3, 2), r"mask is 2x2 but image is 3x2 \(height x width\); if the image is a photo with an "
+                               "EXIF orientation tag"),
 ])
 def test_bad_masks_name_the_file(tmp_path, mask, image_size, message):
     root = _ade_tree(tmp_path, mask, image_size)
@@ -536,6 +537,15 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
 def test_an_image_file_is_a_visible_name_with_an_image_extension(path, expected):
     """The rule ImageFolder, ADE20K and predict share (data/images.py); the folder is not looked at."""
     assert is_image_file(path) is expected and is_image_file(Path(path)) is expected
+
+
+def test_an_empty_class_folder_is_named_in_the_error(tmp_path):
+    """torchvision refuses a class folder without images; the message names it, not "no images found"."""
+    _write_png(tmp_path / "cat/a.png", np.zeros((4, 4, 3)))
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"class folder\(s\) dog hold no images \(\.jpg, .*add images or remove"):
+        ImageFolderClassification(tmp_path)
 
 
 def test_ade20k_classes_are_named_and_other_layouts_by_their_id_in_the_masks(tmp_path):

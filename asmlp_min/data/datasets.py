@@ -79,7 +79,11 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
         try:
             super().__init__(str(root), transform=transform or to_float_image, loader=partial(load_image, upright=True),
                              is_valid_file=self._is_image)
-        except OSError as err:          # torchvision's wording for a missing folder, a file, or an empty tree
+        except OSError as err:          # torchvision's wording for a missing folder, a file, or an empty class
+            empty = str(err).partition("Found no valid file for the classes ")[2].split(". ")[0]
+            if empty:
+                raise ValueError(f"{root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                 "add images or remove the folder(s)") from err
             raise ValueError(f"{root}: no images found ({err}); expected root/<class name>/<image>.jpg") from err
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -357,7 +361,8 @@ class ADE20KSegmentation(Dataset):
             raise ValueError(f"{mask_path}: unreadable or truncated mask ({err})") from err
         if mask.shape != tuple(image.shape[-2:]):
             raise ValueError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but image is "
-                             f"{image.shape[-2]}x{image.shape[-1]} (height x width)")
+                             f"{image.shape[-2]}x{image.shape[-1]} (height x width); if the image is a photo with an "
+                             "EXIF orientation tag, the mask must match its stored pixels (the tag is not applied)")
         if self.reduce_zero_label:
             mask = np.where(mask == 0, 255, mask - 1)
             mask[mask == 254] = 255                          # 255 stays ignore after the shift
