@@ -110,6 +110,10 @@ def _train(args: argparse.Namespace) -> int:
         # where another task is asked for (the resume check then names the task that differs)
         loaded = _read_engine_checkpoint(args.resume, resume=True)   # read once, handed to the Trainer
         saved = TrainConfig.from_dict(loaded["config"])
+        if "data" not in overrides:
+            _check_saved_data(loaded, args.resume)
+        if "device" not in overrides:
+            _check_saved_device(saved.device, args.resume)
         other_task = overrides.get("task", saved.task) != saved.task
         sizes = dict.fromkeys(SIZE_FIELDS) if other_task else {}
         base = dataclasses.replace(saved, stop_at_epoch=None, **sizes)
@@ -137,6 +141,29 @@ def _train(args: argparse.Namespace) -> int:
                     f"{trainer.env.world_size} process(es) on {trainer.env.device}; run folder {trainer.run_dir}")
         trainer.fit()
     return 0 if trainer.stop_signal is None else 128 + trainer.stop_signal
+
+
+def _check_saved_device(device: str, path: str) -> None:
+    """A resume keeps the checkpoint's device unless --device is given: say so where this machine lacks it."""
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        # CUDA's generator state, kernels and float16 GradScaler do not carry over to the CPU: no silent move there
+        raise ValueError(f"{path} was trained with --device {device}, which a resume keeps so that the run continues "
+                         "bit for bit, and no CUDA GPU is visible here: resume on a machine with a GPU, or pass "
+                         "--device cpu to continue on the CPU (the run goes on, but not bit for bit)")
+
+
+def _check_saved_data(checkpoint: dict, path: str) -> None:
+    """Where no --data is given, the data folder the checkpoint names must exist, or the error says where that name
+    came from and how to point at the data. Checkpoints written before runs stored it as an absolute path hold it as
+    typed, relative to the folder training ran in."""
+    data = checkpoint["config"].get("data", "shapes")
+    if data == "shapes" or Path(data).is_dir():
+        return
+    where = ("does not exist" if Path(data).is_absolute() else
+             f"is relative to the folder that training ran in, and {Path.cwd()} has no such folder")
+    raise FileNotFoundError(f"{path} was trained on the data folder {data!r}, which {where}: pass --data with the "
+                            "folder's path (absolute, or relative to here)")
 
 
 # ---------------------------------------------------------------- evaluate
@@ -168,8 +195,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .engine.distributed import process_group_closed_at_exit
     json_path = _writable_file(args.json, "json") if args.json else None
     model, cfg, checkpoint = _load_for(args)
+    if args.data is None:
+        _check_saved_data(checkpoint, args.checkpoint)
+    # the device is this machine's, not the training machine's: a model trained on a GPU evaluates on a CPU
     overrides = {k: v for k, v in dict(data=args.data, batch_size=args.batch_size, val_size=args.val_size,
-                                       device=args.device, amp=args.amp).items() if v is not None}
+                                       device=args.device or "auto", amp=args.amp).items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides).resolved()
     env = init_distributed(cfg.device)
     with process_group_closed_at_exit():
@@ -243,8 +273,8 @@ def _add_evaluate_parser(sub) -> None:
     ev.add_argument("--data", help="'shapes' or a folder (default: the data the checkpoint was trained on)")
     ev.add_argument("--val-size", type=int, help="shapes only: number of validation scenes (default: as trained)")
     ev.add_argument("--batch-size", type=int, help="images per batch (default: as trained)")
-    ev.add_argument("--device", help="auto (cuda when available), cpu, cuda or cuda:N (default: the device setting "
-                                     "the model was trained with, usually auto)")
+    ev.add_argument("--device", help="auto (cuda when available), cpu, cuda or cuda:N (default: auto, whatever "
+                                     "device the model was trained on)")
     ev.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: as trained)")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.set_defaults(func=_evaluate)

@@ -22,7 +22,7 @@ from asmlp_min.checkpoint import load_checkpoint
 from asmlp_min.cli import build_parser, main
 from asmlp_min.engine.config import SIZE_FIELD, TrainConfig
 from asmlp_min.data.shapes import make_scene, scene_rng
-from tests.test_engine import gap_coco
+from tests.test_engine import assert_same_state, gap_coco, without_times
 
 TINY = ["--epochs=1", "--batch-size=4", "--train-size=8", "--val-size=4", "--embed-dim=8", "--depths=1,1,1,1",
         "--image-size=32", "--device=cpu"]
@@ -195,6 +195,87 @@ def test_resume_with_another_lr_or_warmup_is_refused_and_the_checkpoint_kept(tmp
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert main(["train", "--resume", str(path), "--lr", "1e-3"]) == 0          # the value it has: resumes
     assert load_checkpoint(path)["config"]["lr"] == 1e-3 and load_checkpoint(path)["epoch"] == 2
+
+
+def test_resume_does_not_need_the_pretrained_file_and_continues_bit_for_bit(runs, image, tmp_path):
+    """A resume overwrites every weight from its checkpoint: the --pretrained file is not read again (it may be gone),
+    nor by evaluate and predict."""
+    start = tmp_path / "start.pt"
+    shutil.copy(runs / "cls" / "checkpoint.pt", start)
+    pretrained = ["train", "cls", *TINY[1:], "--epochs=2", f"--pretrained={start}"]
+    assert main([*pretrained, f"--output={tmp_path / 'straight'}"]) == 0
+    assert main([*pretrained, "--stop-at-epoch=1", f"--output={tmp_path / 'split'}"]) == 0
+    start.unlink()
+    checkpoint = tmp_path / "split" / "checkpoint.pt"
+    assert main(["train", "--resume", str(checkpoint)]) == 0
+    resumed, straight = load_checkpoint(checkpoint), load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    assert_same_state(resumed["model"], straight["model"])
+    assert without_times(resumed["metrics"]) == without_times(straight["metrics"])
+    assert main(["evaluate", "--checkpoint", str(checkpoint)]) == 0
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), f"--output={tmp_path / 'predicted'}"]) == 0
+
+
+def cls_folder(root: Path) -> Path:
+    from asmlp_min.data.shapes import export_shapes
+    for split in ("train", "val"):
+        export_shapes(root, task="cls", n=8, split=split, seed=4)
+    return root
+
+
+def test_a_relative_data_folder_is_stored_absolute_for_evaluate_and_resume_from_another_folder(tmp_path, monkeypatch,
+                                                                                              capsys):
+    cls_folder(tmp_path / "ifold")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", "--data=ifold", "--output=runs/rel"]
+    assert main(argv) == 0
+    assert load_checkpoint(tmp_path / "runs" / "rel" / "checkpoint.pt")["config"]["data"] == str(tmp_path / "ifold")
+    (tmp_path / "elsewhere" / "ifold").mkdir(parents=True)    # a folder of the same name here is not the data
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", "../runs/rel/checkpoint.pt"]) == 0
+    assert f"cls asmlp_tiny on {tmp_path / 'ifold'} (8 images)" in capsys.readouterr().out
+    assert main(["train", "--resume", "../runs/rel/checkpoint.pt"]) == 0
+    assert load_checkpoint(tmp_path / "runs" / "rel" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_checkpoint_holding_a_relative_data_folder_says_where_it_came_from(tmp_path, monkeypatch, capsys):
+    """Checkpoints written before data folders were stored absolute hold the path as typed."""
+    cls_folder(tmp_path / "ifold")
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--data={tmp_path / 'ifold'}",
+                 f"--output={path.parent}"]) == 0
+    checkpoint = load_checkpoint(path)
+    checkpoint["config"]["data"] = "ifold"                     # as typed in tmp_path
+    torch.save(checkpoint, path)
+    monkeypatch.chdir(path.parent)
+    for argv in (["evaluate", "--checkpoint", "checkpoint.pt"], ["train", "--resume", "checkpoint.pt"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert ("checkpoint.pt was trained on the data folder 'ifold', which is relative to the folder that training "
+                f"ran in, and {path.parent} has no such folder: pass --data with the folder's path") in err, argv
+        assert main([*argv, "--data=../ifold"]) == 0
+    assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_a_checkpoint_trained_on_a_gpu_is_evaluated_without_one_and_resumes_where_asked(runs, image, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """evaluate and predict run on the device of this machine (or --device); a resume keeps the run's device unless
+    --device says otherwise, and says so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # this machine has no GPU
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={path.parent}"]) == 0
+    checkpoint = load_checkpoint(path)
+    checkpoint["config"]["device"] = "cuda"                    # as trained on a GPU machine
+    torch.save(checkpoint, path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 0
+    assert main(["predict", "--checkpoint", str(path), str(image), f"--output={tmp_path / 'predicted'}"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} was trained with --device cuda, which a resume keeps" in err and "pass --device cpu" in err
+    assert main(["train", "--resume", str(path), "--device=cpu"]) == 0
+    assert load_checkpoint(path)["epoch"] == 2
 
 
 def test_a_second_training_into_a_busy_run_folder_is_refused_naming_the_process(tmp_path, capsys):

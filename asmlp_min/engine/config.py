@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -148,7 +149,8 @@ class TrainConfig:
                                         interval="[1, inf)", shown="none")
 
     def resolved(self) -> TrainConfig:
-        """A copy with task defaults filled in, after checking every value (ValueError saying what to fix)."""
+        """A copy with task defaults filled in and a data folder as an absolute path, after checking every value
+        (ValueError saying what to fix)."""
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         model_config(self.model)  # an unknown variant: ValueError naming the known ones
@@ -157,6 +159,8 @@ class TrainConfig:
         if self.class_weight is not None and self.task != "seg":
             raise ValueError("class_weight applies to segmentation only")
         cfg = dataclasses.replace(self, **self._defaults())
+        if cfg.data != "shapes":  # the checkpoint stores it: evaluate and --resume may run in another folder
+            cfg.data = os.path.abspath(cfg.data)
         for f in dataclasses.fields(cfg):
             value, meta = getattr(cfg, f.name), f.metadata
             if value is not None and cfg.task not in meta.get("tasks", TASKS):  # the sizes of the other tasks

@@ -72,7 +72,7 @@ class Trainer:
             self.cfg = self._settle_classes(cfg, checkpoint, resume)
             self._verified_epoch = None  # epoch of the checkpoint on disk whose weights this run checked finite
             self.task = make_task(cfg, self.data)
-            self.model = self._build_model(model, log_pretrained=checkpoint is None)
+            self.model = self._build_model(model, resuming=checkpoint is not None)
             self._build_optimizer()
             self.epoch, self.step, self.batch_in_epoch, self.history = 0, 0, 0, []
             self.epoch_totals = torch.zeros(3, dtype=torch.float64)  # loss * images, images, seconds (this epoch)
@@ -104,12 +104,13 @@ class Trainer:
             _check_compatible(checkpoint, cfg, resume)
         return cfg
 
-    def _build_model(self, model: nn.Module | None, log_pretrained: bool) -> nn.Module:
+    def _build_model(self, model: nn.Module | None, resuming: bool) -> nn.Module:
         cfg = self.cfg
         seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = model if model is not None else build_model(**cfg.model_kwargs())
+        if model is None:  # a resume overwrites every weight from its checkpoint: the start weights are not read
+            model = build_model(**{**cfg.model_kwargs(), "pretrained": None if resuming else cfg.pretrained})
         report = getattr(model, "backbone_load_report", None)
-        if report is not None and log_pretrained:  # self.log is silent on ranks other than 0
+        if report is not None and not resuming:  # self.log is silent on ranks other than 0
             self.log(f"--pretrained {cfg.pretrained}: {len(report.loaded)} backbone tensors loaded" + "".join(
                 f", {len(keys)} {what} ({shown_keys(keys, 4)})"  # every key left out either way, so none is unseen
                 for what, keys in (("new", report.missing), ("skipped", report.skipped), ("unused", report.unexpected))
