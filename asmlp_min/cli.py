@@ -139,6 +139,8 @@ def _train(args: argparse.Namespace) -> int:
                     f"{trainer.steps_per_epoch} steps/epoch x {trainer.cfg.epochs} epochs, global batch "
                     f"{trainer.cfg.batch_size * trainer.env.world_size * trainer.cfg.accum_steps}, "
                     f"{trainer.env.world_size} process(es) on {trainer.env.device}; run folder {trainer.run_dir}")
+        if trainer.data.note:
+            trainer.log(f"note: {trainer.data.note}")
         trainer.fit()
     return 0 if trainer.stop_signal is None else 128 + trainer.stop_signal
 

@@ -805,3 +805,24 @@ def test_export_of_a_training_run_builds_the_runs_own_architecture_with_its_weig
     assert main(["export", f"--weights={runs / 'cls' / 'checkpoint.pt'}", "--embed-dim=16",
                  f"--output={tmp_path / 'c.onnx'}"]) == 2
     assert "which sets the architecture itself: leave out --embed-dim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("splits, num_classes, noted", [(("training", "validation"), 4, True),
+                                                       (("train", "val"), 4, False),
+                                                       (("training", "validation"), 150, False)])
+def test_training_says_how_masks_are_read_where_the_ade20k_layout_meets_another_class_count(
+        tmp_path, capsys, splits, num_classes, noted):
+    """ADE20K's layout means 0 is unlabelled and class k is value k + 1; with another --num-classes that may not be
+    what the masks mean, so the log says it and how to count 0 as a class."""
+    for split in splits:
+        for folder in ("images", "annotations"):
+            (tmp_path / "d" / folder / split).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / "d/images" / split / f"{i}.png")
+            Image.fromarray(np.full((32, 32), i + 1, np.uint8)).save(tmp_path / "d/annotations" / split / f"{i}.png")
+    assert main(["train", "seg", *tiny_for("seg"), "--batch-size=2", f"--data={tmp_path / 'd'}",
+                 f"--num-classes={num_classes}", "--head-channels=16", f"--output={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: masks read as ADE20K's (images/training, images/validation): value 0 is unlabelled and ignored, "
+            f"class k is value k + 1; if 0 is one of your {num_classes} classes, name the folders train and val" in out) \
+        is noted

@@ -37,6 +37,7 @@ class TaskData:
     classes: list[str] = field(default_factory=list)
     coco_gt: object = None  # detection: the validation ground truth for COCOeval (dict, path or COCO)
     category_ids: list[int] | None = None  # detection: label k is COCO category category_ids[k - 1]; None: k itself
+    note: str = ""  # what the training log should say about how the labels were read, where it is not obvious
 
 
 SHAPES_SIZE = 128  # det/seg scenes are drawn at their native size and resized by the transform
@@ -198,7 +199,10 @@ def _folder_seg(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
     val = ADE20KSegmentation(root, val_split, transform=val_tf, **kwargs)
     train = ADE20KSegmentation(root, "training" if ade20k else "train", transform=train_tf, **kwargs) \
         if with_train else None
-    return TaskData(train, val, num_classes, val.classes)
+    note = "" if not ade20k or num_classes == 150 else (
+        f"masks read as ADE20K's (images/training, images/validation): value 0 is unlabelled and ignored, class k is "
+        f"value k + 1; if 0 is one of your {num_classes} classes, name the folders train and val")
+    return TaskData(train, val, num_classes, val.classes, note=note)
 
 
 def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, device: torch.device) -> DataLoader:
