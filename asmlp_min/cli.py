@@ -17,10 +17,12 @@ signal), so that a job scheduler does not take it for a finished run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from .backbone import list_models
@@ -304,12 +306,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FROM_CHECKPOINT = ("if it happened while loading a checkpoint, its config looks wrong: no AS-MLP variant needs "
+                    "that much")
+_LESS_MEMORY = {"info": "use a smaller --image-size",
+                "train": "use a smaller --batch-size (--accum-steps keeps the step's batch) or input size "
+                         "(--image-size, --min-size, --crop-size); " + _FROM_CHECKPOINT,
+                "evaluate": "use a smaller --batch-size; " + _FROM_CHECKPOINT}
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """This package's warnings (a skipped annotation, a class without pixels) as one line on stderr,
+    ``asmlp-min CMD: warning: ...``, instead of Python's file:line and source line; other libraries' as Python shows
+    them."""
+    package, shown = Path(__file__).parent, warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if Path(filename).resolve().is_relative_to(package.resolve()):
+            print(f"asmlp-min {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     from .engine import NonFiniteLossError, PeerStopped, new_folders_removed_on_failure
     args = build_parser().parse_args(argv)
     named = [path for path in (getattr(args, "output", None), getattr(args, "json", None)) if path]
-    try:
-        with new_folders_removed_on_failure(*named):  # a command that fails leaves no empty folder behind
+    try:  # a command that fails leaves no empty folder behind; the package's warnings are one line each
+        with new_folders_removed_on_failure(*named), _one_line_warnings(args.command):
             return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes (CheckpointError included)
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
@@ -330,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         if "out of memory" not in str(err) and "can't allocate memory" not in str(err):
             raise
         asked = re.search(r"(?i)tried to allocate ([\d.]+ ?\w+)", str(err))  # "240000000000 bytes", "20.00 GiB"
-        print(f"asmlp-min {args.command}: error: out of memory{f': {asked[1]} were asked for' if asked else ''}; use "
-              "a smaller --image-size or --batch-size (from a checkpoint: its config looks wrong, no AS-MLP variant "
-              "needs that much)", file=sys.stderr)
+        print(f"asmlp-min {args.command}: error: out of memory{f': {asked[1]} were asked for' if asked else ''}; "
+              + _LESS_MEMORY.get(args.command, "free some memory; " + _FROM_CHECKPOINT), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"asmlp-min {args.command}: interrupted", file=sys.stderr)

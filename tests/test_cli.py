@@ -731,11 +731,11 @@ def test_running_out_of_memory_is_one_line_saying_what_was_asked(runs, tmp_path)
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CUDA reserves more address space than the cap allows
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, env=cpu_only)
     assert done.returncode == 11, done.stderr
-    advice = ("use a smaller --image-size or --batch-size (from a checkpoint: its config looks wrong, no AS-MLP "
-              "variant needs that much)")
+    tampered_advice = ("use a smaller --batch-size; if it happened while loading a checkpoint, its config looks wrong: "
+                       "no AS-MLP variant needs that much")
     assert done.stderr.splitlines() == [  # the (1, 3, h, w) float32 input; a (C, C) 1x1 conv of 10**12 floats
-        f"asmlp-min info: error: out of memory: {3 * 100000 ** 2 * 4} bytes were asked for; {advice}",
-        f"asmlp-min evaluate: error: out of memory: {10**12 * 4} bytes were asked for; {advice}"]
+        f"asmlp-min info: error: out of memory: {3 * 100000 ** 2 * 4} bytes were asked for; use a smaller --image-size",
+        f"asmlp-min evaluate: error: out of memory: {10**12 * 4} bytes were asked for; {tampered_advice}"]
 
 
 def test_os_errors_end_in_one_line(monkeypatch, capsys):
@@ -822,7 +822,27 @@ def test_training_says_how_masks_are_read_where_the_ade20k_layout_meets_another_
             Image.fromarray(np.full((32, 32), i + 1, np.uint8)).save(tmp_path / "d/annotations" / split / f"{i}.png")
     assert main(["train", "seg", *tiny_for("seg"), "--batch-size=2", f"--data={tmp_path / 'd'}",
                  f"--num-classes={num_classes}", "--head-channels=16", f"--output={tmp_path / 'run'}"]) == 0
-    out = capsys.readouterr().out
-    assert ("note: masks read as ADE20K's (images/training, images/validation): value 0 is unlabelled and ignored, "
-            f"class k is value k + 1; if 0 is one of your {num_classes} classes, name the folders train and val" in out) \
-        is noted
+    note = ("note: masks read as ADE20K's (images/training, images/validation): value 0 is unlabelled and ignored, "
+            f"class k is value k + 1; if 0 is one of your {num_classes} classes, name the folders train and val")
+    assert (note in capsys.readouterr().out) is noted
+
+
+def test_the_packages_warnings_are_one_line_naming_the_command_and_others_keep_pythons_form(runs, tmp_path, capsys):
+    """evaluate on COCO data with a zero-width box: the loader's warning is one line, without Python's file:line
+    and source line; a warning from outside the package keeps Python's form."""
+    from asmlp_min.data.shapes import export_shapes
+    path = export_shapes(tmp_path / "coco", task="det", n=2, split="val", seed=3, image_size=64)
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["bbox"][2] = 0
+    path.write_text(json.dumps(coco))
+    assert main(["evaluate", "det", "--checkpoint", str(runs / "det" / "checkpoint.pt"), f"--data={tmp_path / 'coco'}",
+                 "--device=cpu"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"asmlp-min evaluate: warning: {path}: skipped 1 annotation(s) whose 'bbox' has zero or negative "
+                   "width/height (for training; evaluation keeps them)"]
+    import warnings
+    from asmlp_min.cli import _one_line_warnings
+    with pytest.warns(UserWarning, match="from elsewhere"):
+        with _one_line_warnings("evaluate"):
+            warnings.warn("from elsewhere")              # this file is not in the package: Python's own form
+    assert capsys.readouterr().err == ""
