@@ -942,7 +942,10 @@ def test_an_ade20k_run_saved_before_its_classes_had_names_still_fits_ade20k():
     from asmlp_min.engine.runs import _check_classes
     before = {"classes": [str(k) for k in range(150)]}              # how such checkpoints named the classes
     _check_classes(before, list(ade20k.CLASSES), "old.pt")           # accepted: the same 150 labels
-    with pytest.raises(ValueError, match="only in the checkpoint: 0, 1, 2"):
-        _check_classes(before, [f"class {k}" for k in range(150)], "old.pt")   # any other 150 names: refused
+    with pytest.raises(ValueError, match="only in the checkpoint: 0, 1, 2") as refused:
+        _check_classes({**before, "config": {"task": "seg"}}, [f"class {k}" for k in range(150)], "old.pt")
+    assert "10, 11, ... (138 more); only in the data: class 0, class 1" in str(refused.value)   # not 150 names
+    assert str(refused.value).endswith("use data with masks of the same classes (ADE20K's 150, or --num-classes with "
+                                       "train/val folders)")
     with pytest.raises(ValueError, match="only in the checkpoint: 2; only in the data: wall"):
         _check_classes({"classes": ["0", "1", "2"]}, ["0", "1", "wall"], "old.pt")

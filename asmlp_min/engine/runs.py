@@ -254,14 +254,16 @@ def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
     only_saved = [c for c in saved if c not in classes]
     only_data = [c for c in classes if c not in saved]
     if only_saved or only_data:
-        what = (f"only in the checkpoint: {', '.join(only_saved) or 'none'}; only in the data: "
-                f"{', '.join(only_data) or 'none'}")
+        what = (f"only in the checkpoint: {shown_keys(only_saved) or 'none'}; only in the data: "
+                f"{shown_keys(only_data) or 'none'}")
     else:
-        what = "the same names in another order: " + ", ".join(
+        what = "the same names in another order: " + shown_keys([
             f"label {i} is {a!r} in the checkpoint, {b!r} in the data" for i, (a, b) in enumerate(zip(saved, classes))
-            if a != b)
+            if a != b])
+    fix = {"cls": "the same class folders", "det": "the same COCO category names",
+           "seg": "masks of the same classes (ADE20K's 150, or --num-classes with train/val folders)"}
     raise ValueError(f"the data's classes differ from the {len(saved)} classes {path} was trained on ({what}); "
-                     "use data with the same class folders")
+                     f"use data with {fix.get(checkpoint.get('config', {}).get('task'), 'the same classes')}")
 
 
 def _check_label_set(checkpoint: dict, data: TaskData, path) -> None:
