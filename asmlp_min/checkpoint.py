@@ -8,10 +8,12 @@ Accepted layouts (../shared/PAPER.md Sec. 9):
 - official classification ``.pth``: ``{"model": state_dict}``;
 - mmdet / mmseg checkpoints: ``{"state_dict": {"backbone.patch_embed...", "neck...", ...}}`` with per-output
   ``backbone.norm{i}``, loaded into a ``features_only`` model;
-- a raw state dict, optionally with ``module.`` (DataParallel) or ``backbone.`` prefixes.
+- a raw state dict, optionally with ``module.`` (DataParallel) or ``backbone.`` prefixes;
+- training checkpoints with an EMA copy (``state_dict_ema``, ``model_ema``): the raw weights when both are there.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-_NESTED_KEYS = ("model", "state_dict", "model_state_dict")
+_NESTED_KEYS = ("model", "state_dict", "model_state_dict", "state_dict_ema", "model_ema")  # the first one present
 
 
 class CheckpointError(ValueError):
@@ -35,16 +37,24 @@ class CheckpointError(ValueError):
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """``torch.load`` with ``weights_only=True`` on CPU, turning every failure into a readable error."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder, not a file (a training run keeps its "
+                                f"weights in {str(path / 'checkpoint.pt')!r})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
     if _is_torchscript(path):  # torch.load would say to retry with weights_only=False, which runs its code
         raise CheckpointError(f"{path}: a TorchScript model, not a checkpoint: torch.jit.load it and save its "
                               "state_dict() with torch.save")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    try:  # timm's train.py keeps its argparse.Namespace beside the weights: a plain holder of values, allowed
+        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to unpickle: corrupt, or holds objects other than tensors (a tampered "
-                              f"file may run code; it was NOT executed). Details: {_refusal_detail(err)}") from None
+                              f"file may run code; it was NOT executed). Details: {_refusal_detail(err)}. A whole "
+                              "saved model, or a training checkpoint that keeps its settings as an object (a yacs "
+                              "config), is refused the same way: its weights load from a file written with "
+                              "torch.save(model.state_dict(), path)") from None
     except Exception as err:  # torch.load fails in many ways on damaged bytes (EOFError, IndexError, ...)
         raise CheckpointError(f"{path}: not a file torch.save wrote, or a corrupt or truncated one (torch.load: "
                               f"{type(err).__name__} {_refusal_detail(err)}); check the path, or copy the file "
@@ -190,22 +200,26 @@ def shown_keys(keys: list[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def extract_state_dict(checkpoint: dict) -> dict[str, Tensor]:
+def state_dict_entry(checkpoint: dict) -> str | None:
+    """The key of ``checkpoint`` that holds the weights (the first of ``_NESTED_KEYS`` present), None for a bare
+    state dict."""
+    return next((key for key in _NESTED_KEYS if isinstance(checkpoint.get(key), dict)), None)
+
+
+def extract_state_dict(checkpoint: dict, whole_model: bool = False) -> dict[str, Tensor]:
     """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` and strip ``module.`` and mmdet ``backbone.`` prefixes.
 
     From an mmdet/mmseg checkpoint only the ``backbone.*`` entries are kept (the neck and heads belong to
-    the detector or segmenter, not to AS-MLP).
+    the detector or segmenter, not to AS-MLP), unless ``whole_model``: the weights are for a model that has a
+    ``backbone`` of its own (a detector or segmenter of this package), and every key stays.
     """
-    sd = checkpoint
-    for key in _NESTED_KEYS:
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
+    entry = state_dict_entry(checkpoint)
+    sd = checkpoint if entry is None else checkpoint[entry]
     if not sd or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise CheckpointError("no state dict found: expected tensors keyed by parameter name, possibly under "
                               f"one of {_NESTED_KEYS}; top-level keys were {sorted(checkpoint)[:10]}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if any(k.startswith("backbone.") for k in sd):
+    if not whole_model and any(k.startswith("backbone.") for k in sd):
         sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
@@ -221,13 +235,19 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint, model)
     skipped: list[str] = field(default_factory=list)
+    entry: str | None = None   # the checkpoint's key that held the weights ("model", "state_dict_ema", ...)
+    note: str = ""             # what else the file says about itself, for an error message
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors"]
+        return self.text("loaded")
+
+    def text(self, verb: str) -> str:
+        """The report with ``verb`` ("loaded", or "would load" in a refusal) before the count."""
+        lines = [f"{verb} {len(self.loaded)} tensors" + (f" (from the file's {self.entry!r})" if self.entry else "")]
         if self.skipped:
             lines.append(f"skipped on request ({len(self.skipped)}): {', '.join(self.skipped)}")
         for name, keys in (("missing from checkpoint", self.missing), ("unexpected in checkpoint", self.unexpected)):
@@ -252,8 +272,13 @@ def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
     """
     report, source = _match(model, checkpoint, skip_head)
     if strict and not report.ok:
-        raise CheckpointError(f"checkpoint does not match {type(model).__name__} (strict=True):\n{report}\nCheck the "
-                              "variant and features_only; skip_head=True for a new head, strict=False loads what fits.")
+        raise CheckpointError(f"checkpoint does not match {type(model).__name__} (strict=True):\n"
+                              f"{report.text('would load')}\n{report.note}Check the variant and features_only; "
+                              "skip_head=True for a new head, strict=False loads what fits. Nothing was loaded.")
+    if not any(not _BACKBONE_ENDS.match(k) for k in report.loaded):  # strict=False: not even one block fits
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: none of its blocks match (another "
+                              f"variant, or weights of another model):\n{report.text('would load')}\n{report.note}"
+                              "Nothing was loaded.")
     _copy_loaded(model, source, report)
     return report
 
@@ -264,15 +289,42 @@ def _match(model: nn.Module, checkpoint, skip_head: bool) -> tuple[LoadReport, d
         checkpoint = load_checkpoint(checkpoint)
     if not isinstance(checkpoint, dict):
         raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
-    source = extract_state_dict(checkpoint)
     target = model.state_dict()
+    source = extract_state_dict(checkpoint, whole_model=any(k.startswith("backbone.") for k in target))
+    _check_shift_size(model, checkpoint)
     skipped = sorted(k for k in set(source) | set(target) if k.startswith("head.")) if skip_head else []
     report = compare_state_dicts(source, target, skipped)
+    report.entry, report.note = state_dict_entry(checkpoint), _run_note(checkpoint)
     broken = non_finite_keys({k: source[k] for k in report.loaded})
     if broken:  # refused before anything is copied: the model stays as it was
         raise CheckpointError(f"the checkpoint's weights are damaged: {len(broken)} tensor(s) hold NaN or inf: "
                               f"{shown_keys(broken)}. Nothing was loaded; use another (or an earlier) checkpoint.")
     return report, source
+
+
+def _check_shift_size(model: nn.Module, checkpoint: dict) -> None:
+    """An mmdet/mmseg checkpoint's ``meta["config"]`` names the shift size it was trained with; no tensor shape does,
+    so weights loaded into a model with another shift would compute other features without any error."""
+    config = checkpoint.get("meta", {}).get("config") if isinstance(checkpoint.get("meta"), dict) else None
+    found = re.search(r"shift_size\s*=\s*(\d+)", config) if isinstance(config, str) else None
+    ours = {m.shift_size for m in model.modules() if isinstance(getattr(m, "shift_size", None), int)}
+    if found and ours and ours != {int(found[1])}:
+        shifts = ", ".join(map(str, sorted(ours)))
+        raise CheckpointError(f"the checkpoint's config says shift_size={found[1]}, this model shifts by {shifts}: "
+                              "the weights would load and compute other features; build the model with "
+                              f"shift_size={found[1]} (the official AS-MLP-S detection and segmentation files are "
+                              "named 'shift5' and use 3). Nothing was loaded.")
+
+
+def _run_note(checkpoint: dict) -> str:
+    """For a training run's checkpoint of this package: the settings that rebuild its model."""
+    from .engine.runs import is_run_checkpoint  # the engine saves through this module: imported when needed
+    if not is_run_checkpoint(checkpoint):
+        return ""
+    cfg = checkpoint.get("config", {})
+    return (f"This is a training run's checkpoint ({cfg.get('task')} {cfg.get('model')}, embed_dim "
+            f"{cfg.get('embed_dim')}, depths {cfg.get('depths')}): asmlp_min.engine.load_trained(path) rebuilds its "
+            "model.\n")
 
 
 def compare_state_dicts(source: dict[str, Tensor], target: dict[str, Tensor], skipped: list[str] = ()) -> LoadReport:
@@ -312,8 +364,9 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint, skip_head: bool = Fal
     if report.mismatched or trunk or not report.loaded:  # refused before anything is copied
         example = f" (e.g. {shown_keys(trunk, 4)} in one and not the other)" if trunk else ""
         raise CheckpointError(f"backbone checkpoint does not fit {name}: it is another variant, with a different "
-                              f"number of blocks per stage or another width{example}:\n{report}\nCheck the variant "
-                              "(tiny/small/base) and settings such as depths and embed_dim; nothing was loaded.")
+                              f"number of blocks per stage or another width{example}:\n{report.text('would load')}\n"
+                              f"{report.note}Check the variant (tiny/small/base) and settings such as depths and "
+                              "embed_dim; nothing was loaded.")
     _copy_loaded(model, source, report)
     return report
 

@@ -1,4 +1,5 @@
 """Loading official-layout checkpoints strictly, refusing bad files, and saving atomically."""
+import argparse
 import errno
 import os
 import pickle
@@ -374,3 +375,87 @@ def test_a_long_shape_mismatch_report_is_capped_with_a_count():
     assert text.count("shape mismatch:") == 12
     assert f"... and {mismatched - 12} more shape mismatches" in text
     assert len(text.splitlines()) < 20
+
+
+# ---------------------------------------------------------------- checkpoints researchers have
+
+def _same(model, state_dict) -> bool:
+    return all(torch.equal(v, state_dict[k]) for k, v in model.state_dict().items())
+
+
+def test_a_whole_segmenter_checkpoint_loads_into_a_segmenter_key_for_key(tmp_path):
+    """A model with a backbone of its own keeps the file's backbone.* keys (before, they were stripped to fit a bare
+    backbone, and the segmenter loaded 0 tensors)."""
+    from asmlp_min.segmentation import SemanticSegmenter
+    small = dict(embed_dim=8, depths=(1, 1, 1, 1), channels=16, aux_channels=8)
+    torch.manual_seed(0)
+    trained = SemanticSegmenter("asmlp_tiny", num_classes=5, **small).state_dict()
+    torch.save({"meta": {"mmseg_version": "0.11.0"}, "state_dict": trained}, tmp_path / "upernet.pth")
+    torch.manual_seed(1)
+    model = SemanticSegmenter("asmlp_tiny", num_classes=5, **small)
+    report = load_official_checkpoint(model, tmp_path / "upernet.pth")
+    assert report.ok and len(report.loaded) == len(trained) and _same(model, trained)
+    assert str(report).startswith(f"loaded {len(trained)} tensors (from the file's 'state_dict')")
+
+
+def test_strict_false_that_would_load_no_block_is_refused_and_loads_nothing():
+    model = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 2, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = tiny().state_dict()                           # another width: only the 1000-class head.bias fits
+    with pytest.raises(CheckpointError, match=r"none of its blocks match .*\nwould load 1 tensors") as refused:
+        load_official_checkpoint(model, other, strict=False)
+    assert "Nothing was loaded" in str(refused.value) and _same(model, before)
+    with pytest.raises(CheckpointError, match=r"\(strict=True\):\nwould load 1 tensors"):   # not "loaded"
+        load_official_checkpoint(model, other)
+
+
+def test_training_checkpoints_with_an_ema_copy_or_argparse_settings_load_their_weights(tmp_path):
+    torch.manual_seed(0)
+    raw = tiny().state_dict()
+    torch.manual_seed(1)
+    ema = tiny().state_dict()
+    torch.save({"state_dict_ema": ema}, tmp_path / "ema_only.pth")
+    torch.save({"epoch": 299, "state_dict": raw, "state_dict_ema": ema, "args": argparse.Namespace(lr=1e-3)},
+               tmp_path / "timm_train.pth.tar")       # timm's train.py layout
+    model = tiny()
+    assert "(from the file's 'state_dict_ema')" in str(load_official_checkpoint(model, tmp_path / "ema_only.pth"))
+    assert _same(model, ema)
+    assert "(from the file's 'state_dict')" in str(load_official_checkpoint(model, tmp_path / "timm_train.pth.tar"))
+    assert _same(model, raw)                              # the raw weights where both are there, and it says which
+
+
+def test_a_folder_and_a_whole_saved_model_are_refused_saying_what_they_are(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is a folder, not a file \(a training run keeps its weights in "):
+        load_checkpoint(tmp_path)
+    torch.save(tiny(), tmp_path / "whole.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)Unsupported global.*A whole saved model.*torch.save\(model"):
+        load_checkpoint(tmp_path / "whole.pth")
+
+
+def test_an_mmseg_file_trained_with_another_shift_size_is_refused_and_loads_nothing(tmp_path):
+    """The official AS-MLP-S UperNet is named 'shift5' and uses shift 3, which only its meta config tells."""
+    torch.manual_seed(0)
+    trained = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, features_only=True)
+    meta = {"config": "model = dict(\n    backbone=dict(\n        type='ASMLP',\n        shift_size=3,\n"}
+    torch.save({"meta": meta, "state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()}},
+               tmp_path / "upernet_small.pth")
+    five = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), features_only=True)
+    before = {k: v.clone() for k, v in five.state_dict().items()}
+    with pytest.raises(CheckpointError, match="config says shift_size=3, this model shifts by 5"):
+        load_official_checkpoint(five, tmp_path / "upernet_small.pth", strict=False)
+    with pytest.raises(CheckpointError, match="config says shift_size=3"):
+        load_backbone_checkpoint(five, tmp_path / "upernet_small.pth")
+    assert _same(five, before)
+    three = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, features_only=True)
+    assert load_official_checkpoint(three, tmp_path / "upernet_small.pth").ok and _same(three, trained.state_dict())
+
+
+def test_a_run_checkpoint_of_another_model_is_refused_naming_its_settings_and_load_trained(tmp_path):
+    from asmlp_min.engine import TrainConfig, Trainer
+    cfg = TrainConfig(task="cls", output=str(tmp_path / "run"), epochs=1, batch_size=8, train_size=8, val_size=8,
+                      image_size=32, embed_dim=8, depths=(1, 1, 1, 1), device="cpu")
+    Trainer(cfg, log=lambda *a, **k: None).fit()
+    with pytest.raises(CheckpointError, match=r"training run's checkpoint \(cls asmlp_tiny, embed_dim 8, depths "
+                                              r"\[1, 1, 1, 1\]\): asmlp_min.engine.load_trained\(path\)"):
+        load_official_checkpoint(create_model("asmlp_tiny"), tmp_path / "run" / "checkpoint.pt")
+
