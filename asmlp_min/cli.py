@@ -135,6 +135,7 @@ def _train(args: argparse.Namespace) -> int:
         if existing.exists() and not args.overwrite and int(os.environ.get("RANK", "0")) == 0:
             raise ValueError(f"{existing} exists: continue it with --resume {existing}, or start over with "
                              "--overwrite or another --output")
+    _refuse_shapes_only(overrides, overrides.get("data", base.data))
     trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume, loaded=loaded)
     with process_group_closed_at_exit():
         trainer.log(f"training {trainer.cfg.task} {trainer.cfg.model} on {trainer.cfg.data}: "
@@ -145,6 +146,15 @@ def _train(args: argparse.Namespace) -> int:
             trainer.log(f"note: {trainer.data.note}")
         trainer.fit()
     return 0 if trainer.stop_signal is None else 128 + trainer.stop_signal
+
+
+def _refuse_shapes_only(given: dict, data: str) -> None:
+    """--train-size and --val-size count generated scenes: on a folder they would be ignored, yet saved as if used."""
+    flags = [f"--{key.replace('_', '-')}" for key in ("train_size", "val_size") if key in given]
+    if flags and data != "shapes" and Path(data).exists():  # a missing folder: build_data's error says so first
+        raise ValueError(f"{' and '.join(flags)} applies to --data shapes only (the number of generated scenes); "
+                         f"a folder's splits are used whole: leave {'them' if len(flags) > 1 else 'it'} out, or "
+                         "use a folder with fewer images")
 
 
 def _check_saved_device(device: str, path: str) -> None:
@@ -201,6 +211,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, cfg, checkpoint = _load_for(args)
     if args.data is None:
         _check_saved_data(checkpoint, args.checkpoint)
+    _refuse_shapes_only({} if args.val_size is None else {"val_size": args.val_size}, args.data or cfg.data)
     # the device is this machine's, not the training machine's: a model trained on a GPU evaluates on a CPU
     overrides = {k: v for k, v in dict(data=args.data, batch_size=args.batch_size, val_size=args.val_size,
                                        device=args.device or "auto", amp=args.amp).items() if v is not None}

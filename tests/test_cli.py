@@ -29,9 +29,11 @@ TINY = ["--epochs=1", "--batch-size=4", "--train-size=8", "--val-size=4", "--emb
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def tiny_for(task: str) -> list[str]:
-    """TINY with the task's own input-size flag (cls --image-size, det --min-size, seg --crop-size)."""
-    return [a.replace("--image-size", "--" + SIZE_FIELD[task].replace("_", "-")) for a in TINY]
+def tiny_for(task: str, folder: bool = False) -> list[str]:
+    """TINY with the task's own input-size flag (cls --image-size, det --min-size, seg --crop-size); for a data
+    folder without the scene counts, which apply to --data shapes only."""
+    sized = [a.replace("--image-size", "--" + SIZE_FIELD[task].replace("_", "-")) for a in TINY]
+    return [a for a in sized if not (folder and a.startswith(("--train-size", "--val-size")))]
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -227,7 +229,8 @@ def test_a_relative_data_folder_is_stored_absolute_for_evaluate_and_resume_from_
                                                                                               capsys):
     cls_folder(tmp_path / "ifold")
     monkeypatch.chdir(tmp_path)
-    argv = ["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", "--data=ifold", "--output=runs/rel"]
+    argv = ["train", "cls", *tiny_for("cls", folder=True)[1:], "--epochs=2", "--stop-at-epoch=1", "--data=ifold",
+            "--output=runs/rel"]
     assert main(argv) == 0
     assert load_checkpoint(tmp_path / "runs" / "rel" / "checkpoint.pt")["config"]["data"] == str(tmp_path / "ifold")
     (tmp_path / "elsewhere" / "ifold").mkdir(parents=True)    # a folder of the same name here is not the data
@@ -243,8 +246,8 @@ def test_a_checkpoint_holding_a_relative_data_folder_says_where_it_came_from(tmp
     """Checkpoints written before data folders were stored absolute hold the path as typed."""
     cls_folder(tmp_path / "ifold")
     path = tmp_path / "run" / "checkpoint.pt"
-    assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--data={tmp_path / 'ifold'}",
-                 f"--output={path.parent}"]) == 0
+    assert main(["train", "cls", *tiny_for("cls", folder=True)[1:], "--epochs=2", "--stop-at-epoch=1",
+                 f"--data={tmp_path / 'ifold'}", f"--output={path.parent}"]) == 0
     checkpoint = load_checkpoint(path)
     checkpoint["config"]["data"] = "ifold"                     # as typed in tmp_path
     torch.save(checkpoint, path)
@@ -311,7 +314,7 @@ def test_detection_on_coco_category_ids_with_gaps_shows_names_and_scores_the_rea
     labels were the ids) still loads where that holds, and is refused where it does not."""
     data = gap_coco(tmp_path / "coco")
     run = tmp_path / "run"
-    assert main(["train", "det", f"--data={data}", *tiny_for("det"), "--head-channels=16", "--min-size=64",
+    assert main(["train", "det", f"--data={data}", *tiny_for("det", folder=True), "--head-channels=16", "--min-size=64",
                  f"--output={run}"]) == 0
     checkpoint = load_checkpoint(run / "checkpoint.pt")
     assert checkpoint["classes"] == ["circle", "square", "triangle"] and checkpoint["category_ids"] == [1, 3, 90]
@@ -526,7 +529,7 @@ def test_a_truncated_image_read_by_a_worker_is_one_line_naming_it(tmp_path, caps
         export_shapes(tmp_path / "data", task="cls", n=8, split=split, seed=4)
     bad = sorted((tmp_path / "data" / "train").rglob("*.png"))[3]
     bad.write_bytes(bad.read_bytes()[:200])
-    assert main(["train", "cls", *TINY, "--workers=1", f"--data={tmp_path / 'data'}",
+    assert main(["train", "cls", *tiny_for("cls", folder=True), "--workers=1", f"--data={tmp_path / 'data'}",
                  f"--output={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"asmlp-min train: error: {bad}: unreadable or truncated image")
@@ -820,7 +823,7 @@ def test_training_says_how_masks_are_read_where_the_ade20k_layout_meets_another_
         for i in range(2):
             Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / "d/images" / split / f"{i}.png")
             Image.fromarray(np.full((32, 32), i + 1, np.uint8)).save(tmp_path / "d/annotations" / split / f"{i}.png")
-    assert main(["train", "seg", *tiny_for("seg"), "--batch-size=2", f"--data={tmp_path / 'd'}",
+    assert main(["train", "seg", *tiny_for("seg", folder=True), "--batch-size=2", f"--data={tmp_path / 'd'}",
                  f"--num-classes={num_classes}", "--head-channels=16", f"--output={tmp_path / 'run'}"]) == 0
     note = ("note: masks read as ADE20K's (images/training, images/validation): value 0 is unlabelled and ignored, "
             f"class k is value k + 1; if 0 is one of your {num_classes} classes, name the folders train and val")
@@ -846,3 +849,19 @@ def test_the_packages_warnings_are_one_line_naming_the_command_and_others_keep_p
         with _one_line_warnings("evaluate"):
             warnings.warn("from elsewhere")              # this file is not in the package: Python's own form
     assert capsys.readouterr().err == ""
+
+
+def test_scene_counts_on_a_folder_are_refused_not_ignored(runs, tmp_path, capsys):
+    """--train-size and --val-size count generated scenes; on a folder they were ignored and saved as if used."""
+    from asmlp_min.data.shapes import export_shapes
+    for split in ("train", "val"):
+        export_shapes(tmp_path / "data", task="cls", n=8, split=split, seed=4)
+    assert main(["train", "cls", *TINY, f"--data={tmp_path / 'data'}", f"--output={tmp_path / 'run'}"]) == 2
+    assert ("--train-size and --val-size applies to --data shapes only (the number of generated scenes); a folder's "
+            "splits are used whole: leave them out" in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+    assert main(["evaluate", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), f"--data={tmp_path / 'data'}",
+                 "--val-size=2"]) == 2
+    assert "--val-size applies to --data shapes only" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), "--val-size=2"]) == 0   # shapes
+
