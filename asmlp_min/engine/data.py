@@ -113,7 +113,8 @@ def build_data(cfg: TrainConfig, with_train: bool = True) -> TaskData:
     Folders: cls ``PATH/{train,val}/<class>/<image>`` (ImageFolder); det ``PATH/annotations/instances_{split}.json``
     with images in ``PATH/{split}/`` for split train/val or train2017/val2017 (COCO); seg
     ``PATH/{images,annotations}/{training,validation}`` (ADE20K: 150 classes, label 0 ignored) or ``.../{train,val}``
-    (``--num-classes`` required, 0 is a class). This is also what ``export_shapes`` writes.
+    (``--num-classes`` required, 0 is a class). ``export_shapes`` writes these layouts (for cls the scenes of
+    ``--data shapes`` with ``**CLS_SCENE``).
     ``train=False`` builds the validation split only (``TaskData.train`` is None), for evaluation.
     """
     train_tf, val_tf = (task_transforms(cfg.task, cfg.augment, train, cfg.input_size) for train in (True, False))
