@@ -89,7 +89,7 @@ def info_table(name: str, image_size: int = 224) -> str:
     rows = [
         f"## {name} at {image_size}x{image_size}, 1000 classes",
         "",
-        "| quantity | asmlp_min | paper |",
+        "| quantity | asmlp_min | paper (at 224x224) |",
         "|---|---|---|",
         f"| parameters | {params:,} ({params / 1e6:.2f}M) | {fmt(paper['params'], 'M')} |",
         f"| GMACs, measured (FlopCounterMode / 2) | {measured:.3f} | {fmt(paper['gmacs'], '')} |",
@@ -106,6 +106,9 @@ def info_table(name: str, image_size: int = 224) -> str:
         rows.append(f"| {i} | {depth} | ({cfg.embed_dim * 2 ** i}, {h}, {w}) | {cfg.patch_size * 2 ** i} |")
     rows += ["", "The paper gives GMACs to one decimal; the formula counts one MAC per norm element, the measurement "
                  "counts the matrix products and convolutions only."]
+    if image_size != 224:
+        rows += ["", f"GMACs grow with the number of pixels: the paper's column is for 224x224, ours for "
+                     f"{image_size}x{image_size}."]
     if name == "asmlp_mobile":
         rows += ["", "Note: the paper's mobile configuration was not released; C=64, depths (2,2,2,2) is a guess "
                      "that matches its ~9.6M parameters."]

@@ -124,7 +124,7 @@ def _describe(task: str, result, image: Tensor, classes: list[str], args: argpar
     shown = classes[1:] if classes and classes[0] == "background" else classes
     counts = result.flatten().bincount(minlength=len(classes))
     share = {classes[c]: n / result.numel() for c, n in enumerate(counts.tolist()) if n}
-    lines = [f"{name} {value:.1%} of pixels" for name, value in share.items()]
+    lines = [f"{'class ' * name.isdigit()}{name} {value:.1%} of pixels" for name, value in share.items()]  # 'class 2'
     fig = draw_scenes([image], [result], shown, ncols=1, panel_size=4)
     return lines, fig, {"pixel_share": share}
 

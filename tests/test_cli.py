@@ -561,7 +561,11 @@ def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_damages_nothing(t
 
 def test_info_prints_the_paper_table(capsys):
     assert main(["info", "asmlp_tiny", "--image-size=64"]) == 0
-    assert "| parameters |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| parameters |" in out and "| quantity | asmlp_min | paper (at 224x224) |" in out
+    assert "the paper's column is for 224x224, ours for 64x64" in out
+    assert main(["info", "asmlp_tiny"]) == 0
+    assert "ours for" not in capsys.readouterr().out      # at 224 both columns are for the same size
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -828,6 +832,10 @@ def test_training_says_how_masks_are_read_where_the_ade20k_layout_meets_another_
     note = ("note: masks read as ADE20K's (images/training, images/validation): value 0 is unlabelled and ignored, "
             f"class k is value k + 1; if 0 is one of your {num_classes} classes, name the folders train and val")
     assert (note in capsys.readouterr().out) is noted
+    if splits == ("train", "val"):  # classes named by their mask value: predict says 'class 1', not a bare '1'
+        assert main(["predict", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                     str(tmp_path / "d/images/val/0.png"), f"--output={tmp_path / 'out'}"]) == 0
+        assert re.search(r": class [0-3] \d+\.\d% of pixels", capsys.readouterr().out)
 
 
 def test_the_packages_warnings_are_one_line_naming_the_command_and_others_keep_pythons_form(runs, tmp_path, capsys):
