@@ -365,7 +365,7 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint, skip_head: bool = Fal
         example = f" (e.g. {shown_keys(trunk, 4)} in one and not the other)" if trunk else ""
         raise CheckpointError(f"backbone checkpoint does not fit {name}: it is another variant, with a different "
                               f"number of blocks per stage or another width{example}:\n{report.text('would load')}\n"
-                              f"{report.note}Check the variant (tiny/small/base) and settings such as depths and "
+                              f"{report.note}Check the variant (mobile/tiny/small/base) and settings such as depths and "
                               "embed_dim; nothing was loaded.")
     _copy_loaded(model, source, report)
     return report

@@ -90,7 +90,7 @@ def _variant_with_weights(args: argparse.Namespace, checkpoint: dict | None) -> 
     """The variant the flags describe, with the official, mmdet/mmseg or backbone ``checkpoint`` loaded (a backbone
     takes the backbone's keys of any checkpoint; a classifier all of them), or random weights without one."""
     from .backbone import create_model
-    from .checkpoint import load_backbone_checkpoint, load_official_checkpoint, shown_keys
+    from .checkpoint import CheckpointError, load_backbone_checkpoint, load_official_checkpoint, shown_keys
     name = args.model or "asmlp_tiny"
     overrides = dict(embed_dim=args.embed_dim, depths=args.depths, shift_size=args.shift_size)
     model = create_model(name, num_classes=1000 if args.num_classes is None else args.num_classes,
@@ -98,7 +98,12 @@ def _variant_with_weights(args: argparse.Namespace, checkpoint: dict | None) -> 
     if checkpoint is None:
         print("no --weights: exporting randomly initialised weights", file=sys.stderr)
         return model, name
-    report = (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, checkpoint)
+    try:
+        report = (load_backbone_checkpoint if args.features_only else load_official_checkpoint)(model, checkpoint)
+    except CheckpointError as err:  # its advice names Python arguments; say which flags of export set them
+        raise CheckpointError(f"{err}\nHere: --model, --embed-dim, --depths and --shift-size give the variant, "
+                              "--features-only takes the backbone of a detection or segmentation checkpoint, "
+                              "--num-classes the classifier's size") from None
     kept = (f"; not in it, so left at their initial values: {shown_keys(report.missing, 4)} (a classifier "
             "checkpoint has no per-stage norms: export a detection or segmentation backbone for trained ones)"
             if report.missing else "")

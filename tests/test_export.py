@@ -203,3 +203,5 @@ def test_export_says_what_the_weights_filled_and_which_norms_kept_their_initial_
     assert captured.out.endswith("(replaced an older file)\n")
     assert main(argv[:-1] + [f"--output={tmp_path}"]) == 2  # a folder: the hint names an .onnx file in it
     assert f"is a folder; give a file name such as '{tmp_path / 'asmlp_tiny.onnx'}'" in capsys.readouterr().err
+    assert main([a.replace("--depths=1,1,1,1", "--depths=1,1,2,1") for a in argv]) == 2   # another variant
+    assert "\nHere: --model, --embed-dim, --depths and --shift-size give the variant" in capsys.readouterr().err
