@@ -281,6 +281,23 @@ def test_a_checkpoint_trained_on_a_gpu_is_evaluated_without_one_and_resumes_wher
     assert load_checkpoint(path)["epoch"] == 2
 
 
+def test_evaluate_on_a_cpu_leaves_a_gpu_runs_mixed_precision_off_unless_asked(runs, tmp_path, monkeypatch):
+    """--amp on a CPU means bfloat16, many times slower where the processor has no bfloat16 units: a run trained with
+    AMP (float16 on its GPU) evaluates in float32 here unless --amp is passed."""
+    import contextlib
+    import asmlp_min.engine.inference as inference
+    checkpoint = load_checkpoint(runs / "cls" / "checkpoint.pt")
+    checkpoint["config"]["amp"] = True
+    torch.save(checkpoint, tmp_path / "amp.pt")
+    asked = []
+    monkeypatch.setattr(inference, "_autocast", lambda device, amp: asked.append(amp) or contextlib.nullcontext())
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "amp.pt"), "--device=cpu"]) == 0
+    assert set(asked) == {False}
+    asked.clear()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "amp.pt"), "--device=cpu", "--amp"]) == 0
+    assert set(asked) == {True}
+
+
 def test_a_second_training_into_a_busy_run_folder_is_refused_naming_the_process(tmp_path, capsys):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "asmlp_min", "train", "cls", *TINY, "--epochs=100000",
