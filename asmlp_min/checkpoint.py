@@ -303,22 +303,42 @@ def _match(model: nn.Module, checkpoint, skip_head: bool) -> tuple[LoadReport, d
 
 
 def _check_shift_size(model: nn.Module, checkpoint: dict) -> None:
-    """An mmdet/mmseg checkpoint's ``meta["config"]`` names the shift size it was trained with; no tensor shape does,
-    so weights loaded into a model with another shift would compute other features without any error."""
-    config = checkpoint.get("meta", {}).get("config") if isinstance(checkpoint.get("meta"), dict) else None
-    found = re.search(r"shift_size\s*=\s*(\d+)", config) if isinstance(config, str) else None
+    """No tensor shape tells the shift size, so weights loaded into a model with another shift would compute other
+    features without any error: where the file names its shift (:func:`_saved_shift_size`), the model must have it."""
+    saved = _saved_shift_size(checkpoint)
     ours = {m.shift_size for m in model.modules() if isinstance(getattr(m, "shift_size", None), int)}
-    if found and ours and ours != {int(found[1])}:
+    if saved is not None and ours and ours != {saved}:
         shifts = ", ".join(map(str, sorted(ours)))
-        raise CheckpointError(f"the checkpoint's config says shift_size={found[1]}, this model shifts by {shifts}: "
+        raise CheckpointError(f"the checkpoint's config says shift_size={saved}, this model shifts by {shifts}: "
                               "the weights would load and compute other features; build the model with "
-                              f"shift_size={found[1]} (the official AS-MLP-S detection and segmentation files are "
+                              f"shift_size={saved} (the official AS-MLP-S detection and segmentation files are "
                               "named 'shift5' and use 3). Nothing was loaded.")
+
+
+def _saved_shift_size(checkpoint: dict) -> int | None:
+    """The shift size the file's network used: an mmdet/mmseg ``meta["config"]`` states it; this package's run
+    config too, where None means the variant's own (3 for a segmentation AS-MLP-S, as the official UperNet)."""
+    from .engine.runs import is_run_checkpoint  # the engine saves through this module: imported when needed
+    meta = checkpoint.get("meta")
+    config = meta.get("config") if isinstance(meta, dict) else None
+    found = re.search(r"shift_size\s*=\s*(\d+)", config) if isinstance(config, str) else None
+    if found:
+        return int(found[1])
+    cfg = checkpoint.get("config") if is_run_checkpoint(checkpoint) else None
+    if not isinstance(cfg, dict):
+        return None
+    if cfg.get("shift_size") is not None:
+        return cfg["shift_size"]
+    from .backbone import MODEL_CONFIGS
+    from .segmentation import SEG_BACKBONE_DEFAULTS
+    variant = SEG_BACKBONE_DEFAULTS.get(cfg.get("model"), {}) if cfg.get("task") == "seg" else {}
+    default = MODEL_CONFIGS[cfg["model"]].shift_size if cfg.get("model") in MODEL_CONFIGS else None
+    return variant.get("shift_size", default)
 
 
 def _run_note(checkpoint: dict) -> str:
     """For a training run's checkpoint of this package: the settings that rebuild its model."""
-    from .engine.runs import is_run_checkpoint  # the engine saves through this module: imported when needed
+    from .engine.runs import is_run_checkpoint
     if not is_run_checkpoint(checkpoint):
         return ""
     cfg = checkpoint.get("config", {})
@@ -365,8 +385,8 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint, skip_head: bool = Fal
         example = f" (e.g. {shown_keys(trunk, 4)} in one and not the other)" if trunk else ""
         raise CheckpointError(f"backbone checkpoint does not fit {name}: it is another variant, with a different "
                               f"number of blocks per stage or another width{example}:\n{report.text('would load')}\n"
-                              f"{report.note}Check the variant (mobile/tiny/small/base) and settings such as depths and "
-                              "embed_dim; nothing was loaded.")
+                              f"{report.note}Check the variant (mobile/tiny/small/base) and settings such as depths "
+                              "and embed_dim; nothing was loaded.")
     _copy_loaded(model, source, report)
     return report
 

@@ -459,3 +459,20 @@ def test_a_run_checkpoint_of_another_model_is_refused_naming_its_settings_and_lo
                                               r"\[1, 1, 1, 1\]\): model, cfg, _ = asmlp_min.engine.load_trained"):
         load_official_checkpoint(create_model("asmlp_tiny"), tmp_path / "run" / "checkpoint.pt")
 
+
+def test_a_segmentation_run_of_asmlp_small_is_refused_by_a_shift_5_model(tmp_path):
+    """The run saves shift_size None, and its network shifts by 3 (the official UperNet-S's, the segmentation
+    default for small): a plain create_model("asmlp_small") shifts by 5, and loading would change the features."""
+    from asmlp_min.engine import TrainConfig, Trainer
+    cfg = TrainConfig(task="seg", model="asmlp_small", output=str(tmp_path / "run"), epochs=1, batch_size=4,
+                      train_size=4, val_size=4, crop_size=32, embed_dim=8, depths=(1, 1, 1, 1), head_channels=16,
+                      mixup=0.0, cutmix=0.0, device="cpu")
+    Trainer(cfg, log=lambda *a, **k: None).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert load_checkpoint(path)["config"]["shift_size"] is None
+    five = create_model("asmlp_small", embed_dim=8, depths=(1, 1, 1, 1), features_only=True)
+    with pytest.raises(CheckpointError, match="config says shift_size=3, this model shifts by 5"):
+        load_official_checkpoint(five, path, strict=False)
+    three = create_model("asmlp_small", embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, features_only=True)
+    assert load_official_checkpoint(three, path, strict=False).loaded
+
