@@ -328,15 +328,20 @@ _LESS_MEMORY = {"info": "use a smaller --image-size",
                 "evaluate": "use a smaller --batch-size; " + _FROM_CHECKPOINT}
 
 
+def out_of_memory(err: RuntimeError) -> bool:
+    """Whether torch ran out of memory: CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    return "out of memory" in str(err) or "can't allocate memory" in str(err)
+
+
 @contextlib.contextmanager
 def _one_line_warnings(command: str):
     """This package's warnings (a skipped annotation, a class without pixels) as one line on stderr,
     ``asmlp-min CMD: warning: ...``, instead of Python's file:line and source line; other libraries' as Python shows
     them."""
-    package, shown = Path(__file__).parent, warnings.showwarning
+    package, shown = Path(__file__).resolve().parent, warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if Path(filename).resolve().is_relative_to(package.resolve()):
+        if Path(filename).resolve().is_relative_to(package):
             print(f"asmlp-min {command}: warning: {message}", file=sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
@@ -367,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, PeerStopped) as err:
         print(f"asmlp-min {args.command}: stopped: {err}", file=sys.stderr)
         return 1
-    except RuntimeError as err:  # torch out of memory: CUDA's OutOfMemoryError, the CPU allocator's "can't allocate"
-        if "out of memory" not in str(err) and "can't allocate memory" not in str(err):
+    except RuntimeError as err:
+        if not out_of_memory(err):
             raise
         asked = re.search(r"(?i)tried to allocate ([\d.]+ ?\w+)", str(err))  # "240000000000 bytes", "20.00 GiB"
         print(f"asmlp-min {args.command}: error: out of memory{f': {asked[1]} were asked for' if asked else ''}; "

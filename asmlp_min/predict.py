@@ -42,7 +42,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write
     from .cli import _load_for, _writable_file
     from .data.images import load_image
-    from .engine import predict, prepare_output_folder, strict_json
+    from .engine import prepare_output_folder, strict_json
     from .viz import save_figure
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
@@ -63,7 +63,7 @@ def _predict(args: argparse.Namespace) -> int:
     for path, destination, mask_path in zip(images, destinations, masks):
         try:                                         # one bad or huge file in a folder costs only its own result
             image = load_image(path, upright=True)   # as a photo viewer shows it, EXIF orientation applied
-            result = _predicted(predict, model, cfg, image, path)
+            result = _predicted(model, cfg, image, path)
         except ValueError as err:
             print(f"asmlp-min predict: warning: skipped {err}", file=sys.stderr)
             skipped.append(path)
@@ -90,13 +90,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predicted(predict, model, cfg, image: Tensor, path: Path):
-    """``predict(model, cfg, image)``; running out of memory becomes a ValueError naming the image, so that the
-    caller skips it as it skips an unreadable file."""
+def _predicted(model, cfg, image: Tensor, path: Path):
+    """``engine.predict(model, cfg, image)``; running out of memory becomes a ValueError naming the image, so that
+    the caller skips it as it skips an unreadable file."""
+    from .cli import out_of_memory
+    from .engine import predict
     try:
         return predict(model, cfg, image)
-    except RuntimeError as err:  # CUDA's OutOfMemoryError, the CPU allocator's "can't allocate memory"
-        if "out of memory" not in str(err) and "can't allocate memory" not in str(err):
+    except RuntimeError as err:
+        if not out_of_memory(err):
             raise
         h, w = image.shape[-2:]
         raise ValueError(f"{path}: out of memory predicting this {w}x{h} image; scale it down or free "
