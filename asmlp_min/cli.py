@@ -115,7 +115,7 @@ def _train(args: argparse.Namespace) -> int:
         if "data" not in overrides:
             _check_saved_data(loaded, args.resume)
         if "device" not in overrides:
-            _check_saved_device(saved.device, args.resume)
+            overrides["device"] = _saved_device(loaded, saved.device, args.resume)
         other_task = overrides.get("task", saved.task) != saved.task
         sizes = dict.fromkeys(SIZE_FIELDS) if other_task else {}
         base = dataclasses.replace(saved, stop_at_epoch=None, **sizes)
@@ -157,14 +157,20 @@ def _refuse_shapes_only(given: dict, data: str) -> None:
                          "use a folder with fewer images")
 
 
-def _check_saved_device(device: str, path: str) -> None:
-    """A resume keeps the checkpoint's device unless --device is given: say so where this machine lacks it."""
+def _saved_device(checkpoint: dict, device: str, path: str) -> str:
+    """The device a resume continues on unless --device is given: the run's own, so that it goes on bit for bit."""
     import torch
+    if device == "auto":   # resolved when the run started; its generator states show which device that was
+        device = "cuda" if "cuda" in checkpoint["rng"] else "cpu"
+        if device == "cpu" and torch.cuda.is_available():
+            warnings.warn(f"{path} was trained on the CPU (--device auto on a machine without a GPU); the resume "
+                          "continues there, bit for bit: pass --device cuda to move it to the GPU (not bit for bit)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         # CUDA's generator state, kernels and float16 GradScaler do not carry over to the CPU: no silent move there
-        raise ValueError(f"{path} was trained with --device {device}, which a resume keeps so that the run continues "
-                         "bit for bit, and no CUDA GPU is visible here: resume on a machine with a GPU, or pass "
-                         "--device cpu to continue on the CPU (the run goes on, but not bit for bit)")
+        raise ValueError(f"{path} was trained on {device}, which a resume keeps so that the run continues bit for "
+                         "bit, and no CUDA GPU is visible here: resume on a machine with a GPU, or pass --device cpu "
+                         "to continue on the CPU (the run goes on, but not bit for bit)")
+    return device
 
 
 def _check_saved_data(checkpoint: dict, path: str) -> None:

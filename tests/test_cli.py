@@ -19,6 +19,7 @@ from PIL import Image
 import torch
 
 from asmlp_min.checkpoint import load_checkpoint
+from asmlp_min import cli
 from asmlp_min.cli import build_parser, main
 from asmlp_min.engine.config import SIZE_FIELD, TrainConfig
 from asmlp_min.data.shapes import make_scene, scene_rng
@@ -276,9 +277,36 @@ def test_a_checkpoint_trained_on_a_gpu_is_evaluated_without_one_and_resumes_wher
     capsys.readouterr()
     assert main(["train", "--resume", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"{path} was trained with --device cuda, which a resume keeps" in err and "pass --device cpu" in err
+    assert f"{path} was trained on cuda, which a resume keeps" in err and "pass --device cpu" in err
     assert main(["train", "--resume", str(path), "--device=cpu"]) == 0
     assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_a_resume_of_a_device_auto_run_keeps_the_device_the_run_trained_on(tmp_path, monkeypatch, capsys):
+    """--device auto is resolved when a run starts; its resume on a machine with other devices continues on the
+    run's own (the generator states saved show which), not on what auto would pick there."""
+    path = tmp_path / "run" / "checkpoint.pt"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "cls", *TINY[1:-1], "--epochs=3", "--stop-at-epoch=1", f"--output={path.parent}"]) == 0
+    checkpoint = load_checkpoint(path)
+    assert TINY[-1] == "--device=cpu" and checkpoint["config"]["device"] == "auto" and set(checkpoint["rng"]) == {"cpu"}
+    gpu_run = tmp_path / "gpu" / "checkpoint.pt"
+    gpu_run.parent.mkdir()
+    torch.save({**checkpoint, "rng": {**checkpoint["rng"], "cuda": torch.zeros(1, 16, dtype=torch.uint8)}}, gpu_run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(gpu_run)]) == 2              # auto here would be the CPU
+    assert f"{gpu_run} was trained on cuda, which a resume keeps" in capsys.readouterr().err
+    saved_device = cli._saved_device
+
+    def on_a_gpu_machine(*args):                                       # auto would pick the GPU here
+        with monkeypatch.context() as gpu:
+            gpu.setattr(torch.cuda, "is_available", lambda: True)
+            return saved_device(*args)
+    monkeypatch.setattr(cli, "_saved_device", on_a_gpu_machine)
+    assert main(["train", "--resume", str(path), "--stop-at-epoch=2"]) == 0
+    assert (f"warning: {path} was trained on the CPU (--device auto on a machine without a GPU); the resume continues "
+            "there, bit for bit: pass --device cuda to move it to the GPU") in capsys.readouterr().err
+    assert load_checkpoint(path)["config"]["device"] == "cpu"
 
 
 def test_evaluate_on_a_cpu_leaves_a_gpu_runs_mixed_precision_off_unless_asked(runs, tmp_path, monkeypatch):
