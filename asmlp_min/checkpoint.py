@@ -330,10 +330,8 @@ def _saved_shift_size(checkpoint: dict) -> int | None:
     if cfg.get("shift_size") is not None:
         return cfg["shift_size"]
     from .backbone import MODEL_CONFIGS
-    from .segmentation import SEG_BACKBONE_DEFAULTS
-    variant = SEG_BACKBONE_DEFAULTS.get(cfg.get("model"), {}) if cfg.get("task") == "seg" else {}
-    default = MODEL_CONFIGS[cfg["model"]].shift_size if cfg.get("model") in MODEL_CONFIGS else None
-    return variant.get("shift_size", default)
+    from .segmentation import variant_setting  # imports this module
+    return variant_setting(cfg["model"], "shift_size", cfg.get("task")) if cfg.get("model") in MODEL_CONFIGS else None
 
 
 def _run_note(checkpoint: dict) -> str:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbone import MODEL_CONFIGS
 from .checks import is_count
 from .checkpoint import LoadReport, load_backbone_checkpoint
 from .dense_backbone import build_backbone
@@ -35,6 +36,13 @@ SEG_BACKBONE_DEFAULTS = {
     "asmlp_small": dict(shift_size=3, drop_path_rate=0.3),
     "asmlp_base": dict(drop_path_rate=0.5),
 }
+
+
+def variant_setting(model: str, key: str, task: str):
+    """A backbone setting of variant ``model`` as ``task`` builds it: with the mmseg defaults above for "seg",
+    the variant's own (``MODEL_CONFIGS``) otherwise."""
+    own = getattr(MODEL_CONFIGS[model], key)
+    return SEG_BACKBONE_DEFAULTS.get(model, {}).get(key, own) if task == "seg" else own
 
 
 def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

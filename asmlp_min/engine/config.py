@@ -294,10 +294,8 @@ def default_text(name: str, task: str | None = None, model: str = "asmlp_tiny") 
 
 def _task_default(name: str, task: str, model: str) -> str:
     if name in BACKBONE_FIELDS:
-        from ..segmentation import SEG_BACKBONE_DEFAULTS
-        key = BACKBONE_FIELDS[name]
-        value = getattr(MODEL_CONFIGS[model], key)
-        value = SEG_BACKBONE_DEFAULTS.get(model, {}).get(key, value) if task == "seg" else value
+        from ..segmentation import variant_setting
+        value = variant_setting(model, BACKBONE_FIELDS[name], task)
         return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
     configs = (TrainConfig(task=task), TrainConfig(task=task, data="PATH"))
     on_shapes, on_folder = ({**dataclasses.asdict(cfg), **cfg._defaults()}[name] for cfg in configs)
