@@ -38,22 +38,13 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, ASMLP
 from .checkpoint import LoadReport
+from .data.transforms import rescaled_size
 from .dense_backbone import build_backbone, freeze_stages, load_backbone_weights
 from .fcos import FCOSHead, assign_targets, decode_boxes, fcos_losses, fcos_regress_ranges, level_points
 from .fpn import FPN
 
 
 # ---------------------------------------------------------------- images and targets in, batch out
-
-def resized_size(h: int, w: int, min_size: int | None, max_size: int | None) -> tuple[int, int]:
-    """Short side to ``min_size`` unless the long side would pass ``max_size`` (torchvision/mmdet rule)."""
-    scale = 1.0
-    if min_size is not None:
-        scale = min_size / min(h, w)
-    if max_size is not None:
-        scale = min(scale, max_size / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
 
 def pad_batch(images: Sequence[Tensor], size_divisible: int = 32) -> Tensor:
     """list of (3, h_i, w_i) -> (b, 3, H, W), zeros at the right/bottom; H, W multiples of ``size_divisible``."""
@@ -160,7 +151,7 @@ class SimpleFPNDetector(nn.Module):
         resized, sizes, clean = [], [], []
         for i, img in enumerate(images):
             h, w = original_sizes[i]
-            new_h, new_w = resized_size(h, w, self.min_size, self.max_size)
+            new_h, new_w = rescaled_size(h, w, self.min_size, self.max_size)
             if (new_h, new_w) != (h, w):
                 img = F.interpolate(img[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
             resized.append((img - self.image_mean) / self.image_std)

@@ -160,8 +160,11 @@ def test_segmentation_train_pads_with_ignore():
     ((3024, 4032), 512, 2048, (512, 683)),    # a phone photo: the short side binds, 4032 * 512 / 3024 = 682.7
     ((10, 1000), 512, 2048, (20, 2048)),      # a panorama: the long side binds, scaled up 2.048x
     ((100, 250), 32, 128, (32, 80)),          # factor min(128 / 250, 32 / 100) = 0.32
-    ((64, 64), 32, 128, (32, 32))])
-def test_rescaled_size_is_mmcvs_imrescale_to_fit_both_sides(size, short, long, expected):
+    ((64, 64), 32, 128, (32, 32)),
+    ((2, 5), 1, None, (1, 3)),                # 2.5 rounds half up as mmcv does (Python's round gives 2)
+    ((3, 1), None, 2, (2, 1)),                # 0.67 -> 1: a side never rounds to 0
+    ((7, 9), None, None, (7, 9))])
+def test_rescaled_size_is_mmcvs_imrescale_to_fit_both_sides_for_detection_and_segmentation(size, short, long, expected):
     assert rescaled_size(*size, short, long) == expected
 
 

@@ -99,11 +99,13 @@ def segmentation_transforms(train: bool, size: int | None = None, ratio_range: t
     return v2.Compose([*ops, *_to_float(normalize=True)])
 
 
-def rescaled_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
-    """mmcv's ``imrescale`` to the scale (long, short): the same aspect ratio, scaled up or down until the short side
-    is ``short`` or the long side ``long``, whichever comes first; rounded as mmcv rounds."""
-    factor = min(long / max(height, width), short / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+def rescaled_size(height: int, width: int, short: int | None, long: int | None) -> tuple[int, int]:
+    """mmcv's ``imrescale`` to the scale (long, short), as mmdet's keep-ratio resize and mmseg's test resize use it:
+    the same aspect ratio, scaled up or down until the short side is ``short`` or the long side ``long``, whichever
+    comes first (None: no bound), rounded half up as mmcv rounds, at least one pixel."""
+    factor = min((bound / side for bound, side in ((short, min(height, width)), (long, max(height, width)))
+                  if bound is not None), default=1.0)
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 class RescaleToTestScale:
