@@ -221,8 +221,9 @@ def render_report(results: dict[str, Trainer], figures: dict[str, str], total_s:
               "balanced`: sqrt(background pixels / class pixels)). Chance levels are computed on the same validation "
               "scenes: cls, always answering the most frequent class; det, 100 random boxes per image (random "
               "position, size in the scenes' range, class and score); seg, every pixel background, and every "
-              "shape's pixels found exactly but its class guessed at random. These numbers show that the pipeline learns in minutes on a CPU, not how AS-MLP compares with other "
-              "models: the paper trains 300 ImageNet epochs before detection and segmentation.", ""]
+              "shape's pixels found exactly but its class guessed at random. These numbers show that the pipeline "
+              "learns in minutes on a CPU, not how AS-MLP compares with other models: the paper trains 300 ImageNet "
+              "epochs before detection and segmentation.", ""]
     lines += complexity_table()
     lines += ["", "## Figures", ""]
     captions = {"shift": "The axial shift, the operation AS-MLP is built on",

@@ -105,7 +105,8 @@ class SimpleFPNDetector(nn.Module):
             raise ValueError(f"need num_classes >= 1 (an int), min_size, max_size None or >= 32; got {num_classes!r}, "
                              f"{min_size}, {max_size}")
         self.num_classes, self.min_size, self.max_size = num_classes, min_size, max_size
-        self.center_sampling_radius, self.score_thresh, self.nms_thresh = center_sampling_radius, score_thresh, nms_thresh
+        self.center_sampling_radius, self.score_thresh = center_sampling_radius, score_thresh
+        self.nms_thresh = nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
         self.frozen_stages, self.channels_last = frozen_stages, channels_last
         levels = slice(1, None) if levels is None else levels  # FCOS's P3..: every stage of stride 8 and more

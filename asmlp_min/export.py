@@ -24,7 +24,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
     """Write ``model`` (an :class:`~asmlp_min.ASMLP`) to ``path`` as ONNX taking ``images`` (batch, in_chans, h, w)
     for any batch and the given (h, w); outputs ``logits``, or ``stage{i}`` for each of a backbone's ``out_indices``."""
     if importlib.util.find_spec("onnxscript") is None:
-        raise ValueError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript (or pip install -e .[dev])")
+        raise ValueError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript "
+                         "(or pip install -e .[dev])")
     height, width = image_size  # sizes >= 1: checked by the CLI
     model = model.eval()
     example = torch.randn(2, model.in_chans, height, width)  # 2, not 1: a size-1 batch would be traced as fixed

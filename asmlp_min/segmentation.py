@@ -1,6 +1,7 @@
 """Semantic segmentation (paper Sec. 4.3): AS-MLP features -> UperNet -> a class for every pixel.
 
-    image (b, 3, H, W) -> backbone -> F1..F4: (b, C, H/4, W/4), (b, 2C, H/8, W/8), (b, 4C, H/16, W/16), (b, 8C, H/32, W/32)
+    image (b, 3, H, W) -> backbone -> F1..F4: (b, C, H/4, W/4), (b, 2C, H/8, W/8), (b, 4C, H/16, W/16),
+                                              (b, 8C, H/32, W/32)
       -> UperHead: pyramid pooling on F4, lateral 1x1 + top-down sums, 3x3 per level, concat at stride 4,
          3x3 fuse, 1x1 classifier -> (b, K, H/4, W/4) -> bilinear -> (b, K, H, W)
     training only: FCNHead on F3 (stage index 2), loss weight 0.4.

@@ -275,7 +275,8 @@ def test_feature_info_names_the_module_whose_output_is_each_map(features_only):
     extractor = create_feature_extractor(model, return_nodes=info.module_name())
     x = torch.randn(2, 3, 64, 64)
     maps = list(extractor(x).values())
-    assert [tuple(m.shape) for m in maps] == [(2, c, 64 // r, 64 // r) for c, r in zip(info.channels(), info.reduction())]
+    expected = [(2, c, 64 // r, 64 // r) for c, r in zip(info.channels(), info.reduction())]
+    assert [tuple(m.shape) for m in maps] == expected
     if features_only:  # the tapped maps are the ones the model returns
         for got, want in zip(maps, model(x)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -8,7 +8,8 @@ from tests.test_shift import algorithm1
 
 
 def functional_mix(p, x, shift_size, prefix=""):
-    """Official AxialShift forward from its weights: conv1, GN, GELU, w/h shifts, conv2_1/conv2_2, GELU, sum, GN, conv3."""
+    """Official AxialShift forward from its weights: conv1, GN, GELU, w/h shifts, conv2_1/conv2_2, GELU, sum, GN,
+    conv3."""
     def conv(name, t):
         return F.conv2d(t, p[f"{prefix}{name}.weight"], p.get(f"{prefix}{name}.bias"))
 

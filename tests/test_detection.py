@@ -347,7 +347,7 @@ def test_pretrained_backbone_with_another_stage_depth_is_refused():
 def tiny_maskrcnn(**kw):
     torch.manual_seed(0)
     return build_maskrcnn("asmlp_tiny", num_classes=4, embed_dim=16, depths=(1, 1, 1, 1), min_size=64, max_size=64,
-                          maskrcnn_kwargs=dict(rpn_batch_size_per_image=32, box_batch_size_per_image=32,  # small and fast
+                          maskrcnn_kwargs=dict(rpn_batch_size_per_image=32, box_batch_size_per_image=32,  # small
                                                rpn_post_nms_top_n_train=64, rpn_post_nms_top_n_test=32,
                                                box_detections_per_img=10), **kw)
 

@@ -662,7 +662,8 @@ def _break_weights_after_the_epochs_last_step(trainer):
 def test_weights_that_become_nan_are_never_saved(tmp_path):
     trainer = Trainer(tiny(tmp_path, eval_every=2), log=quiet)        # no validation loss after epoch 1
     _break_weights_after_the_epochs_last_step(trainer)
-    with pytest.raises(NonFiniteLossError, match="weights became nan/inf .*head.weight.*no checkpoint had been written"):
+    with pytest.raises(NonFiniteLossError,
+                       match="weights became nan/inf .*head.weight.*no checkpoint had been written"):
         trainer.fit()
     assert os.listdir(tmp_path / "run") == []
 

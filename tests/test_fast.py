@@ -147,7 +147,8 @@ def test_switch_keeps_parameters_and_checkpoint_keys():
     assert {type(m) for m in model.modules()} == {type(m) for m in plain.modules()}
     assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
     plain.load_state_dict(fast.enable(model).state_dict(), strict=True)
-    assert sum(isinstance(m, GroupNorm1) for m in model.modules()) == 4 * 4 + 1 + 3 + 1  # 4 a block, stem, merges, final
+    norms = sum(isinstance(m, GroupNorm1) for m in model.modules())
+    assert norms == 4 * 4 + 1 + 3 + 1  # 4 a block, stem, merges, final
     assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))  # oneDNN's conv as is
 
 
@@ -178,7 +179,8 @@ def test_var_mean_group_norm_equals_group_norm_in_float64(layout):
     out = var_mean_group_norm(x, weight, bias, 1e-5)
     assert out.dtype == torch.float64 and out.is_contiguous(memory_format=layout)
     torch.testing.assert_close(out, F.group_norm(x, 1, weight, bias, 1e-5), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: var_mean_group_norm(x, weight, bias, 1e-5), (x[:1].detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda x: var_mean_group_norm(x, weight, bias, 1e-5),
+                                    (x[:1].detach().requires_grad_(),))
 
 
 def test_var_mean_group_norm_keeps_float32_statistics_for_bfloat16_input():

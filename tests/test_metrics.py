@@ -333,7 +333,8 @@ def test_non_finite_box_is_an_error_not_a_perfect_score():
     for value in (float("nan"), float("inf")):
         boxes = exact.clone()
         boxes[1, 2] = value
-        detections = [{"image_id": 1, "boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1])}]
+        detections = [{"image_id": 1, "boxes": boxes, "scores": torch.tensor([0.9, 0.8]),
+                       "labels": torch.tensor([1, 1])}]
         with pytest.raises(ValueError, match="image_id=1.*finite xyxy boxes"):
             coco_evaluate(_one_image_gt(), detections)
     results = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, float("nan"), 40], "score": 0.9}]

@@ -46,13 +46,15 @@ def test_outputs_are_clean_and_comparable(path):
             assert output["output_type"] != "error", f"{where}: stored with an error"
             assert output.get("name") != "stderr", f"{where}: writes to stderr: {text_of(output)[:200]!r}"
             assert not {"image/svg+xml", "application/pdf"} & set(output.get("data", {})), f"{where}: keep PNG"
-            assert not UNSTABLE.search(text_of(output)), f"{where}: output differs run to run: {text_of(output)[:200]!r}"
-            assert "\r" not in text_of(output), f"{where}: progress bar in the output"
+            text = text_of(output)
+            assert not UNSTABLE.search(text), f"{where}: output differs run to run: {text[:200]!r}"
+            assert "\r" not in text, f"{where}: progress bar in the output"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_only_collapsed_solutions_are_skipped(path):
-    """nbval does not run a cell marked NBVAL_SKIP: that is for an exercise's solution, stored collapsed, never a check."""
+    """nbval does not run a cell marked NBVAL_SKIP: that is for an exercise's solution, stored collapsed, never a
+    check."""
     for i, cell in enumerate(code_cells(path)):
         if "NBVAL_SKIP" in "".join(cell["source"]):
             hidden = cell["metadata"].get("jupyter", {}).get("source_hidden", False)

@@ -1,4 +1,5 @@
-"""UperNet segmenter: shapes, batch-1 BatchNorm, ignored pixels, sliding windows, checkpoints, paper parameter counts."""
+"""UperNet segmenter: shapes, batch-1 BatchNorm, ignored pixels, sliding windows, checkpoints, paper parameter
+counts."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,8 +67,9 @@ def test_single_value_per_channel_uses_running_statistics():
     before = block.bn.running_mean.clone()
     out = block.train()(x)
     conv = F.conv2d(x, block.conv.weight)
-    expected = torch.relu((conv - before[None, :, None, None]) / torch.sqrt(block.bn.running_var + 1e-5)[None, :, None, None]
-                          * block.bn.weight[None, :, None, None] + block.bn.bias[None, :, None, None])
+    bn = block.bn
+    scale = (bn.weight / torch.sqrt(bn.running_var + 1e-5)).view(1, -1, 1, 1)
+    expected = torch.relu((conv - before.view(1, -1, 1, 1)) * scale + bn.bias.view(1, -1, 1, 1))
     torch.testing.assert_close(out, expected)
     assert torch.equal(block.bn.running_mean, before)
     block(torch.randn(2, 8, 1, 1))  # two values per channel: ordinary batch statistics, stats move

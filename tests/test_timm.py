@@ -279,7 +279,8 @@ def test_timm_data_config_transform_ema_optimizer_and_scheduler():
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
     scales = {group["lr_scale"] for group in optimizer.param_groups}
     head = [g["lr_scale"] for g in optimizer.param_groups if any(p is model.head.weight for p in g["params"])]
-    stem = [g["lr_scale"] for g in optimizer.param_groups if any(p is model.patch_embed.proj.weight for p in g["params"])]
+    stem = [g["lr_scale"] for g in optimizer.param_groups
+            if any(p is model.patch_embed.proj.weight for p in g["params"])]
     assert head == [1.0] and stem == [min(scales)] and min(scales) < 0.1  # decays from the head down to the stem
     scheduler, epochs = create_scheduler_v2(optimizer, "cosine", num_epochs=3, warmup_epochs=1)
     ema = ModelEmaV3(model, decay=0.5)

@@ -111,7 +111,8 @@ def _shift_lines(shift: list[dict]) -> list[str]:
         "",
         f"### Shift ({shift[0]['memory_format']}), ms per call",
         "",
-        "| stage | (b, c, h, w) | clone | asmlp_min w / h | Algorithm 1 w / h | asmlp_min / clone | speed-up vs Alg. 1 |",
+        "| stage | (b, c, h, w) | clone | asmlp_min w / h | Algorithm 1 w / h | asmlp_min / clone "
+        "| speed-up vs Alg. 1 |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in shift:

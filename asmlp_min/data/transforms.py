@@ -7,9 +7,9 @@ masks are resampled with nearest neighbour.
 
 - classification, as in the paper (timm data config): train RandomResizedCrop (bicubic) + flip; eval
   resize the short side to ``int(size * 256 / 224)`` (bicubic), centre crop ``size``; ImageNet mean/std.
-- detection: flip and random resized crop; boxes are then re-fitted to their masks (when there are
-  masks) and ``SanitizeBoundingBoxes`` drops those cut to nothing, with their labels, masks, area, iscrowd. Images stay in [0, 1] by default:
-  torchvision detectors normalise inside the model.
+- detection: flip, and with ``size`` a random resized crop; boxes are then re-fitted to their masks (when
+  there are masks) and ``SanitizeBoundingBoxes`` drops those cut to nothing, with their labels, masks, area,
+  iscrowd. Images stay in [0, 1] by default: torchvision detectors normalise inside the model.
 - segmentation, as mmseg's ADE20K pipeline: random rescale 0.5-2x, random crop padded with 255
   (ignored), flip, photometric distortion; ImageNet mean/std.
 """

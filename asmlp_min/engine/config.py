@@ -66,7 +66,8 @@ def _per_task(values: dict) -> str:
 
 GROUP_HELP = {_DATA: "Each task names its input size: "
               + _per_task({t: "--" + name.replace("_", "-") for t, name in SIZE_FIELD.items()})
-              + f" (det also --max-size). Defaults: {_per_task({t: d[SIZE_FIELD[t]] for t, d in TASK_DEFAULTS.items()})}"
+              + " (det also --max-size). Defaults: "
+              + _per_task({t: d[SIZE_FIELD[t]] for t, d in TASK_DEFAULTS.items()})
               + f" on shapes; {_per_task(FOLDER_IMAGE_SIZE)} on a folder, as in the paper."}
 _PATCHES = f"the model cuts the image into {PATCH_SIZE}x{PATCH_SIZE} patches, and a smaller image has none"
 
