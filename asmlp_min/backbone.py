@@ -39,7 +39,8 @@ class ASMLPConfig:
     patch_size: int = 4
 
 
-# Paper / official yaml configs (../shared/PAPER.md Sec. 3). The mobile config is not in the released code:
+# The paper's variants as the official yaml configs state them (svip-lab/AS-MLP, configs/). The mobile config is not
+# in the released code:
 # C=64, depths (2,2,2,2) gives the paper's ~9.6M parameters but is UNCONFIRMED, as are its shift and drop path.
 MODEL_CONFIGS = {
     "asmlp_mobile": ASMLPConfig(embed_dim=64, depths=(2, 2, 2, 2), shift_size=5, drop_path_rate=0.1),
@@ -56,7 +57,7 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
-# The data the official ImageNet weights expect (timm's data config for AS-MLP, ../shared/ECOSYSTEM.md):
+# The data the official ImageNet weights expect (the official code's timm data config):
 # bicubic resize to 256 and a 224 centre crop at test time, ImageNet mean and std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -24,7 +24,7 @@ CONNECTIONS = ("parallel", "serial")
 class AxialShiftMix(nn.Module):
     """Token mixing: project, shift along w and along h, project each, sum, normalise, project.
 
-    x: (b, c, h, w) -> (b, c, h, w). Paper Eq. 3 (parallel, the default):
+    x: (b, c, h, w) -> (b, c, h, w). The paper's parallel connection (the default):
         z = GELU(Norm(conv1(x)))
         y = conv3(Norm(GELU(conv2_1(Shift_W(z))) + GELU(conv2_2(Shift_H(z)))))
     ``connection="serial"`` (ablation) chains the branches instead: the h-shift reads the w-branch output.
@@ -53,7 +53,7 @@ class AxialShiftMix(nn.Module):
         z_lr = self.actn(self.conv2_1(self.shift(z, -1)))
         if self.connection == "parallel":
             z_td = self.actn(self.conv2_2(self.shift(z, -2)))
-            mixed = z_lr + z_td                                # Eq. 3: the two axes are summed
+            mixed = z_lr + z_td                                # parallel: the two axes are summed
         else:
             mixed = self.actn(self.conv2_2(self.shift(z_lr, -2)))
         return self.conv3(self.norm2(mixed))

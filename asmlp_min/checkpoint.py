@@ -4,7 +4,7 @@ Reading always uses ``torch.load(..., weights_only=True, map_location="cpu")``: 
 to run code is refused, not executed. Writing goes to a temporary file in the same folder and is renamed
 into place, so a failed save never leaves a half-written file or clobbers the previous one.
 
-Accepted layouts (../shared/PAPER.md Sec. 9):
+Accepted layouts (the official releases of svip-lab/AS-MLP and its mmdet and mmseg forks):
 - official classification ``.pth``: ``{"model": state_dict}``;
 - mmdet / mmseg checkpoints: ``{"state_dict": {"backbone.patch_embed...", "neck...", ...}}`` with per-output
   ``backbone.norm{i}``, loaded into a ``features_only`` model;

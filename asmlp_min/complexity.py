@@ -2,7 +2,7 @@
 
 The paper's "FLOPs" (like Swin's and timm's) are multiply-adds, so we report **GMACs**:
 ``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per MAC, hence the division by 2.
-The analytic count is the official code's formula (../shared/PAPER.md Sec. 3):
+The analytic count is the official code's formula (``flops()`` of svip-lab/AS-MLP's model):
 per block 12 N d^2 + 5 N d (N = h * w tokens), per merge N d + (N/4) 8 d^2.
 """
 from __future__ import annotations

@@ -17,9 +17,9 @@ Labels are 1..num_classes (COCO-style, 0 never used; ``asmlp-min train`` maps ca
 1..K and back); there is no background class: a location whose K class probabilities are all low is
 background. Outputs use the same labels.
 
-``build_maskrcnn`` is the paper's setup (../shared/PAPER.md Sec. 8-9): torchvision's ``MaskRCNN`` on AS-MLP
-with an FPN over strides 4-32 plus a max-pooled stride-64 level, 256 channels, taking mmdet-format backbone
-weights.
+``build_maskrcnn`` is the paper's setup (the official mmdet configs, svip-lab/AS-MLP-Object-Detection):
+torchvision's ``MaskRCNN`` on AS-MLP with an FPN over strides 4-32 plus a max-pooled stride-64 level, 256
+channels, taking mmdet-format backbone weights.
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def _check_images(images) -> list[Tensor]:
 
 # ---------------------------------------------------------------- the paper's Mask R-CNN
 
-# Backbone settings of the official Mask R-CNN configs (../shared/PAPER.md Sec. 8): drop path 0.2 for T and S
+# Backbone settings of the official Mask R-CNN configs (svip-lab/AS-MLP-Object-Detection): drop path 0.2 for T, S
 # (ImageNet: 0.2, 0.3). There is no Mask R-CNN config for B, which keeps its ImageNet rate. Shift 5 is kept for S,
 # as in its 1x config (the 3x config uses 3).
 MASKRCNN_BACKBONE_DEFAULTS = {

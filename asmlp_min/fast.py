@@ -99,7 +99,7 @@ class GELU(nn.GELU):
 @torch.fx.wrap  # a leaf for FX tracing: it branches on the device
 def to_fast_layout(x: Tensor) -> Tensor:
     """channels_last on CPU, where it makes every 1x1 conv one GEMM; NCHW elsewhere (on CUDA, cuDNN's NCHW
-    convs were as fast or faster)."""
+    convs are as fast: benchmarks/README.md)."""
     layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
     return x.contiguous(memory_format=layout)
 

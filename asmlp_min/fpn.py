@@ -4,7 +4,7 @@
     -> 3x3 output conv -> P_i (b, d, h_i, w_i), then optional extra coarser levels.
 
 The paper's Mask R-CNN uses the mmdet FPN with in_channels (C, 2C, 4C, 8C), 256 output channels and five
-outputs: P2-P5 plus a stride-2 max-pool of P5 (../shared/PAPER.md Sec. 8-9). FCOS and RetinaNet instead add
+outputs: P2-P5 plus a stride-2 max-pool of P5 (mmdet's ``num_outs=5``). FCOS and RetinaNet instead add
 P6 and P7 with stride-2 3x3 convolutions. Both kinds of extra level are here, written to match
 ``torchvision.ops.FeaturePyramidNetwork`` with ``LastLevelMaxPool`` / ``LastLevelP6P7`` weight for weight.
 """

@@ -6,11 +6,12 @@
          3x3 fuse, 1x1 classifier -> (b, K, H/4, W/4) -> bilinear -> (b, K, H, W)
     training only: FCNHead on F3 (stage index 2), loss weight 0.4.
 
-The recipe is the official mmseg one (../shared/PAPER.md Sec. 7-9): 512 head channels, pool scales (1, 2, 3, 6),
-dropout 0.1, BatchNorm (SyncBatchNorm when distributed), cross-entropy with ignore_index 255. Parameter names
-follow mmseg (``backbone.*``, ``decode_head.psp_modules.0.1.conv.weight``, ``auxiliary_head.convs.0.bn.bias``, ...),
-so a full mmseg checkpoint's ``state_dict`` loads with ``load_state_dict``; ``pretrained_backbone=`` loads the
-backbone alone (official classification ``.pth``, mmseg checkpoint, or a project checkpoint).
+The recipe is the official mmseg one (svip-lab/AS-MLP-Semantic-Segmentation): 512 head channels, pool scales (1, 2,
+3, 6), dropout 0.1, BatchNorm (SyncBatchNorm in distributed CUDA training), cross-entropy with ignore_index 255.
+Parameter names follow mmseg (``backbone.*``, ``decode_head.psp_modules.0.1.conv.weight``,
+``auxiliary_head.convs.0.bn.bias``, ...), so a full mmseg checkpoint's ``state_dict`` loads with
+``load_state_dict``; ``pretrained_backbone=`` loads the backbone alone (official classification ``.pth``, mmseg
+checkpoint, or a project checkpoint).
 
 Distributed training: convert the BatchNorms with ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` before
 wrapping in DistributedDataParallel (the engine does this); single-process runs keep plain BatchNorm.
@@ -29,9 +30,9 @@ from .checks import is_count
 from .checkpoint import LoadReport, load_backbone_checkpoint
 from .dense_backbone import build_backbone
 
-# Paper Table (../shared/PAPER.md Sec. 7): UperNet + auxiliary head, 150 ADE20K classes, parameters in millions.
+# The paper's ADE20K table: UperNet + auxiliary head, 150 ADE20K classes, parameters in millions.
 PAPER_PARAMS = {"asmlp_tiny": 60, "asmlp_small": 81, "asmlp_base": 121}
-# Backbone settings of the official mmseg configs (Sec. 8): more drop path than for ImageNet, shift 3 for S.
+# Backbone settings of the official mmseg configs: more drop path than for ImageNet, shift 3 for S.
 SEG_BACKBONE_DEFAULTS = {
     "asmlp_tiny": dict(drop_path_rate=0.3),
     "asmlp_small": dict(shift_size=3, drop_path_rate=0.3),

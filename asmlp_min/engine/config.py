@@ -3,10 +3,10 @@
 ``TrainConfig``'s fields are the ``train`` command's flags (``cli.py`` generates them: name -> ``--kebab-name``,
 type, help, and the default this task and variant really get), so the help cannot drift from the code.
 
-The recipes are the official ones (../shared/PAPER.md Sec. 8 and 11): AdamW without weight decay on norms and
-biases; linear warm-up then cosine (ImageNet), poly (ADE20K) or steps at 8/12 and 11/12 of training (COCO 1x);
-gradient clipping at 5 for classification. Learning rates default to values that train the small models on the
-built-in shapes data from scratch; the paper's values are in the help.
+The recipes are the official ones (the configs of svip-lab/AS-MLP and its mmdet and mmseg forks): AdamW without
+weight decay on norms and biases; linear warm-up then cosine (ImageNet), poly (ADE20K) or steps at 8/12 and 11/12 of
+training (COCO 1x); gradient clipping at 5 for classification. Learning rates default to values that train the small
+models on the built-in shapes data from scratch; the paper's values are in the help.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ TASKS = ("cls", "det", "seg")
 SCHEDULES = ("cosine", "poly", "step")
 AUGMENTATIONS = ("auto", "paper", "light", "none")
 TASK_HELP = "cls (classification), det (detection) or seg (semantic segmentation)"
-PATCH_SIZE = 4  # the backbone's patch embedding (../shared/PAPER.md Sec. 3)
+PATCH_SIZE = 4  # the backbone's patch embedding (4x4 patches, as in every AS-MLP variant)
 
-# Per-task recipe (../shared/PAPER.md Sec. 8, 11). lr and the input sizes are tuned for shapes from scratch;
+# Per-task recipe (the official configs). lr and the input sizes are tuned for shapes from scratch;
 # the paper uses 1e-3 @ batch 1024 (cls), 1e-4 @ 16 (det, from ImageNet weights), 6e-5 @ 16 (seg).
 TASK_DEFAULTS = {
     "cls": dict(lr=1e-3, weight_decay=0.05, clip_grad=5.0, schedule="cosine", warmup_ratio=1e-3, min_lr_ratio=0.01,
@@ -110,7 +110,7 @@ class TrainConfig:
     amp: bool = setting(False, "mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA (on a CPU "
                         "without bfloat16 units, AVX512-BF16 or AMX, it is many times slower)", group=_SPEED)
     channels_last: bool = setting(False, "NHWC memory format for model and images (the CPU model computes in NHWC "
-                                  "anyway, and on an H200 GPU it was slower: benchmarks/README.md)", group=_SPEED)
+                                  "anyway; on CUDA it is slower for AS-MLP: benchmarks/README.md)", group=_SPEED)
     accum_steps: int = setting(1, "micro-batches per optimiser step (gradient accumulation)", group=_OPT,
                                interval="[1, inf)")
     seed: int = setting(0, "seed of weights, data order and augmentation", group=_OPT)
