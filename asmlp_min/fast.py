@@ -10,7 +10,8 @@ optimizer keeps its parameters. tests/test_fast.py checks each piece and whole m
   plain 1x1 ``nn.Conv2d`` as one matrix product over channels, forward and backward, and GELU runs on the
   contiguous (b, h, w, c) view.
 - CPU inference runs each stage on pieces of the batch (:func:`inference_pieces`), which reuse freed memory.
-- On CUDA the zero-padded shift is one Triton kernel (:func:`kernel_shift`), where Triton is installed.
+- The zero-padded shift writes each output element once: slice copies (:func:`slice_shift`), on CUDA one Triton
+  kernel (:func:`kernel_shift`) where Triton is installed; its backward is the same shift the other way.
 - CUDA inference takes GroupNorm(1, c)'s statistics with ``torch.var_mean`` (:func:`var_mean_group_norm`), which
   spreads a sample over the whole GPU where the native kernel gives it one thread block.
 
@@ -127,8 +128,27 @@ class FastPatchMerging(PatchMerging):
         return self.reduction(self.norm(space_to_depth(pad_to_multiple(x, 2))))
 
 
-# ---------------------------------------------------------------- the shift as one kernel on CUDA (Triton)
-try:  # Triton comes with PyTorch's CUDA builds on Linux; without it CUDA runs shift.axial_shift's slice copies
+# ---------------------------------------------------------------- the zero-padded shift, one write an element
+def slice_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 1) -> Tensor:
+    """``shift.axial_shift`` with zeros, every output element written once: each group's pixels that stay inside
+    are copied into an empty tensor, the ones it vacates set to 0, (b, c, h, w) -> (b, c, h, w) in x's memory
+    format. ``dim`` is the tensor axis, 2 or 3; ``sign=-1`` shifts the other way, the backward."""
+    out = torch.empty_like(x)
+    n = x.shape[dim]
+    for c0, c1, offset in shift.group_offsets(x.shape[1], shift_size, dilation):
+        offset *= sign
+        dst, src = out[:, c0:c1], x[:, c0:c1]
+        m = max(n - abs(offset), 0)                         # pixels that stay inside the image
+        keep_to, keep_from = max(offset, 0), max(-offset, 0)
+        if m:
+            dst.narrow(dim, keep_to, m).copy_(src.narrow(dim, keep_from, m))
+        if offset:  # the centre group vacates nothing
+            vacated = (0, min(offset, n)) if offset > 0 else (m, n - m)
+            dst.narrow(dim, *vacated).zero_()
+    return out
+
+
+try:  # Triton comes with PyTorch's CUDA builds on Linux; without it CUDA runs the slice copies
     import triton
     import triton.language as tl
 except ImportError:
@@ -152,8 +172,8 @@ if triton is not None:
 
 
 def kernel_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 1) -> Tensor:
-    """``shift._zero_shift`` as one launch of :func:`_shift_kernel`, which reads each output's source element
-    or writes its zero: (b, c, h, w) -> (b, c, h, w), same memory format. ``sign=-1`` is the backward."""
+    """:func:`slice_shift` as one launch of :func:`_shift_kernel` (the slices take ``shift_size`` copies and zero
+    fills), which reads each output's source element or writes its zero; same memory format."""
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     out = torch.empty_like(x)
@@ -165,30 +185,53 @@ def kernel_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int 
     return out
 
 
-class _KernelShift(torch.autograd.Function):
+def zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 1) -> Tensor:
+    """:func:`kernel_shift` on CUDA where Triton is installed, except under torch.compile, which fuses the slice
+    copies, and for tensors of 2**31 elements or more, which the kernel's int32 indices cannot address;
+    :func:`slice_shift` otherwise."""
+    if triton is not None and x.is_cuda and not torch.compiler.is_compiling() and x.numel() < 2**31:
+        return kernel_shift(x, shift_size, dim, dilation, sign)
+    return slice_shift(x, shift_size, dim, dilation, sign)
+
+
+class _ZeroShift(torch.autograd.Function):
+    """With zero padding the shift's backward is the same shift with the offsets negated: its exact adjoint."""
+
     @staticmethod
     def forward(ctx, x: Tensor, shift_size: int, dim: int, dilation: int) -> Tensor:
         ctx.config = (shift_size, dim, dilation)
-        return kernel_shift(x, shift_size, dim, dilation)
+        return zero_shift(x, shift_size, dim, dilation)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return kernel_shift(grad, *ctx.config, sign=-1), None, None, None
+        return zero_shift(grad, *ctx.config, sign=-1), None, None, None
+
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing this call. ``torch.compiler.is_exporting`` is new in torch 2.6; before it the
+    export gets the slice copies, which are correct, only slow to export."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
 
 
 @torch.fx.wrap  # a leaf for FX tracing, as shift.axial_shift is in block.py: it branches on the device
 def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding: str = "zeros") -> Tensor:
     """:func:`shift.axial_shift`, under its name, so FX graph node names stay the same with the switch on or off.
 
-    A zero-padded shift of a CUDA tensor runs :func:`kernel_shift` (one launch where the slice copies take
-    ``shift_size`` copies and zero fills), except under torch.compile, which fuses those, and for tensors of 2**31
-    elements or more, which the kernel's int32 indices cannot address.
+    Zero padding runs :func:`zero_shift`, through :class:`_ZeroShift` where autograd needs it. Other paddings, and
+    torch.export (which ONNX export uses), take shift.axial_shift's pad and concat: slice copies into a tensor
+    export as ScatterND over index ranges, several ONNX nodes a group, which onnxscript's optimiser is slow to
+    simplify, where pad, slices and a concat export as the three ONNX ops of those names.
     """
-    if (triton is None or not x.is_cuda or padding != "zeros" or torch.compiler.is_compiling()
-            or x.numel() >= 2**31):
+    if padding != "zeros" or _exporting():
         return shift.axial_shift(x, shift_size, dim, dilation, padding)
     shift.check_shift_args(shift_size, dilation, padding)  # the checks shift.axial_shift makes, with its messages
-    return _KernelShift.apply(x, shift_size, shift._spatial_dim(x, dim), dilation)
+    axis = shift._spatial_dim(x, dim)
+    if x.shape[1] == 0:
+        return x.clone()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ZeroShift.apply(x, shift_size, axis, dilation)
+    return zero_shift(x, shift_size, axis, dilation)  # inference: skip autograd.Function's overhead
 
 
 class FastAxialShiftMix(AxialShiftMix):

@@ -6,13 +6,12 @@ pixels along one axis; positions that fall off the border are dropped, vacated o
 
     Shift_W(z)[c, i, j] = z[c, i, j - o(c)],   o(c) = (c // ceil(C/s) - s // 2) * dilation
 
-``axial_shift`` computes this with one pass over memory (slice copies into an empty tensor), and its
-zero-padding backward is the same shift with the offsets negated: the exact adjoint. Under ``torch.export`` (ONNX
-export goes through it) the same shift is written as pad -> one window per group -> cat instead: slice copies into
-a tensor export as ScatterND over index ranges, several ONNX nodes a group, which onnxscript's optimiser is slow to
-simplify; pad, slices and a concat export as the three ONNX ops of those names.
-``reference_shift`` is the paper's Algorithm 1 (pad -> chunk -> roll -> cat -> narrow), kept as the
-oracle for tests and the baseline for ``asmlp-min bench``.
+``axial_shift`` pads the axis once with ``reach = (shift_size // 2) * dilation`` pixels on each side, then takes
+one window of the padded tensor per group and concatenates them: group k's window starts ``offset`` pixels before
+the image, so its content lands ``offset`` pixels further on. The paper pads with zeros; the other paddings are
+for ablations. ``reference_shift`` is the paper's Algorithm 1 step by step (pad -> chunk -> roll -> cat -> narrow),
+the baseline of ``asmlp-min bench``. asmlp_min/fast.py computes the zero-padded shift writing each output element
+once (slice copies into an empty tensor, or one CUDA kernel), tested equal to this one.
 """
 from __future__ import annotations
 
@@ -60,56 +59,6 @@ def group_offsets(channels: int, shift_size: int, dilation: int = 1) -> list[tup
             for k, start in enumerate(range(0, channels, size))]
 
 
-def _zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int) -> Tensor:
-    """One pass: every output element is written once, either copied from x or set to 0."""
-    out = torch.empty_like(x)
-    n = x.shape[dim]
-    for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation):
-        offset *= sign
-        dst, src = out[:, c0:c1], x[:, c0:c1]
-        m = max(n - abs(offset), 0)                         # pixels that stay inside the image
-        keep_to, keep_from = max(offset, 0), max(-offset, 0)
-        if m:
-            dst.narrow(dim, keep_to, m).copy_(src.narrow(dim, keep_from, m))
-        if offset:  # the centre group vacates nothing
-            vacated = (0, min(offset, n)) if offset > 0 else (m, n - m)
-            dst.narrow(dim, *vacated).zero_()
-    return out
-
-
-class _ZeroShift(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, shift_size: int, dim: int, dilation: int) -> Tensor:
-        ctx.config = (shift_size, dim, dilation)
-        return _zero_shift(x, shift_size, dim, dilation, sign=1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        shift_size, dim, dilation = ctx.config
-        return _zero_shift(grad, shift_size, dim, dilation, sign=-1), None, None, None
-
-
-def _exporting() -> bool:
-    """Whether torch.export is tracing this call. ``torch.compiler.is_exporting`` is new in torch 2.6; before it the
-    export gets the slice copies, which are correct, only slow to export."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
-
-
-def _padded_shift(x: Tensor, shift_size: int, dim: int, dilation: int, padding: str) -> Tensor:
-    """Pad the axis once with ``padding``, then take one window per group: other borders for ablations, and
-    zeros in a graph for torch.export."""
-    reach = (shift_size // 2) * dilation
-    n = x.shape[dim]
-    pad = (reach, reach, 0, 0) if dim == 3 else (0, 0, reach, reach)
-    if (padding == "reflect" and reach >= n) or (padding == "circular" and reach > n):
-        raise ValueError(f"{padding} padding needs more than {reach} pixels along the axis, got {n}: use 'zeros'")
-    padded = F.pad(x, pad, mode="constant" if padding == "zeros" else padding)
-    windows = [padded[:, c0:c1].narrow(dim, reach - offset, n)
-               for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation)]
-    return torch.cat(windows, dim=1)
-
-
 def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding: str = "zeros") -> Tensor:
     """Shift channel group k of ``x`` by ``(k - shift_size // 2) * dilation`` pixels along ``dim``.
 
@@ -120,17 +69,20 @@ def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding
     axis = _spatial_dim(x, dim)
     if x.shape[1] == 0:  # no channels, no groups to move: the empty result Algorithm 1 (reference_shift) gives
         return x.clone()
-    if padding == "zeros" and not _exporting():
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _ZeroShift.apply(x, shift_size, axis, dilation)
-        return _zero_shift(x, shift_size, axis, dilation, sign=1)  # inference: skip autograd.Function's overhead
-    return _padded_shift(x, shift_size, axis, dilation, padding)
+    reach, n = (shift_size // 2) * dilation, x.shape[axis]
+    if (padding == "reflect" and reach >= n) or (padding == "circular" and reach > n):
+        raise ValueError(f"{padding} padding needs more than {reach} pixels along the axis, got {n}: use 'zeros'")
+    pad = (reach, reach, 0, 0) if axis == 3 else (0, 0, reach, reach)
+    padded = F.pad(x, pad, mode="constant" if padding == "zeros" else padding)
+    windows = [padded[:, c0:c1].narrow(axis, reach - offset, n)
+               for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation)]
+    return torch.cat(windows, dim=1)
 
 
 def reference_shift(x: Tensor, shift_size: int, dim: int) -> Tensor:
     """Paper Algorithm 1, step by step: zero-pad, chunk channels, roll each chunk, concatenate, crop.
 
-    x: (b, c, h, w) -> (b, c, h, w). Slow (several full copies); the oracle and the benchmark baseline.
+    x: (b, c, h, w) -> (b, c, h, w). Several full copies: the benchmark baseline.
     """
     pad = shift_size // 2
     axis = _spatial_dim(x, dim)

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asmlp_min import fast
+from asmlp_min import fast, shift
 from asmlp_min.backbone import ASMLPStage, PatchEmbed, PatchMerging, create_model
 from asmlp_min.block import AxialShiftMix
 from asmlp_min.fast import (GELU, FastASMLPStage, FastPatchEmbed, FastPatchMerging, GroupNorm1,
                             var_mean_group_norm)
 from tests.test_block import randomise
+from tests.test_shift import algorithm1
 
 CL = torch.channels_last
 F64 = dict(rtol=1e-10, atol=1e-10)
@@ -209,11 +210,68 @@ def test_norm_after_a_frozen_part_trains_its_weights():
     torch.testing.assert_close(got[1], norm.bias.grad)
 
 
-# ---------------------------------------------------------------- the one-kernel shift (Triton, CUDA)
+# ---------------------------------------------------------------- the zero-padded shift, one write an element
+@pytest.mark.parametrize("channels", [3, 97])
+@pytest.mark.parametrize("shift_size", [1, 3, 5, 7])
+@pytest.mark.parametrize("dims", [(-1, 3), (-2, 2)])
+@pytest.mark.parametrize("hw", [(6, 9), (2, 3), (1, 1)])  # non-square; smaller than the shift reach
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("exporting", [False, True], ids=["eager", "export"])  # torch.export's pad-and-cat form
+def test_fast_shift_equals_algorithm1_bit_for_bit(channels, shift_size, dims, hw, layout, exporting, monkeypatch):
+    """The slice copies (and under torch.export shift.axial_shift's pad and concat), forward and backward, against
+    the test's own transcription of Algorithm 1; the output keeps the input's memory format."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
+    x = torch.randn(2, channels, *hw).contiguous(memory_format=layout).requires_grad_()
+    grad = torch.randn(2, channels, *hw)
+    ours, theirs = dims
+    out, want = fast.axial_shift(x, shift_size, ours), algorithm1(x, shift_size, theirs)
+    assert torch.equal(out, want) and (exporting or out.stride() == x.stride())
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+    with torch.no_grad():                           # inference skips the autograd.Function
+        assert torch.equal(fast.axial_shift(x, shift_size, ours), want)
+
+
+def test_fast_shift_runs_on_a_torch_without_is_exporting(monkeypatch):
+    """torch.compiler.is_exporting came with torch 2.6; pyproject allows torch 2.4."""
+    monkeypatch.delattr(torch.compiler, "is_exporting")
+    x = torch.randn(2, 7, 3, 5, requires_grad=True)
+    assert torch.equal(fast.axial_shift(x, 5, -1), algorithm1(x, 5, 3))
+
+
+def test_fast_shift_of_no_channels_and_its_gradcheck():
+    x = torch.zeros(2, 0, 4, 5, requires_grad=True)
+    out = fast.axial_shift(x, 5, -1)
+    assert out.shape == (2, 0, 4, 5)
+    out.sum().backward()
+    assert x.grad.shape == (2, 0, 4, 5)
+    x = torch.randn(2, 7, 4, 5, dtype=torch.float64, requires_grad=True)
+    for dim, dilation in [(-1, 1), (-2, 2)]:
+        assert torch.autograd.gradcheck(lambda t: fast.axial_shift(t, 5, dim, dilation), (x,))
+
+
+class _Shift(nn.Module):
+    def __init__(self, dilation: int):
+        super().__init__()
+        self.dilation = dilation
+
+    def forward(self, x):
+        return fast.axial_shift(x, 5, -1, self.dilation)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_torch_export_writes_the_fast_shift_as_pad_and_cat_with_the_same_values(dilation):
+    """Slice copies into a tensor would export as index scatters; the export takes shift.axial_shift's form."""
+    x = torch.randn(2, 13, 4, 9)
+    program = torch.export.export(_Shift(dilation), (x,))
+    ops = {node.target for node in program.graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.cat.default in ops and not {torch.ops.aten.copy_.default, torch.ops.aten.copy.default} & ops
+    for y in (x, torch.randn(2, 13, 4, 9)):  # another input through the same graph
+        assert torch.equal(program.module()(y), shift.axial_shift(y, 5, -1, dilation))
+
 
 KERNEL_CHECK = """
 import itertools, torch
-from asmlp_min.fast import _KernelShift
+from asmlp_min.fast import kernel_shift
 from asmlp_min.shift import axial_shift
 torch.manual_seed(0)
 cases = 0
@@ -222,24 +280,25 @@ for (c, h, w), s, d, dim, layout, dtype in itertools.product(
         [torch.contiguous_format, torch.channels_last], [torch.float32, torch.float64]):
     x = torch.randn(2, c, h, w, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     grad = torch.randn(2, c, h, w, dtype=dtype)
-    got = _KernelShift.apply(x, s, dim, d)
+    got = kernel_shift(x.detach(), s, dim, d)
     want = axial_shift(x, s, dim, d)
     assert got.stride() == x.stride(), (got.stride(), x.stride())
     assert torch.equal(got, want), (c, h, w, s, d, dim, layout)
-    (g_got,) = torch.autograd.grad(got, x, grad)
     (g_want,) = torch.autograd.grad(want, x, grad)
+    g_got = kernel_shift(grad.contiguous(memory_format=layout), s, dim, d, sign=-1)
     assert torch.equal(g_got, g_want), ("backward", c, h, w, s, d, dim, layout)
     cases += 1
 x = torch.randn(2, 13, 5, 8)[..., ::2]  # not dense: copied first
-assert torch.equal(_KernelShift.apply(x, 5, 3, 1), axial_shift(x, 5, 3))
+assert torch.equal(kernel_shift(x, 5, 3, 1), axial_shift(x, 5, 3))
 print(cases)
 """
 
 
 def test_kernel_shift_equals_the_torch_shift_under_the_triton_interpreter():
     """The Triton kernel, run by Triton's interpreter on CPU tensors (it only launches on a GPU otherwise), against
-    shift.axial_shift, forward and backward: odd channel counts, images narrower than the shift, dilation 2,
-    both memory formats. A fresh process, because TRITON_INTERPRET is read when the kernel is defined."""
+    shift.axial_shift, forward and backward (sign -1): odd channel counts, images narrower than the shift,
+    dilation 2, both memory formats. A fresh process, because TRITON_INTERPRET is read when the kernel is
+    defined."""
     pytest.importorskip("triton")
     run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=os.environ | {"TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600)
@@ -249,7 +308,7 @@ def test_kernel_shift_equals_the_torch_shift_under_the_triton_interpreter():
 
 def test_fast_shift_mix_runs_the_torch_shift_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(fast, "_KernelShift", type("Spy", (), {"apply": staticmethod(lambda *a: calls.append(a))}))
+    monkeypatch.setattr(fast, "kernel_shift", lambda *a: calls.append(a))
     for padding in ("zeros", "reflect"):
         mix = fast.enable(randomise(AxialShiftMix(10, padding=padding)))
         assert type(mix) is fast.FastAxialShiftMix

@@ -25,9 +25,7 @@ AXES = [(-1, 3), (-2, 2)]  # (our dim, Algorithm 1's dim)
 @pytest.mark.parametrize("shift_size", [1, 3, 5, 7])
 @pytest.mark.parametrize("dims", AXES)
 @pytest.mark.parametrize("hw", [(7, 11), (2, 3), (1, 1)])  # non-square; smaller than the shift reach
-@pytest.mark.parametrize("exporting", [False, True], ids=["eager", "export"])  # torch.export's pad-and-cat form
-def test_forward_equals_algorithm1_bit_for_bit(channels, shift_size, dims, hw, exporting, monkeypatch):
-    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
+def test_forward_equals_algorithm1_bit_for_bit(channels, shift_size, dims, hw):
     x = torch.randn(2, channels, *hw)
     ours, theirs = dims
     assert torch.equal(axial_shift(x, shift_size, ours), algorithm1(x, shift_size, theirs))
@@ -36,9 +34,7 @@ def test_forward_equals_algorithm1_bit_for_bit(channels, shift_size, dims, hw, e
 @pytest.mark.parametrize("channels", [3, 97])
 @pytest.mark.parametrize("shift_size", [3, 5, 7])
 @pytest.mark.parametrize("dims", AXES)
-@pytest.mark.parametrize("exporting", [False, True], ids=["eager", "export"])
-def test_backward_equals_algorithm1_bit_for_bit(channels, shift_size, dims, exporting, monkeypatch):
-    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
+def test_backward_equals_algorithm1_bit_for_bit(channels, shift_size, dims):
     x = torch.randn(2, channels, 6, 9, requires_grad=True)
     grad_out = torch.randn(2, channels, 6, 9)
     ours, theirs = dims
@@ -51,24 +47,6 @@ def test_backward_equals_algorithm1_bit_for_bit(channels, shift_size, dims, expo
 def test_reference_shift_is_algorithm1(dims):
     x = torch.randn(1, 10, 5, 8)
     assert torch.equal(reference_shift(x, 5, dims[0]), algorithm1(x, 5, dims[1]))
-
-
-def test_the_shift_runs_on_a_torch_without_is_exporting(monkeypatch):
-    """torch.compiler.is_exporting came with torch 2.6; pyproject allows torch 2.4."""
-    monkeypatch.delattr(torch.compiler, "is_exporting")
-    x = torch.randn(2, 7, 3, 5, requires_grad=True)
-    assert torch.equal(axial_shift(x, 5, -1), algorithm1(x, 5, 3))
-
-
-@pytest.mark.parametrize("dilation", [1, 2])
-def test_torch_export_writes_the_shift_as_pad_and_cat_with_the_same_values(dilation):
-    shift = AxialShift(5, dim=-1, dilation=dilation)
-    x = torch.randn(2, 13, 4, 9)
-    program = torch.export.export(shift, (x,))
-    ops = {node.target for node in program.graph.nodes if node.op == "call_function"}
-    assert torch.ops.aten.cat.default in ops and not {torch.ops.aten.copy_.default, torch.ops.aten.copy.default} & ops
-    for y in (x, torch.randn(2, 13, 4, 9)):  # another input through the same graph
-        assert torch.equal(program.module()(y), shift(y))
 
 
 def test_paper_figure_2b_by_hand():

@@ -4,8 +4,8 @@ memory, page faults).
 What is measured for AS-MLP-T at 224x224 (CPU: fp32, inference batch 16, training batch 8;
 CUDA: batch 64 with fp16 autocast):
 
-* shift: :func:`~asmlp_min.shift.axial_shift` vs the paper's Algorithm 1 (pad, chunk, roll, cat, narrow)
-  vs ``clone()`` (the memory-copy floor) at the four stage shapes, in the layout the model runs in.
+* shift: the model's shift (:func:`~asmlp_min.fast.axial_shift`) vs the paper's Algorithm 1 (pad, chunk, roll,
+  cat, narrow) vs ``clone()`` (the memory-copy floor) at the four stage shapes, in the layout the model runs in.
 * inference: images/s in eval mode without autograd: asmlp_min vs the *official configuration* (the same
   weights run the way the official code runs them: NCHW tensors, ``nn.Conv2d`` 1x1 convs, Algorithm 1)
   vs ``torchvision.models.swin_t`` and ``convnext_tiny``. A square fp32 matmul is timed in the same rounds:
@@ -35,7 +35,7 @@ from .. import fast
 from ..backbone import ASMLP, MODEL_CONFIGS, create_model
 from ..complexity import count_gmacs, stage_resolutions
 from ..runtime import freed_memory_kept
-from ..shift import axial_shift, reference_shift
+from ..shift import reference_shift
 from .official import official_configuration
 from .report import summarise
 from .settings import BenchSettings
@@ -137,8 +137,8 @@ def measure_shift(settings: BenchSettings, progress: tqdm | None = None) -> list
         x = torch.randn(shape, device=settings.device).contiguous(memory_format=layout)
         candidates = {
             "clone": x.clone,
-            "asmlp_min_w": lambda: axial_shift(x, shift_size, -1),
-            "asmlp_min_h": lambda: axial_shift(x, shift_size, -2),
+            "asmlp_min_w": lambda: fast.axial_shift(x, shift_size, -1),
+            "asmlp_min_h": lambda: fast.axial_shift(x, shift_size, -2),
             "algorithm1_w": lambda: reference_shift(x, shift_size, -1),
             "algorithm1_h": lambda: reference_shift(x, shift_size, -2),
         }
