@@ -9,7 +9,6 @@ checkpoint) and partly frozen here, so the detector and the segmenter check a ba
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from .backbone import ASMLP, MODEL_CONFIGS, create_model
@@ -29,25 +28,18 @@ def build_backbone(name: str, out_indices: Sequence[int] | slice | None, pretrai
     if not -1 <= frozen_stages <= len(backbone.layers):
         raise ValueError(f"frozen_stages must be in [-1, {len(backbone.layers)}], got {frozen_stages}: "
                          "-1 trains everything, 0 freezes the patch embedding, k also freezes stages 0..k-1")
-    report = None if pretrained_backbone is None else load_backbone_weights(backbone, pretrained_backbone)
+    report = None if pretrained_backbone is None else load_backbone_checkpoint(backbone, pretrained_backbone)
     freeze_stages(backbone, frozen_stages)
     return backbone, report
-
-
-def load_backbone_weights(backbone: ASMLP, checkpoint: str | os.PathLike | dict) -> LoadReport:
-    """Official classification ``.pth``, mmdet ``{"state_dict": {"backbone.…"}}`` or a project checkpoint.
-
-    Missing ``norm{i}`` keys are expected from a classification checkpoint (the per-output norms are new);
-    a checkpoint of another variant (any other key missing or unexpected, or a wrong shape) raises
-    ``CheckpointError``, see :func:`~asmlp_min.checkpoint.load_backbone_checkpoint`.
-    """
-    return load_backbone_checkpoint(backbone, checkpoint)
 
 
 def freeze_stages(backbone: ASMLP, frozen_stages: int) -> None:
     """mmdet's ResNet convention: -1 nothing, 0 the patch embedding, k >= 1 also ``layers[0..k-1]``.
 
-    Frozen parts get no gradient and stay in eval mode (no drop path), so call this again after ``.train()``.
+    Frozen parts get no gradient and stay in eval mode (no drop path), so call this again after ``.train()``
+    (the detector and the segmenter do). The official AS-MLP mmdet/mmseg backbone counts as Swin does, one more:
+    its ``frozen_stages=k`` (k >= 1) freezes the patch embedding and ``layers[0..k-2]``, this function's k - 1.
+    Every official config trains everything (-1).
     """
     for module in [backbone.patch_embed, *backbone.layers][:frozen_stages + 1]:
         module.eval()

@@ -39,7 +39,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, ASMLP
 from .checkpoint import LoadReport
 from .data.transforms import rescaled_size
-from .dense_backbone import build_backbone, freeze_stages, load_backbone_weights
+from .dense_backbone import build_backbone, freeze_stages
 from .fcos import FCOSHead, assign_targets, decode_boxes, fcos_losses, fcos_regress_ranges, level_points
 from .fpn import FPN
 
@@ -126,11 +126,6 @@ class SimpleFPNDetector(nn.Module):
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD)[:, None, None], persistent=False)
         if channels_last:
             self.to(memory_format=torch.channels_last)
-
-    def load_backbone(self, checkpoint: str | os.PathLike | dict) -> LoadReport:
-        """Load backbone weights after construction; see ``load_backbone_weights``."""
-        self.backbone_load_report = load_backbone_weights(self.backbone, checkpoint)
-        return self.backbone_load_report
 
     def train(self, mode: bool = True) -> SimpleFPNDetector:
         super().train(mode)

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from .backbone import MODEL_CONFIGS
 from .checks import is_count
-from .checkpoint import LoadReport, load_backbone_checkpoint
-from .dense_backbone import build_backbone
+from .dense_backbone import build_backbone, freeze_stages
 
 # The paper's ADE20K table: UperNet + auxiliary head, 150 ADE20K classes, parameters in millions.
 PAPER_PARAMS = {"asmlp_tiny": 60, "asmlp_small": 81, "asmlp_base": 121}
@@ -233,7 +232,9 @@ class SemanticSegmenter(nn.Module):
     ``backbone``: a variant name; ``backbone_kwargs`` override its config (e.g. ``embed_dim=16, depths=(1,1,1,1)``)
     on top of the mmseg segmentation defaults in ``SEG_BACKBONE_DEFAULTS``. ``channels``/``aux_channels`` shrink
     the heads for small experiments (paper: 512 / 256). ``pretrained_backbone``: path or dict, loaded into the
-    ``features_only`` backbone with ``strict=False`` (report in ``backbone_load_report``). ``class_weight``: (K,)
+    ``features_only`` backbone, whose output norms ``norm0..3`` an ImageNet checkpoint lacks; another variant's
+    weights are refused (report in ``backbone_load_report``). ``frozen_stages``: see
+    :func:`~asmlp_min.dense_backbone.freeze_stages`, kept frozen through ``.train()``. ``class_weight``: (K,)
     loss weights, e.g. ``balanced_class_weights(class_pixel_counts(train_set, K))``; kept out of the state_dict.
     """
 
@@ -243,12 +244,14 @@ class SemanticSegmenter(nn.Module):
                  dropout: float = 0.1, aux_weight: float = 0.4, aux_index: int = 2, ignore_index: int = 255,
                  inference: str = "whole", crop_size: int | tuple[int, int] = 512,
                  stride: int | tuple[int, int] = 341, class_weight: Tensor | list[float] | None = None,
-                 **backbone_kwargs):
+                 frozen_stages: int = -1, **backbone_kwargs):
         super().__init__()
         self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
         self.inference, self.crop_size, self.stride = inference, _pair(crop_size), _pair(stride)
         kwargs = {**SEG_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
-        self.backbone, _ = build_backbone(backbone, None, **kwargs)  # every stage
+        self.frozen_stages = frozen_stages
+        self.backbone, self.backbone_load_report = build_backbone(  # every stage
+            backbone, None, pretrained_backbone, frozen_stages, **kwargs)
         in_channels = tuple(self.backbone.feature_info.channels())
         stages, windows = range(len(in_channels)), self.stride + self.crop_size
         if inference not in ("whole", "slide") or min(windows) < 1 or (aux and aux_index not in stages):
@@ -259,17 +262,11 @@ class SemanticSegmenter(nn.Module):
         self.auxiliary_head = FCNHead(in_channels[aux_index], aux_channels, num_classes, dropout) if aux else None
         self.register_buffer("class_weight", None, persistent=False)  # not in state_dict: mmseg keys stay exact
         self.set_class_weight(class_weight)
-        self.backbone_load_report: LoadReport | None = None
-        if pretrained_backbone is not None:
-            self.backbone_load_report = self.load_backbone(pretrained_backbone)
 
-    def load_backbone(self, checkpoint: str | os.PathLike | dict) -> LoadReport:
-        """Load backbone weights (cls ``.pth``, mmseg ``{"state_dict": {"backbone.…"}}``, project checkpoint).
-
-        Missing keys are expected (an ImageNet checkpoint has no ``norm0..3``); a checkpoint that matches
-        nothing or has tensors of the wrong shape (another variant) raises ``CheckpointError``.
-        """
-        return load_backbone_checkpoint(self.backbone, checkpoint)
+    def train(self, mode: bool = True) -> SemanticSegmenter:
+        super().train(mode)
+        freeze_stages(self.backbone, self.frozen_stages)
+        return self
 
     def set_class_weight(self, class_weight: Tensor | list[float] | None) -> None:
         """Per-class loss weights (num_classes,) > 0, or None for plain cross-entropy (mmseg ``class_weight``)."""

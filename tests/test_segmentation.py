@@ -224,6 +224,19 @@ def test_checkpoint_with_fewer_blocks_is_refused():
         tiny(depths=(1, 1, 2, 1), pretrained_backbone={"model": shallower.state_dict()})
 
 
+def test_frozen_stages_stay_frozen_through_train():
+    """As the detector's: no gradient, and eval mode after .train(), so drop path leaves their output fixed."""
+    model = tiny(frozen_stages=2, drop_path_rate=0.5).train()
+    frozen = [model.backbone.patch_embed, *model.backbone.layers[:2]]
+    assert all(not m.training for m in frozen) and model.backbone.layers[2].training
+    x = torch.randn(2, 3, 64, 64)
+    first, again = model.backbone(x)[1], model.backbone(x)[1]
+    assert torch.equal(first, again)
+    sum(model(x, torch.randint(0, 3, (2, 64, 64))).values()).backward()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert all(p.grad is not None for p in model.backbone.layers[2].parameters())
+
+
 def test_bad_arguments_are_rejected_early():
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet50': choose from \['asmlp_base'"):
         SemanticSegmenter("resnet50", num_classes=3)
