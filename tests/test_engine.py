@@ -85,6 +85,28 @@ def test_scheduler_follows_lr_factor_per_iteration(tmp_path):
     assert seen == pytest.approx(want)
 
 
+def test_weight_decay_groups_are_the_official_ones_per_task():
+    """ImageNet (timm/Swin skip list): no decay on 1-D tensors and biases. mmdet/mmseg configs: no decay on names
+    with "norm" only, so conv biases and the UperNet's BatchNorms (``bn``) decay. Names picked by hand."""
+    segmenter = build_model("seg", "asmlp_tiny", num_classes=3, head_channels=16, embed_dim=8, depths=(1, 1, 1, 1))
+    classifier = build_model("cls", "asmlp_tiny", num_classes=3, embed_dim=8, depths=(1, 1, 1, 1))
+    for model, task, exempt, decayed in [
+            (classifier, "cls", ["patch_embed.proj.bias", "layers.0.blocks.0.norm1.weight", "head.bias",
+                                 "layers.0.blocks.0.axial_shift.conv1.bias"],
+             ["patch_embed.proj.weight", "layers.0.blocks.0.mlp.fc1.weight", "head.weight"]),
+            (segmenter, "seg", ["backbone.norm0.weight", "backbone.layers.0.blocks.0.axial_shift.norm2.bias",
+                                "backbone.patch_embed.norm.weight"],
+             ["backbone.patch_embed.proj.bias", "backbone.layers.0.blocks.0.axial_shift.conv1.bias",
+              "decode_head.bottleneck.bn.weight", "decode_head.conv_seg.bias",
+              "backbone.layers.0.blocks.0.mlp.fc1.weight"]),
+    ]:
+        params = dict(model.named_parameters())
+        decay, no_decay = ({id(p) for p in group["params"]} for group in param_groups(model, 0.05, task))
+        assert all(id(params[name]) in no_decay for name in exempt), task
+        assert all(id(params[name]) in decay for name in decayed), task
+        assert len(decay) + len(no_decay) == len(params)
+
+
 def test_the_first_optimizer_step_is_adamw_by_hand_in_one_fused_pass(tmp_path):
     """Step 1 of AdamW: m and v bias-corrected are g and g^2, so p <- p (1 - lr wd) - lr g / (|g| + eps)."""
     trainer = Trainer(tiny(tmp_path, lr=1e-3, weight_decay=0.05), log=quiet)

@@ -4,9 +4,9 @@
 type, help, and the default this task and variant really get), so the help cannot drift from the code.
 
 The recipes are the official ones (the configs of svip-lab/AS-MLP and its mmdet and mmseg forks): AdamW without
-weight decay on norms and biases; linear warm-up then cosine (ImageNet), poly (ADE20K) or steps at 8/12 and 11/12 of
-training (COCO 1x); gradient clipping at 5 for classification. Learning rates default to values that train the small
-models on the built-in shapes data from scratch; the paper's values are in the help.
+weight decay on norms (nor, for ImageNet, on biases); linear warm-up then cosine (ImageNet), poly (ADE20K) or steps
+at 8/12 and 11/12 of training (COCO 1x); gradient clipping at 5 for classification. Learning rates default to values
+that train the small models on the built-in shapes data from scratch; the paper's values are in the help.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def setting(default, help: str, **meta):  # noqa: A002 (argparse's word)
 
 # the help's sections
 _DATA, _SPEED, _RUN = "data and model", "speed", "run folder, checkpoints and resuming"
-_OPT = "optimisation (AdamW, no weight decay on norms and biases)"
+_OPT = "optimisation (AdamW, no weight decay on norms; for cls, nor on biases)"
 
 
 def _per_task(values: dict) -> str:

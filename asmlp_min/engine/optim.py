@@ -11,12 +11,18 @@ from torch import nn
 from .config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weights decay; norm parameters and biases (every 1-D tensor) do not (Swin/AS-MLP)."""
+def param_groups(model: nn.Module, weight_decay: float, task: str = "cls") -> list[dict]:
+    """Two AdamW groups, the parameters that decay and those that do not, split as the official configs split them.
+
+    cls: every 1-D tensor and bias is exempt (the skip list of the Swin/AS-MLP ImageNet code). det, seg: the
+    parameters whose name contains "norm" (mmdet/mmseg's ``paramwise_cfg`` ``custom_keys={"norm":
+    dict(decay_mult=0.)}``), so biases decay there, and so do the heads' BatchNorms, which mmseg names ``bn``.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        exempt = param.ndim <= 1 or name.endswith(".bias") if task == "cls" else "norm" in name
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+            (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -47,8 +53,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     ``fused=True``: one pass updates every parameter (PyTorch's fused CPU/CUDA kernel, the same arithmetic), where the
     default loops over the tensors with several small ops each.
     """
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.task), lr=cfg.lr, betas=(0.9, 0.999),
+                                  eps=1e-8, fused=True)
     total = cfg.epochs * steps_per_epoch
     # COCO 1x: lr x0.1 after epochs 8 and 11 of 12, kept at the same fractions for other lengths.
     milestones = [round(total * 8 / 12), round(total * 11 / 12)]
