@@ -189,9 +189,10 @@ def _check_saved_data(checkpoint: dict, path: str) -> None:
 # ---------------------------------------------------------------- evaluate
 
 def _load_for(args: argparse.Namespace):
-    """The checkpoint's model and config, refusing a checkpoint of another task than the one asked for."""
-    from .engine import load_trained
-    model, cfg, checkpoint = load_trained(args.checkpoint, "cpu")
+    """The checkpoint's model and config (a run's checkpoint.pt, or released weights with their head), refusing a
+    checkpoint of another task than the one asked for."""
+    from .engine import load_for_inference
+    model, cfg, checkpoint = load_for_inference(args.checkpoint)
     asked = getattr(args, "task", None)
     if asked and asked != cfg.task:
         raise ValueError(f"{args.checkpoint} holds a {cfg.task} model, not {asked}: "
@@ -215,6 +216,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .engine.distributed import process_group_closed_at_exit
     json_path = _writable_file(args.json, "json") if args.json else None
     model, cfg, checkpoint = _load_for(args)
+    released = "config" not in checkpoint          # official weights: no run, no data of their own
+    if args.data is None and released:
+        raise ValueError(f"{args.checkpoint} holds released weights, which name no data: pass --data, e.g. the "
+                         f"folder holding val/<class>/<images> (ImageNet) or ADE20K's images/ and annotations/")
     if args.data is None:
         _check_saved_data(checkpoint, args.checkpoint)
     _refuse_shapes_only({} if args.val_size is None else {"val_size": args.val_size}, args.data or cfg.data)
@@ -292,7 +297,8 @@ def _add_evaluate_parser(sub) -> None:
                                     "'asmlp-min train'. Works under torchrun too.")
     ev.add_argument("task", nargs="?", choices=("cls", "det", "seg"),
                     help=f"{TASK_HELP}; optional, checked against the checkpoint")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run, or released weights with "
+                    "their head: an official classification .pth, an official mmseg UperNet checkpoint")
     ev.add_argument("--data", help="'shapes' or a folder (default: the data the checkpoint was trained on)")
     ev.add_argument("--val-size", type=int, help="shapes only: number of validation scenes (default: as trained)")
     ev.add_argument("--batch-size", type=int, help="images per batch (default: as trained)")

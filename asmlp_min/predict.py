@@ -26,7 +26,8 @@ def add_predict_parser(sub) -> None:
                                     "skipped with a warning and the others go on (exit status 2 if any was skipped). "
                                     "No input image is overwritten: an output name that is one gets a number.")
     pr.add_argument("images", nargs="+", help="image files (png, jpg, ...) or folders (every image directly in them)")
-    pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run, or released weights with "
+                    "their head: an official classification .pth, an official mmseg UperNet checkpoint")
     pr.add_argument("--output", default="runs/predict", help="folder for the PNGs (default: runs/predict)")
     pr.add_argument("--topk", type=int, default=5, help="cls: classes to list (default: 5)")
     pr.add_argument("--score-threshold", type=float, default=0.3, help="det: hide boxes scored below (default: 0.3)")

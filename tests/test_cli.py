@@ -394,6 +394,77 @@ def test_detection_on_coco_category_ids_with_gaps_shows_names_and_scores_the_rea
                  f"--output={tmp_path / 'out'}"]) == 0
 
 
+def test_evaluate_and_predict_take_official_classification_weights(tmp_path, image, capsys):
+    """An official classification .pth ({"model": state_dict}, head included) is scored on a class-folder tree at
+    the paper's 224 eval size; the variant is read off the shapes. Oracle: the same weights in create_model, the
+    val images through the eval transform, top-1 counted by hand."""
+    from asmlp_min import create_model
+    from asmlp_min.data import ImageFolderClassification
+    from asmlp_min.data.transforms import classification_transforms
+    torch.manual_seed(0)
+    official = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 2, 1), num_classes=3).eval()
+    path = tmp_path / "asmlp_x_patch4_shift5_224.pth"
+    torch.save({"model": official.state_dict()}, path)
+    data = cls_folder(tmp_path / "ifold")
+    assert main(["evaluate", "--checkpoint", str(path), f"--data={data}", f"--json={tmp_path / 'm.json'}"]) == 0
+    val = ImageFolderClassification(data / "val", transform=classification_transforms(False, 224))
+    with torch.no_grad():
+        logits = torch.cat([official(x[None]) for x, _ in val])
+    labels = torch.tensor([label for _, label in val])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["top1"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    assert metrics["val_loss"] == pytest.approx((logits.logsumexp(-1) - logits[range(8), labels]).mean().item(),
+                                                rel=1e-5)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(path), str(image), f"--output={tmp_path / 'out'}"]) == 0
+    assert re.search(r"scene.png: class \d 0\.\d{3}; class \d", capsys.readouterr().out)
+
+
+def test_released_weights_that_evaluate_cannot_score_are_refused_saying_why(tmp_path, capsys):
+    from asmlp_min import create_model
+    data = cls_folder(tmp_path / "ifold")
+    four = tmp_path / "four.pth"
+    torch.save({"model": create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=4).state_dict()},
+               four)
+    backbone = tmp_path / "backbone.pth"
+    torch.save({"model": create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=0).state_dict()},
+               backbone)
+    for argv, message in [
+            ([f"--checkpoint={four}"], "holds released weights, which name no data: pass --data"),
+            ([f"--checkpoint={four}", f"--data={data}"], "predicts 4 classes but .* has 3; use data of the same"),
+            ([f"--checkpoint={backbone}", f"--data={data}"],
+             "neither a training run's checkpoint.pt nor released AS-MLP weights with their head .* asmlp-min train "
+             "--pretrained"),
+            (["seg", f"--checkpoint={four}", f"--data={data}"], "holds a cls model, not seg")]:
+        assert main(["evaluate", *argv]) == 2
+        assert re.search(message, capsys.readouterr().err), argv
+
+
+def test_an_official_mmseg_upernet_is_rebuilt_with_its_shift_and_evaluated(tmp_path):
+    """An mmseg checkpoint states its shift only in meta["config"] (AS-MLP-S: 3): the rebuilt segmenter shifts by
+    it and computes the file's function; evaluate scores it on a segmentation folder."""
+    from asmlp_min.data.shapes import export_shapes
+    from asmlp_min.engine import load_released
+    from asmlp_min.segmentation import SemanticSegmenter
+    torch.manual_seed(0)
+    official = SemanticSegmenter("asmlp_small", num_classes=4, embed_dim=16, depths=(1, 1, 2, 1), channels=32,
+                                 aux_channels=16).eval()
+    path = tmp_path / "upernet_asmlp_s.pth"
+    torch.save({"meta": {"config": "model = dict(backbone=dict(embed_dim=16, shift_size=3))"},
+                "state_dict": official.state_dict()}, path)
+    model, cfg, _ = load_released(path)
+    assert (cfg.task, cfg.crop_size, cfg.num_classes) == ("seg", 512, 4)
+    assert {m.shift_size for m in model.modules() if hasattr(m, "shift_size")} == {3}
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), official(x))
+    for split in ("train", "val"):
+        export_shapes(tmp_path / "seg", task="seg", n=2, split=split, seed=3, image_size=64)
+    assert main(["evaluate", f"--checkpoint={path}", f"--data={tmp_path / 'seg'}",
+                 f"--json={tmp_path / 'm.json'}"]) == 0
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["mIoU"] <= 1
+
+
 def test_evaluate_prints_and_writes_metrics(runs, tmp_path, capsys):
     checkpoint = str(runs / "cls" / "checkpoint.pt")
     assert main(["evaluate", "--checkpoint", checkpoint, "--json", str(tmp_path / "m.json")]) == 0

@@ -1,8 +1,9 @@
 """Using a model outside the training loop: :func:`evaluate` on a validation set, :func:`predict` on one image,
-:func:`load_trained` from a run's checkpoint."""
+:func:`load_trained` from a run's checkpoint, :func:`load_released` from official weights with their head."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, Subset
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import FOLDER_IMAGE_SIZE, SIZE_FIELD, TrainConfig
 from .data import TaskData, _loaded, _loader, task_transforms
 from .distributed import DistEnv, _autocast
 from .runs import _model_for, _read_engine_checkpoint, _saved_config
@@ -81,3 +82,48 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu",
     cfg = _saved_config(checkpoint, path)
     model = _model_for(checkpoint, cfg, path)
     return model.to(device).eval(), cfg, checkpoint
+
+
+def load_released(path: str | os.PathLike, device: str | torch.device = "cpu",
+                  loaded: dict | None = None) -> tuple[nn.Module, TrainConfig, dict]:
+    """(model in eval mode, a TrainConfig to evaluate it with, ``{"classes": ["class 0", ...]}``) from released
+    weights that carry their head: an official classification ``.pth`` (``head.*``, the ImageNet classifier) or an
+    official mmseg UperNet checkpoint (``backbone.*``, ``decode_head.*``). The width and the blocks per stage are
+    read off the tensors' shapes (a registered variant where they match one), an mmseg file's shift size off its
+    config; the weights then load strictly. ``loaded``: the file's contents, if already read."""
+    from ..backbone import MODEL_CONFIGS
+    from ..checkpoint import (CheckpointError, _saved_shift_size, extract_state_dict, load_checkpoint,
+                              load_official_checkpoint)
+    from .tasks import build_model
+    checkpoint = load_checkpoint(path) if loaded is None else loaded
+    sd = extract_state_dict(checkpoint, whole_model=True)
+    task = "cls" if "head.weight" in sd else "seg" if "decode_head.conv_seg.weight" in sd else None
+    prefix = "backbone." if task == "seg" else ""
+    blocks = [re.match(rf"{prefix}layers\.(\d+)\.blocks\.(\d+)\.", key) for key in sd]
+    if task is None or f"{prefix}patch_embed.proj.weight" not in sd or not any(blocks):
+        raise CheckpointError(f"{path} is neither a training run's checkpoint.pt nor released AS-MLP weights with "
+                              "their head (an official classification .pth with head.weight, or an mmseg UperNet "
+                              "with decode_head): evaluate and predict need one of those; backbone weights start a "
+                              f"training instead: asmlp-min train --pretrained {path}")
+    found = [(int(m[1]), int(m[2])) for m in blocks if m]   # (stage, block)
+    depths = tuple(1 + max(j for i, j in found if i == stage) for stage in range(1 + max(i for i, _ in found)))
+    embed_dim = sd[f"{prefix}patch_embed.proj.weight"].shape[0]
+    variant = next((name for name, c in MODEL_CONFIGS.items() if (c.embed_dim, c.depths) == (embed_dim, depths)),
+                   None)
+    head = sd["head.weight"] if task == "cls" else sd["decode_head.conv_seg.weight"]
+    cfg = TrainConfig(task=task, model=variant or "asmlp_tiny", num_classes=head.shape[0],
+                      embed_dim=None if variant else embed_dim, depths=None if variant else depths,
+                      shift_size=_saved_shift_size(checkpoint), augment="paper",   # the paper's eval transforms
+                      head_channels=sd["decode_head.bottleneck.conv.weight"].shape[0] if task == "seg" else None,
+                      **{SIZE_FIELD[task]: FOLDER_IMAGE_SIZE[task]}).resolved()    # at the paper's input size
+    model = build_model(**cfg.model_kwargs())
+    load_official_checkpoint(model, checkpoint)       # strict: a CheckpointError names what does not fit
+    return model.to(device).eval(), cfg, {"classes": [f"class {k}" for k in range(cfg.num_classes)]}
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """:func:`load_trained` for a run's checkpoint.pt, :func:`load_released` for anything else."""
+    from ..checkpoint import load_checkpoint
+    from .runs import is_run_checkpoint
+    loaded = load_checkpoint(path)
+    return (load_trained if is_run_checkpoint(loaded) else load_released)(path, device, loaded=loaded)

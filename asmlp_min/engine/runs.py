@@ -268,15 +268,19 @@ def _check_classes(checkpoint: dict, classes: list[str], path) -> None:
 
 def _check_label_set(checkpoint: dict, data: TaskData, path) -> None:
     """Label k must be the same class in the checkpoint and the data (evaluate, resume): as many classes, with the
-    same names (COCO category ids may differ: each side maps its own to labels 1..K)."""
-    saved = checkpoint["classes"]
+    same names (COCO category ids may differ: each side maps its own to labels 1..K). Released weights
+    (:func:`~asmlp_min.engine.load_released`) name no classes: their labels are the folders in sorted order."""
+    saved, released = checkpoint["classes"], "config" not in checkpoint
     if len(saved) != data.num_classes:
         legacy = ("; it was written before COCO category ids were numbered 1..K, when the detector had one class "
                   "per id up to the largest: train again on this data"
-                  if checkpoint["config"]["task"] == "det" and "category_ids" not in checkpoint else "")
+                  if not released and checkpoint["config"]["task"] == "det" and "category_ids" not in checkpoint
+                  else "")
+        imagenet = " (ImageNet: the 1000 class folders, whose sorted order is the classifier's)" if released else ""
         raise ValueError(f"{path} predicts {len(saved)} classes but the data has {data.num_classes}{legacy}; use "
-                         "data of the same label set")
-    _check_classes(checkpoint, data.classes, path)
+                         f"data of the same label set{imagenet}")
+    if not released:
+        _check_classes(checkpoint, data.classes, path)
 
 
 def _check_task(checkpoint: dict, cfg: TrainConfig, path) -> None:
