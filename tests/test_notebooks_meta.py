@@ -53,9 +53,11 @@ def test_outputs_are_clean_and_comparable(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_only_collapsed_solutions_are_skipped(path):
-    """nbval does not run a cell marked NBVAL_SKIP: that is for an exercise's solution, stored collapsed, never a
-    check."""
+    """nbval does not run a cell marked NBVAL_SKIP: that is for an exercise's solution, stored collapsed (code and
+    output), never a check."""
     for i, cell in enumerate(code_cells(path)):
         if "NBVAL_SKIP" in "".join(cell["source"]):
-            hidden = cell["metadata"].get("jupyter", {}).get("source_hidden", False)
-            assert hidden, f"{path.name}, code cell {i}: NBVAL_SKIP outside a collapsed solution cell"
+            collapsed = cell["metadata"].get("jupyter", {})
+            assert collapsed.get("source_hidden"), f"{path.name}, code cell {i}: NBVAL_SKIP outside a collapsed solution"
+            # its stored output ("correct: 28,464") would give the answer away under the collapsed code
+            assert collapsed.get("outputs_hidden"), f"{path.name}, code cell {i}: a solution's output is shown"
