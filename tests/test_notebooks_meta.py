@@ -58,6 +58,7 @@ def test_only_collapsed_solutions_are_skipped(path):
     for i, cell in enumerate(code_cells(path)):
         if "NBVAL_SKIP" in "".join(cell["source"]):
             collapsed = cell["metadata"].get("jupyter", {})
-            assert collapsed.get("source_hidden"), f"{path.name}, code cell {i}: NBVAL_SKIP outside a collapsed solution"
+            where = f"{path.name}, code cell {i}"
+            assert collapsed.get("source_hidden"), f"{where}: NBVAL_SKIP outside a collapsed solution"
             # its stored output ("correct: 28,464") would give the answer away under the collapsed code
-            assert collapsed.get("outputs_hidden"), f"{path.name}, code cell {i}: a solution's output is shown"
+            assert collapsed.get("outputs_hidden"), f"{where}: a solution's output is shown"
