@@ -109,8 +109,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and (err.errno in _NO_ROOM or err.filename == tmp):  # tmp: os.replace failed
-            raise _not_written(err, path) from None
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):  # about this file
+            raise _not_written(err, path, started=err.filename is None) from None  # tmp: os.replace failed
         raise
 
 
@@ -120,12 +120,15 @@ def _temp_prefix(name: str) -> str:
     return "." + name.encode()[:255 - 14].decode(errors="ignore") + "."
 
 
-def _not_written(err: OSError, path: Path) -> OSError:
+def _not_written(err: OSError, path: Path, started: bool = False) -> OSError:
     """``err`` told about ``path`` rather than the temp file standing in for it (which is gone): a :class:`WriteError`
-    for lack of room, else the same kind of OSError (IsADirectoryError, PermissionError, ...) naming ``path``."""
-    if err.errno in _NO_ROOM:
-        return WriteError(err.errno, f"{path} was not written: {_NO_ROOM[err.errno]}. Any earlier {path.name} is "
-                          "unchanged, no temp file is left; free some space or write elsewhere", str(path))
+    for lack of room or for a write that failed once started (an I/O error, a disk remounted read-only), else the
+    same kind of OSError (IsADirectoryError, PermissionError, ...) naming ``path``."""
+    if err.errno in _NO_ROOM or started:
+        reason, advice = ((_NO_ROOM[err.errno], "free some space or write elsewhere") if err.errno in _NO_ROOM
+                          else (err.strerror or str(err), "check the disk, or write elsewhere"))
+        return WriteError(err.errno, f"{path} was not written: {reason}. Any earlier {path.name} is unchanged, no "
+                          f"temp file is left; {advice}", str(path))
     return type(err)(err.errno, err.strerror, str(path))
 
 

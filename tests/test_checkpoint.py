@@ -281,14 +281,14 @@ def test_non_finite_weights_are_refused_and_nothing_is_copied():
 
 
 class _DiskFillsUp:
-    """A file whose writes fail with ENOSPC once ``room`` bytes are written, as on a full disk."""
+    """A file whose writes fail with ENOSPC (or ``code``) once ``room`` bytes are written, as on a full disk."""
 
-    def __init__(self, file, room: int):
-        self.file, self.room = file, room
+    def __init__(self, file, room: int, code: int = errno.ENOSPC):
+        self.file, self.room, self.code = file, room, code
 
     def write(self, data) -> int:
         if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(self.code, os.strerror(self.code))
         self.room -= len(data)
         return self.file.write(data)
 
@@ -313,6 +313,22 @@ def test_a_full_disk_is_named_in_one_line_and_damages_nothing(tmp_path, monkeypa
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
     assert str(err.value).startswith(f"{path} was not written: the disk is full")
     assert "unchanged" in str(err.value) and "free some space" in str(err.value) and "\n" not in str(err.value)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_an_io_error_while_writing_is_named_in_one_line_and_damages_nothing(tmp_path, monkeypatch):
+    """Not only lack of room: a write failing with EIO (a dying disk, a network mount gone) names the file too."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(asmlp_min.checkpoint.os, "fdopen",
+                        lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), 500, errno.EIO))
+    with pytest.raises(WriteError) as err:
+        save_checkpoint({"weights": torch.zeros(1000)}, path)
+    assert err.value.errno == errno.EIO and err.value.filename == str(path)
+    assert str(err.value).startswith(f"{path} was not written: Input/output error. Any earlier checkpoint.pt is "
+                                     "unchanged, no temp file is left")
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 

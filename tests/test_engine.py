@@ -4,12 +4,14 @@ Everything runs a tiny AS-MLP (C=8, one block per stage) on a few 32-pixel shape
 second or two on a CPU.
 """
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import asmlp_min.checkpoint
+import asmlp_min.engine.trainer
 from asmlp_min.backbone import create_model
-from asmlp_min.checkpoint import CheckpointError, load_checkpoint
+from asmlp_min.checkpoint import CheckpointError, WriteError, load_checkpoint
 from asmlp_min.engine.config import SIZE_FIELD
 from asmlp_min.engine.data import _worker_death_message
 from asmlp_min.engine import (DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data,
@@ -219,6 +222,42 @@ def test_interrupted_checkpoint_write_leaves_previous_file_intact(tmp_path, monk
     assert sha256(path) == before
     assert sorted(os.listdir(tmp_path / "run")) == files        # no temporary file left behind
     assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_a_save_that_fails_for_any_reason_stops_training_saying_how_to_go_on(tmp_path, monkeypatch):
+    """A disk remounted read-only at the second save: one message naming the file, the first epoch's checkpoint
+    kept, and the resume that continues once that is fixed."""
+    trainer = Trainer(tiny(tmp_path, epochs=3), log=quiet)
+    path = tmp_path / "run" / "checkpoint.pt"
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only_after_the_first_save(*args, **kwargs):
+        if path.exists() and kwargs["prefix"].startswith(".checkpoint.pt"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkstemp(*args, **kwargs)
+    monkeypatch.setattr(asmlp_min.checkpoint.tempfile, "mkstemp", read_only_after_the_first_save)
+    with pytest.raises(WriteError) as err:
+        trainer.fit()
+    assert str(err.value) == (f"{path} was not written: Read-only file system. Any earlier checkpoint.pt is unchanged, "
+                              f"no temp file is left; check the disk, or write elsewhere; training stopped: once that "
+                              f"is fixed, continue with --resume {path}")
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_a_metrics_file_that_cannot_be_written_says_the_epoch_is_saved(tmp_path, monkeypatch):
+    """The checkpoint holds the epoch before metrics.jsonl is rewritten: the message says to resume, and the epoch's
+    line is printed first."""
+    lines = []
+    trainer = Trainer(tiny(tmp_path, epochs=3), log=lines.append)
+    path = tmp_path / "run" / "checkpoint.pt"
+
+    def disk_full(run_dir, history):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "metrics.jsonl"))
+    monkeypatch.setattr(asmlp_min.engine.trainer, "write_metrics", disk_full)
+    with pytest.raises(WriteError, match=r"metrics.jsonl was not written: the disk is full.*training stopped: once "
+                                         rf"there is room, continue with --resume {re.escape(str(path))}$"):
+        trainer.fit()
+    assert load_checkpoint(path)["epoch"] == 1 and lines[-1].startswith("epoch 1/3: train_loss")
 
 
 def test_a_run_removes_the_temp_files_a_killed_save_left_in_its_folder(tmp_path):

@@ -4,16 +4,16 @@
       -> epochs of: per-iteration lr, autocast, backward (accumulated), clip, step
          -> evaluate -> metrics.jsonl + curves.png + checkpoint.pt (atomic)
 
-Reproducibility. All randomness is torch's global generator (dropout, drop path, augmentation,
-mixup) plus a per-epoch seeded data order (``DistributedSampler(seed, epoch)``, used with one process
-too). A checkpoint holds every rank's generator state and how many batches of the current epoch are
-done, so ``--resume`` continues bit-for-bit on CPU, from an epoch boundary or from a Ctrl-C mid-epoch.
+Reproducibility. All randomness is torch's global generator (dropout, drop path, augmentation, mixup) plus a
+per-epoch seeded data order (``DistributedSampler(seed, epoch)``, used with one process too). A checkpoint holds
+every rank's generator state and how many batches of the current epoch are done, so ``--resume`` continues
+bit-for-bit on CPU, from an epoch boundary or from a Ctrl-C mid-epoch.
 
-Distributed. Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
-(gloo on CPU, nccl on CUDA), each rank reads its own share of the same permutation, so N processes of
-batch b see exactly the batches one process of batch N*b would. Losses and metrics are reduced over
-ranks; only rank 0 writes files. BatchNorm in the heads becomes SyncBatchNorm on CUDA (PyTorch has no
-CPU SyncBatchNorm; on gloo each process keeps its own statistics).
+Distributed. Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on CPU,
+nccl on CUDA), each rank reads its own share of the same permutation, so N processes of batch b see exactly the
+batches one process of batch N*b would. Losses and metrics are reduced over ranks; only rank 0 writes files.
+BatchNorm in the heads becomes SyncBatchNorm on CUDA (PyTorch has no CPU SyncBatchNorm; on gloo each process keeps
+its own statistics).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from ..checkpoint import WriteError, non_finite_keys, save_checkpoint, shown_keys
+from ..checkpoint import non_finite_keys, save_checkpoint, shown_keys
 from .config import TrainConfig
 from .data import DataError, TaskData, _loaded, _loader, build_data
 from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed, peer_failures_explained, rng_state,
@@ -40,7 +40,7 @@ from .inference import _progress, evaluate
 from .optim import build_optimizer
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _check_compatible, _check_label_set, _check_task, _damaged,
                    _read_engine_checkpoint, check_resume_state, claim_run_folder, format_record,
-                   new_folders_removed_on_failure, restore_state, run_folder_lock, write_metrics)
+                   new_folders_removed_on_failure, restore_state, run_folder_lock, stopped_writing, write_metrics)
 from .tasks import build_model, class_weights, make_task
 
 
@@ -275,8 +275,8 @@ class Trainer:
                                                                           f"{record['val_loss']}"))
         self.history.append(record)
         self.save()
-        self._write_metrics()
         self.log(format_record(record, self.cfg.epochs))
+        self._write_metrics()
 
     def _unevaluated_epoch_saved(self, record: dict, err: DataError) -> DataError:
         """A validation image could not be read: keep the trained epoch (saved without validation metrics) rather than
@@ -377,11 +377,9 @@ class Trainer:
         if self.env.is_main:
             try:
                 save_checkpoint(state, self.checkpoint_path)
-            except WriteError as err:
-                again = (f"continue with --resume {self.checkpoint_path}" if self._verified_epoch is not None
-                         else "train again")
-                raise WriteError(err.errno, f"{err}; training stopped: once there is room, {again}",
-                                 err.filename) from None
+            except OSError as err:  # disk full, an I/O error, a disk gone read-only: the last checkpoint is intact
+                resume = self.checkpoint_path if self._verified_epoch is not None else None
+                raise stopped_writing(err, self.checkpoint_path, resume) from None
         self._verified_epoch = self.epoch
 
     def _load_state(self, checkpoint: dict, path) -> None:
@@ -395,4 +393,7 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         if self.env.is_main:
-            write_metrics(self.run_dir, self.history)
+            try:
+                write_metrics(self.run_dir, self.history)
+            except OSError as err:  # the checkpoint holds this epoch already; a resume rewrites both files
+                raise stopped_writing(err, self.run_dir / "metrics.jsonl", self.checkpoint_path) from None
