@@ -71,8 +71,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         groups[name].add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
     run = groups["run folder, checkpoints and resuming"]
     run.add_argument("--resume", help="continue exactly from a run's checkpoint.pt with its settings; a flag that "
-                                      "would change the model, the data order or the schedule is refused, others "
-                                      "(--workers, --device, --amp, ...) apply")
+                                      "would change the model, the data order or the recipe is refused, others "
+                                      "(--device, --amp, --eval-every, ...) apply")
     run.add_argument("--overwrite", action="store_true", help="start a new run, or write a resumed one, in a folder "
                                                               "that already has a checkpoint")
     _describe_defaults(p, task=None, model="asmlp_tiny")

@@ -186,15 +186,19 @@ def test_resume_into_another_run_folder_is_refused_and_leaves_that_run(runs, tmp
     assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["epoch"] == 2
 
 
-def test_resume_with_another_lr_or_warmup_is_refused_and_the_checkpoint_kept(tmp_path, capsys):
-    """The checkpoint's schedule would win over the flag while the saved config recorded the flag: refused."""
+def test_resume_with_another_recipe_is_refused_and_the_checkpoint_kept(tmp_path, capsys):
+    """The checkpoint's schedule would win over the flag, or regularisation and augmentation would change midway,
+    while the saved config recorded the flag for the whole run: refused. So is a switch between --workers 0 and 1+,
+    whose augmentation draws from another random stream."""
     assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
     path = tmp_path / "checkpoint.pt"
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    for flag, value in (("--lr", "1e30"), ("--warmup-epochs", "0")):
+    for flag, value, shown in (("--lr", "1e30", "1e+30"), ("--warmup-epochs", "0", "0.0"), ("--drop-path", "0.5", "0.5"),
+                               ("--augment", "none", "none"), ("--mixup", "0.8", "0.8"), ("--clip-grad", "0.1", "0.1"),
+                               ("--label-smoothing", "0.5", "0.5"), ("--workers", "1", "1")):
         assert main(["train", "--resume", str(path), flag, value]) == 2
         err = capsys.readouterr().err
-        assert f"with {flag} {float(value)} (the checkpoint's: " in err and "Leave the flag out" in err
+        assert f"with {flag} {shown} (the checkpoint's: " in err and "Leave the flag out" in err, flag
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert main(["train", "--resume", str(path), "--lr", "1e-3"]) == 0          # the value it has: resumes
     assert load_checkpoint(path)["config"]["lr"] == 1e-3 and load_checkpoint(path)["epoch"] == 2

@@ -27,9 +27,11 @@ _FORMAT_FAMILY = CHECKPOINT_FORMAT.rsplit("/", 1)[0] + "/"  # every version of o
 # Fields that must match for --resume: they define the model and the data order.
 _RESUME_MUST_MATCH = ("task", "model", "embed_dim", "depths", "shift_size", "head_channels", "num_classes",
                       *SIZE_FIELDS, "seed", "batch_size", "accum_steps")
-# ... and the learning-rate schedule, which the checkpoint's optimiser and scheduler state continue (their saved
-# lr and weight decay would silently win over new values).
-_RESUME_SCHEDULE = ("lr", "weight_decay", "schedule", "warmup_epochs", "warmup_ratio", "min_lr_ratio")
+# ... and the recipe: the learning-rate schedule, which the checkpoint's optimiser and scheduler state continue
+# (their saved lr and weight decay would silently win over new values), regularisation and augmentation, which would
+# change midway while the saved config claimed them for the whole run.
+_RESUME_RECIPE = ("lr", "weight_decay", "schedule", "warmup_epochs", "warmup_ratio", "min_lr_ratio", "drop_path",
+                  "clip_grad", "label_smoothing", "mixup", "cutmix", "class_weight", "augment")
 
 
 _CURVE_METRICS = ("top1", "top5", "AP", "AP50", "mIoU", "aAcc")
@@ -310,9 +312,12 @@ def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
         raise CheckpointError(f"cannot resume from {path}: it was scheduled for {saved.epochs} epochs, now "
                               f"{cfg.epochs}; use --epochs {saved.epochs} (--stop-at-epoch ends a run early)")
     changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint's: {getattr(saved, k)})"
-               for k in _RESUME_SCHEDULE if getattr(saved, k) != getattr(cfg, k)]
+               for k in _RESUME_RECIPE if getattr(saved, k) != getattr(cfg, k)]
+    if (saved.workers == 0) != (cfg.workers == 0):  # the main process's generator, or one seed per sample
+        changed.append(f"--workers {cfg.workers} (the checkpoint's: {saved.workers}; 0 and 1 or more augment from "
+                       "different random streams)")
     if changed:
-        raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run keeps its schedule. "
+        raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run keeps its recipe. "
                               f"Leave the flag out, or start a new run from these weights with --pretrained {path}")
 
 
