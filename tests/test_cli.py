@@ -193,9 +193,10 @@ def test_resume_with_another_recipe_is_refused_and_the_checkpoint_kept(tmp_path,
     assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
     path = tmp_path / "checkpoint.pt"
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    for flag, value, shown in (("--lr", "1e30", "1e+30"), ("--warmup-epochs", "0", "0.0"), ("--drop-path", "0.5", "0.5"),
-                               ("--augment", "none", "none"), ("--mixup", "0.8", "0.8"), ("--clip-grad", "0.1", "0.1"),
-                               ("--label-smoothing", "0.5", "0.5"), ("--workers", "1", "1")):
+    for flag, value, shown in (("--lr", "1e30", "1e+30"), ("--warmup-epochs", "0", "0.0"),
+                               ("--drop-path", "0.5", "0.5"), ("--augment", "none", "none"), ("--mixup", "0.8", "0.8"),
+                               ("--clip-grad", "0.1", "0.1"), ("--label-smoothing", "0.5", "0.5"),
+                               ("--workers", "1", "1")):
         assert main(["train", "--resume", str(path), flag, value]) == 2
         err = capsys.readouterr().err
         assert f"with {flag} {shown} (the checkpoint's: " in err and "Leave the flag out" in err, flag
