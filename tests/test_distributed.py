@@ -115,3 +115,22 @@ def test_a_process_that_dies_leaves_the_others_one_line_saying_where_to_resume(d
                             f"cause is fixed, continue with --resume {run / 'checkpoint.pt'}")
     assert not any(line.startswith("[rank0]") for line in lines)   # torchrun's prefix of a rank's traceback
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1   # resuming it is the test above's business
+
+
+def test_a_run_folder_that_process_0_refuses_stops_every_process_with_one_line(ddp_run, tmp_path):
+    """Only process 0 claims the run folder: the others hear of its refusal instead of failing in their first
+    collective with gloo's traceback."""
+    _, flags, _ = ddp_run
+    (tmp_path / "afile").write_text("not a folder")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "asmlp_min",
+               "train", "cls", "--device=cpu", "--batch-size=4", f"--output={tmp_path / 'afile' / 'run'}", *flags]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("asmlp-min train:")]
+    assert len(lines) == 2, done.stderr[-3000:]     # (torchrun's own ChildFailedError traceback follows them)
+    assert not any(line.startswith("[rank") for line in done.stderr.splitlines()) and "gloo" not in done.stderr
+    refusal = next(line for line in lines if "could not start" not in line)
+    assert "afile" in refusal
+    assert any(line.startswith("asmlp-min train: stopped: process 0 could not start the run, so process 1 stops "
+                               "too: ") and "afile" in line for line in lines)

@@ -194,6 +194,23 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path):
     assert without_times(resumed.history) == without_times(straight.history)
 
 
+def test_ctrl_c_during_validation_stops_after_that_epoch(tmp_path):
+    """The signal arrives while epoch 1 is evaluated (the 5th forward): the run saves epoch 1 and stops there, not
+    one step into epoch 2."""
+    trainer = Trainer(tiny(tmp_path, epochs=3), log=quiet)
+    calls = []
+
+    def press_ctrl_c(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+    trainer.model.register_forward_hook(press_ctrl_c)
+    trainer.fit()
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 0, 4) and len(calls) == 5
+    assert trainer.stop_signal == signal.SIGINT
+
+
 def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
     Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
     path = tmp_path / "run" / "checkpoint.pt"
@@ -287,7 +304,7 @@ class _UnreadableOnce(torch.utils.data.Dataset):
         self.reads += 1
         if self.reads == self.bad_read:
             raise ValueError("/data/train/circle/0042.jpg: unreadable or truncated image (image file is truncated); "
-                             "re-download or remove it")
+                             "replace it with a readable copy")
         return self.base[index]
 
 
@@ -417,9 +434,13 @@ def test_resume_errors_say_what_is_wrong(tmp_path):
         Trainer(tiny(tmp_path, embed_dim=16), resume=good, log=quiet)
     with pytest.raises(CheckpointError, match="scheduled for 2 epochs, now 3"):
         Trainer(tiny(tmp_path, epochs=3), resume=good, log=quiet)
-    with pytest.raises(CheckpointError, match="its epochs had 4 batches per process, this data gives 8, which would "
-                                              "change the learning-rate schedule"):
+    with pytest.raises(CheckpointError, match="its epochs had 4 batches per process of 32 training images, this data "
+                                              "gives 8 of 64, which would change the data order and the learning-rate "
+                                              "schedule"):
         Trainer(tiny(tmp_path, train_size=64), resume=good, log=quiet)    # 32 / 8 = 4 batches, 64 / 8 = 8
+    with pytest.raises(CheckpointError, match=r"4 batches per process of 32 training images, this data gives 4 of "
+                                              r"33, which would change the data order; .*not removed"):
+        Trainer(tiny(tmp_path, train_size=33), resume=good, log=quiet)    # an image more, as many batches
 
 
 def test_a_run_checkpoint_of_a_newer_format_asks_for_an_upgrade(tmp_path):

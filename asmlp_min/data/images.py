@@ -38,7 +38,8 @@ def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Ima
         raise ValueError(f"{path}: {err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) "
                          "before loading it") from err
     except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
-        raise ValueError(f"{path}: unreadable or truncated image ({err}); re-download or remove it") from err
+        raise ValueError(f"{path}: unreadable or truncated image ({err}); replace it with a readable copy (or remove "
+                         "it, which a training resumed on this data refuses)") from err
     return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,35 @@ def peer_failures_explained(env: DistEnv, what_now: Callable[[], str]):
         cause = " ".join(str(err).split())[:200]
         raise PeerStopped(f"another process of this run stopped, so process {env.rank} cannot go on ({cause}); "
                           f"that process's own output says why. {what_now()}") from None
+
+
+def run_on_main(env: DistEnv, action: Callable[[], None]) -> None:
+    """``action()`` on rank 0, and every rank learns whether it failed: rank 0 raises its error, the others
+    :class:`PeerStopped` quoting it, rather than waiting in a collective that rank 0 never joins and ending in gloo's
+    or NCCL's traceback."""
+    error = None
+    if env.is_main:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - raised again below, after the others have heard of it
+            error = err
+    said = _broadcast_object(None if error is None else str(error), env)
+    if error is not None:
+        raise error
+    if said is not None:
+        raise PeerStopped(f"process 0 could not start the run, so process {env.rank} stops too: {said}")
+
+
+def wrap_distributed(model: nn.Module, env: DistEnv) -> tuple[nn.Module, nn.Module]:
+    """(model, the module training calls): DistributedDataParallel over the ranks, the heads' BatchNorms made
+    SyncBatchNorm on CUDA (PyTorch has none for the CPU: on gloo each process keeps its own statistics); with one
+    process the plain model, twice."""
+    if not env.distributed:
+        return model, model
+    cuda = env.device.type == "cuda"
+    if cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[env.device.index] if cuda else None)
 
 
 def _all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:

@@ -322,18 +322,20 @@ def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
 
 
 def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, world_size: int, batches_per_epoch: int,
-                       path) -> None:
+                       train_images: int, path) -> None:
     """The training state of ``checkpoint`` fits this run: process count, weights, position in the schedule."""
     if checkpoint["world_size"] != world_size:
         raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es), this run has "
                               f"{world_size}: resume with as many (data order and random streams are per process)")
     _check_weights(model, checkpoint, cfg, path)
-    saved = checkpoint.get("batches_per_epoch")    # absent from checkpoints written before it was saved
-    if saved is not None and saved != batches_per_epoch:
+    saved = checkpoint.get("batches_per_epoch"), checkpoint.get("train_images")  # absent from older checkpoints
+    if any(was is not None and was != now for was, now in zip(saved, (batches_per_epoch, train_images))):
         raise CheckpointError(
-            f"cannot resume from {path}: its epochs had {saved} batches per process, this data gives "
-            f"{batches_per_epoch}, which would change the learning-rate schedule and the data order; resume on the "
-            "same data (--data, --train-size) or start a new run from these weights with --pretrained")
+            f"cannot resume from {path}: its epochs had {saved[0]} batches per process of {saved[1] or 'its'} "
+            f"training images, this data gives {batches_per_epoch} of {train_images}, which would change the data "
+            f"order{' and the learning-rate schedule' if saved[0] != batches_per_epoch else ''}; resume on the "
+            "same data (--data, --train-size; an unreadable image replaced by a readable copy, not removed) or "
+            "start a new run from these weights with --pretrained")
     epoch, batch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
     if not (0 <= epoch <= cfg.epochs and 0 <= batch < batches_per_epoch and batch % cfg.accum_steps == 0
             and checkpoint["epoch_totals"].shape == (3,) and checkpoint["step"] >= 0):

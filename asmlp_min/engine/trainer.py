@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from ..checkpoint import non_finite_keys, save_checkpoint, shown_keys
 from .config import TrainConfig
 from .data import DataError, TaskData, _loaded, _loader, build_data
 from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed, peer_failures_explained, rng_state,
-                          seed_everything, set_rng_state, stop_requests)
+                          run_on_main, seed_everything, set_rng_state, stop_requests, wrap_distributed)
 from .inference import _progress, evaluate
 from .optim import build_optimizer
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _check_compatible, _check_label_set, _check_task, _damaged,
@@ -66,8 +65,8 @@ class Trainer:
         self.run_dir = Path(cfg.output)
         new_folders = new_folders_removed_on_failure(self.run_dir) if self.env.is_main else contextlib.nullcontext()
         with new_folders:  # a run that fails to start leaves no empty run folder behind
-            if self.env.is_main:  # before data and model are built: an unusable or busy folder fails at once
-                claim_run_folder(self.run_dir, self.log)
+            # before data and model are built: an unusable or busy folder fails at once, on every rank
+            run_on_main(self.env, lambda: claim_run_folder(self.run_dir, self.log))
             self.data = data or build_data(cfg)
             self.cfg = self._settle_classes(cfg, checkpoint, resume)
             self._verified_epoch = None  # epoch of the checkpoint on disk whose weights this run checked finite
@@ -78,7 +77,7 @@ class Trainer:
             self.epoch_totals = torch.zeros(3, dtype=torch.float64)  # loss * images, images, seconds (this epoch)
             if checkpoint is not None:
                 self._load_state(checkpoint, resume)
-            self.ddp_model = self._wrap_distributed()
+            self.model, self.ddp_model = wrap_distributed(self.model, self.env)
             seed_everything(cfg.seed + self.env.rank)  # per-rank streams for dropout, drop path, augmentation
             if checkpoint is not None:
                 try:
@@ -134,15 +133,6 @@ class Trainer:
         use_scaler = cfg.amp and env.device.type == "cuda"  # bf16 on CPU has fp32's range: no scaling
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
 
-    def _wrap_distributed(self) -> nn.Module:
-        """DistributedDataParallel over ranks (SyncBatchNorm on CUDA); the plain model with one process."""
-        if not self.env.distributed:
-            return self.model
-        cuda = self.env.device.type == "cuda"
-        if cuda:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        return DistributedDataParallel(self.model, device_ids=[self.env.device.index] if cuda else None)
-
     # -- pieces -------------------------------------------------------------------------------------
 
     def autocast(self):
@@ -197,7 +187,7 @@ class Trainer:
                              f"Continue with: --resume {self.checkpoint_path}")
                     break
                 self._end_epoch()
-                if self._stopping and self.epoch < last:
+                if (self._stopping or self._signal_since_the_last_step()) and self.epoch < last:
                     self.stop_signal = self._signal_received or signal.SIGTERM
                     self.log(f"stopped after epoch {self.epoch}; continue with: --resume {self.checkpoint_path}")
                     break
@@ -256,6 +246,11 @@ class Trainer:
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def _signal_since_the_last_step(self) -> bool:
+        """A Ctrl-C during validation or the save: every rank learns of it in one reduction, and the run stops
+        after this epoch rather than one step into the next."""
+        return _all_reduce_sum(torch.tensor([float(self._signal_received)], dtype=torch.float64), self.env)[0] > 0
 
     def _end_epoch(self) -> None:
         loss_sum, images, seconds = self.epoch_totals.tolist()
@@ -357,7 +352,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(self.env),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-            "batches_per_epoch": self.batches_per_epoch,
+            "batches_per_epoch": self.batches_per_epoch, "train_images": len(self.data.train),
             "epoch_totals": self.epoch_totals.clone(),
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
@@ -383,7 +378,8 @@ class Trainer:
         self._verified_epoch = self.epoch
 
     def _load_state(self, checkpoint: dict, path) -> None:
-        check_resume_state(checkpoint, self.model, self.cfg, self.env.world_size, self.batches_per_epoch, path)
+        check_resume_state(checkpoint, self.model, self.cfg, self.env.world_size, self.batches_per_epoch,
+                           len(self.data.train), path)
         restore_state(checkpoint, dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                        scaler=self.scaler), path)
         self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
