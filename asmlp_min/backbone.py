@@ -73,11 +73,15 @@ def check_image_batch(x: Tensor, in_chans: int, dtype: torch.dtype) -> None:
         raise ValueError(f"expected a 4-D image batch (b, {in_chans}, h, w), got shape {tuple(x.shape)}"
                          + ("; add a batch dimension with x[None]" if x.dim() == 3 else ""))
     if x.shape[1] != in_chans:
-        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]}: pass in_chans=... to create_model")
+        fix = (f"the last axis has {in_chans}: a (b, h, w, c) image batch goes in as x.permute(0, 3, 1, 2)"
+               if x.shape[-1] == in_chans else f"pass in_chans={x.shape[1]} to create_model for other images")
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (axis 1): {fix}")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"got an empty image batch of shape {tuple(x.shape)}: height and width must be >= 1")
     if not x.is_floating_point():
-        raise TypeError(f"expected float images, got {x.dtype}: convert 0-255 images with x.float() / 255")
+        raise TypeError(f"expected float images, got {x.dtype}: convert 0-255 images with x.float() / 255 and "
+                        "normalise them with IMAGENET_MEAN and IMAGENET_STD, as the official weights expect "
+                        "(asmlp_min.data.transforms does both)")
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"the images are {x.dtype} but the weights are {dtype}: use x.to({dtype}) or torch.autocast")
 
@@ -320,7 +324,8 @@ class ASMLP(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if num_classes > 0 and not self.global_pool.pool_type:
-            raise ValueError(f"global_pool='' keeps the (b, c, h, w) map: use it with num_classes=0, not {num_classes}")
+            raise ValueError(f"global_pool='' keeps the (b, c, h, w) map: use it with num_classes=0, or pool for a "
+                             f"head of {num_classes} classes (reset_classifier({num_classes}, 'avg'))")
         self.num_classes = num_classes
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()

@@ -27,6 +27,7 @@ OFFICIAL_ANALYTIC_GMACS = {"asmlp_tiny": 4.359, "asmlp_small": 8.525, "asmlp_bas
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of ``model`` (with ``trainable_only``, those that require a gradient)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -60,7 +61,12 @@ def stage_resolutions(image_size: int | tuple[int, int], num_stages: int = 4, pa
 
 def analytic_gmacs(name: str, image_size: int | tuple[int, int] = 224, num_classes: int = 1000,
                    in_chans: int = 3) -> float:
-    """The official ``flops()`` formula for a registered variant (norms count one MAC per element)."""
+    """The official ``flops()`` formula for a registered variant ``name`` (norms count one MAC per element); for a
+    model, measure with :func:`count_gmacs`."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"analytic_gmacs takes a variant name, one of {sorted(MODEL_CONFIGS)}, got "
+                         f"{name if isinstance(name, str) else type(name).__name__!r}; count_gmacs(model) measures a "
+                         "model")
     cfg = MODEL_CONFIGS[name]
     sizes = stage_resolutions(image_size, len(cfg.depths), cfg.patch_size)
     n0 = sizes[0][0] * sizes[0][1]

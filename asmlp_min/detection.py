@@ -104,6 +104,12 @@ class SimpleFPNDetector(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1 or not sizes_ok:
             raise ValueError(f"need num_classes >= 1 (an int), min_size, max_size None or >= 32; got {num_classes!r}, "
                              f"{min_size}, {max_size}")
+        if not (0 <= score_thresh <= 1 and 0 <= nms_thresh <= 1 and detections_per_img >= 1):
+            raise ValueError(f"need score_thresh and nms_thresh in [0, 1] and detections_per_img >= 1; got "
+                             f"{score_thresh}, {nms_thresh}, {detections_per_img}")
+        if backbone_kwargs.get("in_chans", 3) != 3:
+            raise ValueError(f"the detector takes RGB images, normalised inside with ImageNet's 3-channel mean and "
+                             f"std: leave in_chans at 3, got {backbone_kwargs['in_chans']}")
         self.num_classes, self.min_size, self.max_size = num_classes, min_size, max_size
         self.center_sampling_radius, self.score_thresh = center_sampling_radius, score_thresh
         self.nms_thresh = nms_thresh
@@ -179,6 +185,9 @@ class SimpleFPNDetector(nn.Module):
             raise ValueError(f"targets[{index}]: labels must be integer category ids in 1..{self.num_classes} (ids "
                              f"with gaps: CocoDetection(contiguous_labels=True)), got {labels.dtype} {labels.tolist()}")
         keep = iscrowd == 0
+        if len(boxes) and min(image_size) > 8 and (boxes.abs() <= 1).all():
+            warnings.warn(f"targets[{index}]: every box lies within [0, 1], as if normalised: the detector takes "
+                          "boxes in pixels (xyxy) of the image as given")
         return sanitize_boxes(boxes[keep], labels[keep].long(), image_size, where=f"targets[{index}]")
 
     # ---- forward
@@ -249,6 +258,9 @@ def _check_images(images) -> list[Tensor]:
             raise ValueError(f"images[{i}] is empty, shape {tuple(img.shape)}: height and width must be >= 1")
         if not img.dtype.is_floating_point:
             raise TypeError(f"images[{i}] has dtype {img.dtype}; pass floats in [0, 1] (v2.ToDtype(scale=True))")
+    if max(img.amax() for img in images) > 1.5:  # one check a batch: 0-255 floats would train without an error
+        warnings.warn("the detector takes images in [0, 1] and normalises them itself, and some pixels here are "
+                      "above 1.5: divide 0-255 images by 255 (v2.ToDtype(torch.float32, scale=True))")
     return [img.as_subclass(Tensor) for img in images]
 
 

@@ -27,11 +27,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
         raise ValueError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript "
                          "(or pip install -e .[dev])")
     height, width = image_size  # sizes >= 1: checked by the CLI
-    model = model.eval()
+    was_training = model.training
     example = torch.randn(2, model.in_chans, height, width)  # 2, not 1: a size-1 batch would be traced as fixed
     outputs = [f"stage{i}" for i in model.out_indices] if model.features_only else ["logits"]
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=outputs,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    try:  # exported in eval mode (no drop path); the caller's model is handed back in its own mode
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["images"],
+                                    output_names=outputs, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    verbose=False)
+    finally:
+        model.train(was_training)
     with atomic_write(path) as f:
         f.write(program.model_proto.SerializeToString())
     return Path(path)

@@ -338,6 +338,7 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 def _check_masks(images: Tensor, masks: Tensor) -> None:
     if not isinstance(masks, Tensor) or masks.dtype != torch.int64:
-        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class ids, got {type(masks)}; use masks.long()")
+        got = masks.dtype if isinstance(masks, Tensor) else type(masks).__name__
+        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class ids, got {got}; use masks.long()")
     if masks.shape != (images.shape[0], *images.shape[-2:]):
         raise ValueError(f"masks must be (b, H, W) = {(images.shape[0], *images.shape[-2:])}, got {tuple(masks.shape)}")

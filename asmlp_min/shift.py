@@ -29,7 +29,8 @@ def check_shift_args(shift_size: int, dilation: int = 1, padding: str = "zeros")
     if isinstance(shift_size, bool) or not isinstance(shift_size, int):
         raise TypeError(f"shift_size must be an int, got {type(shift_size).__name__}")
     if shift_size < 1 or shift_size % 2 == 0:
-        raise ValueError(f"shift_size must be odd and >= 1 (the paper uses 5), got {shift_size}: even has no centre")
+        why = "a shift needs at least one group" if shift_size < 1 else "an even size has no centre group"
+        raise ValueError(f"shift_size must be odd and >= 1 (the paper uses 5), got {shift_size}: {why}")
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
     if padding not in PADDINGS:

@@ -328,3 +328,16 @@ def test_pretrained_cfg_is_the_data_config_of_the_official_weights():
     resize = classification_transforms(train=False, size=224).transforms[1]  # what evaluation applies
     assert resize.size == [int(224 / cfg["crop_pct"])] and resize.interpolation.value == cfg["interpolation"]
     assert tiny(features_only=True).pretrained_cfg["classifier"] is None
+
+
+def test_input_mistakes_get_the_fix_that_fits_them():
+    model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), num_classes=3)
+    for x, message in [(torch.rand(1, 32, 32, 3), r"\(b, h, w, c\) image batch goes in as x.permute\(0, 3, 1, 2\)"),
+                       (torch.rand(1, 1, 32, 32), r"got 1 \(axis 1\): pass in_chans=1 to create_model"),
+                       (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), r"x.float\(\) / 255 and normalise them with "
+                                                                     "IMAGENET_MEAN and IMAGENET_STD")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            model(x)
+    model.reset_classifier(0, "")
+    with pytest.raises(ValueError, match=r"or pool for a head of 5 classes \(reset_classifier\(5, 'avg'\)\)"):
+        model.reset_classifier(5)

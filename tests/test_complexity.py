@@ -52,3 +52,10 @@ def test_info_command_prints_table_beside_paper(capsys):
     assert main(["info", "asmlp_tiny"]) == 0
     out = capsys.readouterr().out
     assert "28,282,696" in out and "| 4.4 |" in out and "| 4.359 |" in out and "(768, 7, 7)" in out
+
+
+def test_analytic_gmacs_of_a_model_instead_of_a_name_says_what_to_call():
+    from asmlp_min.backbone import create_model
+    with pytest.raises(ValueError, match=r"takes a variant name, one of \['asmlp_base'.*got 'ASMLP'; "
+                                         r"count_gmacs\(model\)"):
+        analytic_gmacs(create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1)))

@@ -1,5 +1,6 @@
 """SimpleFPNDetector (FCOS-style) and the paper's Mask R-CNN: targets by hand, losses by formula, behaviour."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -425,3 +426,24 @@ def test_empty_images_are_refused_with_a_clear_message(build, size):
     with pytest.raises(ValueError, match=rf"images\[1\] is empty, shape \(3, {size[0]}, {size[1]}\): height and width "
                                          "must be >= 1"):
         model([torch.rand(3, 64, 64), torch.rand(3, *size)])
+
+
+def test_detector_arguments_it_cannot_use_are_refused():
+    for kwargs, message in [(dict(in_chans=1), "leave in_chans at 3, got 1"),
+                            (dict(score_thresh=2.0), r"score_thresh and nms_thresh in \[0, 1\].*got 2.0, 0.6, 100"),
+                            (dict(nms_thresh=-1.0), "got 0.05, -1.0, 100"),
+                            (dict(detections_per_img=0), "detections_per_img >= 1; got 0.05, 0.6, 0")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_detector(**kwargs)
+
+
+def test_images_in_0_255_and_boxes_in_0_1_are_warned_about():
+    """Both train without an error and learn nothing useful: 255 x the expected input, boxes under a pixel."""
+    model = tiny_detector().train()
+    with pytest.warns(UserWarning, match=r"images in \[0, 1\].*divide 0-255 images by 255"):
+        model([torch.rand(3, 64, 64) * 255], [target([[8, 8, 40, 40]], [1])])
+    with pytest.warns(UserWarning, match=r"targets\[0\]: every box lies within \[0, 1\], as if normalised"):
+        model([torch.rand(3, 64, 64)], [target([[0.1, 0.1, 0.5, 0.6]], [1])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # in range: no warning
+        model([torch.rand(3, 64, 64)], [target([[8, 8, 40, 40]], [1])])

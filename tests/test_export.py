@@ -1,5 +1,6 @@
 """Static graphs: torch.export of the classifier and the features model, FX tracing, torchvision's feature extractor."""
 import functools
+import types
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,18 @@ def test_export_says_what_the_weights_filled_and_which_norms_kept_their_initial_
     assert f"is a folder; give a file name such as '{tmp_path / 'asmlp_tiny.onnx'}'" in capsys.readouterr().err
     assert main([a.replace("--depths=1,1,1,1", "--depths=1,1,2,1") for a in argv]) == 2   # another variant
     assert "\nHere: --model, --embed-dim, --depths and --shift-size give the variant" in capsys.readouterr().err
+
+
+def test_onnx_export_hands_the_model_back_in_its_own_mode(monkeypatch, tmp_path):
+    """Exported in eval mode (no drop path), without leaving a training model in eval mode afterwards."""
+    from asmlp_min.export import export_onnx
+    pytest.importorskip("onnxscript")
+    seen = []
+
+    def export(model, *args, **kwargs):
+        seen.append(model.training)
+        return types.SimpleNamespace(model_proto=types.SimpleNamespace(SerializeToString=lambda: b"onnx"))
+    monkeypatch.setattr(torch.onnx, "export", export)
+    model = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), num_classes=3).train()
+    export_onnx(model, tmp_path / "m.onnx", (32, 32))
+    assert seen == [False] and model.training and (tmp_path / "m.onnx").read_bytes() == b"onnx"

@@ -355,3 +355,9 @@ def test_class_map_in_row_bands_is_the_argmax_of_the_whole_bilinear_upsampling(l
     assert banded.shape == (2, *size) and banded.dtype == torch.int64
     assert torch.equal(banded[clear], whole.argmax(1)[clear]) and clear.float().mean() > 0.99
     assert torch.equal(class_map(logits, logit_size), logits.argmax(1))   # at its own size: the argmax
+
+
+def test_masks_of_another_dtype_are_named_by_their_dtype():
+    model = tiny().train()
+    with pytest.raises(TypeError, match=r"int64 tensor \(b, H, W\) of class ids, got torch.int32; use masks.long\(\)"):
+        model(torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.int32))

@@ -116,7 +116,8 @@ def test_channels_last_input_gives_same_values():
 
 @pytest.mark.parametrize("bad", [0, 2, 4, -3])
 def test_even_or_nonpositive_shift_size_is_rejected(bad):
-    with pytest.raises(ValueError, match="shift_size must be odd"):
+    why = "an even size has no centre group" if bad > 0 else "a shift needs at least one group"
+    with pytest.raises(ValueError, match=f"shift_size must be odd and >= 1 .*, got {bad}: {why}"):
         axial_shift(torch.zeros(1, 3, 4, 4), bad, dim=-1)
     with pytest.raises(ValueError, match="shift_size must be odd"):
         AxialShift(bad, dim=-1)

@@ -358,8 +358,8 @@ class _ShapesDataset(Dataset):
 
 
 class ShapesClassification(_ShapesDataset):
-    """(image, label): image (3, h, w) float in [0, 1] without a transform; label = CLASSES index of the
-    dominant shape (largest visible area)."""
+    """(image, label): image (3, h, w) float in [0, 1] without a transform; label = CLASSES index of the dominant
+    shape (largest visible area). ``**CLS_SCENE`` gives the well-posed scenes that ``train cls`` uses (one whole shape)."""
 
     classes = CLASSES
 
