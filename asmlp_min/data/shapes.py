@@ -359,7 +359,7 @@ class _ShapesDataset(Dataset):
 
 class ShapesClassification(_ShapesDataset):
     """(image, label): image (3, h, w) float in [0, 1] without a transform; label = CLASSES index of the dominant
-    shape (largest visible area). ``**CLS_SCENE`` gives the well-posed scenes that ``train cls`` uses (one whole shape)."""
+    shape (largest visible area). ``**CLS_SCENE`` gives the scenes ``train cls`` uses: one whole shape each."""
 
     classes = CLASSES
 
