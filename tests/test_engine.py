@@ -24,9 +24,9 @@ from asmlp_min.backbone import create_model
 from asmlp_min.checkpoint import CheckpointError, WriteError, load_checkpoint
 from asmlp_min.engine.config import SIZE_FIELD
 from asmlp_min.engine.data import _worker_death_message
-from asmlp_min.engine import (DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig, Trainer, build_data,
-                              build_model, evaluate, load_trained, lr_factor, param_groups, predict, run_folder_lock,
-                              WorkerDied)
+from asmlp_min.engine import (ClassificationTask, DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig,
+                              Trainer, build_data, build_model, evaluate, load_trained, lr_factor, param_groups,
+                              predict, run_folder_lock, WorkerDied)
 
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -140,15 +140,18 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_soft_target_cross_entropy_equals_label_smoothing_for_one_hot_targets():
-    """The mixup loss is F.cross_entropy on class probabilities (it replaced a hand-written soft-target loss), with
-    label_smoothing applied to them: for one-hot targets it is the plain smoothed loss."""
+def test_the_classification_loss_smooths_labels_and_mixed_targets_as_by_hand():
+    """loss = mean over images of -sum_k q_k log softmax(logits)_k with q = (1 - eps) y + eps / K, for y a label's
+    one-hot vector and for the class probabilities that mixup or cutmix hand over."""
     logits, labels, eps = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2]), 0.1
-    soft = F.one_hot(labels, 4).float() * (1 - eps) + eps / 4
-    assert torch.allclose(F.cross_entropy(logits, soft), F.cross_entropy(logits, labels, label_smoothing=eps))
-    one_hot = F.one_hot(labels, 4).float()
-    assert torch.allclose(F.cross_entropy(logits, one_hot, label_smoothing=eps),
-                          F.cross_entropy(logits, labels, label_smoothing=eps))
+    task = ClassificationTask(TrainConfig(label_smoothing=eps, mixup=0.2).resolved(), TaskData(None, None, 4))
+    mixed = 0.7 * F.one_hot(labels, 4) + 0.3 * F.one_hot(labels.roll(1), 4)
+    task.mix = lambda images, targets: (images, mixed)                     # a fixed mix instead of a random one
+    for y, mix in [(F.one_hot(labels, 4).float(), None), (mixed, task.mix)]:
+        task.mix = mix
+        q = (1 - eps) * y + eps / 4
+        want = -(q * logits.log_softmax(-1)).sum(-1).mean()
+        assert torch.allclose(task.loss(lambda images: logits, (torch.zeros(5, 3, 8, 8), labels)), want)
 
 
 # ---------------------------------------------------------------- resume, Ctrl-C, nan, atomic writes
