@@ -23,7 +23,7 @@ import asmlp_min.engine.trainer
 from asmlp_min.backbone import create_model
 from asmlp_min.checkpoint import CheckpointError, WriteError, load_checkpoint
 from asmlp_min.engine.config import SIZE_FIELD
-from asmlp_min.engine.data import _worker_death_message
+from asmlp_min.engine.data import _loaded, _worker_death_message
 from asmlp_min.engine import (ClassificationTask, DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig,
                               Trainer, build_data, build_model, evaluate, load_trained, lr_factor, param_groups,
                               predict, run_folder_lock, WorkerDied)
@@ -1035,3 +1035,24 @@ def test_an_ade20k_run_saved_before_its_classes_had_names_still_fits_ade20k():
                                        "train/val folders)")
     with pytest.raises(ValueError, match="only in the checkpoint: 2; only in the data: wall"):
         _check_classes({"classes": ["0", "1", "2"]}, ["0", "1", "wall"], "old.pt")
+
+
+class _BadAt(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        if index == 5:
+            raise ValueError("/data/x.png: unreadable or truncated image")
+        return torch.zeros(1)
+
+
+def test_a_data_error_ends_the_loaders_workers_before_it_is_raised():
+    """Left alive, they are stopped at exit after torch's SIGCHLD handler is back, which then prints
+    'DataLoader worker ... is killed by signal: Terminated' from an atexit callback after the one-line message."""
+    import multiprocessing
+    loader = torch.utils.data.DataLoader(_BadAt(), batch_size=2, num_workers=2)
+    with pytest.raises(DataError, match="unreadable"):
+        for _ in _loaded(loader):
+            pass
+    assert multiprocessing.active_children() == []

@@ -251,23 +251,26 @@ def _loaded(loader: DataLoader):
     batches (:func:`_worker_deaths_deferred`)."""
     iterator = iter(loader)
     with _worker_deaths_deferred() as died:
-        while True:
-            if died:  # a worker died while the caller was busy with the last batch
-                raise WorkerDied(_worker_death_message(died[0]))
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its traceback
-                raise DataError(_reader_message(err)) from None
-            except RuntimeError as err:
-                if not _WORKER_DEATH.match(str(err)):
-                    raise
-                # torch's own words: "is killed by signal: Killed" from its SIGCHLD handler (collected in died),
-                # or "exited unexpectedly" when the queue noticed first, without the signal: then the exit codes say it
-                exit_codes = [worker.exitcode for worker in getattr(iterator, "_workers", ())]  # torch-private
-                raise WorkerDied(_worker_death_message(died[0] if died else err, exit_codes)) from None
-            yield batch
+        try:
+            while True:
+                if died:  # a worker died while the caller was busy with the last batch
+                    raise WorkerDied(_worker_death_message(died[0]))
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its
+                    raise DataError(_reader_message(err)) from None  # traceback
+                except RuntimeError as err:
+                    if not _WORKER_DEATH.match(str(err)):
+                        raise
+                    # torch's own words: "is killed by signal: Killed" from its SIGCHLD handler (collected in died),
+                    # or "exited unexpectedly" when the queue noticed first, without the signal: the exit codes say it
+                    exit_codes = [worker.exitcode for worker in getattr(iterator, "_workers", ())]  # torch-private
+                    raise WorkerDied(_worker_death_message(died[0] if died else err, exit_codes)) from None
+                yield batch
+        finally:  # stop the workers while their deaths are still collected: stopped after torch's handler is back
+            getattr(iterator, "_shutdown_workers", lambda: None)()  # (at exit), they printed its traceback
 
 
 _WORKER_DEATH = re.compile(r"DataLoader worker \(pid")
