@@ -830,6 +830,8 @@ def test_damaged_checkpoints_are_refused_by_load_resume_and_say_what_is_wrong(tm
     (_set("rng/cpu", torch.zeros(1, 3, dtype=torch.uint8)), "random generator state does not load"),
     (_set("world_size", "1"), "'world_size' \\(expected int, got str\\)"),
     (_set("batch_in_epoch", 99), "position \\(epoch 1, batch 99\\) does not fit"),
+    (_set("step", 10**6), "its step count \\(not 4\\)"),                # 1 epoch of 4 steps
+    (_set("epoch_totals", torch.tensor([float("nan"), 0.0, 0.0], dtype=torch.float64)), "3 finite epoch totals"),
     (_other_optimizer_moments, "AdamW exp_avg of shape \\(5,\\)"),
 ])
 def test_resume_from_a_checkpoint_without_usable_training_state_is_refused_and_leaves_it(tmp_path, change, message):

@@ -336,11 +336,13 @@ def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, wor
             f"order{' and the learning-rate schedule' if saved[0] != batches_per_epoch else ''}; resume on the "
             "same data (--data, --train-size; an unreadable image replaced by a readable copy, not removed) or "
             "start a new run from these weights with --pretrained")
-    epoch, batch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
+    epoch, batch, totals = checkpoint["epoch"], checkpoint["batch_in_epoch"], checkpoint["epoch_totals"]
+    steps = epoch * (batches_per_epoch // cfg.accum_steps) + batch // cfg.accum_steps  # one per accum_steps batches
     if not (0 <= epoch <= cfg.epochs and 0 <= batch < batches_per_epoch and batch % cfg.accum_steps == 0
-            and checkpoint["epoch_totals"].shape == (3,) and checkpoint["step"] >= 0):
+            and totals.shape == (3,) and bool(totals.isfinite().all()) and checkpoint["step"] == steps):
         raise _damaged(path, f"its position (epoch {epoch}, batch {batch}) does not fit {cfg.epochs} epochs of "
-                             f"{batches_per_epoch} batches, or its step count or 3 epoch totals are malformed")
+                             f"{batches_per_epoch} batches, or its step count (not {steps}) or its 3 finite epoch "
+                             "totals are malformed")
 
 
 def restore_state(checkpoint: dict, parts: dict, path) -> None:
