@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import asmlp_min.checkpoint
 import asmlp_min.engine.trainer
@@ -1058,3 +1059,12 @@ def test_a_data_error_ends_the_loaders_workers_before_it_is_raised():
         for _ in _loaded(loader):
             pass
     assert multiprocessing.active_children() == []
+
+
+def test_a_classification_folder_of_one_class_is_refused(tmp_path):
+    """Its loss is 0 from the first step and its top-1 1.0: a run that looks perfect and learned nothing."""
+    for split in ("train", "val"):
+        (tmp_path / "one" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "one" / split / "cat" / "a.png")
+    with pytest.raises(ValueError, match=r"needs two classes or more, and .*train has one folder, 'cat': add a"):
+        build_data(tiny(tmp_path, data=str(tmp_path / "one"), train_size=None, val_size=None).resolved())

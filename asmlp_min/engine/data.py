@@ -157,6 +157,9 @@ def _folder_cls(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
         train = ImageFolderClassification(root / _existing(root, ["train"], "training split"), transform=train_tf)
         _check_same_labels({c: c for c in train.classes}, {c: c for c in val.classes},
                            f"{root}: train and val have different class folders", "every class needs a folder in both")
+        if len(train.classes) < 2:  # its loss is 0 from the first step and its accuracy 1: nothing to learn
+            raise ValueError(f"{root}: a classifier needs two classes or more, and {root / 'train'} has one folder, "
+                             f"{train.classes[0]!r}: add a folder for each other class")
     return TaskData(train, val, len(val.classes), list(val.classes))
 
 
