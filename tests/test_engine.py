@@ -1068,3 +1068,13 @@ def test_a_classification_folder_of_one_class_is_refused(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "one" / split / "cat" / "a.png")
     with pytest.raises(ValueError, match=r"needs two classes or more, and .*train has one folder, 'cat': add a"):
         build_data(tiny(tmp_path, data=str(tmp_path / "one"), train_size=None, val_size=None).resolved())
+
+
+def test_a_checkpoint_of_another_process_count_is_refused_with_the_ways_on(tmp_path):
+    Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    torch.save({**load_checkpoint(path), "world_size": 2}, path)
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1: resume with as many .*, "
+                                              rf"or start a new run from these weights with --pretrained "
+                                              rf"{re.escape(str(path))}"):
+        Trainer(tiny(tmp_path), resume=path, log=quiet)

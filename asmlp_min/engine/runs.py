@@ -326,7 +326,8 @@ def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, wor
     """The training state of ``checkpoint`` fits this run: process count, weights, position in the schedule."""
     if checkpoint["world_size"] != world_size:
         raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es), this run has "
-                              f"{world_size}: resume with as many (data order and random streams are per process)")
+                              f"{world_size}: resume with as many (data order and random streams are per process), or "
+                              f"start a new run from these weights with --pretrained {path}")
     _check_weights(model, checkpoint, cfg, path)
     saved = checkpoint.get("batches_per_epoch"), checkpoint.get("train_images")  # absent from older checkpoints
     if any(was is not None and was != now for was, now in zip(saved, (batches_per_epoch, train_images))):
