@@ -20,11 +20,11 @@ tables with the sweep.
 from .cli import add_bench_parser, bench_command
 from .measure import (measure_inference, measure_shift, measure_training, page_faults, peak_memory_bytes,
                       run_bench, time_in_turns)
-from .official import OfficialASMLPStage, OfficialAxialShiftMix, OfficialPatchMerging, official_configuration
+from .official import OfficialAxialShiftMix, OfficialPatchMerging, official_configuration
 from .report import TARGETS, format_table, summarise, write_json
 from .settings import BenchSettings, settings_for
 
-__all__ = ["BenchSettings", "OfficialASMLPStage", "OfficialAxialShiftMix", "OfficialPatchMerging", "TARGETS",
+__all__ = ["BenchSettings", "OfficialAxialShiftMix", "OfficialPatchMerging", "TARGETS",
            "add_bench_parser", "bench_command", "format_table", "measure_inference", "measure_shift",
            "measure_training", "official_configuration", "page_faults", "peak_memory_bytes", "run_bench",
            "settings_for", "summarise", "time_in_turns", "write_json"]

@@ -1,9 +1,9 @@
 """The official configuration: the speed and memory baseline of ``asmlp-min bench``.
 
-Twins of our modules with the same parameters, whose forward is the official code's: NCHW tensors (no
-channels_last conversion at the stem), nn.Conv2d 1x1 convs, nn.GroupNorm, nn.GELU, the Algorithm 1 shift, a
-concatenating merge, and the whole batch through every stage (ours cuts it into pieces during CPU inference).
-:func:`official_configuration` swaps them into a copy of a model.
+A copy of a model with the same parameters that runs as the official code: the plain reference modules
+(``fast.enable(model, False)``: NCHW tensors, nn.Conv2d 1x1 convs, nn.GroupNorm, nn.GELU, the whole batch through
+every stage, where ours cuts it into pieces during CPU inference), plus two twins for what those do otherwise: the
+Algorithm 1 shift and a concatenating merge. :func:`official_configuration` builds it.
 """
 from __future__ import annotations
 
@@ -13,34 +13,17 @@ import torch
 from torch import Tensor, nn
 
 # the model's modules that the twins replace; the rest of asmlp_min.bench imports only its registry from backbone
-from ..backbone import ASMLP, ASMLPStage, PatchMerging, pad_to_multiple
+from ..backbone import ASMLP, PatchMerging, pad_to_multiple
 from ..block import AxialShiftMix
 from ..fast import enable
 from ..shift import reference_shift
 
 
 class OfficialAxialShiftMix(AxialShiftMix):
+    """The token mixing with the paper's Algorithm 1 for the shift (pad, chunk, roll, cat, narrow)."""
+
     def shift(self, z: Tensor, dim: int) -> Tensor:
         return reference_shift(z, self.shift_size, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.actn(self.norm1(self.conv1(x)))
-        z_lr = self.actn(self.conv2_1(self.shift(z, -1)))
-        if self.connection == "parallel":
-            return self.conv3(self.norm2(z_lr + self.actn(self.conv2_2(self.shift(z, -2)))))
-        return self.conv3(self.norm2(self.actn(self.conv2_2(self.shift(z_lr, -2)))))
-
-
-class OfficialASMLPStage(ASMLPStage):
-    """The stage's own blocks and merge (official_configuration works on a copy, and _swap_in_twins then puts in
-    their twins), run on the whole batch at once."""
-
-    def __init__(self, stage: ASMLPStage):
-        nn.Module.__init__(self)  # not ASMLPStage.__init__: the blocks exist already
-        self.blocks, self.downsample = stage.blocks, stage.downsample
-
-    def forward_blocks(self, x: Tensor) -> Tensor:
-        return self.run_blocks(x)  # the whole batch at once
 
 
 class OfficialPatchMerging(PatchMerging):
@@ -55,8 +38,6 @@ def _official_twin(module: nn.Module) -> nn.Module | None:
     if isinstance(module, AxialShiftMix) and not isinstance(module, OfficialAxialShiftMix):
         return OfficialAxialShiftMix(module.conv1.in_channels, module.shift_size, connection=module.connection,
                                      bias=module.conv1.bias is not None)
-    if isinstance(module, ASMLPStage) and not isinstance(module, OfficialASMLPStage):
-        return OfficialASMLPStage(module)
     if isinstance(module, PatchMerging) and not isinstance(module, OfficialPatchMerging):
         return OfficialPatchMerging(module.reduction.in_channels // 4)
     return None
