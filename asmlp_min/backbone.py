@@ -97,7 +97,7 @@ def space_to_depth(x: Tensor) -> Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches, linearly embedded: (b, 3, H, W) -> (b, C, ceil(H/p), ceil(W/p))."""
+    """Non-overlapping p x p patches, linearly embedded: (b, in_chans, H, W) -> (b, C, ceil(H/p), ceil(W/p))."""
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96):
         super().__init__()

@@ -97,7 +97,8 @@ class DropPath(nn.Module):
 class ASMLPBlock(nn.Module):
     """One AS-MLP block, pre-norm residual as in Swin. (b, c, h, w) -> (b, c, h, w).
 
-    Parameters: 12 c^2 + 17 c (four c x c projections in the mix, 8 c^2 in the MLP, norms and biases).
+    Parameters at the default mlp_ratio 4: 12 c^2 + 17 c (four c x c projections in the mix, 8 c^2 in the MLP,
+    norms and biases).
     """
 
     def __init__(self, dim: int, shift_size: int = 5, mlp_ratio: float = 4.0, drop_path: float = 0.0,

@@ -49,7 +49,7 @@ def count_gmacs(model: nn.Module, input_size: int | tuple[int, int, int] = (3, 2
 
 
 def stage_resolutions(image_size: int | tuple[int, int], num_stages: int = 4, patch_size: int = 4):
-    """Token-map (h, w) of each stage: ceil(H/4), then halved (rounded up) at every merge."""
+    """Token-map (h, w) of each stage: ceil(H/patch_size), then halved (rounded up) at every merge."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     h, w = math.ceil(h / patch_size), math.ceil(w / patch_size)
     sizes = []

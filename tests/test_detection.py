@@ -14,15 +14,7 @@ from asmlp_min.detection import SimpleFPNDetector, build_maskrcnn, sanitize_boxe
 from asmlp_min.fcos import FCOSHead, assign_targets, centerness_target, fcos_losses, fcos_regress_ranges, level_points
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, num_convs=1, drop_path_rate=0.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and a shared machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_detector(**kw) -> SimpleFPNDetector:

@@ -9,13 +9,7 @@ from asmlp_min.checkpoint import CheckpointError
 from asmlp_min.segmentation import (ConvBNReLU, SemanticSegmenter, UperHead, balanced_class_weights, class_map,
                                     class_pixel_counts, segmentation_loss)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on a loaded machine (measured 30x slower with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), drop_path_rate=0.0, channels=32, aux_channels=16)

@@ -5,8 +5,9 @@ official configuration at the same batches (issue 20). A GPU is far from full at
 * At each batch every candidate, eager and compiled, is timed in the same rounds (:func:`.measure.time_in_turns`), so
   the ratios hold on a busy machine. Larger batches get proportionally fewer rounds (:func:`rounds_at`), so each
   batch is timed on about as many images; times are medians.
-* Compiled means ``torch.compile(model)`` in its default mode, the same call for every candidate, made once: the
-  input's batch dimension is marked dynamic, so one compilation serves the whole sweep instead of one per batch.
+* Compiled means ``torch.compile(model)`` in ``--compile-mode`` (default: default), the same call for every
+  candidate, made once: the input's batch dimension is marked dynamic, so one compilation serves the whole sweep
+  instead of one per batch.
   The seconds its first calls take beyond a timed call are reported as its compile time.
 * A candidate *saturates* at the smallest batch whose images/s is within 5% of its best over the sweep
   (:func:`saturating_batch`); when that is the largest batch measured, it may still be rising, and the table says so.
