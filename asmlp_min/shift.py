@@ -1,8 +1,10 @@
 """The axial shift (paper Sec. 3, Fig. 2 and Algorithm 1). No parameters: learning happens in block.py.
 
 Channels are cut into contiguous groups of ``ceil(c / shift_size)`` (``torch.chunk``; the last group is
-smaller when ``shift_size`` does not divide ``c``). Group ``k`` moves by ``(k - shift_size // 2) * dilation``
-pixels along one axis; positions that fall off the border are dropped, vacated ones are filled by ``padding``:
+smaller when ``shift_size`` does not divide ``c``, and with few channels there are fewer than ``shift_size``
+groups: c = 16, s = 5 gives four groups of 4, moved by -2..+1). Group ``k`` moves by
+``(k - shift_size // 2) * dilation`` pixels along one axis; positions that fall off the border are dropped,
+vacated ones are filled by ``padding``:
 
     Shift_W(z)[c, i, j] = z[c, i, j - o(c)],   o(c) = (c // ceil(C/s) - s // 2) * dilation
 
