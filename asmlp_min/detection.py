@@ -27,7 +27,7 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,12 @@ class SimpleFPNDetector(nn.Module):
     def forward(self, images, targets: list[dict] | None = None):
         if self.training and targets is None:
             raise ValueError("in train mode the detector needs targets (dicts with 'boxes', 'labels'); or call .eval()")
+        if not self.training:  # each image's detections as if alone: see by_size
+            return by_size(_check_images(images), lambda h, w: rescaled_size(h, w, self.min_size, self.max_size),
+                           self._detect)
+        return self._detect(images, targets)
+
+    def _detect(self, images, targets: list[dict] | None = None):
         batch, sizes, original_sizes, targets = self.preprocess(images, targets)
         levels = self.head(self.fpn(self.backbone(batch)))
         shapes = [cls.shape[-2:] for cls, _, _ in levels]
@@ -244,6 +250,24 @@ class SimpleFPNDetector(nn.Module):
         keep = batched_nms(boxes, scores, classes, self.nms_thresh)[:self.detections_per_img]
         scale = boxes.new_tensor([original_size[1] / w, original_size[0] / h] * 2)
         return {"boxes": boxes[keep] * scale, "scores": scores[keep], "labels": classes[keep] + 1}
+
+
+def by_size(images: list[Tensor], resized: Callable[[int, int], tuple[int, int]], detect: Callable) -> list[dict]:
+    """``detect`` on each group of images that the detector resizes to the same size; results in input order.
+
+    AS-MLP's GroupNorm(1, c) averages over the whole padded map, so a batch that pads an image to a batch-mate's
+    size changes its features (about 20% at stride 8 for a 480x640 image beside a 640x480 one) and its boxes.
+    Images of one size pad alike, so their detections are those of each image alone, the way mmdet tests one image
+    per GPU; training batches share their padding, as in mmdet.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(resized(*img.shape[-2:]), []).append(i)
+    results: list[dict] = [{}] * len(images)
+    for members in groups.values():
+        for i, result in zip(members, detect([images[i] for i in members])):
+            results[i] = result
+    return results
 
 
 def _check_images(images) -> list[Tensor]:
@@ -304,8 +328,22 @@ class ASMLPMaskRCNN(MaskRCNN):
     itself would divide by the size of a 0x0 image)."""
 
     def forward(self, images, targets=None):
-        _check_images(images)
+        images = _check_images(images)
+        if not self.training:  # GeneralizedRCNNTransform pads a batch to its largest image: see by_size
+            return by_size(images, lambda h, w: (h, w), super().forward)
+        if targets is not None:  # crowd regions are not objects to learn (mmdet and torchvision's reference skip them)
+            targets = [_without_crowd(t) for t in targets]
         return super().forward(images, targets)
+
+
+def _without_crowd(target: dict) -> dict:
+    """A Mask R-CNN target without its ``iscrowd == 1`` instances (every per-instance entry filtered alike)."""
+    if not isinstance(target, dict) or "iscrowd" not in target or "boxes" not in target:
+        return target
+    keep = torch.as_tensor(target["iscrowd"]).reshape(-1) == 0
+    n = len(keep)
+    return {k: v[keep.to(v.device)] if isinstance(v, Tensor) and v.dim() and len(v) == n else v
+            for k, v in target.items()}
 
 
 def build_maskrcnn(backbone: str = "asmlp_tiny", num_classes: int = 91,

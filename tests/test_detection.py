@@ -189,6 +189,22 @@ def test_images_of_different_sizes_in_one_batch():
         assert (out["boxes"][:, [0, 2]] <= w).all() and (out["boxes"][:, [1, 3]] <= h).all()
 
 
+def test_an_images_detections_do_not_depend_on_its_batch_mates():
+    """GroupNorm(1, c) averages over the padded map, so a 96x128 image padded to 128x128 beside a 128x96 one
+    would get other features and boxes; in eval each size runs as its own batch."""
+    model = tiny_detector(score_thresh=0.0, detections_per_img=20).eval()
+    torch.manual_seed(1)
+    landscape, portrait = torch.rand(3, 96, 128), torch.rand(3, 128, 96)
+    with torch.no_grad():
+        alone, alone_portrait = model([landscape])[0], model([portrait])[0]
+        batched = model([landscape, portrait, landscape])
+        padded_together = model._detect([landscape, portrait])[0]  # one padded batch, what eval avoids
+    for got, want in [(batched[0], alone), (batched[1], alone_portrait), (batched[2], alone)]:
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+    assert (padded_together["scores"] - alone["scores"]).abs().max() > 1e-3  # the padding does change them
+
+
 def test_resizing_scales_boxes_in_and_out():
     model = tiny_detector(min_size=100, max_size=150).eval()
     batch, sizes, originals, targets = model.preprocess([torch.rand(3, 50, 100)], [target([[10, 20, 30, 40]], [1])])
@@ -368,6 +384,29 @@ def test_maskrcnn_forward_in_train_and_eval_mode():
         out = model([torch.rand(3, 64, 64)])[0]
     assert {"boxes", "labels", "scores", "masks"} <= set(out)
     assert out["masks"].shape[1:] == (1, 64, 64)
+
+
+def test_maskrcnn_ignores_crowd_regions_in_training_and_batch_mates_in_eval():
+    model = tiny_maskrcnn().train()
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 8:30, 10:40] = 1
+    masks[1, 35:60, 20:50] = 1
+    with_crowd = {"boxes": torch.tensor([[10.0, 8, 40, 30], [20, 35, 50, 60]]), "labels": torch.tensor([1, 3]),
+                  "masks": masks, "iscrowd": torch.tensor([0, 1])}
+    by_hand = {"boxes": torch.tensor([[10.0, 8, 40, 30]]), "labels": torch.tensor([1]), "masks": masks[:1]}
+    image = torch.rand(3, 64, 64)
+    torch.manual_seed(5)  # the same drop-path and proposal-sampling draws
+    got = model([image], [with_crowd])
+    torch.manual_seed(5)
+    want = model([image], [by_hand])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    model.eval()
+    wide, tall = torch.rand(3, 32, 64), torch.rand(3, 64, 32)  # alone 32x64; padded together 64x64
+    with torch.no_grad():
+        alone, batched = model([wide])[0], model([wide, tall])[0]
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(batched[key], alone[key], rtol=1e-4, atol=1e-4)
 
 
 def test_maskrcnn_asmlp_t_matches_the_papers_48m_parameters():

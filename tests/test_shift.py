@@ -6,13 +6,17 @@ import torch.nn.functional as F
 from asmlp_min.shift import AxialShift, axial_shift, reference_shift
 
 
-def algorithm1(x, shift_size, dim):
-    """Paper Algorithm 1, transcribed for this test only: pad, chunk, roll, cat, narrow (dim 3 = w, 2 = h)."""
+def algorithm1(x, shift_size, dim, dilation=1, padding="zeros"):
+    """Paper Algorithm 1, transcribed for this test only: pad, chunk, roll, cat, narrow (dim 3 = w, 2 = h).
+
+    Dilation d pads d times as far and rolls group k by (k - shift_size // 2) * d; ``padding`` is F.pad's mode
+    (the paper's is zeros). No roll reaches past the padding, so nothing wraps into the cropped image."""
     b, c, h, w = x.shape
-    pad = shift_size // 2
-    x = F.pad(x, (pad, pad, pad, pad), "constant", 0)
+    half = shift_size // 2
+    pad = half * dilation
+    x = F.pad(x, (pad, pad, pad, pad), "constant" if padding == "zeros" else padding)
     xs = torch.chunk(x, shift_size, 1)
-    x_shift = [torch.roll(x_c, shift, dim) for x_c, shift in zip(xs, range(-pad, pad + 1))]
+    x_shift = [torch.roll(x_c, shift * dilation, dim) for x_c, shift in zip(xs, range(-half, half + 1))]
     x_cat = torch.cat(x_shift, 1)
     x_cat = torch.narrow(x_cat, 2, pad, h)
     return torch.narrow(x_cat, 3, pad, w)
@@ -67,6 +71,18 @@ def test_uneven_groups_follow_torch_chunk():
     assert torch.equal(out, want)
     out7 = axial_shift(torch.arange(9.0).expand(1, 7, 1, 9), 5, dim=-1)[0, :, 0, 4]
     assert torch.equal(out7, torch.tensor([6.0, 6.0, 5.0, 5.0, 4.0, 4.0, 3.0]))
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular", "reflect", "replicate"])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("dims", AXES)
+def test_dilated_and_padded_shift_equals_algorithm1(padding, dilation, dims):
+    """The ablations' shifts, forward and backward, against Algorithm 1 with that padding and reach."""
+    x = torch.randn(2, 11, 6, 9, requires_grad=True)
+    grad_out = torch.randn(2, 11, 6, 9)
+    out, want = axial_shift(x, 5, dims[0], dilation, padding), algorithm1(x, 5, dims[1], dilation, padding)
+    assert torch.equal(out, want)
+    assert torch.equal(torch.autograd.grad(out, x, grad_out)[0], torch.autograd.grad(want, x, grad_out)[0])
 
 
 def test_dilation_scales_offsets():
