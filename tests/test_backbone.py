@@ -341,3 +341,11 @@ def test_input_mistakes_get_the_fix_that_fits_them():
     model.reset_classifier(0, "")
     with pytest.raises(ValueError, match=r"or pool for a head of 5 classes \(reset_classifier\(5, 'avg'\)\)"):
         model.reset_classifier(5)
+
+
+@pytest.mark.parametrize("name,rate,blocks", [("asmlp_tiny", 0.2, 12), ("asmlp_small", 0.3, 24)])
+def test_stochastic_depth_grows_linearly_from_zero_over_the_blocks(name, rate, blocks):
+    """The official rule: block i of n (counted through all stages) drops with rate * i / (n - 1)."""
+    model = create_model(name)
+    rates = [block.drop_path.p for stage in model.layers for block in stage.blocks]
+    assert rates == pytest.approx([rate * i / (blocks - 1) for i in range(blocks)], abs=1e-7)

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asmlp_min import fast
 from asmlp_min.block import ASMLPBlock, AxialShiftMix, DropPath, Mlp
 from tests.test_shift import algorithm1
 
 
-def functional_mix(p, x, shift_size, prefix=""):
+def functional_mix(p, x, shift_size, prefix="", dilation=1, padding="zeros"):
     """Official AxialShift forward from its weights: conv1, GN, GELU, w/h shifts, conv2_1/conv2_2, GELU, sum, GN,
     conv3."""
     def conv(name, t):
@@ -17,16 +18,16 @@ def functional_mix(p, x, shift_size, prefix=""):
         return F.group_norm(t, 1, p[f"{prefix}{name}.weight"], p[f"{prefix}{name}.bias"], eps=1e-5)
 
     z = F.gelu(gn("norm1", conv("conv1", x)))
-    lr = F.gelu(conv("conv2_1", algorithm1(z, shift_size, 3)))
-    td = F.gelu(conv("conv2_2", algorithm1(z, shift_size, 2)))
+    lr = F.gelu(conv("conv2_1", algorithm1(z, shift_size, 3, dilation, padding)))
+    td = F.gelu(conv("conv2_2", algorithm1(z, shift_size, 2, dilation, padding)))
     return conv("conv3", gn("norm2", lr + td))
 
 
-def functional_block(p, x, shift_size):
+def functional_block(p, x, shift_size, **shift_options):
     def gn(name, t):
         return F.group_norm(t, 1, p[f"{name}.weight"], p[f"{name}.bias"], eps=1e-5)
 
-    x = x + functional_mix(p, gn("norm1", x), shift_size, "axial_shift.")
+    x = x + functional_mix(p, gn("norm1", x), shift_size, "axial_shift.", **shift_options)
     hidden = F.gelu(F.conv2d(gn("norm2", x), p["mlp.fc1.weight"], p["mlp.fc1.bias"]))
     return x + F.conv2d(hidden, p["mlp.fc2.weight"], p["mlp.fc2.bias"])
 
@@ -40,11 +41,16 @@ def randomise(module):
     return module
 
 
-@pytest.mark.parametrize("dim,shift_size", [(16, 5), (13, 3), (8, 7)])
-def test_block_matches_functional_transcription(dim, shift_size):
-    block = randomise(ASMLPBlock(dim, shift_size)).eval()
+@pytest.mark.parametrize("dim,shift_size,options", [(16, 5, {}), (13, 3, {}), (8, 7, {}),
+                                                     (16, 5, dict(dilation=2)), (13, 3, dict(padding="circular")),
+                                                     (12, 3, dict(dilation=2, padding="replicate"))])
+@pytest.mark.parametrize("quick", [False, True], ids=["plain", "fast"])
+def test_block_matches_functional_transcription(dim, shift_size, options, quick):
+    block = randomise(ASMLPBlock(dim, shift_size, **options)).eval()
+    if quick:
+        assert fast.is_enabled(fast.enable(block))
     x = torch.randn(2, dim, 9, 6)
-    want = functional_block(dict(block.named_parameters()), x, shift_size)
+    want = functional_block(dict(block.named_parameters()), x, shift_size, **options)
     torch.testing.assert_close(block(x), want, rtol=1e-5, atol=1e-5)
 
 
@@ -102,3 +108,27 @@ def test_bad_options_fail_at_construction():
         ASMLPBlock(8, padding="same")
     with pytest.raises(ValueError, match="drop path probability"):
         DropPath(1.0)
+
+
+class DropSample(torch.nn.Module):
+    """A drop path whose draw is fixed: sample 0 dropped, sample 1 kept (and rescaled by 1 / (1 - 0.5))."""
+
+    def forward(self, x):
+        return x * torch.tensor([0.0, 2.0]).view(2, 1, 1, 1)
+
+
+def test_drop_path_in_training_drops_both_residual_branches_of_a_sample():
+    block = randomise(ASMLPBlock(8, 3, drop_path=0.5)).train()
+    block.drop_path = DropSample()
+    x = torch.randn(2, 8, 5, 7)
+    out = block(x)
+    assert torch.equal(out[0], x[0])                 # both branches dropped: the input passes unchanged
+    p = dict(block.named_parameters())
+
+    def gn(name, t):
+        return F.group_norm(t, 1, p[f"{name}.weight"], p[f"{name}.bias"], eps=1e-5)
+
+    y = x[1:] + 2 * functional_mix(p, gn("norm1", x[1:]), 3, "axial_shift.")
+    mlp = F.conv2d(F.gelu(F.conv2d(gn("norm2", y), p["mlp.fc1.weight"], p["mlp.fc1.bias"])),
+                   p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+    torch.testing.assert_close(out[1:], y + 2 * mlp, rtol=1e-5, atol=1e-5)

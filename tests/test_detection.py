@@ -163,6 +163,28 @@ def test_eval_output_format():
         assert (boxes[:, 2:] >= boxes[:, :2]).all()
 
 
+def test_postprocess_by_hand():
+    """Four locations of one level, 3 classes, each box 20x20 around its point (l = t = r = b = 10):
+    A (class 0, strong) and B (class 1, beside A, IoU 0.82) both stay: NMS works per class. C (class 0, weaker,
+    IoU 0.82 with A) goes. D scores below score_thresh. Scores sqrt(sigmoid(class) * sigmoid(centre-ness)); boxes
+    scaled from the 40x40 network input to the 80x120 original (x 3 across, x 2 down)."""
+    model = tiny_detector().eval()
+    points = torch.tensor([[20.0, 20], [21, 20], [22, 20], [30, 30]])
+    cls_logits = torch.full((4, 3), -20.0)
+    cls_logits[0, 0], cls_logits[1, 1], cls_logits[2, 0], cls_logits[3, 2] = 3.0, 1.0, 2.0, -7.0
+    ctr_logits = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    ltrb = torch.full((4, 4), 10.0)
+    out = model.postprocess(cls_logits, ltrb, ctr_logits, points, [4], (40, 40), (80, 120))
+
+    def score(a, c):
+        return math.sqrt(1 / (1 + math.exp(-a)) / (1 + math.exp(-c)))
+
+    assert out["labels"].tolist() == [1, 2]
+    torch.testing.assert_close(out["scores"], torch.tensor([score(3.0, 1.0), score(1.0, 0.5)]))
+    torch.testing.assert_close(out["boxes"], torch.tensor([[30.0, 20, 90, 60], [33, 20, 93, 60]]))
+    assert score(2.0, 0.0) > model.score_thresh > score(-7.0, 0.0)  # C is removed by NMS, D by the threshold
+
+
 def test_train_mode_returns_three_finite_losses_with_gradients():
     model = tiny_detector().train()
     losses = model([torch.rand(3, 64, 64)], [target([[8, 8, 40, 36]], [2])])

@@ -217,18 +217,20 @@ def test_norm_after_a_frozen_part_trains_its_weights():
 @pytest.mark.parametrize("hw", [(6, 9), (2, 3), (1, 1)])  # non-square; smaller than the shift reach
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("exporting", [False, True], ids=["eager", "export"])  # torch.export's pad-and-cat form
-def test_fast_shift_equals_algorithm1_bit_for_bit(channels, shift_size, dims, hw, layout, exporting, monkeypatch):
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_fast_shift_equals_algorithm1_bit_for_bit(channels, shift_size, dims, hw, layout, exporting, dilation,
+                                                  monkeypatch):
     """The slice copies (and under torch.export shift.axial_shift's pad and concat), forward and backward, against
     the test's own transcription of Algorithm 1; the output keeps the input's memory format."""
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
     x = torch.randn(2, channels, *hw).contiguous(memory_format=layout).requires_grad_()
     grad = torch.randn(2, channels, *hw)
     ours, theirs = dims
-    out, want = fast.axial_shift(x, shift_size, ours), algorithm1(x, shift_size, theirs)
+    out, want = fast.axial_shift(x, shift_size, ours, dilation), algorithm1(x, shift_size, theirs, dilation)
     assert torch.equal(out, want) and (exporting or out.stride() == x.stride())
     assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
     with torch.no_grad():                           # inference skips the autograd.Function
-        assert torch.equal(fast.axial_shift(x, shift_size, ours), want)
+        assert torch.equal(fast.axial_shift(x, shift_size, ours, dilation), want)
 
 
 def test_fast_shift_runs_on_a_torch_without_is_exporting(monkeypatch):
