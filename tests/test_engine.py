@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -669,6 +670,44 @@ def test_shapes_classification_scenes_hold_one_whole_shape_on_grey():
             128, 128, 3)
 
 
+def miou_by_hand(model, samples, mask_sizes, image_size, classes=4) -> float:
+    """The oracle of the folder tests: torch's interpolate of the logits to each mask's size, IoU counted by hand
+    (classes in neither the truth nor the guesses left out, as mmseg does). Checks the sizes on the way."""
+    confusion = torch.zeros(classes, classes, dtype=torch.int64)
+    with torch.no_grad():
+        for (image, mask), mask_size in zip(samples, mask_sizes, strict=True):
+            assert image.shape[-2:] == image_size and mask.shape == mask_size  # the mask keeps its own size
+            logits = F.interpolate(model(image[None]), size=mask_size, mode="bilinear", align_corners=False)
+            labelled = mask != 255
+            for truth, guess in zip(mask[labelled].tolist(), logits.argmax(1)[0][labelled].tolist()):
+                confusion[truth, guess] += 1
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    ious = [confusion[k, k].item() / union[k].item() for k in range(classes) if union[k] > 0]
+    return sum(ious) / len(ious)
+
+
+def test_segmentation_folder_with_light_augment_scores_each_mask_at_its_own_size(tmp_path):
+    """``--augment light`` resizes the image to crop x crop; evaluation scores the logits at each mask's own size
+    (not on a mask stretched to the crop), one image per batch, since a folder's masks need not stack."""
+    from asmlp_min.data.shapes import export_shapes
+    export_shapes(tmp_path / "ade", task="seg", n=4, split="train", seed=3, image_size=64)
+    export_shapes(tmp_path / "ade", task="seg", n=2, split="val", seed=4, image_size=64)
+    export_shapes(tmp_path / "small", task="seg", n=1, split="val", seed=5, image_size=48)
+    for kind in ("images", "annotations"):  # the small scene second: a batch of 2 would pair it with a larger one
+        val = tmp_path / "ade" / kind / "val"
+        (val / "000001.png").rename(val / "000002.png")
+        shutil.copy(tmp_path / "small" / kind / "val" / "000000.png", val / "000001.png")
+    cfg = TrainConfig(task="seg", data=str(tmp_path / "ade"), output=str(tmp_path / "run"), num_classes=4,
+                      crop_size=32, augment="light", epochs=1, batch_size=2, embed_dim=8, depths=(1, 1, 1, 1),
+                      head_channels=16, drop_path=0.0, mixup=0.0, cutmix=0.0, device="cpu")
+    Trainer(cfg, log=quiet).fit()
+    model, saved, _ = load_trained(tmp_path / "run" / "checkpoint.pt")
+    data = build_data(saved, with_train=False)
+    metrics = evaluate(model, saved, data)
+    want = miou_by_hand(model, data.val, [(64, 64), (48, 48), (64, 64)], (32, 32))
+    assert metrics["mIoU"] == pytest.approx(want, abs=1e-6)
+
+
 def test_segmentation_folder_evaluates_and_predicts_at_mmsegs_test_scale_scored_at_each_images_size(tmp_path):
     """On a folder (``--augment paper``) evaluation and predict run the model at mmseg's test scale, the image
     rescaled to fit (4 x crop, crop) as (2048, 512) for ADE20K's 512 crop, and score the logits up-sampled to the
@@ -686,17 +725,7 @@ def test_segmentation_folder_evaluates_and_predicts_at_mmsegs_test_scale_scored_
     data = build_data(saved, with_train=False)
     metrics = evaluate(model, saved, data)
     assert seen == [(1, 3, 32, 32)] * 3                    # 64 x 64 -> short side 32 (the crop)
-    confusion = torch.zeros(4, 4, dtype=torch.int64)
-    with torch.no_grad():
-        for image, mask in data.val:
-            assert image.shape == (3, 32, 32) and mask.shape == (64, 64)  # the mask keeps its own size
-            logits = F.interpolate(model(image[None]), size=(64, 64), mode="bilinear", align_corners=False)
-            labelled = mask != 255
-            for truth, guess in zip(mask[labelled].tolist(), logits.argmax(1)[0][labelled].tolist()):
-                confusion[truth, guess] += 1
-    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
-    by_hand = [confusion[k, k].item() / union[k].item() for k in range(4) if union[k] > 0]
-    assert metrics["mIoU"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-6)
+    assert metrics["mIoU"] == pytest.approx(miou_by_hand(model, data.val, [(64, 64)] * 3, (32, 32)), abs=1e-6)
     seen.clear()
     assert predict(model, saved, torch.randint(0, 256, (3, 100, 250), dtype=torch.uint8)).shape == (100, 250)
     assert seen == [(1, 3, 32, 80)]                        # factor min(128 / 250, 32 / 100) = 0.32

@@ -10,8 +10,8 @@ masks are resampled with nearest neighbour.
 - detection: flip, and with ``size`` a random resized crop; boxes are then re-fitted to their masks (when
   there are masks) and ``SanitizeBoundingBoxes`` drops those cut to nothing, with their labels, masks, area,
   iscrowd. Images stay in [0, 1] by default: torchvision detectors normalise inside the model.
-- segmentation, as mmseg's ADE20K pipeline: random rescale 0.5-2x, random crop padded with 255
-  (ignored), flip, photometric distortion; ImageNet mean/std.
+- segmentation, as mmseg's ADE20K pipeline: random rescale to fit 0.5-2x the scale (4 size, size), random crop
+  padded with 255 (ignored), flip, photometric distortion (without a channel permutation); ImageNet mean/std.
 """
 from __future__ import annotations
 
@@ -83,20 +83,32 @@ def detection_transforms(train: bool, size: int | None = None, scale: tuple[floa
 
 def segmentation_transforms(train: bool, size: int | None = None, ratio_range: tuple[float, float] = (0.5, 2.0),
                             ignore_index: int = 255) -> v2.Compose:
-    """(image, mask) -> (normalised float image, int64 mask). Train needs ``size`` (the crop side). Eval with
-    ``size`` rescales the image, not the mask, to mmseg's test scale (:class:`RescaleToTestScale`: ADE20K's crop 512
-    gives (2048, 512)); the logits are then scored at the mask's own size. Without ``size`` eval keeps the input."""
+    """(image, mask) -> (normalised float image, int64 mask). Train needs ``size``, the crop side (``ratio_range``:
+    :class:`RandomRescale`'s). Eval with ``size`` rescales the image, not the mask, to mmseg's test scale
+    (:class:`RescaleToTestScale`: ADE20K's crop 512 gives (2048, 512)); the logits are then scored at the mask's own
+    size. Without ``size`` eval keeps the input."""
     ops: list[v2.Transform] = [v2.ToImage()]
     if train:
         if size is None:
             raise ValueError("segmentation_transforms(train=True) needs size, the side of the random crop")
-        ops += [v2.RandomResize(int(size * ratio_range[0]), int(size * ratio_range[1]) + 1, antialias=True),
+        ops += [RandomRescale(size, ratio_range),
                 v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
                 v2.RandomHorizontalFlip(),
-                v2.RandomPhotometricDistort(p=0.5)]
+                photometric_distortion()]
     elif size is not None:
         ops.append(RescaleToTestScale(size))
     return v2.Compose([*ops, *_to_float(normalize=True)])
+
+
+def photometric_distortion(p: float = 0.5) -> v2.Compose:
+    """mmseg's PhotoMetricDistortion steps, with the ranges of torchvision's ``RandomPhotometricDistort``: brightness,
+    then contrast either before or after saturation and hue, each applied with probability ``p``. Unlike
+    ``RandomPhotometricDistort`` it never permutes the channels: mmseg does not, and a swap turns a red car blue."""
+    def maybe(**jitter) -> v2.RandomApply:
+        return v2.RandomApply([v2.ColorJitter(**jitter)], p=p)
+    contrast, colour = maybe(contrast=(0.5, 1.5)), [maybe(saturation=(0.5, 1.5)), maybe(hue=(-0.05, 0.05))]
+    return v2.Compose([maybe(brightness=(0.875, 1.125)),
+                       v2.RandomChoice([v2.Compose([contrast, *colour]), v2.Compose([*colour, contrast])])])
 
 
 def rescaled_size(height: int, width: int, short: int | None, long: int | None) -> tuple[int, int]:
@@ -120,3 +132,20 @@ class RescaleToTestScale:
         resized = v2.functional.resize(image, list(rescaled_size(*image.shape[-2:], self.short, self.long)),
                                        antialias=True)
         return (resized, *mask) if mask else resized
+
+
+class RandomRescale:
+    """mmseg's segmentation training resize (``RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0),
+    keep_ratio=True)`` for ADE20K): draw r uniformly from ``ratio_range``, then resize to :func:`rescaled_size` with
+    ``short`` = int(r x the crop) and ``long`` = int(r x 4 x the crop), truncated as mmcv does. Both sides are
+    bounded, so a panorama is not blown up by its short side. The image is resized antialiased bilinear, the mask
+    nearest, to the same size."""
+
+    def __init__(self, short: int, ratio_range: tuple[float, float]):
+        self.short, self.long, self.ratio_range = short, 4 * short, ratio_range
+
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        ratio = torch.empty(()).uniform_(*self.ratio_range).item()
+        size = list(rescaled_size(*image.shape[-2:], int(self.short * ratio), int(self.long * ratio)))
+        return (v2.functional.resize(image, size, antialias=True),
+                v2.functional.resize(mask, size, interpolation=InterpolationMode.NEAREST))

@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,18 +48,23 @@ def _identity(*inputs):
     return inputs if len(inputs) > 1 else inputs[0]
 
 
-def light_transforms(task: str, train: bool, size: int):
-    """Resize to ``size`` (cls, seg; the detector sizes its own input) and, when training, a horizontal flip.
+def light_transforms(task: str, train: bool, size: int, flip: bool = True):
+    """Resize to ``size`` x ``size`` (cls, seg; the detector sizes its own input) and, when training and ``flip``, a
+    horizontal flip. A seg mask is resized with the image in training only: evaluation scores the logits at the
+    mask's own size, as the paper path does (``segmentation.class_map``), not on a resampled, stretched mask.
 
     ``--augment light``, the default on shapes: the paper's crops (RandomResizedCrop from 8% of the image,
     0.5-2x rescale) would cut the dominant shape out of a 64-pixel scene and relabel it.
     """
+    from torchvision import tv_tensors
     from torchvision.transforms import v2
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     ops = [v2.ToImage()]
-    if task != "det":
+    if task == "cls" or (task == "seg" and train):
         ops.append(v2.Resize((size, size), antialias=True))
-    if train:
+    elif task == "seg":  # evaluation: the image only
+        ops.append(v2.Lambda(partial(v2.functional.resize, size=[size, size], antialias=True), tv_tensors.Image))
+    if train and flip:
         ops.append(v2.RandomHorizontalFlip())
     ops.append(v2.ToDtype(torch.float32, scale=True))
     if task != "det":  # torchvision-style detectors normalise inside the model
@@ -82,10 +88,10 @@ def paper_transforms(task: str, train: bool, size: int):
 
 
 def task_transforms(task: str, augment: str, train: bool, size: int):
-    """The transform for one split; ``augment='none'`` is the eval transform for training too."""
+    """The transform for one split; ``augment='none'`` is ``'light'`` without the flip."""
     if augment == "paper":
         return paper_transforms(task, train, size)
-    return light_transforms(task, train and augment == "light", size)
+    return light_transforms(task, train, size, flip=augment == "light")
 
 
 class CachedDataset(Dataset):

@@ -33,8 +33,8 @@ def evaluate(model: nn.Module, cfg: TrainConfig, data: TaskData, env: DistEnv | 
     env = env or DistEnv(device=next(model.parameters()).device)
     task = make_task(cfg, data)
     shard = Subset(data.val, range(env.rank, len(data.val), env.world_size))
-    # paper-style seg evaluation rescales each image by its own aspect ratio: one image per batch, as mmseg
-    batch_size = 1 if cfg.task == "seg" and cfg.augment == "paper" else cfg.batch_size
+    # seg scores the logits at each mask's own size, and folders mix sizes: one image per batch, as mmseg tests
+    batch_size = 1 if cfg.task == "seg" and (cfg.augment == "paper" or cfg.data != "shapes") else cfg.batch_size
     batches = list(BatchSampler(range(len(shard)), batch_size, drop_last=False))
     was_training = model.training
     model.eval()
