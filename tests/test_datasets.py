@@ -23,6 +23,7 @@ from asmlp_min.data.rle import run_lengths
 from asmlp_min.data.shapes import CLASSES, ShapesDetection, export_shapes, make_scene, scene_rng
 from asmlp_min.data.transforms import (IMAGENET_MEAN, classification_transforms, detection_transforms,
                                        eval_resize_size, rescaled_size, segmentation_transforms)
+from asmlp_min.metrics import coco_evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
 
@@ -210,15 +211,15 @@ def test_coco_ground_truth_always_has_info(tmp_path):
     ({"images": None}, "'images'"),
     ({"annotations": [{"image_id": 2}]}, "'image_id'"),
     ({"annotations": [{"category_id": 9}]}, "'category_id'"),
-    ({"annotations": [{"id": 0}]}, "'id'"),
+    ({"annotations": [{"id": "1"}]}, "'id' must be an int"),
     ({"annotations": [{"bbox": [1, 2, 3]}]}, "'bbox'"),
-    ({"annotations": [{"id": 1}, {"id": 1}]}, "duplicate"),
+    ({"images": [{"id": 1, "file_name": "x.png"}] * 2}, r"images\[1\] field 'id' must be an int and no duplicate"),
     ({"annotations": [{"bbox": [1, 1, float("nan"), 3]}]}, "'bbox' must be .* finite numbers"),
     ({"annotations": [{"bbox": [1, 1, float("inf"), 3]}]}, "'bbox' must be .* finite numbers"),
     ({"annotations": [{"bbox": [True, 1, 3, 3]}]}, "'bbox' must be .* finite numbers"),
     ({"categories": []}, "'categories' is empty"),
     ({"categories": [{"id": 1}]}, "needs a 'name'"),
-    ({"categories": [{"id": 0, "name": "circle"}], "annotations": [{"category_id": 0}]}, "'id'=0 must be >= 1"),
+    ({"categories": [{"id": -1, "name": "circle"}], "annotations": [{"category_id": -1}]}, "'id'=-1 must be >= 0"),
     ({"annotations": [{"iscrowd": "0"}]}, "'iscrowd' must be 0 or 1"),
     ({"annotations": [{"iscrowd": 2}]}, "'iscrowd' must be 0 or 1"),
     ({"annotations": [{"area": "9"}]}, "'area' must be a finite number"),
@@ -272,17 +273,21 @@ def test_rle_of_another_size_than_its_image_names_file_annotation_and_image(tmp_
 
 def test_polygons_of_fewer_than_three_points_are_dropped_for_training_only(tmp_path):
     good, short = [1, 1, 4, 1, 4, 4], [1, 2, 3, 4]
-    path = _coco(tmp_path, annotations=[{"id": 1, "segmentation": [short, good]}, {"id": 2, "segmentation": [short]}])
+    images = [{"id": i, "file_name": "x.png", "height": 8, "width": 8} for i in (1, 2)]
+    path = _coco(tmp_path, images=images, annotations=[{"id": 1, "segmentation": [short, good]},
+                                                       {"id": 2, "image_id": 2, "segmentation": [short]}])
     _write_png(tmp_path / "x.png", np.zeros((8, 8, 3)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                              # evaluation keeps them all, without a word
         coco = load_coco(path)
     assert sorted(coco.anns) == [1, 2] and coco.anns[2]["segmentation"] == [short]
-    with pytest.warns(UserWarning, match="dropped polygons of fewer than 3 points from 2 annotation"):
+    with pytest.warns(UserWarning, match="dropped polygons of fewer than 3 points from 2 annotation.*keep their box"):
         dataset = CocoDetection(tmp_path, path)
     _, target = dataset[0]
     expected = coco.annToMask({**coco.anns[1], "segmentation": [good]})   # pycocotools draws the good polygon
     assert target["boxes"].tolist() == [[1, 1, 4, 4]] and torch.equal(target["masks"][0], torch.from_numpy(expected))
+    _, target = dataset[1]                                           # no polygon left: the box stays, without a mask
+    assert target["boxes"].tolist() == [[1, 1, 4, 4]] and target["labels"].tolist() == [1] and "masks" not in target
 
 
 @pytest.mark.parametrize("changes", [{"annotations": []}, {"annotations": None}])
@@ -328,6 +333,58 @@ def test_box_only_annotations_with_empty_segmentation_have_no_masks(tmp_path):
     _write_png(tmp_path / "x.png", np.zeros((8, 8, 3)))
     _, target = CocoDetection(tmp_path, path)[0]
     assert target["boxes"].tolist() == [[1, 1, 4, 4]] and "masks" not in target
+
+
+def _boxes_gt(tmp_path, annotations, categories=({"id": 1, "name": "circle"},)):
+    """One 16 x 16 image (x.png, written) with the given annotations: a dict of hand-written boxes, and its file."""
+    gt = {"images": [{"id": 1, "file_name": "x.png", "height": 16, "width": 16}], "categories": list(categories),
+          "annotations": [{"image_id": 1, "category_id": 1, "iscrowd": 0, **a} for a in annotations]}
+    _write_png(tmp_path / "x.png", np.zeros((16, 16, 3)))
+    path = tmp_path / "instances_boxes.json"
+    path.write_text(json.dumps(gt))
+    return gt, path
+
+
+def _exact_detections(gt):
+    """Each ground-truth box found exactly, as a COCO result."""
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9 - 0.1 * i}
+            for i, a in enumerate(gt["annotations"])]
+
+
+def test_category_id_0_as_roboflow_exports_it_trains_as_label_1_and_scores(tmp_path):
+    categories = [{"id": 0, "name": "circle"}, {"id": 1, "name": "square"}]
+    gt, path = _boxes_gt(tmp_path, [{"id": 1, "category_id": 0, "bbox": [1, 2, 3, 4]},
+                                    {"id": 2, "category_id": 1, "bbox": [8, 8, 5, 6]}], categories)
+    dataset = CocoDetection(tmp_path, path, contiguous_labels=True)
+    _, target = dataset[0]
+    assert target["labels"].tolist() == [1, 2] and target["boxes"].tolist() == [[1, 2, 4, 6], [8, 8, 13, 14]]
+    assert [dataset.coco.cats[c]["name"] for c in dataset.category_ids] == ["circle", "square"]   # label k's name
+    assert coco_evaluate(path, _exact_detections(gt))["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="category id 0 .*'circle'.* label 0, the detectors' background"):
+        CocoDetection(tmp_path, path)                                # labels as ids: 0 would be background
+
+
+def test_annotation_ids_0_and_repeats_are_renumbered_not_scored_as_unmatched(tmp_path):
+    """pycocotools reads a ground-truth id 0 as "unmatched" (exact hits would score AP 0.25) and keeps one
+    annotation per id; ids are free to change, since results never name them."""
+    gt, path = _boxes_gt(tmp_path, [{"id": 0, "bbox": [1, 1, 4, 4]}, {"id": 0, "bbox": [8, 1, 5, 5]},
+                                    {"id": 1, "bbox": [2, 9, 6, 5]}])
+    for source in (gt, path):
+        assert coco_evaluate(source, _exact_detections(gt))["AP"] == pytest.approx(1.0)
+    assert [a["id"] for a in gt["annotations"]] == [0, 0, 1]           # the caller's dict is left as it was
+    _, target = CocoDetection(tmp_path, path)[0]
+    assert target["boxes"].tolist() == [[1, 1, 5, 5], [8, 1, 13, 6], [2, 9, 8, 14]]
+
+
+def test_box_only_annotations_written_as_empty_or_short_polygons_keep_their_box(tmp_path):
+    """Exporters write a box without a mask as [], [[]] or a stray short polygon: the box is trained on either way."""
+    _, path = _boxes_gt(tmp_path, [{"id": 1, "bbox": [1, 1, 4, 4], "segmentation": [[]]},
+                                   {"id": 2, "bbox": [8, 1, 5, 5], "segmentation": [[1, 2, 3, 4]]},
+                                   {"id": 3, "bbox": [2, 9, 6, 5], "segmentation": []}])
+    with pytest.warns(UserWarning, match="from 1 annotation"):         # [[]] is box-only, not a short polygon
+        _, target = CocoDetection(tmp_path, path)[0]
+    assert target["boxes"].tolist() == [[1, 1, 5, 5], [8, 1, 13, 6], [2, 9, 8, 14]]
+    assert target["labels"].tolist() == [1, 1, 1] and "masks" not in target
 
 
 def test_images_without_height_and_width_take_the_decoded_size(tmp_path):
@@ -404,7 +461,7 @@ def test_empty_folders_are_errors(tmp_path):
 
 
 @pytest.mark.parametrize("mask, image_size, message", [
-    ([[0, 1], [9, 255]], (2, 2), r"values \[9\] are >= num_classes=4"),
+    ([[0, 1], [9, 255]], (2, 2), r"values \[9\] are outside 0..3 \(num_classes=4"),
     ([[0, 1], [2, 3]], (3, 2), r"mask is 2x2 but image is 3x2 \(height x width\); if the image is a photo with an "
                                "EXIF orientation tag"),
 ])
@@ -453,6 +510,47 @@ def test_missing_mask_is_reported_at_construction(tmp_path):
         ADE20KSegmentation(root)
 
 
+def test_two_images_of_one_name_are_refused_naming_both(tmp_path):
+    root = _ade_tree(tmp_path, np.zeros((4, 4)))
+    _write_png(root / "images/training/a.jpg", np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match=r"images/training/a.jpg and .*images/training/a.png: two images named 'a'"):
+        ADE20KSegmentation(root, num_classes=4)
+
+
+def test_masks_without_an_image_are_counted_in_a_warning(tmp_path):
+    root = _ade_tree(tmp_path, np.zeros((4, 4)))
+    _write_png(root / "annotations/training/b.png", np.zeros((4, 4)))
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images/training/b.tif")   # not an image extension
+    with pytest.warns(UserWarning, match=r"1 mask\(s\) have no image .*e.g. .*annotations/training/b.png"):
+        dataset = ADE20KSegmentation(root, num_classes=4)
+    assert [p.name for p in dataset.images] == ["a.png"]
+
+
+def test_mask_extensions_match_in_any_case_as_image_extensions_do(tmp_path):
+    _write_png(tmp_path / "images/training/a.JPG", np.zeros((2, 2, 3)))
+    _write_png(tmp_path / "annotations/training/a.PNG", [[0, 3], [255, 1]])
+    dataset = ADE20KSegmentation(tmp_path, num_classes=4, reduce_zero_label=False)
+    assert [(p.name, m.name) for p, m in zip(dataset.images, dataset.masks)] == [("a.JPG", "a.PNG")]
+    assert dataset[0][1].tolist() == [[0, 3], [255, 1]]
+
+
+@pytest.mark.parametrize("num_classes, reduce_zero_label, most", [(256, False, 255), (255, True, 254), (0, False, 255)])
+def test_num_classes_that_would_collide_with_the_ignore_value_255_are_refused(tmp_path, num_classes,
+                                                                              reduce_zero_label, most):
+    root = _ade_tree(tmp_path, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=rf"num_classes must be in 1..{most} .* 255 marks unlabelled pixels"):
+        ADE20KSegmentation(root, num_classes=num_classes, reduce_zero_label=reduce_zero_label)
+    assert len(ADE20KSegmentation(root, num_classes=most, reduce_zero_label=reduce_zero_label)) == 1
+
+
+def test_a_16_bit_mask_value_past_the_classes_is_refused_not_read_as_ignore(tmp_path):
+    """With reduce_zero_label, file value 256 would be class 255 after the shift: an error, not an ignored pixel."""
+    values = np.array([[0, 1], [256, 255]], np.uint16)
+    root = _mask_tree(tmp_path, lambda p: Image.fromarray(values).save(p))
+    with pytest.raises(ValueError, match=r"a.png: mask values \[256\] are outside 1..150 .* not ignored \(0 and 255\)"):
+        ADE20KSegmentation(root)[0]
+
+
 def _mask_tree(root, save_mask):
     _write_png(root / "images/training/a.png", np.zeros((2, 2, 3)))
     (root / "annotations/training").mkdir(parents=True)
@@ -461,9 +559,9 @@ def _mask_tree(root, save_mask):
 
 
 @pytest.mark.parametrize("mode, values, num_classes", [
-    ("I;16", np.array([[0, 1], [300, 255]], np.uint16), 301),
+    ("I;16", np.array([[0, 1], [254, 255]], np.uint16), 255),     # values, not 16-bit intensities scaled to 8 bits
     ("1", np.array([[0, 1], [1, 0]], bool), 2),
-    ("I", np.array([[0, 70000], [3, 255]], np.int32), 70001),
+    ("I", np.array([[0, 254], [3, 255]], np.int32), 255),
 ])
 def test_16_bit_32_bit_and_1_bit_masks_are_class_ids(tmp_path, mode, values, num_classes):
     # Pillow cannot write mode I as PNG; a TIFF stands in for a 16-bit PNG that an older Pillow opens as I
@@ -477,7 +575,7 @@ def test_16_bit_32_bit_and_1_bit_masks_are_class_ids(tmp_path, mode, values, num
 def test_negative_mask_values_are_refused(tmp_path):
     values = np.array([[0, 1], [-2, 255]], np.int32)
     root = _mask_tree(tmp_path, lambda p: Image.fromarray(values).save(p, format="TIFF"))
-    with pytest.raises(ValueError, match=r"a.png: mask values \[-2\] are >= num_classes=4 or < 0"):
+    with pytest.raises(ValueError, match=r"a.png: mask values \[-2\] are outside 0..3"):
         ADE20KSegmentation(root, num_classes=4, reduce_zero_label=False)[0]
 
 

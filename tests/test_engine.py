@@ -841,7 +841,7 @@ def _other_optimizer_moments(checkpoint):
     (_set("classes", ["circle"]), "'classes' should be a list of 3 names"),
     (_nan_weight, "1 weight tensor\\(s\\) hold NaN or inf \\(head.weight\\)"),
     (_set("model", {"head.weight": [1.0]}), "'model' entry is not a state dict"),
-    (_set("category_ids", [1, 1, 2]), "'category_ids' should be None or 3 distinct ids >= 1"),
+    (_set("category_ids", [1, 1, 2]), "'category_ids' should be None or 3 distinct ids >= 0"),
 ])
 def test_damaged_checkpoints_are_refused_by_load_resume_and_say_what_is_wrong(tmp_path, change, message):
     Trainer(tiny(tmp_path, stop_at_epoch=1), log=quiet).fit()

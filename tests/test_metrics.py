@@ -377,13 +377,14 @@ def test_ground_truth_without_iscrowd_and_area_gets_defaults(tmp_path):
     assert "iscrowd" not in gt["annotations"][0]                   # the caller's dict is left as it was
 
 
-def test_annotation_id_zero_is_an_error_not_a_zero_score(tmp_path):
+def test_annotation_id_zero_is_renumbered_not_scored_as_unmatched(tmp_path):
+    """Raw COCOeval reads a ground-truth id 0 as "unmatched" and scores this exact hit as a miss; Roboflow's
+    exports start their annotation ids at 0."""
     gt = _one_image_gt()
-    gt["annotations"][0]["id"] = 0                                 # COCOeval would score the exact hit 0.0
+    gt["annotations"][0]["id"] = 0
     path, coco = _as_file_and_coco(gt, tmp_path)
     for source in (gt, path, coco):
-        with pytest.raises(ValueError, match="field 'id' must be >= 1"):
-            coco_evaluate(source, _exact_results())
+        assert coco_evaluate(source, _exact_results())["AP"] == 1.0
 
 
 def test_bad_ground_truth_files_and_dicts_are_named(tmp_path):

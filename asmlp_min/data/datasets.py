@@ -16,9 +16,6 @@ Bad files raise ``ValueError`` naming the file and the field at fault, before an
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import warnings
 from collections import defaultdict
@@ -36,10 +33,11 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
-from ..checks import is_finite_number, is_int
 from . import ade20k
+# The COCO JSON gate has its own module; its public names stay importable from here.
+from .coco_json import ANNOTATION_RULES, coco_index, load_coco, polygons_of, read_json, validate_coco  # noqa: F401
 from .images import IMAGE_EXTENSIONS, is_image_file, load_image
-from .rle import annotation_mask, check_runs
+from .rle import annotation_mask
 
 to_float_image = v2.ToDtype(torch.float32, scale=True)    # images only; targets pass through untouched
 
@@ -99,147 +97,22 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
 
 # ---------------------------------------------------------------- COCO detection / instance segmentation
 
-def validate_coco(dataset: dict, source: str, require_file_name: bool = False, require_size: bool = False) -> dict:
-    """Check a COCO instances dict field by field; return a copy that keeps every annotation, as COCOeval does.
-
-    Raises ValueError naming ``source`` and the field for: a missing ``images``/``categories`` list, an empty
-    ``categories``, a category without ``name`` or with ``id`` < 1, image or annotation ids that are not unique
-    ints, an annotation field that breaks ``ANNOTATION_RULES``, ``segmentation`` neither polygons (``[]``: box
-    only) nor RLE, an RLE ``size`` other than its image's ``height``/``width``, a list of RLE runs that does not
-    cover that size (``rle.check_runs``; compressed strings are checked when decoded), an image without ``file_name``
-    (``require_file_name``, for datasets that read the pixels) or without ``height``/``width``
-    (``require_size``, for evaluating masks). No annotations at all warns that AP will be -1. Missing ``iscrowd``
-    defaults to 0, missing ``area`` to the box area, and a missing ``info`` to ``{}`` (pycocotools 2.0.9 and
-    2.0.10 need it to evaluate). Degenerate boxes and polygons are kept: only training skips them
-    (``CocoDetection``).
-    """
-    for field in ("images", "annotations", "categories"):
-        value = dataset.get(field, [] if field == "annotations" else None) if isinstance(dataset, dict) else None
-        if not isinstance(value, list) or (field == "categories" and not value):
-            raise ValueError(f"{source}: field '{field}' is empty or not a list (see the COCO instances format)")
-    _unique_ids(dataset["images"], "images", source)
-    images = {image["id"]: image for image in dataset["images"]}
-    for i, image in enumerate(dataset["images"]):
-        where = f"{source}: images[{i}] (id={image['id']})"
-        if require_file_name and not isinstance(image.get("file_name"), str):
-            raise ValueError(f"{where} needs a 'file_name' string (the image file)")
-        if require_size and not all(is_int(image.get(key)) and image[key] >= 1 for key in ("height", "width")):
-            raise ValueError(f"{where} needs 'height' and 'width' (ints >= 1) to evaluate masks, the size they are "
-                             f"compared at; got {image.get('height')!r} x {image.get('width')!r}")
-    category_ids = _unique_ids(dataset["categories"], "categories", source)
-    for i, category in enumerate(dataset["categories"]):
-        if category["id"] < 1 or not isinstance(category.get("name"), str):
-            raise ValueError(f"{source}: categories[{i}] needs a 'name' string and field 'id'={category['id']} must be "
-                             ">= 1 (COCO category ids start at 1; the detector predicts 1..K)")
-    annotations = dataset.get("annotations", [])
-    if not annotations:
-        warnings.warn(f"{source}: no annotations: AP will be -1 (undefined) because there are no objects to find",
-                      stacklevel=3)
-    _unique_ids(annotations, "annotations", source)
-    return {"info": {}, **dataset, "annotations": _checked_annotations(annotations, images, category_ids, source)}
-
-
-# What each annotation field must be: (field, value when absent, test, requirement). COCOeval reads an
-# annotation id of 0 as "unmatched", and would silently score a NaN box or a label that is no category.
-ANNOTATION_RULES = (
-    ("id", None, lambda v, ctx: is_int(v) and v >= 1, ">= 1: COCOeval uses 0 to mean 'unmatched'"),
-    ("image_id", None, lambda v, ctx: is_int(v) and v in ctx["images"], "an int, the id of an entry in 'images'"),
-    ("category_id", None, lambda v, ctx: is_int(v) and v in ctx["categories"], "the id of an entry in 'categories'"),
-    ("bbox", None, lambda v, ctx: isinstance(v, list) and len(v) == 4 and all(map(is_finite_number, v)),
-     "[x, y, width, height] finite numbers"),
-    ("iscrowd", 0, lambda v, ctx: is_int(v) and v in (0, 1), "0 or 1"),
-    ("area", 0, lambda v, ctx: is_finite_number(v) and v >= 0, "a finite number >= 0 (pixels)"),
-)
-
-
-def _checked_annotations(annotations: list, images: dict, category_ids: set, source: str) -> list:
-    """Copies of the annotations, each checked against ``ANNOTATION_RULES``, with absent ``iscrowd``/``area`` filled."""
-    context = {"images": images, "categories": category_ids}
-    checked = []
-    for i, ann in enumerate(annotations):
-        where = f"{source}: annotations[{i}] (id={ann.get('id')})"
-        for field, absent, test, requirement in ANNOTATION_RULES:
-            if not test(ann.get(field, absent), context):
-                raise ValueError(f"{where} field '{field}' must be {requirement}, got {ann.get(field)!r}")
-        if "segmentation" in ann:
-            _check_segmentation(ann["segmentation"], images[ann["image_id"]], where)
-        width, height = ann["bbox"][2:]
-        checked.append({"iscrowd": 0, "area": float(max(width, 0) * max(height, 0)), **ann})
-    return checked
-
-
-def _check_segmentation(segmentation, image: dict, where: str) -> None:
-    """A list of polygons (``[]``: no mask, as box-only exports write it) or an RLE dict as large as its image.
-    Coordinates are not checked one by one (COCO has millions). The RLE ``size`` [height, width] is compared when
-    the image gives its ``height`` and ``width``: else the masks of one image could not be stacked."""
-    if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
-        return
-    if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
-        raise ValueError(f"{where} field 'segmentation' must be a list of polygons [x1, y1, x2, y2, ...] or an RLE "
-                         f"dict with 'counts' and 'size', got {str(segmentation)[:80]}")
-    size, expected = segmentation["size"], [image.get("height"), image.get("width")]
-    if None not in expected and not (isinstance(size, (list, tuple)) and list(size) == expected):
-        raise ValueError(f"{where} field 'segmentation' is an RLE of 'size' {size!r} (height, width), but image "
-                         f"id={image['id']} ({image.get('file_name')}) is {expected[0]}x{expected[1]}")
-    if isinstance(segmentation["counts"], list):       # a sum per mask; strings are checked when decoded
-        check_runs(segmentation, f"{where} field 'segmentation':")
-
-
-def polygons_of(segmentation: list) -> list:
-    """The polygons of >= 3 points (an even count of >= 6 numbers): pycocotools cannot rasterise the others."""
-    return [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
-
-
-def _unique_ids(entries: list, field: str, source: str) -> set:
-    """The entries' ``id``s, checked to be ints (not bools) and unique."""
-    ids = set()
-    for i, entry in enumerate(entries):
-        value = entry.get("id") if isinstance(entry, dict) else None
-        if not is_int(value) or value in ids:
-            raise ValueError(f"{source}: {field}[{i}] field 'id' must be an int and no duplicate, got {value!r}")
-        ids.add(value)
-    return ids
-
-
-def coco_index(dataset: dict) -> COCO:
-    """A pycocotools ``COCO`` over an already validated dict, without its "creating index..." prints."""
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def read_json(path: str | os.PathLike):
-    """The JSON value in ``path``, read as UTF-8 (the JSON standard's encoding), whatever the locale's encoding."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as err:          # JSONDecodeError, or UnicodeDecodeError for a file in another encoding
-        raise ValueError(f"{path}: not valid JSON ({err}); JSON files are UTF-8 text") from err
-
-
-def load_coco(ann_file: str | os.PathLike, require_file_name: bool = False, require_size: bool = False) -> COCO:
-    """Read, validate (``validate_coco``) and index a COCO instances JSON, without pycocotools' prints."""
-    return coco_index(validate_coco(read_json(ann_file), str(ann_file), require_file_name, require_size))
-
-
 def training_annotations(coco: COCO, source: str) -> dict[int, list[dict]]:
-    """{image id: the annotations to train on}, as detectron2 loads COCO: boxes of width or height <= 0 are
-    skipped, polygons of fewer than 3 points dropped, and an annotation left with no polygon skipped (real COCO has
-    a few of each); one warning counts each kind. Evaluation keeps them all, as COCOeval does."""
+    """{image id: the annotations to train on}: boxes of width or height <= 0 are skipped and polygons of fewer than
+    3 points dropped, as detectron2 loads COCO (real COCO has a few of each); one warning counts each kind. An
+    annotation left with no polygon (or written ``[[]]``) keeps its box, without a mask, as a box-only ``[]``.
+    Evaluation keeps them all, as COCOeval does."""
     kept, degenerate, short_polygons = defaultdict(list), 0, 0
     for ann in coco.dataset["annotations"]:
         if ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
             degenerate += 1
             continue
         segmentation = ann.get("segmentation")
-        if isinstance(segmentation, list) and segmentation:
-            polygons = polygons_of(segmentation)
+        if isinstance(segmentation, list):
+            drawn = [polygon for polygon in segmentation if polygon]   # [[]]: a box-only export's [], not a short one
+            polygons = polygons_of(drawn)
+            short_polygons += len(polygons) < len(drawn)
             if len(polygons) < len(segmentation):
-                short_polygons += 1
-                if not polygons:
-                    continue
                 ann = {**ann, "segmentation": polygons}
         kept[ann["image_id"]].append(ann)
     if degenerate:
@@ -247,7 +120,8 @@ def training_annotations(coco: COCO, source: str) -> dict[int, list[dict]]:
                       "(for training; evaluation keeps them)", stacklevel=3)
     if short_polygons:
         warnings.warn(f"{source}: dropped polygons of fewer than 3 points from {short_polygons} annotation(s); "
-                      "those left with no polygon were skipped (for training; evaluation keeps them)", stacklevel=3)
+                      "those left with no polygon keep their box, without a mask (for training; evaluation keeps "
+                      "them)", stacklevel=3)
     return kept
 
 
@@ -258,11 +132,13 @@ class CocoDetection(Dataset):
     ``category_id``s (COCO 2017: 80 ids in 1..90, with gaps), ``image_id`` is the COCO image id, so
     predictions can go straight to ``metrics.coco_evaluate(dataset.coco, ...)``: ``coco`` is the whole ground
     truth, while targets leave out what ``training_annotations`` skips. ``masks`` are present when every
-    annotation of the image has a ``segmentation`` (polygons or RLE; ``[]`` is none).
+    annotation of the image has a ``segmentation`` (polygons or RLE; ``[]``, ``[[]]`` or only polygons of fewer than
+    3 points are none): Mask R-CNN needs them in every target, so give it no box-only annotations.
 
     ``contiguous_labels=True`` numbers the categories 1..K instead, in the order of their ids, as mmdet's and
     detectron2's COCO loaders do: a detector then has K classes, not the largest id, and predicts no id that
-    is not a category. ``category_ids[label - 1]`` is a label's category id again, for COCO results.
+    is not a category. ``category_ids[label - 1]`` is a label's category id again, for COCO results. Without it,
+    a category id 0 (Roboflow's first) is refused: label 0 is the detectors' background.
     """
 
     def __init__(self, image_root: str | os.PathLike, ann_file: str | os.PathLike,
@@ -273,6 +149,9 @@ class CocoDetection(Dataset):
         self.coco = load_coco(ann_file, require_file_name=True)
         self.annotations = training_annotations(self.coco, str(ann_file))
         self.category_ids = sorted(self.coco.cats)
+        if not contiguous_labels and self.category_ids[0] == 0:
+            raise ValueError(f"{ann_file}: category id 0 ({self.coco.cats[0]['name']!r}) would be label 0, the "
+                             "detectors' background: use contiguous_labels=True (labels 1..K)")
         self.label_of = ({c: i + 1 for i, c in enumerate(self.category_ids)} if contiguous_labels
                          else {c: c for c in self.category_ids})
         self.ids = sorted(self.coco.imgs)
@@ -318,25 +197,39 @@ MASK_MODES = ("L", "P", "I;16", "I", "1")  # one channel of integers; some Pillo
 class ADE20KSegmentation(Dataset):
     """ADE20K layout: ``root/images/<split>/<name>.jpg|png`` and ``root/annotations/<split>/<name>.png``.
 
-    Masks are single-channel PNGs of class ids: 8-bit (mode L or P), 16-bit (I;16, or I) or 1-bit.
-    ``reduce_zero_label=True`` follows mmseg for ADE20K, where 0 means "unlabelled": 0 -> 255 (ignored) and every
-    other id moves down by one, so the 150 ADE20K classes become 0..149. After that, values must be in
-    [0, ``num_classes``) or 255. Returns (image, mask) with mask (h, w) int64.
+    Masks are single-channel PNGs of class ids: 8-bit (mode L or P), 16-bit (I;16, or I) or 1-bit. An image and
+    its mask share a name (the extensions' case aside); two images of one name are refused, masks without an image
+    warned about. ``reduce_zero_label=True`` follows mmseg for ADE20K, where 0 means "unlabelled": 0 -> 255
+    (ignored) and every other id moves down by one, so the 150 ADE20K classes become 0..149. After that, values must
+    be in [0, ``num_classes``) or 255, so ``num_classes`` is at most 255 (254 with ``reduce_zero_label``, where file
+    value 255 stays 255). Returns (image, mask) with mask (h, w) int64.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training", num_classes: int = 150,
                  reduce_zero_label: bool = True, transform: Callable | None = None):
         self.root, self.num_classes, self.reduce_zero_label = Path(root), num_classes, reduce_zero_label
+        most = 254 if reduce_zero_label else 255
+        if not 1 <= num_classes <= most:
+            raise ValueError(f"num_classes must be in 1..{most} with reduce_zero_label={reduce_zero_label}, got "
+                             f"{num_classes}: mask value 255 marks unlabelled pixels (ignored by the loss and mIoU), "
+                             f"so it cannot also be class {most}")
         image_dir, mask_dir = self.root / "images" / split, self.root / "annotations" / split
         if not image_dir.is_dir() or not mask_dir.is_dir():
             raise ValueError(f"{image_dir} or {mask_dir}: folder not found (see data/README.md)")
-        self.images = sorted(p for p in image_dir.iterdir() if is_image_file(p))
-        if not self.images:
+        images = _by_stem((p for p in image_dir.iterdir() if is_image_file(p)), "images")
+        if not images:
             raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        self.masks = [mask_dir / (p.stem + ".png") for p in self.images]
-        missing = [str(m) for m in self.masks if not m.is_file()]
+        masks = _by_stem((p for p in mask_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")),
+                         "masks")
+        missing = [str(mask_dir / f"{stem}.png") for stem in images if stem not in masks]
         if missing:
             raise ValueError(f"{len(missing)} image(s) have no mask, e.g. {missing[0]}")
+        unused = [str(path) for stem, path in masks.items() if stem not in images]
+        if unused:
+            warnings.warn(f"{len(unused)} mask(s) have no image ({', '.join(IMAGE_EXTENSIONS)}) and are not used, "
+                          f"e.g. {unused[0]}", stacklevel=2)
+        self.images = list(images.values())                  # sorted by path
+        self.masks = [masks[p.stem] for p in self.images]
         self.transform = transform or to_float_image
 
     @property
@@ -363,11 +256,22 @@ class ADE20KSegmentation(Dataset):
             raise ValueError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but image is "
                              f"{image.shape[-2]}x{image.shape[-1]} (height x width); if the image is a photo with an "
                              "EXIF orientation tag, the mask must match its stored pixels (the tag is not applied)")
-        if self.reduce_zero_label:
-            mask = np.where(mask == 0, 255, mask - 1)
-            mask[mask == 254] = 255                          # 255 stays ignore after the shift
-        bad = np.unique(mask[((mask >= self.num_classes) | (mask < 0)) & (mask != 255)])   # < 0: from a mode I file
+        first = int(self.reduce_zero_label)                  # the file value of class 0
+        ignored = (mask == 255) | ((mask == 0) & bool(first))  # checked before the shift: 256 must not become 255
+        bad = np.unique(mask[((mask < first) | (mask >= self.num_classes + first)) & ~ignored])  # < 0: a mode I file
         if len(bad):
-            raise ValueError(f"{mask_path}: mask values {bad[:5].tolist()} are >= num_classes={self.num_classes} or "
-                             f"< 0, and not the ignore value 255 (reduce_zero_label={self.reduce_zero_label})")
-        return self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))
+            raise ValueError(f"{mask_path}: mask values {bad[:5].tolist()} are outside {first}.."
+                             f"{self.num_classes - 1 + first} (num_classes={self.num_classes}, reduce_zero_label="
+                             f"{self.reduce_zero_label}) and not ignored ({'0 and ' * first}255)")
+        return self.transform(image, tv_tensors.Mask(torch.from_numpy(np.where(ignored, 255, mask - first))))
+
+
+def _by_stem(paths, what: str) -> dict[str, Path]:
+    """{file name without extension: path}; two files of one name are an error, since they would share a pair."""
+    found = {}
+    for path in sorted(paths):
+        if path.stem in found:
+            raise ValueError(f"{found[path.stem]} and {path}: two {what} named {path.stem!r}, and an image and its "
+                             "mask are paired by name; rename or remove one")
+        found[path.stem] = path
+    return found

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import (_NO_ROOM, CheckpointError, WriteError, _not_written, atomic_write, compare_state_dicts,
                           load_checkpoint, non_finite_keys, remove_stale_temp_files, shown_keys)
-from ..checks import is_count
+from ..checks import is_int
 from ..data import ade20k
 from .config import SIZE_FIELDS, TrainConfig
 from .data import TaskData
@@ -208,8 +208,8 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False, loade
         raise _damaged(path, f"its 'classes' should be a list of {cfg.num_classes} names, got {classes!r:.200}")
     ids = checkpoint.get("category_ids")
     if ids is not None and not (isinstance(ids, list) and len(ids) == len(set(ids)) == cfg.num_classes
-                                and all(map(is_count, ids))):
-        raise _damaged(path, f"its 'category_ids' should be None or {cfg.num_classes} distinct ids >= 1: {ids!r:.200}")
+                                and all(is_int(i) and i >= 0 for i in ids)):   # Roboflow's start at 0
+        raise _damaged(path, f"its 'category_ids' should be None or {cfg.num_classes} distinct ids >= 0: {ids!r:.200}")
     wanted = dict(_RESUME_STATE) if resume else {"model": dict}
     wrong = [f"'{k}' (expected {kind.__name__}, got {type(checkpoint[k]).__name__})" if k in checkpoint
              else f"'{k}' (missing)" for k, kind in wanted.items()
