@@ -317,6 +317,46 @@ def test_head_parameters_match_the_mmseg_layout_by_hand():
     assert sum(p.numel() for p in model_aux.parameters()) == aux
 
 
+def functional_uper_head(p, feats, pool_scales, eps=1e-5):
+    """mmseg's UPerHead in eval mode, written out from its state dict for this test: pyramid pooling on the top
+    map, 1x1 laterals, top-down sums, 3x3 fpn convs, fuse at stride 4, 1x1 classifier; every resize bilinear with
+    align_corners=False; BatchNorm with the running statistics."""
+    def cbr(name, x):
+        kernel = p[f"{name}.conv.weight"]
+        x = F.conv2d(x, kernel, padding=kernel.shape[-1] // 2)
+        bn = [p[f"{name}.bn.{key}"] for key in ("running_mean", "running_var", "weight", "bias")]
+        return F.relu(F.batch_norm(x, *bn, training=False, eps=eps))
+
+    def up(x, like):
+        return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+    top = feats[3]
+    pooled = [up(cbr(f"psp_modules.{i}.1", F.adaptive_avg_pool2d(top, s)), top) for i, s in enumerate(pool_scales)]
+    l1, l2, l3 = (cbr(f"lateral_convs.{i}", feats[i]) for i in range(3))
+    l4 = cbr("bottleneck", torch.cat([top, *pooled], 1))
+    l3 = l3 + up(l4, l3)
+    l2 = l2 + up(l3, l2)
+    l1 = l1 + up(l2, l1)
+    p1, p2, p3 = (cbr(f"fpn_convs.{i}", lateral) for i, lateral in enumerate((l1, l2, l3)))
+    fused = cbr("fpn_bottleneck", torch.cat([p1, up(p2, p1), up(p3, p1), up(l4, p1)], 1))
+    return F.conv2d(fused, p["conv_seg.weight"], p["conv_seg.bias"])
+
+
+def test_uper_head_is_mmsegs_upernet_written_out():
+    torch.manual_seed(0)
+    head = UperHead((8, 16, 32, 64), channels=16, pool_scales=(1, 2, 3, 6), num_classes=5).eval()
+    with torch.no_grad():
+        for name, tensor in head.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+            elif tensor.is_floating_point():       # weights, biases, running means: none left at 0 or 1
+                tensor.copy_(torch.randn_like(tensor) * 0.3)
+    feats = [torch.randn(2, c, 16 // 2 ** i, 24 // 2 ** i) for i, c in enumerate((8, 16, 32, 64))]  # non-square
+    want = functional_uper_head(head.state_dict(), feats, (1, 2, 3, 6))
+    torch.testing.assert_close(head(feats), want, rtol=1e-5, atol=1e-5)
+    assert want.shape == (2, 5, 16, 24)
+
+
 def test_mask_values_beyond_num_classes_are_a_clear_error():
     model = tiny(num_classes=3).train()
     masks = torch.zeros(1, 32, 32, dtype=torch.long)
