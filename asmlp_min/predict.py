@@ -124,11 +124,12 @@ def _describe(task: str, result, image: Tensor, classes: list[str], args: argpar
                  zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist())]
         lines = [f"{f['class']} {f['score']:.3f} box xyxy {[round(v, 1) for v in f['box_xyxy']]}" for f in found]
         return lines, draw_scenes([image], [result], classes, ncols=1, panel_size=4), {"detections": found}
-    shown = classes[1:] if classes and classes[0] == "background" else classes
+    background = bool(classes) and classes[0] == "background"
     counts = result.flatten().bincount(minlength=len(classes))
     share = {classes[c]: n / result.numel() for c, n in enumerate(counts.tolist()) if n}
     lines = [f"{'class ' * name.isdigit()}{name} {value:.1%} of pixels" for name, value in share.items()]  # 'class 2'
-    fig = draw_scenes([image], [result], shown, ncols=1, panel_size=4)
+    # the overlay leaves value 0 uncoloured: the background, or nothing where class 0 is an object (ADE20K's wall)
+    fig = draw_scenes([image], [result if background else result + 1], classes[background:], ncols=1, panel_size=4)
     return lines, fig, {"pixel_share": share}
 
 

@@ -57,6 +57,20 @@ def test_semantic_masks_and_class_titles():
         draw_scenes([image], [0, 1])
 
 
+@pytest.mark.parametrize("classes,coloured", [(["background", "cat"], False), (["wall", "floor"], True)])
+def test_predict_colours_class_0_unless_it_is_the_background(classes, coloured):
+    """ADE20K's class 0 is "wall", an object like the others; the shapes' class 0 is the background."""
+    from asmlp_min.predict import _describe
+    image = torch.full((3, 4, 6), 0.5)
+    result = torch.zeros(4, 6, dtype=torch.int64)
+    result[:, 3:] = 1
+    lines, fig, _ = _describe("seg", result, image, classes, None)
+    shown = fig.axes[0].images[0].get_array()
+    assert lines == [f"{classes[0]} 50.0% of pixels", f"{classes[1]} 50.0% of pixels"]
+    assert np.allclose(shown[:, :3], 0.5) != coloured and not np.allclose(shown[:, 3:], 0.5)
+    plt.close(fig)
+
+
 def test_plot_curves_png_gets_normal_permissions_not_mkstemps(tmp_path):
     umask = os.umask(0o022)
     try:
