@@ -153,7 +153,9 @@ def test_segmentation_train_pads_with_ignore():
     out, crop = segmentation_transforms(train=True, size=64, ratio_range=(0.5, 0.5))(
         tv_tensors.Image(image), tv_tensors.Mask(mask))
     assert out.shape == (3, 64, 64) and crop.dtype == torch.int64
-    assert set(crop.unique().tolist()) == {1, 255}                         # resized 0.5x: 32 px, padded to 64
+    # mmseg's rescale at ratio 0.5: the scale (128, 32) fits 20x30 to 32x48 (factor min(32/20, 128/30) = 1.6),
+    # then padded with 255 to the 64x64 crop
+    assert set(crop.unique().tolist()) == {1, 255} and (crop == 1).sum() == 32 * 48
 
 
 @pytest.mark.parametrize("size, short, long, expected", [

@@ -90,6 +90,33 @@ def test_scheduler_follows_lr_factor_per_iteration(tmp_path):
     assert seen == pytest.approx(want)
 
 
+@pytest.mark.parametrize("task,want", [
+    # svip-lab/AS-MLP config.py: wd 0.05, cosine, clip 5.0, warm-up lr 1e-6 and min lr 1e-5 against lr 1e-3
+    ("cls", dict(weight_decay=0.05, schedule="cosine", clip_grad=5.0, warmup_ratio=1e-3, min_lr_ratio=0.01)),
+    # AS-MLP-Object-Detection, schedule_1x.py: wd 0.05, step at epochs 8 and 11, warm-up ratio 0.001, no clipping
+    ("det", dict(weight_decay=0.05, schedule="step", clip_grad=0.0, warmup_ratio=1e-3, min_lr_ratio=0.0)),
+    # AS-MLP-Semantic-Segmentation: wd 0.01, poly power 1 to min lr 0, warm-up ratio 1e-6, no clipping
+    ("seg", dict(weight_decay=0.01, schedule="poly", clip_grad=0.0, warmup_ratio=1e-6, min_lr_ratio=0.0)),
+])
+def test_each_task_defaults_to_its_official_recipe(task, want):
+    cfg = TrainConfig(task=task).resolved()
+    assert {key: getattr(cfg, key) for key in want} == want
+
+
+def test_step_schedule_drops_tenfold_after_epochs_8_and_11_of_12(tmp_path):
+    """mmdet's 1x: lr x0.1 from the first step of epoch 9 (after 8 epochs) and again from epoch 12."""
+    trainer = Trainer(tiny(tmp_path, task="det", epochs=12, warmup_epochs=0.0, schedule="step", lr=1e-3,
+                           train_size=16, batch_size=8, mixup=0.0, cutmix=0.0), log=quiet)
+    per_epoch = trainer.steps_per_epoch
+    seen = []
+    for _ in range(12 * per_epoch):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    want = [1e-3] * (8 * per_epoch) + [1e-4] * (3 * per_epoch) + [1e-5] * per_epoch
+    assert seen == pytest.approx(want)
+
+
 def test_weight_decay_groups_are_the_official_ones_per_task():
     """ImageNet (timm/Swin skip list): no decay on 1-D tensors and biases. mmdet/mmseg configs: no decay on names
     with "norm" only, so conv biases and the UperNet's BatchNorms (``bn``) decay. Names picked by hand."""

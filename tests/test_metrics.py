@@ -79,6 +79,40 @@ def test_one_miss_and_one_false_positive_by_hand():
     assert stats["APs"] == stats["APl"] == -1.0                    # no small/large ground truth
 
 
+def test_small_and_large_objects_are_scored_in_their_own_columns():
+    """A 20x20 object (area 400 < 32^2: small) found exactly and a 120x120 one (area 14400 > 96^2: large) missed:
+    small AP and AR are 1, large 0, medium undefined (-1); overall AP = AR100 = 1/2 at every threshold."""
+    gt = {"images": [{"id": 1, "height": 300, "width": 300}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
+                           "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [100, 100, 120, 120], "area": 14400,
+                           "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "dot"}]}
+    stats = coco_evaluate(gt, [{"image_id": 1, "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
+                                "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}])
+    assert (stats["APs"], stats["APm"], stats["APl"]) == pytest.approx((1.0, -1.0, 0.0))
+    assert (stats["ARs"], stats["ARm"], stats["ARl"]) == pytest.approx((1.0, -1.0, 0.0))
+    assert math.isclose(stats["AP"], 51 / 101) and stats["AR100"] == 0.5   # precision 1 up to recall 0.5
+
+
+def test_mask_probabilities_are_cut_at_one_half():
+    """A mask of probability 0.6 on the object's square and 0.4 on a band around it is the square: segm AP 1.
+    The same mask at 0.4 everywhere is empty: no object found."""
+    gt = _one_image_gt()
+    masks = torch.zeros(2, 200, 200)
+    for k, (x, y) in enumerate([(10, 10), (100, 100)]):
+        masks[k, y - 5:y + 45, x - 5:x + 45] = 0.4
+        masks[k, y:y + 40, x:x + 40] = 0.6
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    detection = {"image_id": 1, "boxes": torch.tensor([[10.0, 10, 50, 50], [100, 100, 140, 140]]),
+                 "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1]), "masks": masks}
+    assert coco_evaluate(gt, [detection], iou_type="segm")["AP"] == 1.0
+    faint = {**detection, "masks": torch.full((2, 200, 200), 0.4)}
+    assert coco_evaluate(gt, [faint], iou_type="segm")["AP"] == 0.0
+
+
 def test_coco_result_list_input_matches_dict_input():
     results = [{"image_id": 1, "category_id": 1, "bbox": [150, 10, 40, 40], "score": 0.9},
                {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.8}]
@@ -284,7 +318,18 @@ def test_absent_classes_are_left_out_of_the_mean():
     meter.update(PRED, TARGET)
     result = meter.compute()
     assert math.isnan(result["IoU"][3]) and math.isnan(result["IoU"][4])
-    assert math.isclose(result["mIoU"], 1 / 3)
+    assert math.isnan(result["Acc"][3]) and math.isnan(result["Acc"][4])
+    assert math.isclose(result["mIoU"], 1 / 3) and math.isclose(result["mAcc"], 0.5)
+
+
+def test_a_class_only_predicted_scores_iou_0_and_counts_in_the_mean():
+    """mmseg's rule: a class absent from the ground truth but predicted has union 1 and IoU 0, not nan; its
+    accuracy (no ground-truth pixel) is nan. Target 0 0 1 1, prediction 0 0 1 2: IoU 1, 1/2, 0."""
+    meter = SegmentationMeter(3)
+    meter.update(torch.tensor([[0, 0, 1, 2]]), torch.tensor([[0, 0, 1, 1]]))
+    result = meter.compute()
+    assert np.allclose(result["IoU"], [1.0, 0.5, 0.0]) and math.isclose(result["mIoU"], 0.5)
+    assert math.isnan(result["Acc"][2]) and math.isclose(result["mAcc"], 0.75)
 
 
 def test_dataset_level_accumulation_and_logits():
