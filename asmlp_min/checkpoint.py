@@ -9,7 +9,8 @@ Accepted layouts (the official releases of svip-lab/AS-MLP and its mmdet and mms
 - mmdet / mmseg checkpoints: ``{"state_dict": {"backbone.patch_embed...", "neck...", ...}}`` with per-output
   ``backbone.norm{i}``, loaded into a ``features_only`` model;
 - a raw state dict, optionally with ``module.`` (DataParallel) or ``backbone.`` prefixes;
-- training checkpoints with an EMA copy (``state_dict_ema``, ``model_ema``): the raw weights when both are there.
+- training checkpoints with an EMA copy (``state_dict_ema``, ``model_ema``): the raw weights when both are there;
+  the official trainer's ``ckpt_epoch_N.pth``, its yacs config read as ``official_config`` (official_config.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from . import official_config
 
 _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "state_dict_ema", "model_ema")  # the first one present
 
@@ -46,14 +49,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: a TorchScript model, not a checkpoint: torch.jit.load it and save its "
                               "state_dict() with torch.save")
     safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    try:  # timm's train.py keeps its argparse.Namespace beside the weights: a plain holder of values, allowed
-        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
+    try:  # timm's train.py keeps its argparse.Namespace beside the weights, the official trainer a yacs config
+        with safe([argparse.Namespace, *official_config.SAFE_GLOBALS]) if safe else contextlib.nullcontext():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to unpickle: corrupt, or holds objects other than tensors (a tampered "
                               f"file may run code; it was NOT executed). Details: {_refusal_detail(err)}. A whole "
-                              "saved model, or a training checkpoint that keeps its settings as an object (a yacs "
-                              "config), is refused the same way: its weights load from a file written with "
+                              "saved model, or a training checkpoint that keeps its settings as an object, is "
+                              "refused the same way: its weights load from a file written with "
                               "torch.save(model.state_dict(), path)") from None
     except Exception as err:  # torch.load fails in many ways on damaged bytes (EOFError, IndexError, ...)
         raise CheckpointError(f"{path}: not a file torch.save wrote, or a corrupt or truncated one (torch.load: "
@@ -61,6 +64,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                               "again") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict (a state dict or {{'model': ...}}), got {type(obj).__name__}")
+    if official_config.is_yacs_config(obj.get("config")):  # the official trainer's, not a run's settings: renamed
+        obj["official_config"] = official_config.plain_config(obj.pop("config"))
     return obj
 
 
@@ -319,14 +324,11 @@ def _check_shift_size(model: nn.Module, checkpoint: dict) -> None:
 
 
 def _saved_shift_size(checkpoint: dict) -> int | None:
-    """The shift size the file's network used: an mmdet/mmseg ``meta["config"]`` states it; this package's run
-    config too, where None means the variant's own (3 for a segmentation AS-MLP-S, as the official UperNet)."""
+    """The shift size the file's network used: an official file's config states it (official_config.py), and so
+    does this package's run config, where None means the variant's own (3 for a seg AS-MLP-S, as official)."""
     from .engine.runs import is_run_checkpoint  # the engine saves through this module: imported when needed
-    meta = checkpoint.get("meta")
-    config = meta.get("config") if isinstance(meta, dict) else None
-    found = re.search(r"shift_size\s*=\s*(\d+)", config) if isinstance(config, str) else None
-    if found:
-        return int(found[1])
+    if official_config.stated_shift_size(checkpoint) is not None:
+        return official_config.stated_shift_size(checkpoint)
     cfg = checkpoint.get("config") if is_run_checkpoint(checkpoint) else None
     if not isinstance(cfg, dict):
         return None

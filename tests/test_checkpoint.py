@@ -492,3 +492,51 @@ def test_a_segmentation_run_of_asmlp_small_is_refused_by_a_shift_5_model(tmp_pat
     three = create_model("asmlp_small", embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, features_only=True)
     assert load_official_checkpoint(three, path, strict=False).loaded
 
+
+
+def _official_training_checkpoint(path, monkeypatch, state_dict, shift_size):
+    """A ckpt_epoch_N.pth as svip-lab/AS-MLP's trainer writes it, its config a yacs CfgNode: a stand-in yacs (a
+    dict subclass with yacs' flags in __dict__, pickled by its name yacs.config.CfgNode) is importable only while
+    saving, as on a machine that has yacs."""
+    import types
+
+    class CfgNode(dict):
+        def __init__(self, values):
+            super().__init__({k: CfgNode(v) if isinstance(v, dict) else v for k, v in values.items()})
+            self.__dict__.update({"__immutable__": True, "__deprecated_keys__": set(),
+                                  "__renamed_keys__": {}, "__new_allowed__": False})
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    config = types.ModuleType("yacs.config")
+    config.CfgNode = CfgNode
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+        patch.setitem(sys.modules, "yacs.config", config)
+        cfg = CfgNode({"MODEL": {"TYPE": "asmlp", "ASMLP": {"SHIFT_SIZE": shift_size, "DEPTHS": [1, 1, 1, 1]}},
+                       "TRAIN": {"BASE_LR": 5e-4, "OPTIMIZER": {"BETAS": (0.9, 0.999)}}})
+        torch.save({"model": state_dict, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+                    "lr_scheduler": {"t_initial": 300, "base_values": [1e-3]}, "max_accuracy": 81.3, "epoch": 299,
+                    "config": cfg, "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}}, path)
+    assert "yacs.config" not in sys.modules                  # loading must not need it
+
+
+def test_the_official_trainers_checkpoint_with_its_yacs_config_loads_without_yacs(tmp_path, monkeypatch):
+    """Its weights load strictly and compute the saved model's function; the config comes back as plain nested
+    dicts under 'official_config', its shift size read from MODEL.ASMLP.SHIFT_SIZE."""
+    from asmlp_min.engine import load_released
+    torch.manual_seed(0)
+    official = create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), shift_size=3, num_classes=10).eval()
+    path = tmp_path / "ckpt_epoch_299.pth"
+    _official_training_checkpoint(path, monkeypatch, official.state_dict(), shift_size=3)
+    loaded = load_checkpoint(path)
+    assert "config" not in loaded and loaded["epoch"] == 299
+    assert loaded["official_config"] == {"MODEL": {"TYPE": "asmlp", "ASMLP": {"SHIFT_SIZE": 3, "DEPTHS": [1, 1, 1, 1]}},
+                                         "TRAIN": {"BASE_LR": 5e-4, "OPTIMIZER": {"BETAS": (0.9, 0.999)}}}
+    assert type(loaded["official_config"]["MODEL"]) is dict
+    model, cfg, _ = load_released(path)
+    assert cfg.shift_size == 3 and {m.shift_size for m in model.modules() if hasattr(m, "shift_size")} == {3}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), official(x))
+    with pytest.raises(CheckpointError, match="shift_size=3"):   # a model of another shift refuses the weights
+        load_official_checkpoint(create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=10), path)

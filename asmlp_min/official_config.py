@@ -1,0 +1,50 @@
+"""What official checkpoints state about their network, read without running the official code.
+
+- mmdet / mmseg files keep their config as Python text in ``meta["config"]``; :func:`stated_shift_size` reads the
+  backbone's ``shift_size`` there.
+- The official classification trainer (svip-lab/AS-MLP ``utils.save_checkpoint``, Swin's) stores its yacs
+  ``CfgNode`` in every ``ckpt_epoch_N.pth`` beside the weights. ``torch.load(weights_only=True)`` refuses classes
+  it does not know, and yacs need not be installed: :data:`SAFE_GLOBALS` lets the loader build each CfgNode as an
+  ``OrderedDict`` of its keys and values (yacs' own flags land as attributes), and no yacs code runs.
+  ``checkpoint.load_checkpoint`` keeps it, as nested dicts (:func:`plain_config`), under ``official_config``.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+import torch
+
+
+class _CfgNodeAsDict:
+    """What the unpickler makes of ``yacs.config.CfgNode``: an empty OrderedDict, filled by the pickle's items."""
+
+    def __new__(cls, *args):
+        return OrderedDict()
+
+
+# torch 2.6 added the (class, name) form that maps a pickled name to a stand-in
+SAFE_GLOBALS = [(_CfgNodeAsDict, "yacs.config.CfgNode")] if torch.__version__ >= "2.6" else []
+
+
+def is_yacs_config(value) -> bool:
+    """A CfgNode read through :data:`SAFE_GLOBALS`: an OrderedDict carrying yacs' ``__immutable__`` flag."""
+    return isinstance(value, OrderedDict) and "__immutable__" in vars(value)
+
+
+def plain_config(value):
+    """Nested dicts of plain values, the yacs flags left behind."""
+    return {key: plain_config(item) for key, item in value.items()} if isinstance(value, dict) else value
+
+
+def stated_shift_size(checkpoint: dict) -> int | None:
+    """The shift size an official file states: ``shift_size=`` in an mmdet/mmseg ``meta["config"]``, or
+    ``MODEL.ASMLP.SHIFT_SIZE`` in the official trainer's config; None where it states none."""
+    meta = checkpoint.get("meta")
+    text = meta.get("config") if isinstance(meta, dict) else None
+    found = re.search(r"shift_size\s*=\s*(\d+)", text) if isinstance(text, str) else None
+    if found:
+        return int(found[1])
+    model = checkpoint.get("official_config", {}).get("MODEL", {})
+    asmlp = model.get("ASMLP") if isinstance(model, dict) else None
+    return asmlp.get("SHIFT_SIZE") if isinstance(asmlp, dict) else None
