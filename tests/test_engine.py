@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -421,6 +422,40 @@ def test_a_killed_loader_worker_saves_the_epochs_progress_and_says_why_and_how_t
     assert text.endswith(f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}")
     assert signal.getsignal(signal.SIGCHLD) is torch_handler
     assert_saved_after_step_3_and_resumes_to(straight, cfg)
+
+
+class _PipeOfADeadWorker:
+    """A loader whose next batch fails as the main process's read of a dead worker's pipe can: ECONNRESET, before
+    torch's own check has seen the death. ``worker``: a real process, already ended (or None)."""
+
+    def __init__(self, worker):
+        self._workers = [worker] if worker is not None else []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def _killed_process():
+    import multiprocessing
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    return worker
+
+
+def test_a_dead_workers_reset_pipe_is_a_worker_death_and_a_reset_without_one_a_data_error():
+    worker = _killed_process()
+    with pytest.raises(WorkerDied) as err:
+        list(_loaded(_PipeOfADeadWorker(worker)))
+    assert str(err.value).startswith(f"a data-loading worker process died (DataLoader worker (pid(s) {worker.pid}) "
+                                      "exited unexpectedly; killed by signal 9 (Killed)); ")
+    with pytest.raises(DataError) as err:                 # no worker died: a reader's own connection failed
+        list(_loaded(_PipeOfADeadWorker(None)))
+    assert type(err.value) is DataError and "Connection reset by peer" in str(err.value)
 
 
 def test_a_worker_death_that_torch_reports_without_its_signal_is_named_by_the_exit_codes():
