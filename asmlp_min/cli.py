@@ -364,6 +364,7 @@ def _one_line_warnings(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     from .engine import NonFiniteLossError, PeerStopped, new_folders_removed_on_failure
+    from .engine.distributed import sigterm_back_on
     args = build_parser().parse_args(argv)
     named = [path for path in (getattr(args, "output", None), getattr(args, "json", None)) if path]
     try:  # a command that fails leaves no empty folder behind; the package's warnings are one line each
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (NonFiniteLossError, PeerStopped) as err:
         print(f"asmlp-min {args.command}: stopped: {err}", file=sys.stderr)
+        sigterm_back_on()  # torchrun's SIGTERM to the survivors of a dead process waited for that line
         return 1
     except RuntimeError as err:
         if not out_of_memory(err):

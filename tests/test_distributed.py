@@ -134,3 +134,39 @@ def test_a_run_folder_that_process_0_refuses_stops_every_process_with_one_line(d
     assert "afile" in refusal
     assert any(line.startswith("asmlp-min train: stopped: process 0 could not start the run, so process 1 stops "
                                "too: ") and "afile" in line for line in lines)
+
+
+def test_torchruns_sigterm_after_a_peer_died_waits_for_the_line_that_says_why(tmp_path, monkeypatch, capsys):
+    """torchrun sends SIGTERM to the surviving processes as soon as one dies. A survivor that has caught the
+    dead peer (PeerStopped) keeps SIGTERM off until the CLI has printed why it stops, then puts it back."""
+    import signal
+
+    from asmlp_min.cli import main
+    from asmlp_min.engine.distributed import PeerStopped, stop_requests
+
+    def fit_that_loses_its_peer(self):
+        with stop_requests(lambda signum: None):
+            raise PeerStopped("another process of this run stopped, so process 0 cannot go on")
+
+    class Stderr:
+        def write(self, text):                              # the CLI's line about to go out
+            fit_that_loses_its_peer.seen = signal.getsignal(signal.SIGTERM)
+            if fit_that_loses_its_peer.seen != signal.SIG_DFL:   # (with the default it would end pytest)
+                os.kill(os.getpid(), signal.SIGTERM)           # torchrun's, before the line is out: survived
+
+        def flush(self):
+            pass
+
+    original = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        monkeypatch.setattr(Trainer, "fit", fit_that_loses_its_peer)
+        monkeypatch.setattr("asmlp_min.cli.sys.stderr", Stderr())
+        assert main(["train", "cls", f"--output={tmp_path / 'run'}", "--epochs=1", "--train-size=8", "--val-size=8",
+                     "--batch-size=8", "--image-size=32", "--embed-dim=8", "--depths=1,1,1,1"]) == 1
+        assert fit_that_loses_its_peer.seen == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # back once the line was written
+        with stop_requests(lambda signum: None):                    # a block that ends well leaves it as it was
+            pass
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, original)

@@ -163,11 +163,25 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
+_sigterm_held: list[bool] = []  # stop_requests turned SIGTERM off after PeerStopped
+
+
+def sigterm_back_on() -> None:
+    """SIGTERM ends the process again, if :func:`stop_requests` turned it off."""
+    if _sigterm_held and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _sigterm_held.clear()
+
+
 @contextlib.contextmanager
 def stop_requests(on_signal: Callable[[int], None]):
     """While the block runs, SIGINT and SIGTERM call ``on_signal(signum)`` instead of ending the process (the loop
     stops at its next safe point); a second Ctrl-C aborts at once. Outside the main thread signals cannot be
-    caught, and nothing changes."""
+    caught, and nothing changes.
+
+    When the block ends with :class:`PeerStopped`, SIGTERM stays off (ignored where it would have ended the process):
+    torchrun sends it to the others as soon as one process dies, and this process has yet to say why it stops.
+    :func:`sigterm_back_on` undoes that once it has (``cli.main``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -179,6 +193,11 @@ def stop_requests(on_signal: Callable[[int], None]):
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except PeerStopped:
+        if previous[signal.SIGTERM] == signal.SIG_DFL:
+            previous[signal.SIGTERM] = signal.SIG_IGN
+            _sigterm_held.append(True)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
