@@ -327,8 +327,9 @@ def _saved_shift_size(checkpoint: dict) -> int | None:
     """The shift size the file's network used: an official file's config states it (official_config.py), and so
     does this package's run config, where None means the variant's own (3 for a seg AS-MLP-S, as official)."""
     from .engine.runs import is_run_checkpoint  # the engine saves through this module: imported when needed
-    if official_config.stated_shift_size(checkpoint) is not None:
-        return official_config.stated_shift_size(checkpoint)
+    stated = official_config.stated_shift_size(checkpoint)
+    if stated is not None:
+        return stated
     cfg = checkpoint.get("config") if is_run_checkpoint(checkpoint) else None
     if not isinstance(cfg, dict):
         return None

@@ -219,8 +219,7 @@ class ADE20KSegmentation(Dataset):
         images = _by_stem((p for p in image_dir.iterdir() if is_image_file(p)), "images")
         if not images:
             raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        masks = _by_stem((p for p in mask_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")),
-                         "masks")
+        masks = _by_stem((p for p in mask_dir.iterdir() if is_image_file(p) and p.suffix.lower() == ".png"), "masks")
         missing = [str(mask_dir / f"{stem}.png") for stem in images if stem not in masks]
         if missing:
             raise ValueError(f"{len(missing)} image(s) have no mask, e.g. {missing[0]}")

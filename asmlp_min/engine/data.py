@@ -269,12 +269,13 @@ def _loaded(loader: DataLoader):
                 except StopIteration:
                     return
                 except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its
-                    dead = _dead_workers(iterator) if isinstance(err, ConnectionError) else []    # traceback
+                    exit_codes = _exit_codes(iterator) if isinstance(err, ConnectionError) else []  # traceback
+                    dead = [w.pid for w, code in zip(getattr(iterator, "_workers", ()), exit_codes) if code is not None]
                     if not dead:
                         raise DataError(_reader_message(err)) from None
                     # the main process read a dead worker's pipe (ECONNRESET) before torch noticed: say it as torch does
                     err = RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited unexpectedly")
-                    raise WorkerDied(_worker_death_message(died[0] if died else err, _exit_codes(iterator))) from None
+                    raise WorkerDied(_worker_death_message(died[0] if died else err, exit_codes)) from None
                 except RuntimeError as err:
                     if not _WORKER_DEATH.match(str(err)):
                         raise
@@ -292,12 +293,6 @@ _WORKER_DEATH = re.compile(r"DataLoader worker \(pid")
 def _exit_codes(iterator) -> list[int | None]:
     """The exit code of each of the loader's worker processes (torch-private ``_workers``), None while it runs."""
     return [worker.exitcode for worker in getattr(iterator, "_workers", ())]
-
-
-def _dead_workers(iterator) -> list[int]:
-    """The pids of the loader's workers that have ended."""
-    return [worker.pid for worker, code in zip(getattr(iterator, "_workers", ()), _exit_codes(iterator))
-            if code is not None]
 
 
 @contextlib.contextmanager
