@@ -5,6 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with nbval.cfg
+# JOBS pytest processes, each test module or notebook whole in one of them (loadscope), one torch thread each:
+# the tests are mostly small tensors and Python, which a second thread barely speeds up and a second process does.
+# One torch thread also keeps the two processes from spinning against each other. `make test JOBS=8` on 8 cores.
+JOBS   ?= 2
+PARALLEL := -n $(JOBS) --dist loadscope
 
 .PHONY: venv install test test-unit test-notebooks demo lab notebooks bench lint clean
 
@@ -18,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)  ## unit tests + notebooks under nbval, one pytest run
-	$(BIN)/python -m pytest -q $(NBVAL) tests notebooks
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) $(NBVAL) notebooks tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests
