@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import asmlp_min.checkpoint
+import asmlp_min.engine.data as engine_data
 import asmlp_min.engine.trainer
 from asmlp_min.backbone import create_model
 from asmlp_min.checkpoint import CheckpointError, WriteError, load_checkpoint
@@ -456,6 +458,29 @@ def test_a_dead_workers_reset_pipe_is_a_worker_death_and_a_reset_without_one_a_d
     with pytest.raises(DataError) as err:                 # no worker died: a reader's own connection failed
         list(_loaded(_PipeOfADeadWorker(None)))
     assert type(err.value) is DataError and "Connection reset by peer" in str(err.value)
+
+
+def test_a_pipe_that_resets_before_its_worker_has_ended_is_still_a_worker_death(monkeypatch):
+    """The reset comes as the kernel closes a killed worker's files, a moment before the process has an exit code
+    (seen under load: the run said 'Connection reset by peer'). Here the moment is 0.3 s; a worker that lives on
+    past the wait leaves a reader's own error."""
+    import multiprocessing
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    threading.Timer(0.3, os.kill, (worker.pid, signal.SIGKILL)).start()
+    with pytest.raises(WorkerDied, match=rf"pid\(s\) {worker.pid}\) exited unexpectedly; killed by signal 9"):
+        list(_loaded(_PipeOfADeadWorker(worker)))
+
+    monkeypatch.setattr(engine_data, "RESET_WAIT_S", 0.2)
+    alive = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    alive.start()
+    try:
+        with pytest.raises(DataError) as err:
+            list(_loaded(_PipeOfADeadWorker(alive)))
+        assert type(err.value) is DataError and "Connection reset by peer" in str(err.value)
+    finally:
+        alive.kill()
+        alive.join()
 
 
 def test_a_worker_death_that_torch_reports_without_its_signal_is_named_by_the_exit_codes():

@@ -3,6 +3,7 @@ the loader that turns a reader's failure into one :class:`DataError` line."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.connection
 import re
 import signal
 import threading
@@ -269,7 +270,7 @@ def _loaded(loader: DataLoader):
                 except StopIteration:
                     return
                 except (ValueError, OSError) as err:  # how readers report a bad file; a bug elsewhere keeps its
-                    exit_codes = _exit_codes(iterator) if isinstance(err, ConnectionError) else []  # traceback
+                    exit_codes = _exit_codes_after_reset(iterator) if isinstance(err, ConnectionError) else []
                     dead = [w.pid for w, code in zip(getattr(iterator, "_workers", ()), exit_codes) if code is not None]
                     if not dead:
                         raise DataError(_reader_message(err)) from None
@@ -293,6 +294,20 @@ _WORKER_DEATH = re.compile(r"DataLoader worker \(pid")
 def _exit_codes(iterator) -> list[int | None]:
     """The exit code of each of the loader's worker processes (torch-private ``_workers``), None while it runs."""
     return [worker.exitcode for worker in getattr(iterator, "_workers", ())]
+
+
+RESET_WAIT_S = 2.0
+
+
+def _exit_codes_after_reset(iterator) -> list[int | None]:
+    """:func:`_exit_codes` once a worker has ended, or after ``RESET_WAIT_S`` seconds if none does. A killed worker's
+    pipe resets as the kernel closes its files, a moment before the process has ended and has an exit code."""
+    workers = getattr(iterator, "_workers", ())
+    ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout=RESET_WAIT_S) if workers else []
+    for worker in workers:
+        if worker.sentinel in ended:
+            worker.join()  # its files are closed; waits the moment until it has ended
+    return _exit_codes(iterator)
 
 
 @contextlib.contextmanager
