@@ -26,10 +26,10 @@ test: $(STAMP)  ## unit tests + notebooks under nbval, one pytest run
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) $(NBVAL) notebooks tests
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) tests
 
 test-notebooks: $(STAMP)
-	$(BIN)/python -m pytest -q $(NBVAL) notebooks
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) $(NBVAL) notebooks
 
 demo: $(STAMP)  ## train a small classifier, detector and segmenter on synthetic shapes; writes runs/demo/
 	$(BIN)/asmlp-min demo
