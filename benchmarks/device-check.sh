@@ -67,8 +67,10 @@ for stage in "$@"; do
       device_python
       # The Makefile's test command (keep the two alike), called directly: the image may have no make, and make test
       # would build .venv. -p no:benchmark: the image's pytest-benchmark plugin also owns pyproject's 'benchmark' marker.
-      python3 -m pytest -q -rs -p no:cacheprovider -p no:benchmark --durations=15 --nbval --nbval-current-env \
-        --nbval-sanitize-with nbval.cfg tests notebooks 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+      # The image has pytest-xdist; 4 processes (JOBS=N to change) on its 16 cores.
+      OMP_NUM_THREADS=1 python3 -m pytest -q -rs -p no:cacheprovider -p no:benchmark --durations=15 \
+        -n "${JOBS:-4}" --dist loadscope --nbval --nbval-current-env --nbval-sanitize-with nbval.cfg notebooks tests \
+        2>&1 | tee "$OUT/tests.log" || status=1 ;;
     eager)
       device_python
       python3 -m asmlp_min "${SWEEP[@]}" --json "$OUT/cuda-sweep-eager.json" || status=1
