@@ -522,7 +522,7 @@ def test_two_images_of_one_name_are_refused_naming_both(tmp_path):
 def test_masks_without_an_image_are_counted_in_a_warning(tmp_path):
     root = _ade_tree(tmp_path, np.zeros((4, 4)))
     _write_png(root / "annotations/training/b.png", np.zeros((4, 4)))
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images/training/b.tif")   # not an image extension
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images/training/b.gif")   # not an image extension
     with pytest.warns(UserWarning, match=r"1 mask\(s\) have no image .*e.g. .*annotations/training/b.png"):
         dataset = ADE20KSegmentation(root, num_classes=4)
     assert [p.name for p in dataset.images] == ["a.png"]
@@ -609,6 +609,37 @@ def test_upright_applies_the_exif_orientation_and_datasets_keep_the_stored_pixel
     assert upright[0, :8, -8:].float().mean() > 200 and upright[0, :8, :8].float().mean() < 50
 
 
+# The eight EXIF orientations written out by hand: how the stored (h, w, 3) array is shown
+SHOWN = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud, 5: lambda a: a.transpose(1, 0, 2),
+         6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a.transpose(1, 0, 2), 2), 8: lambda a: np.rot90(a, 1)}
+# EXIF of a camera that mistyped one tag (SamplesPerPixel written as the text "Maker"), beside Orientation 6:
+# ImageOps.exif_transpose, which rewrites the EXIF block, fails on it with struct.error
+MISTYPED_EXIF = bytes.fromhex("4578696600004d4d002a000000080002011500020000000600000026011200030000000100060000"
+                              "000000004d616b657200")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_upright_shows_each_exif_orientation_as_the_standard_says(tmp_path, orientation):
+    from asmlp_min.data.datasets import load_image
+    stored = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "x.png", exif=exif)
+    want = torch.from_numpy(np.ascontiguousarray(SHOWN[orientation](stored))).permute(2, 0, 1)
+    assert torch.equal(load_image(tmp_path / "x.png", upright=True), want)
+
+
+def test_a_mistyped_exif_tag_still_turns_the_photo_and_unparsable_exif_keeps_the_stored_pixels(tmp_path):
+    from asmlp_min.data.datasets import load_image
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    Image.fromarray(stored).save(tmp_path / "camera.png", exif=MISTYPED_EXIF)
+    want = torch.from_numpy(np.ascontiguousarray(SHOWN[6](stored))).permute(2, 0, 1)
+    assert torch.equal(load_image(tmp_path / "camera.png", upright=True), want)
+    Image.fromarray(stored).save(tmp_path / "garbled.png", exif=MISTYPED_EXIF[:6] + b"ZZ" + MISTYPED_EXIF[8:])  # no
+    # byte order: PIL cannot parse the EXIF at all (SyntaxError, as for a corrupt image)
+    assert torch.equal(load_image(tmp_path / "garbled.png", upright=True), torch.from_numpy(stored).permute(2, 0, 1))
+
+
 def test_classification_folders_turn_photos_upright_as_predict_does(tmp_path):
     stored = np.zeros((20, 40, 3), np.uint8)
     stored[:8, :8] = (255, 0, 0)
@@ -640,6 +671,23 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
 def test_an_image_file_is_a_visible_name_with_an_image_extension(path, expected):
     """The rule ImageFolder, ADE20K and predict share (data/images.py); the folder is not looked at."""
     assert is_image_file(path) is expected and is_image_file(Path(path)) is expected
+
+
+def test_class_folders_hold_the_images_torchvision_finds_in_them(tmp_path):
+    """TIFF, PPM and PGM too (scanners and microscopes write them), as torchvision's ImageFolder keeps them."""
+    from torchvision.datasets import ImageFolder
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["a.jpg", "b.tif", "c.TIFF", "d.ppm", "e.pgm", "f.webp", "g.bmp", "notes.txt"]):
+        path = tmp_path / ("cat" if i % 2 else "dog") / name
+        path.parent.mkdir(exist_ok=True)
+        if name.endswith(".txt"):
+            path.write_text("not an image")
+            continue
+        pixels = rng.integers(0, 256, (5, 7) if name.endswith(".pgm") else (5, 7, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format="TIFF" if name.lower().endswith(("tif", "tiff")) else None)
+    ours = ImageFolderClassification(tmp_path)
+    assert sorted(map(str, ours.samples)) == sorted(map(str, ImageFolder(tmp_path).samples))
+    assert len(ours) == 7 and all(image.shape == (3, 5, 7) for image, _ in ours)
 
 
 def test_an_empty_class_folder_is_named_in_the_error(tmp_path):

@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import tv_tensors
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -30,17 +30,34 @@ def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Ima
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img) if upright else img)
+            rgb = _to_rgb(_upright(img) if upright else img)
     except FileNotFoundError as err:
         raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
                          "'file_name'") from err
     except Image.DecompressionBombError as err:            # an Exception, not an OSError: PIL's guard for huge images
-        raise ValueError(f"{path}: {err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) "
-                         "before loading it") from err
+        raise ValueError(f"{path}: {err} If the file is trusted, save a smaller copy of it, or from Python raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS (None: no limit) before loading it") from err
     except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
-        raise ValueError(f"{path}: unreadable or truncated image ({err}); replace it with a readable copy (or remove "
-                         "it, which a training resumed on this data refuses)") from err
+        raise ValueError(f"{path}: unreadable or truncated image ({err}); replace it with a readable copy") from err
     return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
+
+
+# EXIF Orientation -> the transpose that shows the stored pixels as meant (the values of the EXIF standard; the
+# table ImageOps.exif_transpose uses)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The pixels turned as the EXIF Orientation tag says. By hand rather than ``ImageOps.exif_transpose``, which
+    also rewrites the EXIF block and fails (``struct.error``) on a mistyped tag that cameras and editors do write.
+    EXIF that cannot be parsed at all leaves the stored pixels: the image itself is fine."""
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - metadata parsers raise many kinds; none of them makes the pixels wrong
+        return img
+    return img.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
