@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .backbone import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, MODEL_CONFIGS, ASMLP, create_model
 from .checkpoint import (CheckpointError, LoadReport, extract_state_dict, load_backbone_checkpoint, load_checkpoint,
-                         load_official_checkpoint)
+                         load_official_checkpoint, state_dict_entry)
 
 FIRST_CONV = "patch_embed.proj"
 
@@ -51,13 +51,16 @@ def load_pretrained(model: ASMLP, cfg: dict) -> LoadReport:
     if not cfg.get("file"):
         raise ValueError(f"{cfg['architecture']}: no weights can be downloaded here; pass the official checkpoint "
                          "as pretrained_cfg_overlay=dict(file='path/to/asmlp_tiny_patch4_shift5_224.pth')")
-    state = extract_state_dict(load_checkpoint(cfg["file"]))
+    checkpoint = load_checkpoint(cfg["file"])
+    state = extract_state_dict(checkpoint)
     key = f"{FIRST_CONV}.weight"
     if key in state:
         state[key] = adapt_input_conv(state[key], model.in_chans)
+    # the adapted weights in place of the file's, beside its config: the loaders check the shift size it states
+    checkpoint = {**checkpoint, state_dict_entry(checkpoint): state} if state_dict_entry(checkpoint) else state
     if model.features_only:
-        return load_backbone_checkpoint(model, state, name=cfg["architecture"])
-    return load_official_checkpoint(model, state, skip_head=model.num_classes != cfg["num_classes"])
+        return load_backbone_checkpoint(model, checkpoint, name=cfg["architecture"])
+    return load_official_checkpoint(model, checkpoint, skip_head=model.num_classes != cfg["num_classes"])
 
 
 def build(variant: str, pretrained: bool = False, pretrained_cfg: dict | str | None = None,
@@ -68,7 +71,7 @@ def build(variant: str, pretrained: bool = False, pretrained_cfg: dict | str | N
     model = create_model(variant, **kwargs)
     if pretrained:
         load_pretrained(model, cfg)
-    cfg["input_size"] = model.pretrained_cfg["input_size"]  # in_chans is the model's, as resolve_data_config needs
+    cfg["input_size"] = (model.in_chans, *cfg["input_size"][1:])  # the model's channels, as resolve_data_config needs
     model.pretrained_cfg = pretrained_cfg_for_features(cfg) if model.features_only else cfg
     return model
 

@@ -232,6 +232,36 @@ def test_pretrained_file_loads_through_timm_with_in_chans_and_a_new_head(officia
         torch.testing.assert_close(loaded.state_dict(), rgb.state_dict(), rtol=0, atol=0)
 
 
+def test_a_pretrained_file_that_states_another_shift_size_is_refused_through_timm_too(tmp_path):
+    """The official AS-MLP-S det/seg files are named "shift5" and use 3; only their config says so. timm's
+    pretrained=True goes through the same check as load_official_checkpoint."""
+    weights = small(num_classes=1000, shift_size=3).state_dict()
+    dense = tmp_path / "mmseg.pth"      # mmdet/mmseg: backbone.* keys, the config text in meta
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in weights.items()},
+                "meta": {"config": "model = dict(backbone=dict(type='ASMLP', shift_size=3))"}}, dense)
+    classifier = tmp_path / "cls.pth"   # the official trainer's config, as load_checkpoint keeps it
+    torch.save({"model": weights, "official_config": {"MODEL": {"ASMLP": {"SHIFT_SIZE": 3}}}}, classifier)
+    for path, kwargs in [(dense, dict(features_only=True)), (classifier, dict(num_classes=1000))]:
+        with pytest.raises(CheckpointError, match="config says shift_size=3, this model shifts by 5"):
+            timm.create_model("asmlp_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs,
+                              **SMALL)
+        model = timm.create_model("asmlp_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                  shift_size=3, **kwargs, **SMALL)
+        torch.testing.assert_close(model.layers[1].state_dict(), {k.removeprefix("layers.1."): v for k, v in
+                                   weights.items() if k.startswith("layers.1.")}, rtol=0, atol=0)
+
+
+def test_the_data_config_of_an_overlay_is_kept_as_timm_keeps_it():
+    from timm.data import resolve_model_data_config
+    overlay = dict(input_size=(3, 256, 256), test_input_size=(3, 288, 288), crop_pct=1.0)
+    ours = timm.create_model("asmlp_mobile", pretrained_cfg_overlay=overlay)
+    theirs = timm.create_model("convnext_atto", pretrained_cfg_overlay=overlay)
+    assert resolve_model_data_config(ours) == resolve_model_data_config(theirs)
+    assert resolve_model_data_config(ours)["input_size"] == (3, 256, 256)
+    grey = timm.create_model("asmlp_mobile", pretrained_cfg_overlay=overlay, in_chans=1)
+    assert grey.pretrained_cfg["input_size"] == (1, 256, 256)
+
+
 def test_pretrained_without_a_file_says_how_to_give_one():
     with pytest.raises(ValueError, match=r"no weights can be downloaded.*pretrained_cfg_overlay=dict\(file="):
         timm.create_model("asmlp_tiny", pretrained=True)
