@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backbone import ASMLP
 from .checkpoint import atomic_write
 
 
@@ -26,6 +27,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
     if importlib.util.find_spec("onnxscript") is None:
         raise ValueError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript "
                          "(or pip install -e .[dev])")
+    if not isinstance(model, ASMLP):  # a detector or segmenter: its post-processing is not exported
+        inner = " (export its .backbone)" if isinstance(getattr(model, "backbone", None), ASMLP) else ""
+        raise TypeError(f"export_onnx writes an AS-MLP classifier or backbone (asmlp_min.ASMLP), not a "
+                        f"{type(model).__name__}{inner}")
     height, width = image_size  # sizes >= 1: checked by the CLI
     was_training = model.training
     example = torch.randn(2, model.in_chans, height, width)  # 2, not 1: a size-1 batch would be traced as fixed

@@ -8,6 +8,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from asmlp_min.backbone import create_model
+from asmlp_min.export import export_onnx
 from tests.test_block import randomise
 
 
@@ -162,6 +163,15 @@ def test_onnx_export_runs_in_onnxruntime_like_eager_for_any_batch(official_layou
         session.run(None, {"images": torch.randn(1, 3, size[0] + 32, size[1]).numpy()})
 
 
+def test_a_detector_or_segmenter_is_refused_naming_its_backbone(tmp_path):
+    from asmlp_min import SemanticSegmenter, SimpleFPNDetector
+    tiny = dict(embed_dim=16, depths=(1, 1, 1, 1))
+    for model in (SimpleFPNDetector("asmlp_tiny", num_classes=3, **tiny), SemanticSegmenter("asmlp_tiny", 4, **tiny)):
+        with pytest.raises(TypeError, match=rf"not a {type(model).__name__} \(export its .backbone\)"):
+            export_onnx(model, tmp_path / "x.onnx", (64, 64))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_three_image_sizes_in_one_line(capsys):
     from asmlp_min.cli import main
     assert main(["export", "--image-size", "64", "64", "64"]) == 2
@@ -210,7 +220,6 @@ def test_export_says_what_the_weights_filled_and_which_norms_kept_their_initial_
 
 def test_onnx_export_hands_the_model_back_in_its_own_mode(monkeypatch, tmp_path):
     """Exported in eval mode (no drop path), without leaving a training model in eval mode afterwards."""
-    from asmlp_min.export import export_onnx
     pytest.importorskip("onnxscript")
     seen = []
 
