@@ -138,7 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     _refuse_shapes_only(overrides, overrides.get("data", base.data))
     trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume, loaded=loaded)
     with process_group_closed_at_exit():
-        trainer.log(f"training {trainer.cfg.task} {trainer.cfg.model} on {trainer.cfg.data}: "
+        trainer.log(f"training {trainer.cfg.task} {trainer.cfg.architecture} on {trainer.cfg.data}: "
                     f"{trainer.steps_per_epoch} steps/epoch x {trainer.cfg.epochs} epochs, global batch "
                     f"{trainer.cfg.batch_size * trainer.env.world_size * trainer.cfg.accum_steps}, "
                     f"{trainer.env.world_size} process(es) on {trainer.env.device}; run folder {trainer.run_dir}")
@@ -235,7 +235,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         _check_label_set(checkpoint, data, args.checkpoint)
         metrics = evaluate(model.to(env.device), cfg, data, env)
     if env.is_main:
-        print(f"{cfg.task} {cfg.model} on {cfg.data} ({len(data.val)} images):")
+        print(f"{cfg.task} {cfg.architecture} on {cfg.data} ({len(data.val)} images):")
         for key, value in metrics.items():
             if isinstance(value, float):
                 print(f"  {key:10s} {value:.4f}")

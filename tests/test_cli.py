@@ -243,7 +243,7 @@ def test_a_relative_data_folder_is_stored_absolute_for_evaluate_and_resume_from_
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", "../runs/rel/checkpoint.pt"]) == 0
-    assert f"cls asmlp_tiny on {tmp_path / 'ifold'} (8 images)" in capsys.readouterr().out
+    assert f"cls asmlp_tiny (embed_dim 8, depths 1,1,1,1) on {tmp_path / 'ifold'} (8 images)" in capsys.readouterr().out
     assert main(["train", "--resume", "../runs/rel/checkpoint.pt"]) == 0
     assert load_checkpoint(tmp_path / "runs" / "rel" / "checkpoint.pt")["epoch"] == 2
 

@@ -209,6 +209,13 @@ class TrainConfig:
                     **self.backbone_kwargs())
 
     @property
+    def architecture(self) -> str:
+        """The variant and its width or depth where they are changed: ``asmlp_tiny (embed_dim 16, depths 1,1,1,1)``."""
+        changed = [f"{key} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+                   for key in ("embed_dim", "depths") if (value := getattr(self, key)) is not None]
+        return f"{self.model} ({', '.join(changed)})" if changed else self.model
+
+    @property
     def input_size(self) -> int | None:
         """The size the transforms resize or crop to: cls ``image_size``, seg ``crop_size`` (det: the model's)."""
         return {"cls": self.image_size, "seg": self.crop_size}.get(self.task)
