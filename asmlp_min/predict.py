@@ -166,12 +166,14 @@ def _image_files(paths: list[str]) -> list[Path]:
 def _output_names(images: list[Path], output: Path, task: str) -> list[Path]:
     """``<name>_<task>.png`` per image, numbered ``<name>_2_<task>.png``, ... where names repeat (a/x.jpg, b/x.png)
     or would be one of the input images (``--output`` the input folder), so that no result of this call overwrites
-    another or an image it reads. Segmentation also writes ``<name>_<task>_mask.png`` beside each."""
-    inputs, names = {image.resolve() for image in images}, []
+    another or an image it reads. Names compare in any case (X.jpg and x.jpg), as macOS and Windows file systems
+    do. Segmentation also writes ``<name>_<task>_mask.png`` beside each."""
+    inputs, names = {str(image.resolve()).casefold() for image in images}, []
 
     def taken(name: str) -> bool:
         mine = [name, name.removesuffix(".png") + "_mask.png"] if task == "seg" else [name]
-        return any(m in names or (output / m).resolve() in inputs for m in mine)
+        return any(m.casefold() in map(str.casefold, names) or str((output / m).resolve()).casefold() in inputs
+                   for m in mine)
 
     for image in images:
         name, n = f"{image.stem}_{task}.png", 1

@@ -520,6 +520,13 @@ def test_predict_json_and_the_seg_class_mask_hold_what_the_model_predicts(runs, 
             assert f"and its class ids {out / 'scene_seg_mask.png'}" in capsys.readouterr().out
 
 
+def test_predicted_names_differ_in_more_than_case_as_macos_and_windows_compare_them(tmp_path):
+    from asmlp_min.predict import _output_names
+    images = [tmp_path / "a" / "X.jpg", tmp_path / "b" / "x.jpg", tmp_path / "out" / "Y_seg.png", tmp_path / "y.png"]
+    assert [p.name for p in _output_names(images, tmp_path / "out", "seg")] == [
+        "X_seg.png", "x_2_seg.png", "Y_seg_seg.png", "y_2_seg.png"]   # y_seg.png would be the input Y_seg.png
+
+
 def test_predict_reads_folders_and_never_overwrites_its_own_results(runs, image, tmp_path, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
