@@ -176,7 +176,7 @@ def _folder_det(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
     def split(names: list[str], tf) -> CocoDetection:
         ann = _existing(root, [f"annotations/instances_{n}.json" for n in names], "COCO annotation file")
         return CocoDetection(root / Path(ann).stem.removeprefix("instances_"), root / ann, transform=tf,
-                             contiguous_labels=True)
+                             contiguous_labels=True, with_masks=False)  # the detectors here predict boxes
     val = split(["val", "val2017"], val_tf)
     train = split(["train", "train2017"], train_tf) if with_train else None
     names = {c["id"]: c["name"] for c in val.coco.cats.values()}
