@@ -224,7 +224,9 @@ class ADE20KSegmentation(Dataset):
         masks = _by_stem((p for p in mask_dir.iterdir() if is_image_file(p) and p.suffix.lower() == ".png"), "masks")
         missing = [str(mask_dir / f"{stem}.png") for stem in images if stem not in masks]
         if missing:
-            raise ValueError(f"{len(missing)} image(s) have no mask, e.g. {missing[0]}")
+            other = next((p for p in mask_dir.iterdir() if p.stem == Path(missing[0]).stem and is_image_file(p)), None)
+            found = f"; {other.name} is there, but masks must be PNG (lossy formats change class ids)" if other else ""
+            raise ValueError(f"{len(missing)} image(s) have no mask, e.g. {missing[0]}{found}")
         unused = [str(path) for stem, path in masks.items() if stem not in images]
         if unused:
             warnings.warn(f"{len(unused)} mask(s) have no image ({', '.join(IMAGE_EXTENSIONS)}) and are not used, "
@@ -247,6 +249,9 @@ class ADE20KSegmentation(Dataset):
         image, mask_path = load_image(self.images[index]), self.masks[index]
         try:
             with Image.open(mask_path) as png:
+                if png.format in ("JPEG", "MPO"):  # JPEG data named .png: compression noise would be read as labels
+                    raise ValueError(f"{mask_path}: mask is JPEG data, not PNG; its lossy compression changes class "
+                                     "ids at every edge: save the masks as PNG from the original labels")
                 if png.mode not in MASK_MODES:
                     raise ValueError(f"{mask_path}: mask must be a single-channel PNG of class ids (mode "
                                      f"{', '.join(MASK_MODES)}), got mode {png.mode}")
