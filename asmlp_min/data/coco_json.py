@@ -26,8 +26,8 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
     category ids that are not unique ints, an annotation field that breaks ``ANNOTATION_RULES``, ``segmentation``
     neither polygons (``[]``: box only) nor RLE, an RLE ``size`` other than its image's ``height``/``width``, a list
     of RLE runs that does not cover that size (``rle.check_runs``; compressed strings are checked when decoded), an
-    image without ``file_name`` (``require_file_name``, for datasets that read the pixels) or without
-    ``height``/``width`` (``require_size``, for evaluating masks). No annotations at all warns that AP will be -1.
+    image without ``file_name`` (``require_file_name``, for datasets that read the pixels), an image ``height`` or
+    ``width`` that is not an int >= 1 (or missing, with ``require_size``, for evaluating masks). No annotations at all warns that AP will be -1.
     Missing ``iscrowd`` defaults to 0, missing ``area`` to the box area, and a missing ``info`` to ``{}``
     (pycocotools 2.0.9 and 2.0.10 need it to evaluate). Degenerate boxes and polygons are kept: only training skips
     them (``CocoDetection``). Annotation ids that are not unique and >= 1 (id 0, repeats) are renumbered 1..N in
@@ -44,9 +44,10 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
         where = f"{source}: images[{i}] (id={image['id']})"
         if require_file_name and not isinstance(image.get("file_name"), str):
             raise ValueError(f"{where} needs a 'file_name' string (the image file)")
-        if require_size and not all(is_int(image.get(key)) and image[key] >= 1 for key in ("height", "width")):
-            raise ValueError(f"{where} needs 'height' and 'width' (ints >= 1) to evaluate masks, the size they are "
-                             f"compared at; got {image.get('height')!r} x {image.get('width')!r}")
+        size = [image.get(key) for key in ("height", "width")]
+        if (require_size and None in size) or not all(v is None or (is_int(v) and v >= 1) for v in size):
+            needed = " to evaluate masks, the size they are compared at" if require_size else ""
+            raise ValueError(f"{where} needs 'height' and 'width' as ints >= 1{needed}; got {size[0]!r} x {size[1]!r}")
     category_ids = _unique_ids(dataset["categories"], "categories", source)
     for i, category in enumerate(dataset["categories"]):
         if category["id"] < 0 or not isinstance(category.get("name"), str):
