@@ -835,6 +835,17 @@ def test_a_detection_folder_decodes_no_masks_and_keeps_the_annotated_boxes(tmp_p
     torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), torch.stack([x, y, x + w, y + h], 1))
 
 
+def test_a_detection_training_split_without_annotations_is_refused(tmp_path, recwarn):
+    from asmlp_min.data.shapes import export_shapes
+    for split in ("train", "val"):
+        export_shapes(tmp_path / "coco", task="det", n=2, split=split, seed=3, image_size=64)
+    path = tmp_path / "coco" / "annotations" / "instances_train.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "annotations": []}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: no annotations to train on"):
+        build_data(TrainConfig(task="det", data=str(tmp_path / "coco"), device="cpu").resolved())
+    assert not [w for w in recwarn if "AP will be -1" in str(w.message)]   # that is about evaluation
+
+
 def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):
     """On a COCO folder the detector resizes every image to short side 800, long side <= 1333, in training,
     evaluation and prediction alike; the checkpoint's config rebuilds that model, and resume checks the size."""

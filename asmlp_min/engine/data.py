@@ -7,6 +7,7 @@ import multiprocessing.connection
 import re
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -178,7 +179,14 @@ def _folder_det(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
         return CocoDetection(root / Path(ann).stem.removeprefix("instances_"), root / ann, transform=tf,
                              contiguous_labels=True, with_masks=False)  # the detectors here predict boxes
     val = split(["val", "val2017"], val_tf)
-    train = split(["train", "train2017"], train_tf) if with_train else None
+    train = None
+    if with_train:
+        with warnings.catch_warnings():  # validate_coco's "AP will be -1" is about evaluation
+            warnings.filterwarnings("ignore", ".*no annotations: AP will be -1")
+            train = split(["train", "train2017"], train_tf)
+        if not any(train.annotations.values()):  # mmdet and detectron2 refuse it too (no image left to train on)
+            raise ValueError(f"{train.ann_file}: no annotations to train on (none, or only boxes of zero width or "
+                             "height): a detector learns from boxes; label some objects first")
     names = {c["id"]: c["name"] for c in val.coco.cats.values()}
     if train is not None:  # label k must mean one category in both splits (COCO 2017's are identical)
         _check_same_labels({c["id"]: c["name"] for c in train.coco.cats.values()}, names,
