@@ -29,10 +29,10 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
     image without ``file_name`` (``require_file_name``, for datasets that read the pixels), an image ``height`` or
     ``width`` that is not an int >= 1 (or missing, with ``require_size``, for evaluating masks). No annotations at
     all warns that AP will be -1. Missing ``iscrowd`` defaults to 0, missing ``area`` to the box area, and a missing
-    ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to evaluate). Degenerate boxes and polygons are kept: only training skips
-    them (``CocoDetection``). Annotation ids that are not unique and >= 1 (id 0, repeats) are renumbered 1..N in
-    file order: COCOeval reads a ground-truth id 0 as "unmatched" and looks annotations up by id (results never
-    name them).
+    ``info`` to ``{}`` (pycocotools 2.0.9 and 2.0.10 need it to evaluate). Degenerate boxes and polygons are kept:
+    only training skips them (``CocoDetection``). Annotation ids that are not unique and >= 1 (id 0, repeats) are
+    renumbered 1..N in file order: COCOeval reads a ground-truth id 0 as "unmatched" and looks annotations up by id
+    (results never name them).
     """
     for field in ("images", "annotations", "categories"):
         value = dataset.get(field, [] if field == "annotations" else None) if isinstance(dataset, dict) else None
