@@ -643,6 +643,19 @@ def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
         Trainer(tiny(tmp_path, name="cls", class_weight="balanced"), log=quiet)
 
 
+def test_balanced_weights_refuse_masks_without_labels_and_name_a_class_never_seen():
+    """Binary masks saved as 0/255 (a common export) leave class 1 ignored everywhere; all-255 masks teach nothing."""
+    from types import SimpleNamespace
+    from asmlp_min.engine.tasks import class_weights
+    cfg = SimpleNamespace(class_weight="balanced", num_classes=2, data="masks/")
+    binary = [(None, torch.tensor([[0, 255], [0, 0]]))] * 3
+    lines = []
+    assert class_weights(cfg, binary, lines.append) == [1.0, 1.0]
+    assert "warning: class(es) [1] have no pixel in the training masks" in lines[0]
+    with pytest.raises(ValueError, match=r"^masks/: the training masks hold no labelled pixel"):
+        class_weights(cfg, [(None, torch.full((2, 2), 255))] * 3, lines.append)
+
+
 def test_pretrained_backbone_is_loaded_and_a_mismatch_refused(tmp_path):
     trainer = Trainer(tiny(tmp_path, epochs=1), log=quiet)
     trainer.fit()

@@ -171,6 +171,12 @@ def class_weights(cfg: TrainConfig, train, log) -> list[float]:
     from ..segmentation import balanced_class_weights, class_pixel_counts
     if cfg.class_weight == "balanced":
         counts = class_pixel_counts(train, cfg.num_classes)
+        if counts.sum() == 0:
+            raise ValueError(f"{cfg.data}: the training masks hold no labelled pixel (every value is 255, or 0 with "
+                             "reduce_zero_label): nothing to learn from; check the masks' class ids")
+        absent = [k for k, n in enumerate(counts.tolist()) if n == 0]
+        if absent:  # e.g. binary masks saved as 0/255: 255 is "ignored", so class 1 never appears
+            log(f"warning: class(es) {absent} have no pixel in the training masks (a mask value of 255 is ignored)")
         weights = balanced_class_weights(counts).tolist()
         share = ", ".join(f"{c / counts.sum():.1%}" for c in counts.tolist())
         log(f"class_weight balanced: pixel shares {share} -> weights {', '.join(f'{w:.2f}' for w in weights)}")
