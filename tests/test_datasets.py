@@ -607,16 +607,18 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert torch.equal(load_image(tmp_path / "rgb8.png"), torch.full((3, 4, 4), 200, dtype=torch.uint8))
 
 
-def test_upright_applies_the_exif_orientation_and_datasets_keep_the_stored_pixels(tmp_path):
+def test_upright_applies_the_exif_orientation_and_datasets_keep_the_stored_pixels(tmp_path, monkeypatch):
     """A phone photo stored sideways with EXIF Orientation 6 ("turn 90 degrees clockwise to view"): drawn by hand,
     the stored 20 x 40 image with a red top-left block is shown 40 x 20 with the block at the top right."""
     from asmlp_min.data.datasets import load_image
+    monkeypatch.setattr("asmlp_min.data.images._warned_turned", [])
     stored = np.zeros((20, 40, 3), np.uint8)
     stored[:8, :8] = (255, 0, 0)
     exif = Image.Exif()
     exif[0x0112] = 6                                            # the Orientation tag
     Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
-    as_stored = load_image(tmp_path / "phone.jpg")
+    with pytest.warns(UserWarning, match="EXIF orientation tag is not applied"):
+        as_stored = load_image(tmp_path / "phone.jpg")
     assert as_stored.shape == (3, 20, 40) and as_stored[0, :8, :8].float().mean() > 200
     upright = load_image(tmp_path / "phone.jpg", upright=True)
     assert upright.shape == (3, 40, 20)
@@ -652,6 +654,22 @@ def test_a_mistyped_exif_tag_still_turns_the_photo_and_unparsable_exif_keeps_the
     Image.fromarray(stored).save(tmp_path / "garbled.png", exif=MISTYPED_EXIF[:6] + b"ZZ" + MISTYPED_EXIF[8:])  # no
     # byte order: PIL cannot parse the EXIF at all (SyntaxError, as for a corrupt image)
     assert torch.equal(load_image(tmp_path / "garbled.png", upright=True), torch.from_numpy(stored).permute(2, 0, 1))
+
+
+def test_a_detection_image_whose_tag_would_turn_it_is_read_as_stored_with_one_warning(tmp_path, monkeypatch):
+    """Turned 180 degrees, its size is the same, so no size check catches boxes drawn on the upright picture."""
+    import asmlp_min.data.images as images
+    monkeypatch.setattr(images, "_warned_turned", [])
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    for name in ("a.png", "b.png"):
+        Image.fromarray(stored).save(tmp_path / name, exif=exif)
+    with pytest.warns(UserWarning, match=r"a.png: its EXIF orientation tag is not applied here") as seen:
+        assert torch.equal(images.load_image(tmp_path / "a.png"), torch.from_numpy(stored).permute(2, 0, 1))
+        images.load_image(tmp_path / "b.png")
+        images.load_image(tmp_path / "b.png", upright=True)
+    assert len(seen) == 1
 
 
 def test_classification_folders_turn_photos_upright_as_predict_does(tmp_path):

@@ -4,6 +4,7 @@ The dataset loaders and ``predict`` share these, so a folder holds the same imag
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -20,17 +21,28 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+_warned_turned: list = []  # the first image load_image warned about: once per process
+
+
 def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Image:
     """(3, h, w) uint8 RGB. Decodes fully now, so a truncated file fails here with its name, not in a worker.
 
     ``upright``: turn the pixels as the file's EXIF Orientation tag says, as a photo viewer shows them (phone
     photos are often stored sideways). Off for detection and segmentation datasets, whose boxes and masks are drawn
-    on the stored pixels (torchvision and pycocotools read them so too); on for classification folders and for
-    ``predict`` on a user's own photos."""
+    on the stored pixels (torchvision and pycocotools read them so too), with a warning where the tag would turn
+    them (labelling tools that show photos upright draw on the turned picture); on for classification folders and
+    for ``predict`` on a user's own photos."""
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = _to_rgb(_upright(img) if upright else img)
+            turned = _upright(img)
+            if not upright and turned is not img and not _warned_turned:
+                _warned_turned.append(path)
+                warnings.warn(f"{path}: its EXIF orientation tag is not applied here, so its boxes or mask must be "
+                              "drawn on the stored pixels, as torchvision and pycocotools read them; if the labelling "
+                              "tool showed it turned, save the image upright (one warning for all such images)",
+                              stacklevel=2)
+            rgb = _to_rgb(turned if upright else img)
     except FileNotFoundError as err:
         raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
                          "'file_name'") from err
