@@ -200,12 +200,13 @@ def _load_for(args: argparse.Namespace):
     return model, cfg, checkpoint
 
 
-def _writable_file(path: str, flag: str, example: str = "metrics.json") -> Path:
-    """Check now, before minutes of work, that ``path`` can be written: not a folder, in a writable folder."""
+def _writable_file(path: str, flag: str, example: str = "metrics.json", reads=()) -> Path:
+    """Check now, before minutes of work, that ``path`` can be written: not a folder, in a writable folder, not read."""
     from .engine import prepare_output_folder
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--{flag} {str(path)!r} is a folder; give a file name such as {str(path / example)!r}")
+    if path.is_dir() or any(path.resolve() == Path(read).resolve() for read in reads):
+        what, near = ("a folder", path) if path.is_dir() else ("a file this command reads", path.parent)
+        raise ValueError(f"--{flag} {str(path)!r} is {what}; give a file name such as {str(near / example)!r}")
     prepare_output_folder(path.parent, flag, file=path)
     return path
 
@@ -214,7 +215,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write
     from .engine import _check_label_set, build_data, evaluate, init_distributed, strict_json
     from .engine.distributed import process_group_closed_at_exit
-    json_path = _writable_file(args.json, "json") if args.json else None
+    json_path = _writable_file(args.json, "json", reads=[args.checkpoint]) if args.json else None
     model, cfg, checkpoint = _load_for(args)
     released = "config" not in checkpoint          # official weights: no run, no data of their own
     if args.data is None and released:

@@ -80,7 +80,8 @@ def _export(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.weights) if args.weights else None
     build = _model_of_a_run if is_run_checkpoint(checkpoint) else _variant_with_weights
     model, name = build(args, checkpoint)
-    output = _writable_file(args.output or f"{name}.onnx", "output", f"{name}.onnx")
+    output = _writable_file(args.output or f"{name}.onnx", "output", f"{name}.onnx",
+                            reads=[args.weights] if args.weights else [])
     height, width = (args.image_size * 2)[:2]  # one size: a square
     replaced = " (replaced an older file)" if output.exists() else ""
     print(f"tracing {name} at {height}x{width} for ONNX (torch.export: a minute or two on a CPU) ...",

@@ -42,15 +42,19 @@ def _predict(args: argparse.Namespace) -> int:
 
     from .checkpoint import atomic_write
     from .cli import _load_for, _writable_file
-    from .data.images import load_image
+    from .data.images import is_image_file, load_image
     from .engine import prepare_output_folder, strict_json
     from .viz import save_figure
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     if not 0.0 <= args.score_threshold <= 1.0:  # nan fails both comparisons: it would hide every box
         raise ValueError(f"--score-threshold must be a number in [0, 1], got {args.score_threshold}")
+    if args.json and is_image_file(args.json):  # `--json a.png b.png` taken as a switch: a.png would be replaced
+        raise ValueError(f"--json {args.json!r} names an image; the file the predictions go to comes right after "
+                         "--json, e.g. --json predictions.json IMAGE ...")
     images = _image_files(args.images)
-    json_path = _writable_file(args.json, "json", "predictions.json") if args.json else None
+    json_path = (_writable_file(args.json, "json", "predictions.json", reads=[args.checkpoint, *images]) if args.json
+                 else None)
     output = prepare_output_folder(args.output, "output")
     model, cfg, checkpoint = _load_for(args)
     classes = list(checkpoint["classes"])

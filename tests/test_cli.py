@@ -527,6 +527,26 @@ def test_predicted_names_differ_in_more_than_case_as_macos_and_windows_compare_t
         "X_seg.png", "x_2_seg.png", "Y_seg_seg.png", "y_2_seg.png"]   # y_seg.png would be the input Y_seg.png
 
 
+def test_an_output_that_is_a_file_the_command_reads_is_refused_and_the_file_kept(runs, image, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """`--json p1.png p2.png` reads as a switch; it would have replaced the image (and --json CKPT the run)."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "checkpoint.pt"
+    shutil.copy(runs / "cls" / "checkpoint.pt", checkpoint)
+    shutil.copy(image, tmp_path / "p1.png")
+    kept = {p: p.read_bytes() for p in (checkpoint, tmp_path / "p1.png")}
+    for argv in (["predict", "--checkpoint", str(checkpoint), "--json", str(tmp_path / "p1.png"), str(image)],
+                 ["predict", "--checkpoint", str(checkpoint), str(image), "--json", str(checkpoint)],
+                 ["evaluate", "--checkpoint", str(checkpoint), "--json", str(checkpoint)],
+                 ["export", "--weights", str(checkpoint), "--output", str(checkpoint)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        json_is_an_image = argv[-1] == str(image)
+        assert ("names an image; the file the predictions go to comes right after --json" if json_is_an_image
+                else "is a file this command reads") in err, err
+    assert all(p.read_bytes() == data for p, data in kept.items())
+
+
 def test_predict_reads_folders_and_never_overwrites_its_own_results(runs, image, tmp_path, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
