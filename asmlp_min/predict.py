@@ -172,12 +172,11 @@ def _output_names(images: list[Path], output: Path, task: str) -> list[Path]:
     or would be one of the input images (``--output`` the input folder), so that no result of this call overwrites
     another or an image it reads. Names compare in any case (X.jpg and x.jpg), as macOS and Windows file systems
     do. Segmentation also writes ``<name>_<task>_mask.png`` beside each."""
-    inputs, names = {str(image.resolve()).casefold() for image in images}, []
+    inputs, names, used = {str(image.resolve()).casefold() for image in images}, [], set()
 
     def taken(name: str) -> bool:
         mine = [name, name.removesuffix(".png") + "_mask.png"] if task == "seg" else [name]
-        return any(m.casefold() in map(str.casefold, names) or str((output / m).resolve()).casefold() in inputs
-                   for m in mine)
+        return any(m.casefold() in used or str((output / m).resolve()).casefold() in inputs for m in mine)
 
     for image in images:
         name, n = f"{image.stem}_{task}.png", 1
@@ -185,4 +184,5 @@ def _output_names(images: list[Path], output: Path, task: str) -> list[Path]:
             n += 1
             name = f"{image.stem}_{n}_{task}.png"
         names.append(name)
+        used.add(name.casefold())
     return [output / name for name in names]

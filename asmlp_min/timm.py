@@ -57,7 +57,8 @@ def load_pretrained(model: ASMLP, cfg: dict) -> LoadReport:
     if key in state:
         state[key] = adapt_input_conv(state[key], model.in_chans)
     # the adapted weights in place of the file's, beside its config: the loaders check the shift size it states
-    checkpoint = {**checkpoint, state_dict_entry(checkpoint): state} if state_dict_entry(checkpoint) else state
+    entry = state_dict_entry(checkpoint)
+    checkpoint = {**checkpoint, entry: state} if entry else state
     if model.features_only:
         return load_backbone_checkpoint(model, checkpoint, name=cfg["architecture"])
     return load_official_checkpoint(model, checkpoint, skip_head=model.num_classes != cfg["num_classes"])

@@ -35,14 +35,14 @@ def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Ima
     try:
         with Image.open(path) as img:
             img.load()
-            turned = _upright(img)
-            if not upright and turned is not img and not _warned_turned:
+            turn = _exif_turn(img) if upright or not _warned_turned else None  # no EXIF read once warned
+            if turn is not None and not upright:
                 _warned_turned.append(path)
                 warnings.warn(f"{path}: its EXIF orientation tag is not applied here, so its boxes or mask must be "
                               "drawn on the stored pixels, as torchvision and pycocotools read them; if the labelling "
                               "tool showed it turned, save the image upright (one warning for all such images)",
                               stacklevel=2)
-            rgb = _to_rgb(turned if upright else img)
+            rgb = _to_rgb(img.transpose(turn) if upright and turn is not None else img)
     except FileNotFoundError as err:
         raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
                          "'file_name'") from err
@@ -61,15 +61,14 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 8: Image.Transpose.ROTATE_90}
 
 
-def _upright(img: Image.Image) -> Image.Image:
-    """The pixels turned as the EXIF Orientation tag says. By hand rather than ``ImageOps.exif_transpose``, which
-    also rewrites the EXIF block and fails (``struct.error``) on a mistyped tag that cameras and editors do write.
-    EXIF that cannot be parsed at all leaves the stored pixels: the image itself is fine."""
+def _exif_turn(img: Image.Image) -> Image.Transpose | None:
+    """The transpose the EXIF Orientation tag asks for, None for none. Read by hand rather than applied with
+    ``ImageOps.exif_transpose``, which also rewrites the EXIF block and fails (``struct.error``) on a mistyped tag
+    that cameras and editors do write. EXIF that cannot be parsed at all asks for none: the image itself is fine."""
     try:
-        orientation = img.getexif().get(0x0112)
+        return _ORIENTATION.get(img.getexif().get(0x0112))
     except Exception:  # noqa: BLE001 - metadata parsers raise many kinds; none of them makes the pixels wrong
-        return img
-    return img.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else img
+        return None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
