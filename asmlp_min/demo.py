@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, load_checkpoint
+from .checkpoint import load_checkpoint
+from .files import atomic_write
 from .data.shapes import CLS_SCENE, export_shapes, make_scene, scene_rng
 from .engine import CHECKPOINT_NAME, TASK_DEFAULTS, TrainConfig, Trainer, build_model, predict
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backbone import ASMLP
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int, int]) -> Path:
@@ -51,7 +51,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
 def add_export_parser(sub) -> None:
     """The ``export`` subcommand of ``asmlp-min`` (cli.py), beside the function it runs."""
     from .backbone import list_models
-    from .cli import _depths
+    from .train_flags import depths_type
     ex = sub.add_parser("export", help="write a classifier or backbone as ONNX (any batch, one image size)",
                         description="torch.onnx.export(dynamo=True) of a variant with its weights, written "
                                     "atomically; the batch size is free, height and width are fixed (export one "
@@ -65,7 +65,7 @@ def add_export_parser(sub) -> None:
     ex.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="SIZE",
                     help="height [width] of the input (default: 224)")
     ex.add_argument("--embed-dim", type=int, help="override the variant's channel width C")
-    ex.add_argument("--depths", type=_depths, help="override blocks per stage, e.g. 1,1,2,1")
+    ex.add_argument("--depths", type=depths_type, help="override blocks per stage, e.g. 1,1,2,1")
     ex.add_argument("--shift-size", type=int, help="override the axial shift size")
     ex.add_argument("--output", help="the .onnx file to write (default: MODEL.onnx)")
     ex.set_defaults(func=_export)

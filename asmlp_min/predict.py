@@ -40,7 +40,7 @@ def _predict(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")
 
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     from .cli import _load_for, _writable_file
     from .data.images import is_image_file, load_image
     from .engine import prepare_output_folder, strict_json
@@ -142,7 +142,7 @@ def _save_class_mask(mask: Tensor, path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     values = mask.numpy()
     pixels = Image.fromarray(values.astype(np.uint8 if values.max() < 256 else np.uint16))
     with atomic_write(path) as f:

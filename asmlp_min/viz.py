@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .data.shapes import CLASSES, Scene
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -138,7 +138,7 @@ def plot_curves(history: Sequence[dict], path_or_ax: str | os.PathLike | Axes) -
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG all or nothing (:func:`asmlp_min.checkpoint.atomic_write`), then close it in pyplot."""
+    """Write ``fig`` as a PNG all or nothing (:func:`asmlp_min.files.atomic_write`), then close it in pyplot."""
     path = Path(path)
     try:
         with atomic_write(path) as f:

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from asmlp_min.backbone import create_model
-import asmlp_min.checkpoint
-from asmlp_min.checkpoint import (CheckpointError, WriteError, atomic_write, load_backbone_checkpoint, load_checkpoint,
-                                  load_official_checkpoint, remove_stale_temp_files, save_checkpoint)
+import asmlp_min.files
+from asmlp_min.checkpoint import (CheckpointError, load_backbone_checkpoint, load_checkpoint, load_official_checkpoint,
+                                  save_checkpoint)
+from asmlp_min.files import WriteError, atomic_write, remove_stale_temp_files
 
 
 def tiny(**kwargs):
@@ -307,7 +308,7 @@ def test_a_full_disk_is_named_in_one_line_and_damages_nothing(tmp_path, monkeypa
     save_checkpoint({"step": torch.tensor(1)}, path)
     before = path.read_bytes()
     real_fdopen = os.fdopen
-    monkeypatch.setattr(asmlp_min.checkpoint.os, "fdopen", lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), 500))
+    monkeypatch.setattr(asmlp_min.files.os, "fdopen", lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), 500))
     with pytest.raises(WriteError) as err:  # torch alone says "unexpected pos 576 vs 470"
         save_checkpoint({"weights": torch.zeros(1000)}, path)
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
@@ -322,7 +323,7 @@ def test_an_io_error_while_writing_is_named_in_one_line_and_damages_nothing(tmp_
     save_checkpoint({"step": torch.tensor(1)}, path)
     before = path.read_bytes()
     real_fdopen = os.fdopen
-    monkeypatch.setattr(asmlp_min.checkpoint.os, "fdopen",
+    monkeypatch.setattr(asmlp_min.files.os, "fdopen",
                         lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), 500, errno.EIO))
     with pytest.raises(WriteError) as err:
         save_checkpoint({"weights": torch.zeros(1000)}, path)
@@ -339,7 +340,8 @@ def test_a_file_size_limit_is_named_and_damages_nothing(tmp_path):
     before = path.read_bytes()
     child = f"""if True:
         import resource, signal, sys, torch
-        from asmlp_min.checkpoint import WriteError, save_checkpoint
+        from asmlp_min.checkpoint import save_checkpoint
+        from asmlp_min.files import WriteError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
         try:

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import asmlp_min.checkpoint
+import asmlp_min.files
 import asmlp_min.engine.data as engine_data
 import asmlp_min.engine.trainer
 from asmlp_min.backbone import create_model
-from asmlp_min.checkpoint import CheckpointError, WriteError, load_checkpoint
+from asmlp_min.checkpoint import CheckpointError, load_checkpoint
+from asmlp_min.files import WriteError
 from asmlp_min.engine.config import SIZE_FIELD
 from asmlp_min.engine.data import _loaded, _worker_death_message
 from asmlp_min.engine import (ClassificationTask, DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig,
@@ -287,7 +289,7 @@ def test_a_save_that_fails_for_any_reason_stops_training_saying_how_to_go_on(tmp
         if path.exists() and kwargs["prefix"].startswith(".checkpoint.pt"):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         return real_mkstemp(*args, **kwargs)
-    monkeypatch.setattr(asmlp_min.checkpoint.tempfile, "mkstemp", read_only_after_the_first_save)
+    monkeypatch.setattr(asmlp_min.files.tempfile, "mkstemp", read_only_after_the_first_save)
     with pytest.raises(WriteError) as err:
         trainer.fit()
     assert str(err.value) == (f"{path} was not written: Read-only file system. Any earlier checkpoint.pt is unchanged, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 
 
 # The issues' targets: name -> (json path of the ratio, threshold, "min" = ratio must be >= threshold, issue).
@@ -156,7 +156,7 @@ def format_table(results: dict) -> str:
 
 
 def write_json(results: dict, path: str | os.PathLike) -> None:
-    """Write atomically (:func:`asmlp_min.checkpoint.atomic_write`): a temporary file in the same folder, then a
+    """Write atomically (:func:`asmlp_min.files.atomic_write`): a temporary file in the same folder, then a
     rename."""
     with atomic_write(path, "w") as f:
         json.dump(results, f, indent=2)

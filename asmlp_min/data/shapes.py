@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from .datasets import detection_target, to_float_image
 from .rle import mask_to_rle
 
@@ -315,7 +315,7 @@ def _check_manifest(path: Path, settings: dict) -> None:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    """(h, w) or (h, w, 3) uint8 -> a PNG file, written all or nothing (:func:`asmlp_min.checkpoint.atomic_write`)."""
+    """(h, w) or (h, w, 3) uint8 -> a PNG file, written all or nothing (:func:`asmlp_min.files.atomic_write`)."""
     with atomic_write(path) as f:
         Image.fromarray(array).save(f, format="PNG")
 

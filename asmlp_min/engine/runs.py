@@ -11,9 +11,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..checkpoint import (_NO_ROOM, CheckpointError, WriteError, _not_written, atomic_write, compare_state_dicts,
-                          load_checkpoint, non_finite_keys, remove_stale_temp_files, shown_keys)
+from ..checkpoint import CheckpointError, compare_state_dicts, load_checkpoint, non_finite_keys, shown_keys
 from ..checks import is_int
+from ..files import NO_ROOM, WriteError, atomic_write, not_written, remove_stale_temp_files
 from ..data import ade20k
 from .config import SIZE_FIELDS, TrainConfig
 from .data import TaskData
@@ -52,8 +52,8 @@ def stopped_writing(err: OSError, path: Path, resume: Path | None) -> WriteError
     """The error that ends a training whose run file ``path`` could not be written (disk full, an I/O error, a disk
     gone read-only): what failed, that the last checkpoint on disk is intact, and how to go on (``resume``: the
     checkpoint to continue from; None: train again)."""
-    said = err if isinstance(err, WriteError) else _not_written(err, Path(err.filename or path), started=True)
-    fix = "there is room" if err.errno in _NO_ROOM else "that is fixed"
+    said = err if isinstance(err, WriteError) else not_written(err, Path(err.filename or path), started=True)
+    fix = "there is room" if err.errno in NO_ROOM else "that is fixed"
     again = f"continue with --resume {resume}" if resume else "train again"
     return WriteError(err.errno, f"{said}; training stopped: once {fix}, {again}", err.filename or str(path))
 
