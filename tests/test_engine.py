@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import asmlp_min.checkpoint
-import asmlp_min.files
 import asmlp_min.engine.data as engine_data
 import asmlp_min.engine.trainer
-from asmlp_min.backbone import create_model
+import asmlp_min.files
+from asmlp_min.backbone import MODEL_CONFIGS, create_model
 from asmlp_min.checkpoint import CheckpointError, load_checkpoint
-from asmlp_min.files import WriteError
 from asmlp_min.engine.config import SIZE_FIELD
 from asmlp_min.engine.data import _loaded, _worker_death_message
+from asmlp_min.files import WriteError
 from asmlp_min.engine import (ClassificationTask, DataError, DetectionTask, NonFiniteLossError, TaskData, TrainConfig,
                               Trainer, build_data, build_model, evaluate, load_trained, lr_factor, param_groups,
                               predict, run_folder_lock, WorkerDied)
@@ -1182,6 +1182,25 @@ def test_resume_refuses_a_new_learning_rate_schedule_and_leaves_the_checkpoint(t
         Trainer(tiny(tmp_path, **change), resume=path, log=quiet)
     assert sha256(path) == before
     Trainer(tiny(tmp_path, lr=1e-3, warmup_epochs=0.5), resume=path, log=quiet).fit()   # the same values resume
+    assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_resume_takes_the_variants_own_values_spelled_out_and_refuses_a_new_pretrained(tmp_path):
+    """Flags equal to what the variant uses anyway (asmlp_tiny's shift size 5, its drop path) change nothing and
+    resume; another value is named beside the one in effect. A --pretrained file would be overridden by the
+    resumed weights, yet saved as the run's start: refused."""
+    def run(**change):
+        return tiny(tmp_path, **{"drop_path": None, **change})   # None: the variant's drop path
+    Trainer(run(stop_at_epoch=1), log=quiet).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    own = MODEL_CONFIGS["asmlp_tiny"]
+    with pytest.raises(CheckpointError, match="shift_size: checkpoint 5, now 3"):
+        Trainer(run(shift_size=3), resume=path, log=quiet)
+    with pytest.raises(CheckpointError, match=f"with --drop-path 0.5 \\(the checkpoint's: {own.drop_path_rate}\\)"):
+        Trainer(run(drop_path=0.5), resume=path, log=quiet)
+    with pytest.raises(CheckpointError, match="with --pretrained .*checkpoint.pt \\(the checkpoint's: None\\)"):
+        Trainer(run(pretrained=str(path)), resume=path, log=quiet)
+    Trainer(run(shift_size=own.shift_size, drop_path=own.drop_path_rate), resume=path, log=quiet).fit()
     assert load_checkpoint(path)["epoch"] == 2
 
 

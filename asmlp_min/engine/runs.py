@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, compare_state_dicts, load_checkpoint, non_finite_keys, shown_keys
 from ..checks import is_int
-from ..files import NO_ROOM, WriteError, atomic_write, not_written, remove_stale_temp_files
 from ..data import ade20k
-from .config import SIZE_FIELDS, TrainConfig
+from ..files import NO_ROOM, WriteError, atomic_write, not_written, remove_stale_temp_files
+from ..segmentation import variant_setting
+from .config import BACKBONE_FIELDS, SIZE_FIELDS, TrainConfig
 from .data import TaskData
 from .tasks import build_model
 
@@ -30,8 +31,9 @@ _RESUME_MUST_MATCH = ("task", "model", "embed_dim", "depths", "shift_size", "hea
 # ... and the recipe: the learning-rate schedule, which the checkpoint's optimiser and scheduler state continue
 # (their saved lr and weight decay would silently win over new values), regularisation and augmentation, which would
 # change midway while the saved config claimed them for the whole run.
+# --pretrained too: the resumed weights win over it, yet the checkpoint would name it as the run's start.
 _RESUME_RECIPE = ("lr", "weight_decay", "schedule", "warmup_epochs", "warmup_ratio", "min_lr_ratio", "drop_path",
-                  "clip_grad", "label_smoothing", "mixup", "cutmix", "class_weight", "augment")
+                  "clip_grad", "label_smoothing", "mixup", "cutmix", "class_weight", "augment", "pretrained")
 
 
 _CURVE_METRICS = ("top1", "top5", "AP", "AP50", "mIoU", "aAcc")
@@ -303,22 +305,31 @@ def _check_task(checkpoint: dict, cfg: TrainConfig, path) -> None:
 
 def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
     saved = _saved_config(checkpoint, path)  # resolved: a config saved before a setting existed gets its default
-    diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
-             for k in _RESUME_MUST_MATCH if getattr(saved, k) != getattr(cfg, k)]
+    diffs = [f"{k}: checkpoint {_in_effect(saved, k)!r}, now {_in_effect(cfg, k)!r}"
+             for k in _RESUME_MUST_MATCH if _in_effect(saved, k) != _in_effect(cfg, k)]
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: it was trained with different settings:\n  "
                               + "\n  ".join(diffs) + "\nPass the same values (or start a new run without --resume).")
     if saved.epochs != cfg.epochs:
         raise CheckpointError(f"cannot resume from {path}: it was scheduled for {saved.epochs} epochs, now "
                               f"{cfg.epochs}; use --epochs {saved.epochs} (--stop-at-epoch ends a run early)")
-    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint's: {getattr(saved, k)})"
-               for k in _RESUME_RECIPE if getattr(saved, k) != getattr(cfg, k)]
+    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint's: {_in_effect(saved, k)})"
+               for k in _RESUME_RECIPE if _in_effect(saved, k) != _in_effect(cfg, k)]
     if (saved.workers == 0) != (cfg.workers == 0):  # the main process's generator, or one seed per sample
         changed.append(f"--workers {cfg.workers} (the checkpoint's: {saved.workers}; 0 and 1 or more augment from "
                        "different random streams)")
     if changed:
         raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run keeps its recipe. "
                               f"Leave the flag out, or start a new run from these weights with --pretrained {path}")
+
+
+def _in_effect(cfg: TrainConfig, key: str):
+    """The value a run uses: a backbone setting left at None is the variant's (``--shift-size 5`` on asmlp_tiny, whose
+    shift size is 5, changes nothing)."""
+    value = getattr(cfg, key)
+    if value is None and key in BACKBONE_FIELDS:
+        return variant_setting(cfg.model, BACKBONE_FIELDS[key], cfg.task)
+    return value
 
 
 def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, world_size: int, batches_per_epoch: int,
