@@ -295,12 +295,20 @@ def _one_line_warnings(command: str):
         yield
 
 
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    """``--output ""`` (an unset shell variable) would write into the current folder, ``--json ""`` nothing at all."""
+    for name in ("output", "json", "checkpoint", "data", "data_root", "weights", "resume", "pretrained"):
+        if getattr(args, name, None) == "":
+            raise ValueError(f"--{name.replace('_', '-')} is empty: give a path (was a shell variable unset?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .engine import NonFiniteLossError, PeerStopped, new_folders_removed_on_failure
     from .engine.distributed import sigterm_back_on
     args = build_parser().parse_args(argv)
     named = [path for path in (getattr(args, "output", None), getattr(args, "json", None)) if path]
     try:  # a command that fails leaves no empty folder behind; the package's warnings are one line each
+        _refuse_empty_paths(args)
         with new_folders_removed_on_failure(*named), _one_line_warnings(args.command):
             return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes (CheckpointError included)

@@ -144,6 +144,26 @@ def test_train_help_gives_each_task_its_own_size_flag(capsys):
         assert shown in text and "(not a " + task + " setting)" in text
 
 
+@pytest.mark.parametrize("task, flag, applies_to", [
+    ("det", "--label-smoothing=0.2", "cls"), ("seg", "--cutmix=1", "cls"), ("cls", "--head-channels=64", "det/seg"),
+    ("det", "--class-weight=balanced", "seg")])
+def test_a_setting_of_another_task_is_refused_and_the_tasks_help_says_so(task, flag, applies_to, capsys, tmp_path,
+                                                                         monkeypatch):
+    """Set, it would change nothing in this task's run yet be saved in its checkpoint as if it had."""
+    monkeypatch.chdir(tmp_path)  # where the run folder would go
+    name = flag.split("=")[0]
+    with pytest.raises(SystemExit):
+        main(["train", task, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    described = re.search(re.escape(name) + r" [A-Z_]+ (.*?) --[a-z]", help_text)[1]   # its help, not the usage line
+    assert described.endswith(f"(not a {task} setting)")
+    size = {"cls": "--image-size=32", "det": "--min-size=32", "seg": "--crop-size=32"}[task]
+    assert main(["train", task, flag, *TINY[:-2], size, "--device=cpu"]) == 2
+    field = name[2:].replace("-", "_")
+    assert f"{task}: {field} ({name}) applies to {applies_to} only; leave it out for {task}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("task, new_flag", [("det", "--min-size"), ("seg", "--crop-size")])
 def test_image_size_on_det_or_seg_is_refused_naming_the_tasks_own_flag(task, new_flag, capsys):
     assert main(["train", task, "--image-size=64", "--device=cpu"]) == 2
@@ -720,7 +740,7 @@ def test_info_prints_the_paper_table(capsys):
     (["train", "--data=/no/such/folder", *TINY], "no such folder"),
     (["evaluate", "--checkpoint=/no/such.pt"], "does not exist"),
     (["predict", "--checkpoint=/no/such.pt", "/no/image.png"], "image '/no/image.png' does not exist"),
-    (["train", "seg", "--mixup=0.5", *TINY], "mixup/cutmix apply to classification only"),
+    (["train", "seg", "--mixup=0.5", *TINY], "seg: mixup (--mixup) applies to cls only; leave it out for seg"),
     (["train", "--epochs=0"], "epochs must be >= 1"),
     (["train", *TINY, "--device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
     (["train", *TINY, "--image-size=1"], "cls: image_size must be >= 4"),
@@ -728,6 +748,8 @@ def test_info_prints_the_paper_table(capsys):
     (["train", *TINY, "--mixup=nan"], "mixup must be a finite number"),
     (["train", *TINY, "--cutmix=nan"], "cutmix must be a finite number"),
     (["train", *TINY, "--workers=-1"], "workers must be >= 0"),
+    (["train", *TINY, "--output="], "--output is empty"),
+    (["evaluate", "--checkpoint=/no/such.pt", "--json="], "--json is empty"),
     (["train", *TINY, "--output=/sys/asmlp_min_run"], "cannot create the folder"),
     (["predict", "--checkpoint=/no/such.pt", "--topk=0", "/no/image.png"], "--topk must be >= 1, got 0"),
     (["predict", "--checkpoint=/no/such.pt", "--score-threshold=nan", "/no/image.png"],

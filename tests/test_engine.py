@@ -610,7 +610,7 @@ def test_bad_settings_raise_before_training(tmp_path):
         Trainer(tiny(tmp_path, batch_size=64), log=quiet)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         Trainer(tiny(tmp_path, data=str(tmp_path / "missing")), log=quiet)
-    with pytest.raises(ValueError, match="mixup/cutmix apply to classification only"):
+    with pytest.raises(ValueError, match="seg: mixup \\(--mixup\\) applies to cls only; leave it out for seg"):
         Trainer(tiny(tmp_path, task="seg"), log=quiet)
     with pytest.raises(ValueError, match="det: min_size must be >= 32, got 16: the detector's coarsest level"):
         Trainer(tiny(tmp_path, task="det", min_size=16, mixup=0.0, cutmix=0.0), log=quiet)
@@ -623,6 +623,14 @@ def test_bad_settings_raise_before_training(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda was asked for but no CUDA GPU is visible"):
             Trainer(tiny(tmp_path, device="cuda"), log=quiet)
+
+
+def test_more_than_four_workers_per_usable_cpu_are_refused_before_any_data_is_made(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_data.os, "sched_getaffinity", lambda pid: {0, 1})   # a 2-CPU machine: at most 8
+    with pytest.raises(ValueError, match="--workers 9 would start 9 loader processes .* for the 2 CPU\\(s\\) this "
+                                         "process may use; use at most 8"):
+        build_data(tiny(tmp_path, workers=9).resolved())
+    assert build_data(tiny(tmp_path, workers=8).resolved()).num_classes == 3
 
 
 def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
@@ -641,7 +649,7 @@ def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
         Trainer(tiny(tmp_path, name="short", class_weight="1,2", **seg), log=quiet)
     with pytest.raises(ValueError, match="'balanced' or positive numbers"):
         Trainer(tiny(tmp_path, name="bad", class_weight="1,-2,3,4", **seg), log=quiet)
-    with pytest.raises(ValueError, match="segmentation only"):
+    with pytest.raises(ValueError, match=r"cls: class_weight \(--class-weight\) applies to seg only"):
         Trainer(tiny(tmp_path, name="cls", class_weight="balanced"), log=quiet)
 
 

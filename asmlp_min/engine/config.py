@@ -50,8 +50,8 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 def setting(default, help: str, **meta):  # noqa: A002 (argparse's word)
     """A TrainConfig field with its help text. ``meta``: ``group`` (help section), ``choices``, ``tasks`` (the
-    tasks it applies to), ``interval`` ('[a, b)' style; values outside are refused), ``why`` (said on refusal),
-    ``shown`` (the default as the help states it, where it is not a value)."""
+    tasks it applies to; the others must leave it at its default), ``interval`` ('[a, b)' style; values outside are
+    refused), ``why`` (said on refusal), ``shown`` (the default as the help states it, where it is not a value)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -101,12 +101,14 @@ class TrainConfig:
     schedule: str | None = setting(None, "per-iteration lr schedule after warm-up", group=_OPT, choices=SCHEDULES)
     clip_grad: float | None = setting(None, "max gradient norm, 0 = off", group=_OPT, interval="[0, inf)")
     drop_path: float | None = setting(None, "stochastic depth rate", group=_DATA, interval="[0, 1)")
-    label_smoothing: float = setting(0.1, "cls: label smoothing", group=_OPT, interval="[0, 1)")
+    label_smoothing: float = setting(0.1, "cls: label smoothing", group=_OPT, tasks=("cls",), interval="[0, 1)")
     class_weight: str | None = setting(None, "seg: per-class loss weights, 'balanced' (sqrt(n_max / n_c) from the "
                                        "training masks' pixel counts) or one number per class, e.g. 1,4.8,4.2,6.1",
-                                       group=_OPT, shown="none, plain cross-entropy as in the paper")
-    mixup: float = setting(0.0, "cls: mixup alpha, 0 = off (paper: 0.8)", group=_OPT, interval="[0, inf)")
-    cutmix: float = setting(0.0, "cls: cutmix alpha, 0 = off (paper: 1.0)", group=_OPT, interval="[0, inf)")
+                                       group=_OPT, tasks=("seg",), shown="none, plain cross-entropy as in the paper")
+    mixup: float = setting(0.0, "cls: mixup alpha, 0 = off (paper: 0.8)", group=_OPT, tasks=("cls",),
+                           interval="[0, inf)")
+    cutmix: float = setting(0.0, "cls: cutmix alpha, 0 = off (paper: 1.0)", group=_OPT, tasks=("cls",),
+                            interval="[0, inf)")
     amp: bool = setting(False, "mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA (on a CPU "
                         "without bfloat16 units, AVX512-BF16 or AMX, it is many times slower)", group=_SPEED)
     channels_last: bool = setting(False, "NHWC memory format for model and images (the CPU model computes in NHWC "
@@ -136,7 +138,7 @@ class TrainConfig:
     depths: tuple[int, ...] | None = setting(None, "blocks per stage, e.g. 1,1,2,1", group=_DATA)
     shift_size: int | None = setting(None, "the axial shift size (odd)", group=_DATA, interval="[1, inf)")
     head_channels: int | None = setting(None, "FPN channels (det, paper 256) or UperNet channels (seg, paper 512; "
-                                        "aux head half)", group=_DATA, interval="[1, inf)",
+                                        "aux head half)", group=_DATA, tasks=("det", "seg"), interval="[1, inf)",
                                         shown="det 256, seg 512")
     pretrained: str | None = setting(None, "backbone weights to start from: official .pth, mmdet/mmseg or our "
                                      "checkpoint", group=_DATA, shown="none, from scratch")
@@ -155,18 +157,16 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         model_config(self.model)  # an unknown variant: ValueError naming the known ones
-        if (self.mixup or self.cutmix) and self.task != "cls":
-            raise ValueError("mixup/cutmix apply to classification only")
-        if self.class_weight is not None and self.task != "seg":
-            raise ValueError("class_weight applies to segmentation only")
         cfg = dataclasses.replace(self, **self._defaults())
         if cfg.data != "shapes":  # the checkpoint stores it: evaluate and --resume may run in another folder
             cfg.data = os.path.abspath(cfg.data)
         for f in dataclasses.fields(cfg):
             value, meta = getattr(cfg, f.name), f.metadata
-            if value is not None and cfg.task not in meta.get("tasks", TASKS):  # the sizes of the other tasks
+            if value != f.default and cfg.task not in meta.get("tasks", TASKS):  # set, though it does nothing
+                fix = (f"{cfg.task} sets its input size with --{_flag(SIZE_FIELD[cfg.task])}" if f.name in SIZE_FIELDS
+                       else f"leave it out for {cfg.task}")
                 raise ValueError(f"{cfg.task}: {f.name} (--{_flag(f.name)}) applies to {'/'.join(meta['tasks'])} "
-                                 f"only; {cfg.task} sets its input size with --{_flag(SIZE_FIELD[cfg.task])}")
+                                 f"only; {fix}")
             if value is not None and "interval" in meta and not _within(value, meta["interval"]):
                 raise ValueError(f"{cfg.task}: {f.name} must be {_interval_text(value, meta['interval'])}, got "
                                  f"{value}" + (f": {meta['why']}" if "why" in meta else ""))

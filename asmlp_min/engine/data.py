@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.connection
+import os
 import re
 import signal
 import threading
@@ -44,6 +45,7 @@ class TaskData:
 
 
 SHAPES_SIZE = 128  # det/seg scenes are drawn at their native size and resized by the transform
+WORKERS_PER_CPU = 4  # the most --workers per CPU this process may use (os.sched_getaffinity)
 
 
 def _identity(*inputs):
@@ -125,6 +127,7 @@ def build_data(cfg: TrainConfig, with_train: bool = True) -> TaskData:
     ``--data shapes`` with ``**CLS_SCENE``).
     ``train=False`` builds the validation split only (``TaskData.train`` is None), for evaluation.
     """
+    _check_workers(cfg.workers)
     train_tf, val_tf = (task_transforms(cfg.task, cfg.augment, train, cfg.input_size) for train in (True, False))
     if cfg.data == "shapes":
         return _shapes_data(cfg, train_tf, val_tf, with_train)
@@ -133,6 +136,16 @@ def build_data(cfg: TrainConfig, with_train: bool = True) -> TaskData:
         raise FileNotFoundError(f"--data {cfg.data!r}: no such folder (use --data shapes for the built-in data)")
     folder = {"cls": _folder_cls, "det": _folder_det, "seg": _folder_seg}[cfg.task]
     return folder(root, cfg, train_tf, val_tf, with_train)
+
+
+def _check_workers(workers: int) -> None:
+    """More loader processes than ``WORKERS_PER_CPU`` per usable CPU only compete for the CPUs, each with its own
+    memory: 100000 of them fill the memory before a batch is loaded. Checked here, where the run's machine is."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > WORKERS_PER_CPU * cpus:
+        raise ValueError(f"--workers {workers} would start {workers} loader processes per training process for the "
+                         f"{cpus} CPU(s) this process may use; use at most {WORKERS_PER_CPU * cpus} (about one per "
+                         "CPU is usually enough)")
 
 
 def _shapes_data(cfg: TrainConfig, train_tf, val_tf, with_train: bool) -> TaskData:
