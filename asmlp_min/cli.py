@@ -132,7 +132,7 @@ def _load_for(args: argparse.Namespace):
     return model, cfg, checkpoint
 
 
-def _writable_file(path: str, flag: str, example: str = "metrics.json", reads=()) -> Path:
+def writable_file(path: str, flag: str, example: str = "metrics.json", reads=()) -> Path:
     """Check now, before minutes of work, that ``path`` can be written: not a folder, in a writable folder, not read."""
     from .engine import prepare_output_folder
     path = Path(path)
@@ -147,7 +147,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .files import atomic_write
     from .engine import _check_label_set, build_data, evaluate, init_distributed, strict_json
     from .engine.distributed import process_group_closed_at_exit
-    json_path = _writable_file(args.json, "json", reads=[args.checkpoint]) if args.json else None
+    json_path = writable_file(args.json, "json", reads=[args.checkpoint]) if args.json else None
     model, cfg, checkpoint = _load_for(args)
     released = "config" not in checkpoint          # official weights: no run, no data of their own
     if args.data is None and released:

@@ -73,14 +73,14 @@ def add_export_parser(sub) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .cli import _writable_file
+    from .cli import writable_file
     from .engine.runs import is_run_checkpoint
     if len(args.image_size) > 2 or min(args.image_size) < 1:
         raise ValueError(f"--image-size takes one size or two (height width), each >= 1, got {args.image_size}")
     checkpoint = load_checkpoint(args.weights) if args.weights else None
     build = _model_of_a_run if is_run_checkpoint(checkpoint) else _variant_with_weights
     model, name = build(args, checkpoint)
-    output = _writable_file(args.output or f"{name}.onnx", "output", f"{name}.onnx",
+    output = writable_file(args.output or f"{name}.onnx", "output", f"{name}.onnx",
                             reads=[args.weights] if args.weights else [])
     height, width = (args.image_size * 2)[:2]  # one size: a square
     replaced = " (replaced an older file)" if output.exists() else ""

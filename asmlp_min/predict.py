@@ -41,7 +41,7 @@ def _predict(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
 
     from .files import atomic_write
-    from .cli import _load_for, _writable_file
+    from .cli import _load_for, writable_file
     from .data.images import is_image_file, load_image
     from .engine import prepare_output_folder, strict_json
     from .viz import save_figure
@@ -53,7 +53,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--json {args.json!r} names an image; the file the predictions go to comes right after "
                          "--json, e.g. --json predictions.json IMAGE ...")
     images = _image_files(args.images)
-    json_path = (_writable_file(args.json, "json", "predictions.json", reads=[args.checkpoint, *images]) if args.json
+    json_path = (writable_file(args.json, "json", "predictions.json", reads=[args.checkpoint, *images]) if args.json
                  else None)
     output = prepare_output_folder(args.output, "output")
     model, cfg, checkpoint = _load_for(args)

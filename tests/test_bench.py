@@ -348,6 +348,16 @@ def test_cli_bench_keep_freed_memory_flag_applies_the_setting(monkeypatch, capsy
     assert "needs glibc's malloc" in capsys.readouterr().err
 
 
+def test_cli_bench_refuses_an_unwritable_json_path_before_timing_anything(tmp_path, capsys, monkeypatch):
+    timed = []
+    monkeypatch.setattr("asmlp_min.bench.cli.run_bench", lambda settings, progress=True: timed.append(1))
+    (tmp_path / "file").write_text("")
+    for path, problem in ((tmp_path, "is a folder"), (tmp_path / "file" / "b.json", "file' is a file, not a folder")):
+        assert main(["bench", "--quick", f"--json={path}"]) == 2
+        assert problem in capsys.readouterr().err
+    assert timed == []
+
+
 def test_cli_bench_errors_are_one_line(capsys):
     assert main(["bench", "--threads=0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err

@@ -66,6 +66,9 @@ def _batch_list(text: str) -> tuple[int, ...]:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if args.json:  # checked before minutes of timing, not after
+        from ..cli import writable_file
+        writable_file(args.json, "json", "bench.json")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
