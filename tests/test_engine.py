@@ -623,6 +623,18 @@ def test_bad_settings_raise_before_training(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda was asked for but no CUDA GPU is visible"):
             Trainer(tiny(tmp_path, device="cuda"), log=quiet)
+        with pytest.raises(ValueError, match="--device cuda:7 was asked for but no CUDA GPU is visible"):
+            Trainer(tiny(tmp_path, device="cuda:7"), log=quiet)
+
+
+def test_a_gpu_index_the_machine_does_not_have_is_refused_naming_the_ones_it_has(monkeypatch):
+    from asmlp_min.engine import init_distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="--device cuda:2 was asked for but this machine has 2 GPU\\(s\\), cuda:0 to "
+                                         "cuda:1"):
+        init_distributed("cuda:2")
+    assert init_distributed("cuda:1").device == torch.device("cuda", 1)
 
 
 def test_more_than_four_workers_per_usable_cpu_are_refused_before_any_data_is_made(tmp_path, monkeypatch):

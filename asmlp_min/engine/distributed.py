@@ -39,7 +39,10 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise ValueError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= (count := torch.cuda.device_count()):
+        raise ValueError(f"--device {device} was asked for but this machine has {count} GPU(s), cuda:0 to "
+                         f"cuda:{count - 1}; use one of those, or --device cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistEnv(0, 1, torch.device(device))
