@@ -44,6 +44,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                                 f"weights in {str(path / 'checkpoint.pt')!r})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
+    if kind := _other_kind_of_file(path):  # torch.load would call it a tampered or corrupt pickle
+        raise CheckpointError(f"{path}: not a checkpoint but {kind}; a checkpoint is a file written by torch.save "
+                              "(.pt, .pth)")
     if _is_torchscript(path):  # torch.load would say to retry with weights_only=False, which runs its code
         raise CheckpointError(f"{path}: a TorchScript model, not a checkpoint: torch.jit.load it and save its "
                               "state_dict() with torch.save")
@@ -66,6 +69,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if official_config.is_yacs_config(obj.get("config")):  # the official trainer's, not a run's settings: renamed
         obj["official_config"] = official_config.plain_config(obj.pop("config"))
     return obj
+
+
+# The first bytes of files that get passed for checkpoints, and what they are.
+_OTHER_FILES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"\x1f\x8b", "a gzip archive"),
+                (b"version https://git-lfs", "a Git LFS pointer to it: fetch the file itself (git lfs pull)"),
+                (b"<", "a web page (a download link that returned HTML?): download the file itself"),
+                (b"{", "a JSON file"))
+
+
+def _other_kind_of_file(path: Path) -> str | None:
+    """What ``path`` is when its first bytes show a known kind of file that torch.save never writes (its files start
+    with a zip header, or a pickle's 0x80); None otherwise, and torch.load's error says what is wrong."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file: load it with safetensors.torch.load_file and torch.save the dict it returns"
+    return next((kind for start, kind in _OTHER_FILES if head.lstrip().startswith(start)), None)
 
 
 def _is_torchscript(path: Path) -> bool:

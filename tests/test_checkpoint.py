@@ -3,6 +3,7 @@ import argparse
 import errno
 import os
 import pickle
+import re
 import signal
 import stat
 import subprocess
@@ -155,6 +156,21 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path):
     torch.save([torch.zeros(2)], listed)  # a loadable file that holds no dict
     with pytest.raises(CheckpointError, match=r"list.pth: expected a dict .*got list"):
         load_checkpoint(listed)
+
+
+@pytest.mark.parametrize("head, kind", [
+    (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "a PNG image"), (b"\xff\xd8\xff\xe0\0\x10JFIF", "a JPEG image"),
+    (b"\x1f\x8b\x08\0", "a gzip archive"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 115\n", "a Git LFS pointer to it"),
+    (b"\n  <!DOCTYPE html><html><title>Google Drive - Virus scan warning</title>", "a web page"),
+    (b'{"epoch": 3}', "a JSON file"),
+    (len(b'{"w":{}}').to_bytes(8, "little") + b'{"w":{}}', "a safetensors file: load it with safetensors.torch"),
+])
+def test_a_file_of_another_kind_is_named_not_called_corrupt_or_tampered(tmp_path, head, kind):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(head)
+    with pytest.raises(CheckpointError, match=f"weights.pth: not a checkpoint but {re.escape(kind)}.*torch.save"):
+        load_checkpoint(path)
 
 
 class _Exploit:
