@@ -657,8 +657,10 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_it_and_resumes(tmp_path, monke
             os.kill(os.getpid(), signum)
     monkeypatch.setattr(Trainer, "_optimizer_step", signal_after_the_first_step)
     assert main(["train", "cls", *TINY, "--train-size=16", f"--output={tmp_path}"]) == 128 + signum
-    checkpoint = tmp_path / "checkpoint.pt"
-    assert f"Continue with: --resume {checkpoint}" in capsys.readouterr().out
+    checkpoint, said = tmp_path / "checkpoint.pt", capsys.readouterr()
+    assert f"Continue with: --resume {checkpoint}" in said.out
+    reason = "Ctrl-C again to abort at once" if signum == signal.SIGINT else "SIGTERM received"  # a scheduler's
+    assert f"stopping after this step and saving a checkpoint ({reason})" in said.err
     saved = load_checkpoint(checkpoint)                       # the flag is read at the next batch, after its step
     assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 2)
     monkeypatch.undo()

@@ -330,7 +330,8 @@ class Trainer:
     def _request_stop(self, signum: int) -> None:
         """SIGINT/SIGTERM: the loop stops after this optimiser step and saves (see :func:`stop_requests`)."""
         self._signal_received = signum
-        self.log("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort at once)", file=sys.stderr)
+        why = "Ctrl-C again to abort at once" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
+        self.log(f"\nstopping after this step and saving a checkpoint ({why})", file=sys.stderr)
 
     def _advice(self) -> str:
         return (f"Try a lower --lr (now {self.cfg.lr:g}), gradient clipping (--clip-grad 1), or training "
