@@ -18,6 +18,8 @@ from .checkpoint import (CheckpointError, LoadReport, extract_state_dict, load_b
                          load_official_checkpoint, state_dict_entry)
 
 FIRST_CONV = "patch_embed.proj"
+# timm options that wrap or dilate a model for features: the model gives its features itself (features_only)
+_FEATURE_WRAPPING = ("feature_cls", "feature_cfg", "output_stride")
 
 # The official ImageNet-1k weights (svip-lab/AS-MLP, released on OneDrive, so no url timm could fetch).
 default_cfgs = {name: dict(
@@ -68,6 +70,12 @@ def build(variant: str, pretrained: bool = False, pretrained_cfg: dict | str | N
           pretrained_cfg_overlay: dict | None = None, cache_dir=None, **kwargs) -> ASMLP:
     """What timm's ``create_model`` calls: it always passes ``pretrained_cfg``, ``pretrained_cfg_overlay`` and
     ``cache_dir`` (unused: nothing is downloaded); every other keyword goes to ``asmlp_min.create_model``."""
+    unsupported = {key: kwargs[key] for key in _FEATURE_WRAPPING if kwargs.get(key) is not None}
+    if unsupported:
+        given = ", ".join(f"{key}={value!r}" for key, value in unsupported.items())
+        raise ValueError(f"{variant}: {given} is not supported; features_only=True (with out_indices) returns the "
+                         "list of stage outputs (b, C_i, H/s_i, W/s_i) itself, strides 4, 8, 16, 32, as timm's "
+                         "default feature model does")
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay).to_dict()
     model = create_model(variant, **kwargs)
     if pretrained:

@@ -267,6 +267,14 @@ def test_pretrained_without_a_file_says_how_to_give_one():
         timm.create_model("asmlp_tiny", pretrained=True)
 
 
+@pytest.mark.parametrize("option", [dict(feature_cls="getter"), dict(feature_cls="hook"), dict(output_stride=16)])
+def test_timms_feature_wrapping_options_are_refused_naming_features_only(option):
+    """timm would wrap or dilate the model for them; it gives its features itself. Before: a TypeError from
+    ASMLP.__init__ about an unexpected keyword."""
+    with pytest.raises(ValueError, match=f"asmlp_tiny: {next(iter(option))}=.* is not supported; features_only=True"):
+        timm.create_model("asmlp_tiny", features_only=True, **option)
+
+
 def test_timm_create_model_builds_the_asmlp_min_model():
     assert timm.list_models("asmlp*") == ["asmlp_base", "asmlp_mobile", "asmlp_small", "asmlp_tiny"]
     backbone = timm.create_model("asmlp_tiny", features_only=True, out_indices=(1, 3)).eval()
