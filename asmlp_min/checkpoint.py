@@ -173,7 +173,7 @@ def extract_state_dict(checkpoint: dict, whole_model: bool = False) -> dict[str,
     return sd
 
 
-_MISMATCHES_SHOWN = 12
+_MISMATCHES_SHOWN = 4  # another width mismatches every tensor: the width line and a few say it
 
 
 @dataclass
@@ -202,9 +202,13 @@ class LoadReport:
         for name, keys in (("missing from checkpoint", self.missing), ("unexpected in checkpoint", self.unexpected)):
             if keys:
                 lines.append(f"{name} ({len(keys)}): {shown_keys(keys)}")
+        widths = next(((got[0], want[0]) for key, got, want in self.mismatched if key == "patch_embed.proj.weight"),
+                      None)
+        if widths:
+            lines.append("width: embed_dim is {} in the checkpoint, {} in the model".format(*widths))
         for key, got, want in self.mismatched[:_MISMATCHES_SHOWN]:
             lines.append(f"shape mismatch: {key}: checkpoint {got}, model {want}")
-        if len(self.mismatched) > _MISMATCHES_SHOWN:  # another variant mismatches ~180 tensors: the first few tell
+        if len(self.mismatched) > _MISMATCHES_SHOWN:
             lines.append(f"... and {len(self.mismatched) - _MISMATCHES_SHOWN} more shape mismatches")
         return "\n".join(lines)
 
