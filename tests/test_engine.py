@@ -678,6 +678,35 @@ def test_balanced_weights_refuse_masks_without_labels_and_name_a_class_never_see
         class_weights(cfg, [(None, torch.full((2, 2), 255))] * 3, lines.append)
 
 
+def _masks_all_ignored(folder: Path, keep: int | None = None) -> None:
+    """Every mask of ``folder`` rewritten to 255 (ignored) but the ``keep``-th (in sorted order)."""
+    import numpy as np
+    for k, path in enumerate(sorted(folder.glob("*.png"))):
+        if k != keep:
+            Image.fromarray(np.full_like(np.array(Image.open(path)), 255)).save(path)
+
+
+def test_masks_without_a_labelled_pixel_are_refused_before_training_and_at_evaluation(tmp_path):
+    """All-255 masks trained to a loss of exactly 0 and scored mIoU nan, without a word."""
+    from asmlp_min.data.shapes import export_shapes
+    from asmlp_min.engine.tasks import refuse_unlabelled_masks
+    for split in ("train", "val"):
+        export_shapes(tmp_path / "data", task="seg", n=8, split=split, seed=3)
+    cfg = tiny(tmp_path, task="seg", data=str(tmp_path / "data"), num_classes=4, mixup=0.0, cutmix=0.0,
+               batch_size=4, epochs=1, head_channels=16)
+    _masks_all_ignored(tmp_path / "data" / "annotations" / "train", keep=5)   # one labelled mask is enough
+    trainer = Trainer(cfg, log=quiet)
+    transform, state = trainer.data.train.transform, torch.get_rng_state()
+    refuse_unlabelled_masks(trainer.cfg, trainer.data.train)      # reads without the random crop: no draw
+    assert torch.equal(torch.get_rng_state(), state) and trainer.data.train.transform is transform
+    _masks_all_ignored(tmp_path / "data" / "annotations" / "val")
+    with pytest.raises(ValueError, match="^the validation masks hold no labelled pixel"):
+        trainer.fit()
+    _masks_all_ignored(tmp_path / "data" / "annotations" / "train")
+    with pytest.raises(ValueError, match="data: 8 training masks read evenly through the split hold no labelled pixel"):
+        Trainer(dataclasses.replace(cfg, output=str(tmp_path / "second")), log=quiet)
+
+
 def test_pretrained_backbone_is_loaded_and_a_mismatch_refused(tmp_path):
     trainer = Trainer(tiny(tmp_path, epochs=1), log=quiet)
     trainer.fit()

@@ -2,6 +2,7 @@
 moves to the device (``prepare``), what the loss is (``loss``) and how to evaluate (``evaluate``)."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -158,6 +159,8 @@ class SegmentationTask:
                 logits = model(images)
             meter.update(class_map(logits.float(), masks.shape[-2:]), masks)  # at the mask's size, as mmseg
         meter.all_reduce()
+        if meter.confusion.sum() == 0:
+            raise ValueError(f"the validation masks {_UNLABELLED}")
         return meter.compute()
 
 
@@ -166,14 +169,28 @@ def make_task(cfg: TrainConfig, data: TaskData):
     return {"cls": ClassificationTask, "det": DetectionTask, "seg": SegmentationTask}[cfg.task](cfg, data)
 
 
+_UNLABELLED = ("hold no labelled pixel (every value is 255, or 0 with reduce_zero_label): nothing to learn from or "
+               "score; check the masks' class ids")
+
+
+def refuse_unlabelled_masks(cfg: TrainConfig, train) -> None:
+    """Masks without a labelled pixel train to a loss of exactly 0 and score mIoU nan, without an error: refused,
+    judged on 32 evenly spaced masks read without the transform (which would draw random numbers)."""
+    from ..segmentation import class_pixel_counts
+    plain = copy.copy(train)
+    plain.transform = lambda image, mask: (image, mask)
+    if class_pixel_counts(plain, cfg.num_classes, max_images=32).sum() == 0:
+        read = min(len(train), 32)
+        raise ValueError(f"{cfg.data}: {read} training masks read evenly through the split {_UNLABELLED}")
+
+
 def class_weights(cfg: TrainConfig, train, log) -> list[float]:
     """seg ``--class-weight`` as numbers: given, or 'balanced' from the training masks' pixel counts."""
     from ..segmentation import balanced_class_weights, class_pixel_counts
     if cfg.class_weight == "balanced":
         counts = class_pixel_counts(train, cfg.num_classes)
         if counts.sum() == 0:
-            raise ValueError(f"{cfg.data}: the training masks hold no labelled pixel (every value is 255, or 0 with "
-                             "reduce_zero_label): nothing to learn from; check the masks' class ids")
+            raise ValueError(f"{cfg.data}: the training masks {_UNLABELLED}")
         absent = [k for k, n in enumerate(counts.tolist()) if n == 0]
         if absent:  # e.g. binary masks saved as 0/255: 255 is "ignored", so class 1 never appears
             log(f"warning: class(es) {absent} have no pixel in the training masks (a mask value of 255 is ignored)")

@@ -40,7 +40,7 @@ from .optim import build_optimizer
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _check_compatible, _check_label_set, _check_task, _damaged,
                    _read_engine_checkpoint, check_resume_state, claim_run_folder, format_record,
                    new_folders_removed_on_failure, restore_state, run_folder_lock, stopped_writing, write_metrics)
-from .tasks import build_model, class_weights, make_task
+from .tasks import build_model, class_weights, make_task, refuse_unlabelled_masks
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,6 +114,8 @@ class Trainer:
                 f", {len(keys)} {what} ({shown_keys(keys, 4)})"  # every key left out either way, so none is unseen
                 for what, keys in (("new", report.missing), ("skipped", report.skipped), ("unused", report.unexpected))
                 if keys))
+        if cfg.task == "seg" and cfg.class_weight != "balanced":  # balanced counts the pixels itself
+            refuse_unlabelled_masks(cfg, self.data.train)
         if cfg.class_weight is not None:
             model.set_class_weight(class_weights(cfg, self.data.train, self.log))
         model.to(self.env.device)
