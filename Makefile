@@ -9,7 +9,7 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with nbval.cfg
 # the tests are mostly small tensors and Python, which a second thread barely speeds up and a second process does.
 # One torch thread also keeps the two processes from spinning against each other. `make test JOBS=8` on 8 cores.
 JOBS   ?= 2
-PARALLEL := -n $(JOBS) --dist loadscope
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope
 
 .PHONY: venv install test test-unit test-notebooks demo lab notebooks bench lint clean
 
@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)  ## unit tests + notebooks under nbval, one pytest run
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) $(NBVAL) notebooks tests
+	$(PYTEST) $(NBVAL) notebooks tests
 
 test-unit: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) tests
+	$(PYTEST) tests
 
 test-notebooks: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) $(NBVAL) notebooks
+	$(PYTEST) $(NBVAL) notebooks
 
 demo: $(STAMP)  ## train a small classifier, detector and segmenter on synthetic shapes; writes runs/demo/
 	$(BIN)/asmlp-min demo
