@@ -361,6 +361,8 @@ def test_cli_bench_refuses_an_unwritable_json_path_before_timing_anything(tmp_pa
 def test_cli_bench_errors_are_one_line(capsys):
     assert main(["bench", "--threads=0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--image-size=31"]) == 2     # was a traceback from convnext_tiny's 4x4 stem
+    assert "must be >= 32 for the peer convnext_tiny" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "--device=cuda"]) == 2
         assert "torch.cuda.is_available() is False" in capsys.readouterr().err

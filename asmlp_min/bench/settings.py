@@ -59,6 +59,9 @@ def settings_for(device: str = "cpu", quick: bool = False, **overrides) -> Bench
     if min(sizes) < 1 or settings.warmup < 0:
         raise ValueError("batch sizes, image size and repeats must be >= 1 and warmup >= 0, got (batch, train batch, "
                          f"image size, repeats, shift repeats, *sweep batches) {sizes} and warmup {settings.warmup}")
+    if "convnext_tiny" in settings.peers and settings.image_size < 32:  # its 4x4 stem and three 2x2 downsamplings
+        raise ValueError(f"image size (--image-size) must be >= 32 for the peer convnext_tiny, which has no padding "
+                         f"to reach its stride of 32, got {settings.image_size}; or leave the peers out (--no-peers)")
     if settings.max_seconds is not None and (not settings.batches or settings.max_seconds <= 0):
         raise ValueError(f"max_seconds (--max-seconds) must be > 0 and limits a sweep (--batches), got "
                          f"{settings.max_seconds} with batches {settings.batches}")
