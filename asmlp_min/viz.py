@@ -23,6 +23,15 @@ from .data.shapes import CLASSES, Scene
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
                     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190], [0, 128, 128]]) / 255
+LEGEND_ENTRIES = 8  # a semantic mask's legend names its largest classes, and how many more there are
+
+
+def class_colours(n: int) -> np.ndarray:
+    """(n, 3) RGB in [0, 1] for labels 0..n-1: ``PALETTE`` first, then hues a golden-ratio turn apart, so that
+    ADE20K's 150 classes get 150 colours instead of 10 repeated."""
+    from matplotlib.colors import hsv_to_rgb
+    extra = [hsv_to_rgb(((k * 0.618034) % 1, 0.75, 0.95)) for k in range(max(0, n - len(PALETTE)))]
+    return np.concatenate([PALETTE[:n], np.reshape(extra, (-1, 3))])
 
 
 def _hwc(image) -> np.ndarray:
@@ -66,6 +75,8 @@ def draw_scenes(images: Sequence, targets: Sequence | None = None, class_names: 
         if isinstance(image, Scene):
             image, target = image.image, {"boxes": image.boxes_xyxy, "labels": image.kinds + 1, "masks": image.masks}
         ax.imshow(_draw_masks(_hwc(image), target, mask_alpha))
+        if isinstance(target, (torch.Tensor, np.ndarray)) and np.ndim(target) == 2:
+            _legend(ax, _numpy(target).astype(int), class_names)
         if isinstance(target, dict):
             _draw_boxes(ax, target, class_names, score_threshold)
         elif isinstance(target, (int, np.integer)) or (isinstance(target, torch.Tensor) and target.dim() == 0):
@@ -79,13 +90,31 @@ def _draw_masks(image: np.ndarray, target, alpha: float) -> np.ndarray:
     if isinstance(target, dict) and target.get("masks") is not None:
         labels = _numpy(target["labels"]).astype(int)
         for mask, label in zip(_numpy(target["masks"]).reshape(len(labels), *image.shape[:2]) > 0.5, labels):
-            image = np.where(mask[..., None], (1 - alpha) * image + alpha * PALETTE[label % len(PALETTE)], image)
+            image = np.where(mask[..., None], (1 - alpha) * image + alpha * _colour(label), image)
     elif isinstance(target, (torch.Tensor, np.ndarray)) and np.ndim(target) == 2:
         semantic = _numpy(target).astype(int)
         coloured = (semantic > 0) & (semantic != 255)
-        colours = PALETTE[semantic % len(PALETTE)]
+        colours = class_colours(semantic[coloured].max(initial=0) + 1)[np.where(coloured, semantic, 0)]
         image = np.where(coloured[..., None], (1 - alpha) * image + alpha * colours, image)
     return image
+
+
+def _colour(label: int) -> np.ndarray:
+    return class_colours(label + 1)[label]
+
+
+def _legend(ax: Axes, semantic: np.ndarray, class_names: Sequence[str]) -> None:
+    """Below the panel: the coloured classes of a semantic mask, most pixels first, named as in ``_draw_boxes``."""
+    values, counts = np.unique(semantic[(semantic > 0) & (semantic != 255)], return_counts=True)
+    order = values[np.argsort(-counts, kind="stable")]
+    names = [class_names[c - 1] if c <= len(class_names) else str(c) for c in order[:LEGEND_ENTRIES]]
+    handles = [Rectangle((0, 0), 1, 1, facecolor=_colour(c)) for c in order[:LEGEND_ENTRIES]]
+    if len(order) > LEGEND_ENTRIES:
+        handles.append(Rectangle((0, 0), 1, 1, fill=False, edgecolor="none"))
+        names.append(f"+{len(order) - LEGEND_ENTRIES} more")
+    if handles:
+        ax.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2, fontsize=6, frameon=False,
+                  handlelength=1, columnspacing=1)
 
 
 def _draw_boxes(ax: Axes, target: dict, class_names: Sequence[str], score_threshold: float) -> None:
@@ -94,7 +123,7 @@ def _draw_boxes(ax: Axes, target: dict, class_names: Sequence[str], score_thresh
     for i, ((x1, y1, x2, y2), label) in enumerate(zip(boxes, labels)):
         if scores is not None and scores[i] < score_threshold:
             continue
-        colour = PALETTE[label % len(PALETTE)]
+        colour = _colour(label)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
         name = class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
         text = name if scores is None else f"{name} {scores[i]:.2f}"

@@ -57,6 +57,33 @@ def test_semantic_masks_and_class_titles():
         draw_scenes([image], [0, 1])
 
 
+def test_a_semantic_mask_gets_a_legend_of_its_classes_most_pixels_first():
+    mask = torch.zeros(10, 10, dtype=torch.int64)
+    mask[:, :6] = 2                        # square, 60 pixels
+    mask[:3, 6:] = 1                       # circle, 12 pixels; the remaining 28 background, left out
+    mask[9, 9] = 255                       # ignored: no entry
+    fig = draw_scenes([torch.zeros(3, 10, 10)], [mask])
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["square", "circle"]
+    shown = fig.axes[0].images[0].get_array()
+    for patch, (row, col) in zip(legend.get_patches(), [(0, 0), (0, 9)]):   # the colour drawn on that class
+        assert np.allclose(np.asarray(patch.get_facecolor()[:3]) * 0.45, shown[row, col])
+    plt.close(fig)
+
+
+def test_many_classes_get_their_own_colours_and_the_legend_counts_the_rest():
+    """ADE20K has 150 classes: with 10 colours repeated, classes 1 and 11 looked the same."""
+    mask = torch.arange(1, 13).repeat_interleave(2).reshape(4, 6)           # classes 1..12, 2 pixels each
+    mask[0, 0] = 11                                                          # class 11 first: 3 pixels
+    names = [f"class {k}" for k in range(1, 151)]
+    fig = draw_scenes([torch.zeros(3, 4, 6)], [mask], names)
+    shown = fig.axes[0].images[0].get_array().reshape(-1, 3)
+    assert len(np.unique(shown.round(6), axis=0)) == 12
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert texts[0] == "class 11" and len(texts) == 9 and texts[-1] == "+4 more"
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("classes,coloured", [(["background", "cat"], False), (["wall", "floor"], True)])
 def test_predict_colours_class_0_unless_it_is_the_background(classes, coloured):
     """ADE20K's class 0 is "wall", an object like the others; the shapes' class 0 is the background."""
