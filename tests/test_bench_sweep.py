@@ -50,8 +50,8 @@ def test_rounds_shrink_with_the_batch_but_not_below_three():
 
 # ---------------------------------------------------------------- the time guard and running out of memory
 
-def fake_clock_sweep(monkeypatch, settings, compile_s=0.0, oom_at=None, oom_in="inference"):
-    """sweep_batches with measurements that take `batch` seconds of a fake clock (plus compile_s at the first
+def fake_clock_sweep(monkeypatch, settings, compile_s=0.0, oom_at=None, oom_in="inference", seconds=lambda b: b):
+    """sweep_batches with measurements that take seconds(batch) of a fake clock (plus compile_s at the first
     batch, spent in the first call of a compiled candidate); out of memory at batch oom_at in oom_in."""
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(bench_sweep, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
@@ -65,7 +65,7 @@ def fake_clock_sweep(monkeypatch, settings, compile_s=0.0, oom_at=None, oom_in="
         if (batch, oom_in) == (oom_at, "inference"):
             raise torch.OutOfMemoryError("fake")
         first = compile_s if batch == first_batch else 0.0
-        clock.now += batch + first
+        clock.now += seconds(batch) + first
         return {("eager", "asmlp_min"): dict(seconds=0.5, first_call_seconds=0.5),
                 ("compiled", "asmlp_min"): dict(seconds=0.5, first_call_seconds=0.5 + first)}
 
@@ -84,6 +84,17 @@ def test_time_guard_stops_before_a_batch_that_would_end_too_late(monkeypatch):
     results = dict(sweep=collect_sweep(inference, training, stopped), settings=vars(settings), device_name="x",
                    torch="2.x", threads=2, cpu_count=2, seconds=107.0, targets={})
     assert "**Stopped before batch 8**: --max-seconds 110: 107 s gone" in format_sweep_table(results)
+
+
+def test_time_guard_counts_the_fewer_rounds_of_larger_batches(monkeypatch):
+    """Warm-up 2, repeats 10 from batch 64: 1 + 2 + 10 calls at 64, 1 + 2 + 5 at 128, 1 + 2 + 3 at 256 and 512 (by
+    hand), 0.01 s per image and call: 8.32, 10.24, 15.36, 30.72 s. Scaled by the batch alone, 256 was estimated at
+    20.48 s, twice its time, and 18.56 + 20.48 > 35 stopped the sweep one batch early."""
+    calls = {64: 13, 128: 8, 256: 6, 512: 6}
+    settings = tiny_settings(batches=(64, 128, 256, 512), train_batches=(), warmup=2, repeats=10, max_seconds=35)
+    inference, _, stopped = fake_clock_sweep(monkeypatch, settings, seconds=lambda b: 0.01 * b * calls[b])
+    assert sorted(inference) == [64, 128, 256]
+    assert stopped == dict(before_batch=512, reason="--max-seconds 35: 34 s gone, batch 512 would take about 31 s more")
 
 
 def test_without_max_seconds_every_batch_runs(monkeypatch):

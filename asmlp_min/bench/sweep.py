@@ -14,8 +14,8 @@ official configuration at the same batches (issue 20). A GPU is far from full at
 * The ratio of two candidates is taken at the first batch where both are saturated, the larger of their two
   saturating batches (:func:`ratio_at_saturation`); the training memory ratio at the same batch as its speed ratio.
 * ``max_seconds``: before each batch its time is estimated as the previous batch's (compilation excluded) scaled by
-  the batch; a batch that would end past the limit is not started, nor any larger one. Running out of memory stops
-  the sweep the same way. The table says where and why it stopped.
+  the images it runs (batch x calls); a batch that would end past the limit is not started, nor any larger one.
+  Running out of memory stops the sweep the same way. The table says where and why it stopped.
 """
 from __future__ import annotations
 
@@ -130,12 +130,18 @@ def _compile_seconds(at_batch: dict) -> float:
     return sum(_beyond_a_call(m) for (mode, _), m in at_batch.items() if mode == "compiled")
 
 
-def _stop_reason(settings: BenchSettings, batch: int, last: tuple[int, float] | None, elapsed: float) -> str | None:
-    """Why ``batch`` is not started, or None: its estimated time would end the sweep past ``max_seconds``."""
+def _stop_reason(settings: BenchSettings, batch: int, first_batch: int, last: tuple[int, float] | None,
+                 elapsed: float) -> str | None:
+    """Why ``batch`` is not started, or None: its estimated time would end the sweep past ``max_seconds``. The
+    estimate scales the last batch's time by the images it will run: batch x calls, with fewer rounds at larger
+    batches (:func:`rounds_at`)."""
     if settings.max_seconds is None or last is None:
         return None
     last_batch, last_seconds = last
-    estimate = last_seconds * batch / last_batch
+
+    def images(b: int) -> int:  # the first, untimed call, the warm-up and the timed rounds
+        return b * (1 + rounds_at(settings.warmup, b, first_batch) + rounds_at(settings.repeats, b, first_batch))
+    estimate = last_seconds * images(batch) / images(last_batch)
     if elapsed + estimate <= settings.max_seconds:
         return None
     return (f"--max-seconds {settings.max_seconds:g}: {elapsed:.0f} s gone, batch {batch} would take about "
@@ -161,7 +167,7 @@ def sweep_batches(settings: BenchSettings, candidates: dict, ours: ASMLP, offici
     started = time.perf_counter()
     for batch in plan:
         measured_once = inference and (training or not settings.train_batches)  # never stop before a first result
-        reason = _stop_reason(settings, batch, last, time.perf_counter() - started) if measured_once else None
+        reason = _stop_reason(settings, batch, plan[0], last, time.perf_counter() - started) if measured_once else None
         if reason is not None:
             return inference, training, dict(before_batch=batch, reason=reason)
         batch_started = time.perf_counter()
