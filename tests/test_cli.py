@@ -351,6 +351,24 @@ def test_evaluate_on_a_cpu_leaves_a_gpu_runs_mixed_precision_off_unless_asked(ru
     assert set(asked) == {True}
 
 
+def test_a_run_trained_with_many_workers_evaluates_on_a_smaller_machine(runs, tmp_path, monkeypatch):
+    """evaluate has no --workers: a run's 9 workers become the 8 that a 2-CPU machine allows, not a refusal."""
+    import asmlp_min.engine.data as engine_data
+    import asmlp_min.engine.inference as inference
+    checkpoint = load_checkpoint(runs / "cls" / "checkpoint.pt")
+    checkpoint["config"]["workers"] = 9
+    torch.save(checkpoint, tmp_path / "many.pt")
+    monkeypatch.setattr(engine_data.os, "sched_getaffinity", lambda pid: {0, 1})
+    asked, loader = [], inference._loader
+
+    def in_process(dataset, batches, collate_fn, workers, *rest):   # the count asked for, loaded without processes
+        asked.append(workers)
+        return loader(dataset, batches, collate_fn, 0, *rest)
+    monkeypatch.setattr(inference, "_loader", in_process)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "many.pt"), "--device=cpu"]) == 0
+    assert asked == [8]
+
+
 def test_a_second_training_into_a_busy_run_folder_is_refused_naming_the_process(tmp_path, capsys):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "asmlp_min", "train", "cls", *TINY, "--epochs=100000",
