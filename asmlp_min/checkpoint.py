@@ -292,8 +292,8 @@ def _run_note(checkpoint: dict) -> str:
         return ""
     cfg = checkpoint.get("config", {})
     return (f"This is a training run's checkpoint ({cfg.get('task')} {cfg.get('model')}, embed_dim "
-            f"{cfg.get('embed_dim')}, depths {cfg.get('depths')}): model, cfg, _ = asmlp_min.engine.load_trained(path) "
-            "rebuilds its model.\n")
+            f"{cfg.get('embed_dim')}, depths {cfg.get('depths')}): 'from asmlp_min.engine import load_trained', then "
+            "'model, cfg, _ = load_trained(path)' rebuilds its model.\n")
 
 
 def compare_state_dicts(source: dict[str, Tensor], target: dict[str, Tensor], skipped: list[str] = ()) -> LoadReport:

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -714,8 +716,14 @@ def test_pretrained_backbone_is_loaded_and_a_mismatch_refused(tmp_path):
     net = build_model("cls", "asmlp_tiny", 5, pretrained=path, embed_dim=8, depths=(1, 1, 1, 1))  # new 5-class head
     trained = trainer.model.state_dict()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items() if not k.startswith("head."))
-    with pytest.raises(CheckpointError, match="does not fit asmlp_tiny"):
+    with pytest.raises(CheckpointError, match="does not fit asmlp_tiny") as refused:
         build_model("cls", "asmlp_tiny", 3, pretrained=path, embed_dim=16, depths=(1, 1, 1, 1))
+    # the code the message gives runs as written, in a fresh interpreter (asmlp_min.engine.load_trained after a
+    # plain 'import asmlp_min' did not: the engine is not imported with the package)
+    first, second = re.search(r"'([^']*)', then '([^']*)' rebuilds its model", str(refused.value)).groups()
+    code = f"{first}\npath = {path!r}\n{second}\nassert _.get('config', {{}}).get('embed_dim') == 8"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_trainer_reports_what_pretrained_loaded(tmp_path):
