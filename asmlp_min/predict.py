@@ -154,6 +154,8 @@ def _image_files(paths: list[str]) -> list[Path]:
     files are left out, as ImageFolder leaves them: macOS writes a '._x.jpg' of metadata beside each copied x.jpg."""
     from .data.images import IMAGE_EXTENSIONS, is_image_file
     files = []
+    if "" in paths:  # Path("") is the current folder
+        raise ValueError("an image path is empty: give a file or a folder (was a shell variable unset?)")
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if is_image_file(p) and p.is_file())

@@ -770,6 +770,7 @@ def test_info_prints_the_paper_table(capsys):
     (["train", *TINY, "--workers=-1"], "workers must be >= 0"),
     (["train", *TINY, "--output="], "--output is empty"),
     (["evaluate", "--checkpoint=/no/such.pt", "--json="], "--json is empty"),
+    (["predict", "--checkpoint=/no/such.pt", ""], "an image path is empty"),
     (["train", *TINY, "--output=/sys/asmlp_min_run"], "cannot create the folder"),
     (["predict", "--checkpoint=/no/such.pt", "--topk=0", "/no/image.png"], "--topk must be >= 1, got 0"),
     (["predict", "--checkpoint=/no/such.pt", "--score-threshold=nan", "/no/image.png"],
