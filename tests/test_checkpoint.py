@@ -491,7 +491,7 @@ def test_a_run_checkpoint_of_another_model_is_refused_naming_its_settings_and_lo
                       image_size=32, embed_dim=8, depths=(1, 1, 1, 1), device="cpu")
     Trainer(cfg, log=lambda *a, **k: None).fit()
     with pytest.raises(CheckpointError, match=r"training run's checkpoint \(cls asmlp_tiny, embed_dim 8, depths "
-                                              r"\[1, 1, 1, 1\]\): model, cfg, _ = asmlp_min.engine.load_trained"):
+                                              r"\[1, 1, 1, 1\]\): 'from asmlp_min.engine import load_trained'"):
         load_official_checkpoint(create_model("asmlp_tiny"), tmp_path / "run" / "checkpoint.pt")
 
 
