@@ -146,7 +146,7 @@ def writable_file(path: str, flag: str, example: str = "metrics.json", reads=())
 def _evaluate(args: argparse.Namespace) -> int:
     from .files import atomic_write
     from .engine import _check_label_set, build_data, evaluate, init_distributed, strict_json
-    from .engine.data import WORKERS_PER_CPU, usable_cpus
+    from .engine.data import max_workers
     from .engine.distributed import process_group_closed_at_exit
     json_path = writable_file(args.json, "json", reads=[args.checkpoint]) if args.json else None
     model, cfg, checkpoint = _load_for(args)
@@ -162,7 +162,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        device=args.device or "auto", amp=args.amp).items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides).resolved()
     # the training machine's loader processes, as many as this one allows
-    cfg = dataclasses.replace(cfg, workers=min(cfg.workers, WORKERS_PER_CPU * usable_cpus()))
+    cfg = dataclasses.replace(cfg, workers=min(cfg.workers, max_workers()))
     env = init_distributed(cfg.device)
     if args.amp is None and cfg.amp and env.device.type == "cpu":  # a GPU run's float16 is bfloat16 on a CPU: many
         cfg = dataclasses.replace(cfg, amp=False)                    # times slower without bfloat16 units

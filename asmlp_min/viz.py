@@ -27,11 +27,17 @@ LEGEND_ENTRIES = 8  # a semantic mask's legend names its largest classes, and ho
 
 
 def class_colours(n: int) -> np.ndarray:
-    """(n, 3) RGB in [0, 1] for labels 0..n-1: ``PALETTE`` first, then hues a golden-ratio turn apart, so that
-    ADE20K's 150 classes get 150 colours instead of 10 repeated."""
+    """(n, 3) RGB in [0, 1] for labels 0..n-1 (:func:`_colour` of each)."""
+    return np.array([_colour(label) for label in range(n)]).reshape(n, 3)
+
+
+def _colour(label: int) -> np.ndarray:
+    """``PALETTE`` first, then hues a golden-ratio turn apart, so that ADE20K's 150 classes get 150 colours instead
+    of 10 repeated."""
     from matplotlib.colors import hsv_to_rgb
-    extra = [hsv_to_rgb(((k * 0.618034) % 1, 0.75, 0.95)) for k in range(max(0, n - len(PALETTE)))]
-    return np.concatenate([PALETTE[:n], np.reshape(extra, (-1, 3))])
+    if label < len(PALETTE):
+        return PALETTE[label]
+    return hsv_to_rgb((((label - len(PALETTE)) * 0.618034) % 1, 0.75, 0.95))
 
 
 def _hwc(image) -> np.ndarray:
@@ -97,10 +103,6 @@ def _draw_masks(image: np.ndarray, target, alpha: float) -> np.ndarray:
         colours = class_colours(semantic[coloured].max(initial=0) + 1)[np.where(coloured, semantic, 0)]
         image = np.where(coloured[..., None], (1 - alpha) * image + alpha * colours, image)
     return image
-
-
-def _colour(label: int) -> np.ndarray:
-    return class_colours(label + 1)[label]
 
 
 def _legend(ax: Axes, semantic: np.ndarray, class_names: Sequence[str]) -> None:

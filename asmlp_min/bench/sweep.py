@@ -138,23 +138,26 @@ def _stop_reason(settings: BenchSettings, batch: int, first_batch: int, last: tu
     if settings.max_seconds is None or last is None:
         return None
     last_batch, last_seconds = last
-
-    def images(b: int) -> int:  # the first, untimed call, the warm-up and the timed rounds
-        return b * (1 + rounds_at(settings.warmup, b, first_batch) + rounds_at(settings.repeats, b, first_batch))
-    estimate = last_seconds * images(batch) / images(last_batch)
+    images = batch * _calls_at(settings, batch, first_batch)
+    estimate = last_seconds * images / (last_batch * _calls_at(settings, last_batch, first_batch))
     if elapsed + estimate <= settings.max_seconds:
         return None
     return (f"--max-seconds {settings.max_seconds:g}: {elapsed:.0f} s gone, batch {batch} would take about "
             f"{estimate:.0f} s more")
 
 
+def _calls_at(settings: BenchSettings, batch: int, first_batch: int) -> int:
+    """Calls of each candidate at ``batch``: the first, untimed one, the warm-up rounds and the timed rounds."""
+    return 1 + rounds_at(settings.warmup, batch, first_batch) + rounds_at(settings.repeats, batch, first_batch)
+
+
 def _planned_calls(settings: BenchSettings, plan: list[int], n_candidates: int) -> int:
     """Progress-bar length: every call the sweep makes if nothing stops it."""
     total = 0
     for batch in plan:
-        rounds = rounds_at(settings.warmup, batch, plan[0]) + rounds_at(settings.repeats, batch, plan[0])
-        total += n_candidates * (1 + rounds) if batch in settings.batches else 0
-        total += len(TRAINED) * (rounds + 1) if batch in settings.train_batches else 0
+        calls = _calls_at(settings, batch, plan[0])
+        total += n_candidates * calls if batch in settings.batches else 0
+        total += len(TRAINED) * calls if batch in settings.train_batches else 0
     return total
 
 

@@ -138,18 +138,22 @@ def build_data(cfg: TrainConfig, with_train: bool = True) -> TaskData:
     return folder(root, cfg, train_tf, val_tf, with_train)
 
 
-def usable_cpus() -> int:
+def _usable_cpus() -> int:
     """The CPUs this process may run on (its affinity, which a job scheduler sets), not all the machine has."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def max_workers() -> int:
+    """The most loader processes worth starting here: ``WORKERS_PER_CPU`` per usable CPU. More only compete for the
+    CPUs, each with its own memory: 100000 of them fill the memory before a batch is loaded."""
+    return WORKERS_PER_CPU * _usable_cpus()
+
+
 def _check_workers(workers: int) -> None:
-    """More loader processes than ``WORKERS_PER_CPU`` per usable CPU only compete for the CPUs, each with its own
-    memory: 100000 of them fill the memory before a batch is loaded. Checked here, where the run's machine is."""
-    cpus = usable_cpus()
-    if workers > WORKERS_PER_CPU * cpus:
+    """Checked here, where the run's machine is."""
+    if workers > max_workers():
         raise ValueError(f"--workers {workers} would start {workers} loader processes per training process for the "
-                         f"{cpus} CPU(s) this process may use; use at most {WORKERS_PER_CPU * cpus} (about one per "
+                         f"{_usable_cpus()} CPU(s) this process may use; use at most {max_workers()} (about one per "
                          "CPU is usually enough)")
 
 
