@@ -2,6 +2,9 @@
 
 The public surface coursework may rely on; everything else can change between versions.
 """
+import einops._torch_specific  # noqa: F401  einops registers its functions with torch.compile and torch.export, which
+                               # torch 2.7 needs to trace einops 0.8 (a no-op from torch 2.8 on)
+
 from .backbone import ASMLP, ASMLPConfig, PatchEmbed, PatchMerging, create_model, list_models
 from .block import ASMLPBlock, AxialShiftMix, DropPath, Mlp
 from .checkpoint import LoadReport, load_checkpoint, load_official_checkpoint, save_checkpoint

@@ -31,6 +31,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
         inner = " (export its .backbone)" if isinstance(getattr(model, "backbone", None), ASMLP) else ""
         raise TypeError(f"export_onnx writes an AS-MLP classifier or backbone (asmlp_min.ASMLP), not a "
                         f"{type(model).__name__}{inner}")
+    if torch.__version__ < "2.5":  # TorchVersion compares as a version
+        raise ValueError(f"ONNX export needs torch >= 2.5, whose torch.onnx.export(dynamo=True) it uses; this is "
+                         f"torch {torch.__version__}: pip install -U torch torchvision")
     height, width = image_size  # sizes >= 1: checked by the CLI
     was_training = model.training
     example = torch.randn(2, model.in_chans, height, width)  # 2, not 1: a size-1 batch would be traced as fixed

@@ -137,7 +137,7 @@ def slice_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int =
     n = x.shape[dim]
     for c0, c1, offset in shift.group_offsets(x.shape[1], shift_size, dilation):
         offset *= sign
-        dst, src = out[:, c0:c1], x[:, c0:c1]
+        dst, src = out.narrow(1, c0, c1 - c0), x.narrow(1, c0, c1 - c0)  # not [:, c0:c1]: see shift.axial_shift
         m = max(n - abs(offset), 0)                         # pixels that stay inside the image
         keep_to, keep_from = max(offset, 0), max(-offset, 0)
         if m:
@@ -188,8 +188,9 @@ def kernel_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int 
 def zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 1) -> Tensor:
     """:func:`kernel_shift` on CUDA where Triton is installed, except under torch.compile, which fuses the slice
     copies, and for tensors of 2**31 elements or more, which the kernel's int32 indices cannot address;
-    :func:`slice_shift` otherwise."""
-    if triton is not None and x.is_cuda and not torch.compiler.is_compiling() and x.numel() < 2**31:
+    :func:`slice_shift` otherwise. ``is_compiling`` is asked first: torch 2.4's torch.export refuses to trace
+    ``x.is_cuda``."""
+    if triton is not None and not torch.compiler.is_compiling() and x.is_cuda and x.numel() < 2**31:
         return kernel_shift(x, shift_size, dim, dilation, sign)
     return slice_shift(x, shift_size, dim, dilation, sign)
 

@@ -77,7 +77,9 @@ def axial_shift(x: Tensor, shift_size: int, dim: int, dilation: int = 1, padding
         raise ValueError(f"{padding} padding needs more than {reach} pixels along the axis, got {n}: use 'zeros'")
     pad = (reach, reach, 0, 0) if axis == 3 else (0, 0, reach, reach)
     padded = F.pad(x, pad, mode="constant" if padding == "zeros" else padding)
-    windows = [padded[:, c0:c1].narrow(axis, reach - offset, n)
+    # narrow, not padded[:, c0:c1]: torch.export in torch 2.6 and 2.7 turns that ':' over a free batch size into
+    # the guard "batch != 2**63 - 1", which fails an export for any batch
+    windows = [padded.narrow(1, c0, c1 - c0).narrow(axis, reach - offset, n)
                for c0, c1, offset in group_offsets(x.shape[1], shift_size, dilation)]
     return torch.cat(windows, dim=1)
 
