@@ -50,9 +50,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if _is_torchscript(path):  # torch.load would say to retry with weights_only=False, which runs its code
         raise CheckpointError(f"{path}: a TorchScript model, not a checkpoint: torch.jit.load it and save its "
                               "state_dict() with torch.save")
-    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:  # timm's train.py keeps its argparse.Namespace beside the weights, the official trainer a yacs config
-        with safe([argparse.Namespace, *official_config.SAFE_GLOBALS]) if safe else contextlib.nullcontext():
+        with _allowing([argparse.Namespace, *official_config.SAFE_GLOBALS]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to unpickle: corrupt, or holds objects other than tensors (a tampered "
@@ -69,6 +68,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if official_config.is_yacs_config(obj.get("config")):  # the official trainer's, not a run's settings: renamed
         obj["official_config"] = official_config.plain_config(obj.pop("config"))
     return obj
+
+
+@contextlib.contextmanager
+def _allowing(classes: list):
+    """``torch.serialization.safe_globals(classes)``; torch 2.4 has only the process-wide list, which is put back
+    as it was afterwards."""
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(classes):
+            yield
+        return
+    before = list(torch.serialization.get_safe_globals())  # a copy: torch 2.5 hands out its own list
+    torch.serialization.add_safe_globals(classes)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
 
 
 # The first bytes of files that get passed for checkpoints, and what they are.

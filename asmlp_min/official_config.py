@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-import torch
-
 
 class _CfgNodeAsDict:
     """What the unpickler makes of ``yacs.config.CfgNode``: an empty OrderedDict, filled by the pickle's items."""
@@ -23,8 +21,10 @@ class _CfgNodeAsDict:
         return OrderedDict()
 
 
-# torch 2.6 added the (class, name) form that maps a pickled name to a stand-in
-SAFE_GLOBALS = [(_CfgNodeAsDict, "yacs.config.CfgNode")] if torch.__version__ >= "2.6" else []
+# torch's weights-only unpickler allows a class by its module and name, so the stand-in takes yacs' (every torch
+# from 2.4 on; the (class, name) pair form came only with torch 2.6)
+_CfgNodeAsDict.__module__, _CfgNodeAsDict.__name__, _CfgNodeAsDict.__qualname__ = "yacs.config", "CfgNode", "CfgNode"
+SAFE_GLOBALS = [_CfgNodeAsDict, set]  # a CfgNode keeps its deprecated keys in a set, which torch 2.4 refuses by itself
 
 
 def is_yacs_config(value) -> bool:

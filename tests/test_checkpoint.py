@@ -559,3 +559,20 @@ def test_the_official_trainers_checkpoint_with_its_yacs_config_loads_without_yac
         assert torch.equal(model(x), official(x))
     with pytest.raises(CheckpointError, match="shift_size=3"):   # a model of another shift refuses the weights
         load_official_checkpoint(create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=10), path)
+
+
+def test_settings_objects_load_on_a_torch_without_safe_globals_and_the_allow_list_is_put_back(tmp_path, monkeypatch):
+    """torch 2.4 has only the process-wide add_safe_globals: the loader adds yacs' and argparse's classes for its
+    one load, and afterwards the list holds what it held before, also when the load is refused."""
+    monkeypatch.delattr(torch.serialization, "safe_globals", raising=False)
+    path = tmp_path / "ckpt_epoch_299.pth"
+    _official_training_checkpoint(path, monkeypatch, tiny().state_dict(), shift_size=5)
+    torch.save({"state_dict": tiny().state_dict(), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "timm.pth.tar")
+    torch.save(tiny(), tmp_path / "whole.pth")
+    before = set(torch.serialization.get_safe_globals())
+    assert load_checkpoint(path)["official_config"]["MODEL"]["ASMLP"]["SHIFT_SIZE"] == 5
+    assert load_checkpoint(tmp_path / "timm.pth.tar")["args"].lr == 1e-3
+    assert set(torch.serialization.get_safe_globals()) == before
+    with pytest.raises(CheckpointError, match="Unsupported global"):
+        load_checkpoint(tmp_path / "whole.pth")
+    assert set(torch.serialization.get_safe_globals()) == before
