@@ -196,7 +196,7 @@ def _demo(args: argparse.Namespace) -> int:
     report, missed = run_demo(args.output, data_root=args.data_root, quick=args.quick)
     print(f"report: {report}")
     for line in missed:
-        print(f"demo: target missed, {line} (see {report})", file=sys.stderr)
+        _say(f"demo: target missed, {line} (see {report})")
     return 1 if missed else 0
 
 
@@ -281,6 +281,12 @@ def out_of_memory(err: RuntimeError) -> bool:
     return "out of memory" in str(err) or "can't allocate memory" in str(err)
 
 
+def _say(line: str) -> None:
+    """``line`` and its newline on stderr in one write. torchrun starts its processes with ``python -u``, where
+    ``print`` writes the text and the newline separately, so two processes' lines could run into one."""
+    sys.stderr.write(line + "\n")
+
+
 @contextlib.contextmanager
 def _one_line_warnings(command: str):
     """This package's warnings (a skipped annotation, a class without pixels) as one line on stderr,
@@ -290,7 +296,7 @@ def _one_line_warnings(command: str):
 
     def show(message, category, filename, lineno, file=None, line=None):
         if Path(filename).resolve().is_relative_to(package):
-            print(f"asmlp-min {command}: warning: {message}", file=sys.stderr)
+            _say(f"asmlp-min {command}: warning: {message}")
         else:
             shown(message, category, filename, lineno, file, line)
     with warnings.catch_warnings():
@@ -316,27 +322,27 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes (CheckpointError included)
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
-        print(f"asmlp-min {args.command}: {kind}: {err}", file=sys.stderr)
+        _say(f"asmlp-min {args.command}: {kind}: {err}")
         return 2
     except WriteError as err:  # disk full, file-size limit: the message says which file and that nothing was damaged
-        print(f"asmlp-min {args.command}: error: {err}", file=sys.stderr)
+        _say(f"asmlp-min {args.command}: error: {err}")
         return 1
     except OSError as err:  # a path that cannot be read or written (permissions, a file where a folder should be)
         where = f" {err.filename}" if err.filename else ""
-        print(f"asmlp-min {args.command}: error: cannot use{where}: {err.strerror or err}; check the path and its "
-              "permissions", file=sys.stderr)
+        _say(f"asmlp-min {args.command}: error: cannot use{where}: {err.strerror or err}; check the path and its "
+             "permissions")
         return 2
     except (NonFiniteLossError, PeerStopped) as err:
-        print(f"asmlp-min {args.command}: stopped: {err}", file=sys.stderr)
+        _say(f"asmlp-min {args.command}: stopped: {err}")
         sigterm_back_on()  # torchrun's SIGTERM to the survivors of a dead process waited for that line
         return 1
     except RuntimeError as err:
         if not out_of_memory(err):
             raise
         asked = re.search(r"(?i)tried to allocate ([\d.]+ ?\w+)", str(err))  # "240000000000 bytes", "20.00 GiB"
-        print(f"asmlp-min {args.command}: error: out of memory{f': {asked[1]} were asked for' if asked else ''}; "
-              + _LESS_MEMORY.get(args.command, "free some memory; " + _FROM_CHECKPOINT), file=sys.stderr)
+        _say(f"asmlp-min {args.command}: error: out of memory{f': {asked[1]} were asked for' if asked else ''}; "
+             + _LESS_MEMORY.get(args.command, "free some memory; " + _FROM_CHECKPOINT))
         return 1
     except KeyboardInterrupt:
-        print(f"asmlp-min {args.command}: interrupted", file=sys.stderr)
+        _say(f"asmlp-min {args.command}: interrupted")
         return 130

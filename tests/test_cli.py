@@ -1064,3 +1064,12 @@ def test_scene_counts_on_a_folder_are_refused_not_ignored(runs, tmp_path, capsys
     assert "--val-size applies to --data shapes only" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), "--val-size=2"]) == 0   # shapes
 
+
+
+def test_every_line_on_stderr_is_one_write(monkeypatch):
+    """torchrun starts ``python -u``, where print writes a line's text and its newline separately: two processes'
+    lines then ran together ("...write toasmlp-min train: stopped: ...")."""
+    writes = []
+    monkeypatch.setattr(sys, "stderr", argparse.Namespace(write=writes.append, flush=lambda: None))
+    assert main(["train", "cls", "--output", ""]) == 2
+    assert writes == ["asmlp-min train: error: --output is empty: give a path (was a shell variable unset?)\n"]
