@@ -209,8 +209,9 @@ class _ZeroShift(torch.autograd.Function):
 
 
 def _exporting() -> bool:
-    """Whether torch.export is tracing this call. ``torch.compiler.is_exporting`` is new in torch 2.6; before it the
-    export gets the slice copies, which are correct, only slow to export."""
+    """Whether torch.export is tracing this call. ``torch.compiler.is_exporting`` is new in torch 2.6 (and False in
+    the ONNX exporter's tracing before 2.7); before it the export gets the slice copies, which are correct, only
+    slow to export."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return is_exporting is not None and is_exporting()
 

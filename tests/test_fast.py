@@ -267,7 +267,7 @@ class _AskedIsCuda(torch.Tensor):
 
 
 def test_fast_shift_under_tracing_never_asks_the_device(monkeypatch):
-    """torch.export before torch 2.6 refuses to trace ``x.is_cuda`` ("Illegal getattr invocation is_cuda in strict
+    """torch 2.4's torch.export refuses to trace ``x.is_cuda`` ("Illegal getattr invocation is_cuda in strict
     mode"), so zero_shift asks is_compiling first, with Triton present or not."""
     monkeypatch.setattr(fast, "triton", fast.triton or object())
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
