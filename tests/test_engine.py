@@ -3,6 +3,7 @@
 Everything runs a tiny AS-MLP (C=8, one block per stage) on a few 32-pixel shapes scenes, so a run is a
 second or two on a CPU.
 """
+import argparse
 import dataclasses
 import errno
 import hashlib
@@ -248,6 +249,19 @@ def test_ctrl_c_during_validation_stops_after_that_epoch(tmp_path):
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 0, 4) and len(calls) == 5
     assert trainer.stop_signal == signal.SIGINT
+
+
+def test_the_trainers_lines_are_one_write_each(tmp_path, monkeypatch):
+    """torchrun starts ``python -u``, where print writes a line's text and its newline separately, so process 0's
+    "stopping" line could run into another process's line. The Trainer's default log writes each line at once."""
+    written = {"stdout": [], "stderr": []}
+    for stream, writes in written.items():
+        monkeypatch.setattr(sys, stream, argparse.Namespace(write=writes.append, flush=lambda: None))
+    trainer = Trainer(tiny(tmp_path, epochs=1))
+    trainer._request_stop(signal.SIGTERM)
+    trainer.log("epoch", 1, "of", 2)
+    assert written["stderr"] == ["\nstopping after this step and saving a checkpoint (SIGTERM received)\n"]
+    assert written["stdout"][-1] == "epoch 1 of 2\n"
 
 
 def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):

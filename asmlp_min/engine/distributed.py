@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def print_line(*values, file=None) -> None:
+    """``print(*values, file=file)`` in one write. torchrun starts ``python -u``, where print writes the text and
+    the newline separately, so two processes' lines could run into one."""
+    (file or sys.stdout).write(" ".join(map(str, values)) + "\n")
 
 
 def init_distributed(device: str = "auto") -> DistEnv:

@@ -34,7 +34,7 @@ from ..checkpoint import non_finite_keys, save_checkpoint, shown_keys
 from .config import TrainConfig
 from .data import DataError, TaskData, _loaded, _loader, build_data
 from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed, peer_failures_explained, rng_state,
-                          run_on_main, seed_everything, set_rng_state, stop_requests, wrap_distributed)
+                          print_line, run_on_main, seed_everything, set_rng_state, stop_requests, wrap_distributed)
 from .inference import _progress, evaluate
 from .optim import build_optimizer
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _check_compatible, _check_label_set, _check_task, _damaged,
@@ -57,7 +57,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None, data: TaskData | None = None,
                  env: DistEnv | None = None, resume: str | os.PathLike | None = None, loaded: dict | None = None,
-                 log: Callable = print):
+                 log: Callable = print_line):
         cfg = config.resolved()
         checkpoint = _read_engine_checkpoint(resume, resume=True, loaded=loaded) if resume else None
         self.env = env or init_distributed(cfg.device)
