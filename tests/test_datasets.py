@@ -248,10 +248,26 @@ def test_coco_ground_truth_always_has_info(tmp_path):
     ({"annotations": [{"segmentation": {"counts": [0, 66], "size": [8, 8]}}]}, r"runs of 66 pixels .* 8x8 has 64"),
     ({"annotations": [{"segmentation": {"counts": [10, -2, 56], "size": [8, 8]}}]}, r"smallest run -2"),
     ({"annotations": [{"segmentation": {"counts": [0, 64.0], "size": [8, 8]}}]}, r"'counts' must be a list of ints"),
+    # each of these crashed the process inside pycocotools when the mask was drawn
+    ({"annotations": [{"segmentation": [[1, 1, 4, 1, 4, None]]}]}, r"polygon 0: number 5 is null; every x, y must"),
+    ({"annotations": [{"segmentation": [[1, 1, 4, 1, 4, 4], [1, float("nan"), 4, 1, 4, 4]]}]},
+     r"polygon 1: number 1 is NaN"),
+    ({"annotations": [{"segmentation": [[1, 1, float("inf"), 1, 4, 4]]}]}, r"polygon 0: number 2 is Infinity"),
+    ({"annotations": [{"segmentation": [[1, 1, 4, 1, 4, 1e9]]}]}, r"number 5 is 1000000000.0; .* -100,000 and 100,000"),
+    ({"annotations": [{"segmentation": [[1, 1, 4, 1, 4, "4"]]}]}, r"number 5 is \"4\""),
 ])
 def test_malformed_coco_names_file_and_field(tmp_path, changes, field):
     path = _coco(tmp_path, **changes)
     with pytest.raises(ValueError, match=field) as err:
+        load_coco(path)
+    assert str(path) in str(err.value)
+
+
+def test_an_annotation_that_is_not_an_object_is_named(tmp_path):
+    """It was an AttributeError ('NoneType' object has no attribute 'get') from inside the check."""
+    path = _coco(tmp_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "annotations": [None]}))
+    with pytest.raises(ValueError, match=r"annotations\[0\] must be an object of fields .*, got null") as err:
         load_coco(path)
     assert str(path) in str(err.value)
 
@@ -314,10 +330,14 @@ def test_split_without_annotations_warns_that_ap_is_undefined(tmp_path, changes)
     assert str(path) in str(caught[0].message) and coco.anns == {}
 
 
-def test_images_without_file_name_fail_at_load_time_only_for_a_dataset(tmp_path):
-    path = _coco(tmp_path, images=[{"id": 1, "height": 8, "width": 8}])
+@pytest.mark.parametrize("file_name", [None, ""])
+def test_images_without_file_name_fail_at_load_time_only_for_a_dataset(tmp_path, file_name):
+    """An empty name is the image folder itself: it was reported as an unreadable image, at its batch."""
+    image = {"id": 1, "height": 8, "width": 8} if file_name is None else {"id": 1, "file_name": "", "height": 8,
+                                                                          "width": 8}
+    path = _coco(tmp_path, images=[image])
     assert sorted(load_coco(path).imgs) == [1]                     # evaluation needs no file names
-    with pytest.raises(ValueError, match=r"images\[0\] \(id=1\) needs a 'file_name'") as err:
+    with pytest.raises(ValueError, match=rf"images\[0\] \(id=1\) needs a 'file_name' .*, got {file_name!r}") as err:
         CocoDetection(tmp_path, path)
     assert str(path) in str(err.value)
 

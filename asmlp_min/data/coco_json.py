@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import warnings
 
@@ -42,8 +43,8 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
     images = {image["id"]: image for image in dataset["images"]}
     for i, image in enumerate(dataset["images"]):
         where = f"{source}: images[{i}] (id={image['id']})"
-        if require_file_name and not isinstance(image.get("file_name"), str):
-            raise ValueError(f"{where} needs a 'file_name' string (the image file)")
+        if require_file_name and not (isinstance(image.get("file_name"), str) and image["file_name"]):
+            raise ValueError(f"{where} needs a 'file_name' string (the image file), got {image.get('file_name')!r}")
         size = [image.get(key) for key in ("height", "width")]
         if (require_size and None in size) or not all(v is None or (is_int(v) and v >= 1) for v in size):
             needed = " to evaluate masks, the size they are compared at" if require_size else ""
@@ -82,6 +83,9 @@ def _checked_annotations(annotations: list, images: dict, category_ids: set, sou
     context = {"images": images, "categories": category_ids}
     checked = []
     for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{source}: annotations[{i}] must be an object of fields (id, image_id, bbox, ...), got "
+                             f"{json.dumps(ann)[:80]}")
         where = f"{source}: annotations[{i}] (id={ann.get('id')})"
         for field, absent, test, requirement in ANNOTATION_RULES:
             if not test(ann.get(field, absent), context):
@@ -95,9 +99,11 @@ def _checked_annotations(annotations: list, images: dict, category_ids: set, sou
 
 def _check_segmentation(segmentation, image: dict, where: str) -> None:
     """A list of polygons (``[]``: no mask, as box-only exports write it) or an RLE dict as large as its image.
-    Coordinates are not checked one by one (COCO has millions). The RLE ``size`` [height, width] is compared when
-    the image gives its ``height`` and ``width``: else the masks of one image could not be stacked."""
+    The RLE ``size`` [height, width] is compared when the image gives its ``height`` and ``width``: else the masks
+    of one image could not be stacked."""
     if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
+        for k, polygon in enumerate(segmentation):
+            _check_polygon(polygon, f"{where} field 'segmentation' polygon {k}")
         return
     if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
         raise ValueError(f"{where} field 'segmentation' must be a list of polygons [x1, y1, x2, y2, ...] or an RLE "
@@ -108,6 +114,24 @@ def _check_segmentation(segmentation, image: dict, where: str) -> None:
                          f"id={image['id']} ({image.get('file_name')}) is {expected[0]}x{expected[1]}")
     if isinstance(segmentation["counts"], list):       # a sum per mask; strings are checked when decoded
         check_runs(segmentation, f"{where} field 'segmentation':")
+
+
+POLYGON_LIMIT = 100_000  # pixels, beyond any image's size: pycocotools rasterises at 5x in 32-bit ints, edge by edge
+
+
+def _check_polygon(polygon: list, where: str) -> None:
+    """Every coordinate a finite number within ``POLYGON_LIMIT``: pycocotools crashes the process on a NaN, an
+    infinity or 1e9 (a JSON ``null`` or a unit mix-up). The checks run in C (``math.fsum``, ``min``, ``max``); only
+    a polygon that fails them is read number by number, to name the culprit."""
+    try:
+        inside = math.isfinite(math.fsum(polygon)) and -POLYGON_LIMIT <= min(polygon, default=0) <= max(
+            polygon, default=0) <= POLYGON_LIMIT
+    except (TypeError, ValueError, OverflowError):  # None or a string; inf - inf; a sum past 1e308
+        inside = False
+    if not inside:
+        k, bad = next((k, v) for k, v in enumerate(polygon) if not is_finite_number(v) or abs(v) > POLYGON_LIMIT)
+        raise ValueError(f"{where}: number {k} is {json.dumps(bad)}; every x, y must be a finite number between "
+                         f"-{POLYGON_LIMIT:,} and {POLYGON_LIMIT:,} (pixels): fix or drop this polygon")
 
 
 def polygons_of(segmentation: list) -> list:
