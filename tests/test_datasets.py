@@ -3,6 +3,7 @@ targets with the pixels, and bad files fail early with the file and field named.
 import contextlib
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -627,6 +628,16 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert torch.equal(load_image(tmp_path / "rgb8.png"), torch.full((3, 4, 4), 200, dtype=torch.uint8))
 
 
+def test_32_bit_float_pixels_are_refused_not_read_as_a_black_image(tmp_path):
+    """convert("RGB") truncated a TIFF of floats in 0-1 to 0 everywhere; no scale is standard, so it is refused."""
+    from asmlp_min.data.datasets import load_image
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    with pytest.raises(ValueError, match=r"float.tif: 32-bit float pixels \(values 0 to 1\) have no standard 0-255 "
+                                         "scale; save the image as 8-bit or 16-bit"):
+        load_image(tmp_path / "float.tif")
+
+
 def test_upright_applies_the_exif_orientation_and_datasets_keep_the_stored_pixels(tmp_path, monkeypatch):
     """A phone photo stored sideways with EXIF Orientation 6 ("turn 90 degrees clockwise to view"): drawn by hand,
     the stored 20 x 40 image with a red top-left block is shown 40 x 20 with the block at the top right."""
@@ -742,12 +753,16 @@ def test_class_folders_hold_the_images_torchvision_finds_in_them(tmp_path):
     assert len(ours) == 7 and all(image.shape == (3, 5, 7) for image, _ in ours)
 
 
-def test_an_empty_class_folder_is_named_in_the_error(tmp_path):
-    """torchvision refuses a class folder without images; the message names it, not "no images found"."""
+@pytest.mark.parametrize("empty", [["dog"], ["St. Bernard"], ["Mr. X", "dog"]])
+def test_an_empty_class_folder_is_named_in_the_error(tmp_path, empty):
+    """torchvision refuses a class folder without images; the message names it, not "no images found", and whole:
+    "St. Bernard" was cut to "St"."""
     _write_png(tmp_path / "cat/a.png", np.zeros((4, 4, 3)))
-    (tmp_path / "dog").mkdir()
-    (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match=r"class folder\(s\) dog hold no images \(\.jpg, .*add images or remove"):
+    for name in empty:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("not an image")
+    named = re.escape(", ".join(empty))
+    with pytest.raises(ValueError, match=rf"class folder\(s\) {named} hold no images \(\.jpg, .*add images or remove"):
         ImageFolderClassification(tmp_path)
 
 

@@ -17,6 +17,7 @@ Bad files raise ``ValueError`` naming the file and the field at fault, before an
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -78,9 +79,9 @@ class ImageFolderClassification(tv_datasets.ImageFolder):
             super().__init__(str(root), transform=transform or to_float_image, loader=partial(load_image, upright=True),
                              is_valid_file=self._is_image)
         except OSError as err:          # torchvision's wording for a missing folder, a file, or an empty class
-            empty = str(err).partition("Found no valid file for the classes ")[2].split(". ")[0]
-            if empty:
-                raise ValueError(f"{root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            empty = re.search(r"Found no valid file for the classes (.+)\. (?:Supported extensions|$)", str(err))
+            if empty:  # a folder's name may hold ". " itself ("St. Bernard")
+                raise ValueError(f"{root}: class folder(s) {empty[1]} hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                  "add images or remove the folder(s)") from err
             raise ValueError(f"{root}: no images found ({err}); expected root/<class name>/<image>.jpg") from err
 

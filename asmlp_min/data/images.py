@@ -49,6 +49,8 @@ def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Ima
     except Image.DecompressionBombError as err:            # an Exception, not an OSError: PIL's guard for huge images
         raise ValueError(f"{path}: {err} If the file is trusted, save a smaller copy of it, or from Python raise "
                          "PIL.Image.MAX_IMAGE_PIXELS (None: no limit) before loading it") from err
+    except NoRGBView as err:                                # decoded, but no 8-bit RGB picture to make of it
+        raise ValueError(f"{path}: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
         raise ValueError(f"{path}: unreadable or truncated image ({err}); replace it with a readable copy") from err
     return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
@@ -71,9 +73,18 @@ def _exif_turn(img: Image.Image) -> Image.Transpose | None:
         return None
 
 
+class NoRGBView(ValueError):
+    """Pixels that decode but have no standard 8-bit RGB reading."""
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB. 16-bit grayscale (PNG, TIFF) is scaled to 0-255, where ``convert("RGB")`` would clip every value
-    above 255 to white."""
+    above 255 to white. 32-bit float pixels (TIFF mode F) are refused: they have no standard scale (0-1? 0-255?),
+    and ``convert("RGB")`` truncates 0-1 values to a black image."""
+    if img.mode == "F":
+        values = np.asarray(img)
+        raise NoRGBView(f"32-bit float pixels (values {values.min():g} to {values.max():g}) have no standard 0-255 "
+                        "scale; save the image as 8-bit or 16-bit, scaled as you mean it")
     if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255):
         gray = np.round(np.asarray(img, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
