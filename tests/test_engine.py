@@ -921,15 +921,24 @@ def test_a_detection_folder_decodes_no_masks_and_keeps_the_annotated_boxes(tmp_p
     torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), torch.stack([x, y, x + w, y + h], 1))
 
 
-def test_a_detection_training_split_without_annotations_is_refused(tmp_path, recwarn):
+@pytest.mark.parametrize("crowd_only", [False, True])
+def test_a_detection_training_split_without_annotations_is_refused(tmp_path, recwarn, crowd_only):
+    """No annotations, or only crowd regions, which the detectors skip: that trained to a loss near 0 and AP -1."""
     from asmlp_min.data.shapes import export_shapes
     for split in ("train", "val"):
         export_shapes(tmp_path / "coco", task="det", n=2, split=split, seed=3, image_size=64)
     path = tmp_path / "coco" / "annotations" / "instances_train.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "annotations": []}))
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: no annotations to train on"):
-        build_data(TrainConfig(task="det", data=str(tmp_path / "coco"), device="cpu").resolved())
+    data = json.loads(path.read_text())
+    annotations = [{**a, "iscrowd": 1} for a in data["annotations"]] if crowd_only else []
+    path.write_text(json.dumps({**data, "annotations": annotations}))
+    cfg = TrainConfig(task="det", data=str(tmp_path / "coco"), device="cpu").resolved()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: no annotations to train on .*only crowd regions"):
+        build_data(cfg)
     assert not [w for w in recwarn if "AP will be -1" in str(w.message)]   # that is about evaluation
+    if crowd_only:                                                           # one object to learn is enough
+        annotations[0]["iscrowd"] = 0
+        path.write_text(json.dumps({**data, "annotations": annotations}))
+        assert len(build_data(cfg).train) == 2
 
 
 def test_detection_folder_trains_and_evaluates_at_the_papers_scale(tmp_path):

@@ -206,9 +206,11 @@ def _folder_det(root: Path, cfg: TrainConfig, train_tf, val_tf, with_train: bool
         with warnings.catch_warnings():  # validate_coco's "AP will be -1" is about evaluation
             warnings.filterwarnings("ignore", ".*no annotations: AP will be -1")
             train = split(["train", "train2017"], train_tf)
-        if not any(train.annotations.values()):  # mmdet and detectron2 refuse it too (no image left to train on)
-            raise ValueError(f"{train.ann_file}: no annotations to train on (none, or only boxes of zero width or "
-                             "height): a detector learns from boxes; label some objects first")
+        # mmdet and detectron2 refuse it too (no image left to train on); the detectors skip crowd regions
+        if not any(not a["iscrowd"] for anns in train.annotations.values() for a in anns):
+            raise ValueError(f"{train.ann_file}: no annotations to train on (none, only boxes of zero width or "
+                             "height, or only crowd regions, iscrowd 1): a detector learns from boxes; label some "
+                             "objects first")
     names = {c["id"]: c["name"] for c in val.coco.cats.values()}
     if train is not None:  # label k must mean one category in both splits (COCO 2017's are identical)
         _check_same_labels({c["id"]: c["name"] for c in train.coco.cats.values()}, names,
