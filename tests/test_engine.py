@@ -694,6 +694,40 @@ def test_balanced_weights_refuse_masks_without_labels_and_name_a_class_never_see
         class_weights(cfg, [(None, torch.full((2, 2), 255))] * 3, lines.append)
 
 
+class _Masks:
+    """A segmentation dataset of given masks, read through its ``transform`` as the folder datasets are."""
+
+    def __init__(self, masks):
+        self.masks, self.transform = masks, lambda image, mask: (image, mask + 1000)   # a transform not to be used
+
+    def __len__(self):
+        return len(self.masks)
+
+    def __getitem__(self, i):
+        return self.transform(None, self.masks[i])
+
+
+def test_masks_that_label_one_class_beside_ignored_pixels_are_warned_about_as_0_255_binary_masks():
+    """Binary masks saved as 0/255 trained a 2-class model on class 0 alone, and scored mIoU 1.0 for a model that
+    never finds the object (class 1 is absent from both, so it is left out of the mean), without a word."""
+    from types import SimpleNamespace
+    from asmlp_min.engine.tasks import refuse_unlabelled_masks
+    cfg = SimpleNamespace(num_classes=2, data="masks/")
+    for masks, warned in (([torch.tensor([[0, 255], [255, 255]])] * 3, True),      # the 0/255 export: 75% ignored
+                          ([torch.tensor([[1, 255], [255, 255]])] * 40, True),
+                          ([torch.tensor([[0, 0], [0, 0]])] * 3, False),           # a rare class absent: no 255
+                          ([torch.tensor([[0, 255], [1, 0]])] * 3, False)):        # both classes
+        lines = []
+        refuse_unlabelled_masks(cfg, _Masks(masks), lines.append)
+        label, read = masks[0].min().item(), min(len(masks), 32)
+        assert lines == ([f"warning: {read} training masks read evenly through the split label class {label} only, "
+                          "and 75% of their pixels are 255, which means 'ignore': if they are binary masks saved as "
+                          "0/255, save the object as 1"] if warned else [])
+    refuse_unlabelled_masks(SimpleNamespace(num_classes=1, data="masks/"), _Masks([torch.tensor([[0, 255]])]),
+                            lines.append)
+    assert lines == []                                                             # one class: nothing else to label
+
+
 def _masks_all_ignored(folder: Path, keep: int | None = None) -> None:
     """Every mask of ``folder`` rewritten to 255 (ignored) but the ``keep``-th (in sorted order)."""
     import numpy as np
@@ -713,7 +747,7 @@ def test_masks_without_a_labelled_pixel_are_refused_before_training_and_at_evalu
     _masks_all_ignored(tmp_path / "data" / "annotations" / "train", keep=5)   # one labelled mask is enough
     trainer = Trainer(cfg, log=quiet)
     transform, state = trainer.data.train.transform, torch.get_rng_state()
-    refuse_unlabelled_masks(trainer.cfg, trainer.data.train)      # reads without the random crop: no draw
+    refuse_unlabelled_masks(trainer.cfg, trainer.data.train, quiet)   # reads without the random crop: no draw
     assert torch.equal(torch.get_rng_state(), state) and trainer.data.train.transform is transform
     _masks_all_ignored(tmp_path / "data" / "annotations" / "val")
     with pytest.raises(ValueError, match="^the validation masks hold no labelled pixel"):

@@ -173,15 +173,22 @@ _UNLABELLED = ("hold no labelled pixel (every value is 255, or 0 with reduce_zer
                "score; check the masks' class ids")
 
 
-def refuse_unlabelled_masks(cfg: TrainConfig, train) -> None:
+def refuse_unlabelled_masks(cfg: TrainConfig, train, log) -> None:
     """Masks without a labelled pixel train to a loss of exactly 0 and score mIoU nan, without an error: refused,
-    judged on 32 evenly spaced masks read without the transform (which would draw random numbers)."""
+    judged on 32 evenly spaced masks read without the transform (which would draw random numbers). Masks that label
+    one class only, beside ignored pixels, are most likely binary masks saved as 0/255: warned."""
     from ..segmentation import class_pixel_counts
     plain = copy.copy(train)
     plain.transform = lambda image, mask: (image, mask)
-    if class_pixel_counts(plain, cfg.num_classes, max_images=32).sum() == 0:
-        read = min(len(train), 32)
+    counts, read = class_pixel_counts(plain, cfg.num_classes, max_images=32), min(len(train), 32)
+    if counts.sum() == 0:
         raise ValueError(f"{cfg.data}: {read} training masks read evenly through the split {_UNLABELLED}")
+    if cfg.num_classes > 1 and (counts > 0).sum() == 1:
+        every_value = class_pixel_counts(plain, max(cfg.num_classes, 256), ignore_index=-1, max_images=32)  # + 255
+        if every_value[255] > 0:  # else: a rare class, absent from this sample
+            log(f"warning: {read} training masks read evenly through the split label class {int(counts.argmax())} "
+                f"only, and {every_value[255] / every_value.sum():.0%} of their pixels are 255, which means 'ignore': "
+                "if they are binary masks saved as 0/255, save the object as 1")
 
 
 def class_weights(cfg: TrainConfig, train, log) -> list[float]:

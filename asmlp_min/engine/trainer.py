@@ -115,7 +115,7 @@ class Trainer:
                 for what, keys in (("new", report.missing), ("skipped", report.skipped), ("unused", report.unexpected))
                 if keys))
         if cfg.task == "seg" and cfg.class_weight != "balanced":  # balanced counts the pixels itself
-            refuse_unlabelled_masks(cfg, self.data.train)
+            refuse_unlabelled_masks(cfg, self.data.train, self.log)
         if cfg.class_weight is not None:
             model.set_class_weight(class_weights(cfg, self.data.train, self.log))
         model.to(self.env.device)
