@@ -153,9 +153,9 @@ def _image_files(paths: list[str]) -> list[Path]:
     """The files given, with a folder standing for the images directly in it (sorted by name). A folder's hidden
     files are left out, as ImageFolder leaves them: macOS writes a '._x.jpg' of metadata beside each copied x.jpg."""
     from .data.images import IMAGE_EXTENSIONS, is_image_file
-    files = []
     if "" in paths:  # Path("") is the current folder
         raise ValueError("an image path is empty: give a file or a folder (was a shell variable unset?)")
+    files = []
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if is_image_file(p) and p.is_file())
