@@ -8,7 +8,8 @@ Accepted layouts (the official releases of svip-lab/AS-MLP and its mmdet and mms
 - official classification ``.pth``: ``{"model": state_dict}``;
 - mmdet / mmseg checkpoints: ``{"state_dict": {"backbone.patch_embed...", "neck...", ...}}`` with per-output
   ``backbone.norm{i}``, loaded into a ``features_only`` model;
-- a raw state dict, optionally with ``module.`` (DataParallel) or ``backbone.`` prefixes;
+- a raw state dict, optionally with ``module.`` (DataParallel), ``_orig_mod.`` (torch.compile) or ``backbone.``
+  prefixes;
 - training checkpoints with an EMA copy (``state_dict_ema``, ``model_ema``): the raw weights when both are there;
   the official trainer's ``ckpt_epoch_N.pth``, its yacs config read as ``official_config`` (official_config.py).
 """
@@ -43,13 +44,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder, not a file (a training run keeps its "
                                 f"weights in {str(path / 'checkpoint.pt')!r})")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
+        tilde = "; '~' is not expanded here: a shell expands it at the start of a word only, not after --flag="
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)"
+                                + (tilde if str(path).startswith("~") else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes): a download or copy that did not finish? copy it "
+                              "again")
     if kind := _other_kind_of_file(path):  # torch.load would call it a tampered or corrupt pickle
         raise CheckpointError(f"{path}: not a checkpoint but {kind}; a checkpoint is a file written by torch.save "
                               "(.pt, .pth)")
     if _is_torchscript(path):  # torch.load would say to retry with weights_only=False, which runs its code
         raise CheckpointError(f"{path}: a TorchScript model, not a checkpoint: torch.jit.load it and save its "
                               "state_dict() with torch.save")
+    if damaged := _first_damaged_record(path):  # torch.load does not check, and would load the wrong numbers
+        raise CheckpointError(f"{path}: corrupt: the bytes of {damaged!r} do not match the checksum torch.save "
+                              "wrote; copy the file again")
     try:  # timm's train.py keeps its argparse.Namespace beside the weights, the official trainer a yacs config
         with _allowing([argparse.Namespace, *official_config.SAFE_GLOBALS]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -113,6 +122,25 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _first_damaged_record(path: Path) -> str | None:
+    """The first record of a torch.save zip archive whose bytes fail their CRC-32, None if all pass (or the file
+    is no zip: a legacy torch.save has no checksums). A record with CRC 0 is skipped: torch.save writes 0 when
+    ``torch.serialization.set_crc32_options(False)`` turned the checksums off."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return None
+    with archive:
+        for record in archive.infolist():
+            try:
+                with archive.open(record) as data:  # the reader compares the CRC at the end of the record
+                    while record.CRC and data.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile:
+                return record.filename
+    return None
+
+
 def _refusal_detail(err: Exception) -> str:
     """What torch refused (an unknown opcode, a global such as ``os.system``), without its advice to retry with
     ``weights_only=False``: wrong for a corrupt file, dangerous for a tampered one."""
@@ -166,13 +194,15 @@ def shown_keys(keys: list[str], limit: int = 12) -> str:
 
 
 def state_dict_entry(checkpoint: dict) -> str | None:
-    """The key of ``checkpoint`` that holds the weights (the first of ``_NESTED_KEYS`` present), None for a bare
-    state dict."""
-    return next((key for key in _NESTED_KEYS if isinstance(checkpoint.get(key), dict)), None)
+    """The key of ``checkpoint`` that holds the weights (the first of ``_NESTED_KEYS`` whose dict holds a tensor),
+    None for a bare state dict."""
+    return next((key for key in _NESTED_KEYS if isinstance(checkpoint.get(key), dict)
+                 and any(isinstance(value, Tensor) for value in checkpoint[key].values())), None)
 
 
 def extract_state_dict(checkpoint: dict, whole_model: bool = False) -> dict[str, Tensor]:
-    """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` and strip ``module.`` and mmdet ``backbone.`` prefixes.
+    """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}``; strip ``module.``, ``_orig_mod.`` and mmdet ``backbone.``
+    prefixes.
 
     From an mmdet/mmseg checkpoint only the ``backbone.*`` entries are kept (the neck and heads belong to
     the detector or segmenter, not to AS-MLP), unless ``whole_model``: the weights are for a model that has a
@@ -180,10 +210,16 @@ def extract_state_dict(checkpoint: dict, whole_model: bool = False) -> dict[str,
     """
     entry = state_dict_entry(checkpoint)
     sd = checkpoint if entry is None else checkpoint[entry]
-    if not sd or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
+    others = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if len(others) == len(sd):
         raise CheckpointError("no state dict found: expected tensors keyed by parameter name, possibly under "
-                              f"one of {_NESTED_KEYS}; top-level keys were {sorted(checkpoint)[:10]}")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+                              f"one of {_NESTED_KEYS}; top-level keys were {sorted(checkpoint, key=str)[:10]}")
+    if others:
+        where = f"its {entry!r}" if entry else "the state dict"
+        raise CheckpointError(f"{where} holds {len(sd) - len(others)} tensors and {len(others)} other entries: "
+                              + ", ".join(f"{k!r} ({type(sd[k]).__name__})" for k in others[:5])
+                              + "; a state dict holds only tensors keyed by name: delete those entries and save it")
+    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}  # DataParallel, torch.compile
     if not whole_model and any(k.startswith("backbone.") for k in sd):
         sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     return sd

@@ -134,6 +134,65 @@ def test_module_prefix_is_stripped():
     assert load_official_checkpoint(tiny(), sd).ok
 
 
+def test_compiled_and_wrapped_models_state_dicts_load():
+    """torch.compile's wrapper names every key ``_orig_mod.``; under DataParallel too: ``module._orig_mod.``."""
+    source = tiny()
+    compiled = torch.compile(source).state_dict()                      # compiles nothing until called
+    assert next(iter(compiled)).startswith("_orig_mod.")
+    for sd in (compiled, {f"module.{k}": v for k, v in compiled.items()}):
+        model = tiny()
+        assert load_official_checkpoint(model, sd).ok
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_a_state_dict_with_entries_other_than_tensors_is_named_not_called_missing():
+    sd = tiny().state_dict()
+    with pytest.raises(CheckpointError, match=rf"its 'model' holds {len(sd)} tensors and 1 other entries: "
+                                              r"'n_averaged' \(int\); a state dict holds only tensors"):
+        load_official_checkpoint(tiny(), {"model": {**sd, "n_averaged": 5}})       # said "no state dict found"
+    assert load_official_checkpoint(tiny(), {"model": {"name": "asmlp_tiny"}, "state_dict": sd}).ok  # the weights
+    with pytest.raises(CheckpointError, match=r"no state dict found: .*top-level keys were \[0, 'a'\]"):
+        load_official_checkpoint(tiny(), {0: 1, "a": 2})             # was a TypeError from sorting 0 with 'a'
+
+
+def test_a_flipped_byte_that_torch_load_reads_silently_is_refused(tmp_path):
+    """torch.load does not check the CRC-32 that torch.save writes for each record: one damaged byte in the weights
+    loads, as another number. The file names the record."""
+    import zipfile
+    good, flipped = tmp_path / "good.pth", tmp_path / "flipped.pth"
+    torch.save({"model": tiny().state_dict()}, good)
+    with zipfile.ZipFile(good) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+        at = good.read_bytes().index(archive.read(record)) + record.file_size // 2
+    data = bytearray(good.read_bytes())
+    data[at] ^= 0xFF
+    flipped.write_bytes(data)
+    silently = torch.load(flipped, weights_only=True)["model"]       # the oracle: torch itself loads other weights
+    assert any(not torch.equal(a, b) for a, b in zip(silently.values(), torch.load(good)["model"].values()))
+    with pytest.raises(CheckpointError, match=rf"flipped.pth: corrupt: the bytes of '{re.escape(record.filename)}' "
+                                              "do not match the checksum torch.save wrote; copy the file again"):
+        load_checkpoint(flipped)
+    assert load_official_checkpoint(tiny(), load_checkpoint(good)).ok
+    if hasattr(torch.serialization, "set_crc32_options"):              # torch >= 2.6: checksums can be turned off
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save({"model": tiny().state_dict()}, tmp_path / "unchecked.pth")
+        finally:
+            torch.serialization.set_crc32_options(before)
+        assert load_official_checkpoint(tiny(), load_checkpoint(tmp_path / "unchecked.pth")).ok
+
+
+def test_an_empty_file_and_an_unexpanded_tilde_are_named(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pth: the file is empty \(0 bytes\)"):   # was "EOFError "
+        load_checkpoint(tmp_path / "empty.pth")
+    with pytest.raises(FileNotFoundError, match=r"'~/no/such.pt' does not exist .*'~' is not expanded here"):
+        load_checkpoint("~/no/such.pt")                               # as bash leaves --checkpoint=~/no/such.pt
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(or is not a file\)$"):
+        load_checkpoint(tmp_path / "no such.pt")
+
+
 def test_corrupt_and_truncated_files_are_refused(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
