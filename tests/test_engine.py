@@ -538,8 +538,9 @@ def test_resume_errors_say_what_is_wrong(tmp_path):
         Trainer(tiny(tmp_path), resume=corrupt, log=quiet)
     foreign = tmp_path / "weights.pt"
     torch.save({"model": load_checkpoint(good)["model"]}, foreign)
-    with pytest.raises(CheckpointError, match="not written by 'asmlp-min train'"):
-        Trainer(tiny(tmp_path), resume=foreign, log=quiet)
+    with pytest.raises(CheckpointError, match="not written by 'asmlp-min train': --resume continues a run from its "
+                                              "checkpoint.pt; to start from official .* use train --pretrained PATH"):
+        Trainer(tiny(tmp_path), resume=foreign, log=quiet)     # it said "evaluate and predict need ...": they don't
     with pytest.raises(CheckpointError, match="embed_dim: checkpoint 8, now 16"):
         Trainer(tiny(tmp_path, embed_dim=16), resume=good, log=quiet)
     with pytest.raises(CheckpointError, match="scheduled for 2 epochs, now 3"):
@@ -561,7 +562,8 @@ def test_a_run_checkpoint_of_a_newer_format_asks_for_an_upgrade(tmp_path):
         load_trained(newer)
     other = tmp_path / "other.pt"
     torch.save({"format": "somebody.else/2", "model": {}}, other)
-    with pytest.raises(CheckpointError, match="not written by 'asmlp-min train'"):
+    with pytest.raises(CheckpointError, match="not written by 'asmlp-min train': load_trained reads a run's "
+                                              "checkpoint.pt; for released weights use load_for_inference"):
         load_trained(other)
 
 

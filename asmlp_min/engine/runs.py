@@ -199,8 +199,10 @@ def _read_engine_checkpoint(path: str | os.PathLike, resume: bool = False, loade
         raise CheckpointError(f"{path} was written by a newer version of asmlp_min (format {written!r}; this one reads "
                               f"{CHECKPOINT_FORMAT!r}): upgrade asmlp_min to use it")
     if written != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was not written by 'asmlp-min train': --resume, evaluate and predict need a "
-                              "run's checkpoint.pt; for official or backbone weights use train --pretrained PATH")
+        raise CheckpointError(f"{path} was not written by 'asmlp-min train': " + (
+            "--resume continues a run from its checkpoint.pt; to start from official or backbone weights use train "
+            "--pretrained PATH" if resume else "load_trained reads a run's checkpoint.pt; for released weights use "
+            "load_for_inference, which reads either (as evaluate and predict do)"))
     if not isinstance(checkpoint.get("config"), dict):
         raise _damaged(path, f"its 'config' should be a dict of settings, got "
                              f"{type(checkpoint.get('config')).__name__ if 'config' in checkpoint else 'none'}")
