@@ -42,7 +42,7 @@ def stated_shift_size(checkpoint: dict) -> int | None:
     ``MODEL.ASMLP.SHIFT_SIZE`` in the official trainer's config; None where it states none."""
     meta = checkpoint.get("meta")
     text = meta.get("config") if isinstance(meta, dict) else None
-    found = re.search(r"shift_size\s*=\s*(\d+)", text) if isinstance(text, str) else None
+    found = re.search(r"\bshift_size\s*=\s*(\d+)", text) if isinstance(text, str) else None
     if found:
         return int(found[1])
     model = checkpoint.get("official_config", {}).get("MODEL", {})

@@ -527,10 +527,12 @@ def test_a_folder_and_a_whole_saved_model_are_refused_saying_what_they_are(tmp_p
 
 
 def test_an_mmseg_file_trained_with_another_shift_size_is_refused_and_loads_nothing(tmp_path):
-    """The official AS-MLP-S UperNet is named 'shift5' and uses shift 3, which only its meta config tells."""
+    """The official AS-MLP-S UperNet is named 'shift5' and uses shift 3, which only its meta config tells; another
+    setting whose name ends in shift_size is not it."""
     torch.manual_seed(0)
     trained = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, features_only=True)
-    meta = {"config": "model = dict(\n    backbone=dict(\n        type='ASMLP',\n        shift_size=3,\n"}
+    meta = {"config": "img_shift_size = 32\nmodel = dict(\n    backbone=dict(\n        type='ASMLP',\n"
+                      "        shift_size=3,\n"}
     torch.save({"meta": meta, "state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()}},
                tmp_path / "upernet_small.pth")
     five = create_model("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1), features_only=True)
