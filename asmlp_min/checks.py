@@ -21,4 +21,6 @@ def is_count(value) -> bool:
 
 def is_finite_number(value) -> bool:
     """A finite real number that is not a bool: Python's int and float, and numpy's scalars too."""
+    if type(value) in (int, float):  # JSON's numbers, millions of them in a COCO file: no ABC check
+        return math.isfinite(value)
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
