@@ -8,6 +8,7 @@ import einops._torch_specific  # noqa: F401  einops registers its functions with
 from .backbone import ASMLP, ASMLPConfig, PatchEmbed, PatchMerging, create_model, list_models
 from .block import ASMLPBlock, AxialShiftMix, DropPath, Mlp
 from .checkpoint import LoadReport, load_checkpoint, load_official_checkpoint, save_checkpoint
+from .checks import InputWarning
 from .complexity import analytic_gmacs, count_gmacs, count_params
 from .data import (ADE20KSegmentation, CocoDetection, ImageFolderClassification, ShapesClassification,
                    ShapesDetection, ShapesSegmentation, export_shapes)

@@ -24,3 +24,9 @@ def is_finite_number(value) -> bool:
     if type(value) in (int, float):  # JSON's numbers, millions of them in a COCO file: no ABC check
         return math.isfinite(value)
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class InputWarning(UserWarning):
+    """A warning about the data given (a skipped box, pixels outside the expected range): its own category, so that
+    ``warnings.simplefilter("error", InputWarning)`` makes them errors, and the notebooks, which hide other
+    libraries' warnings, keep these on."""

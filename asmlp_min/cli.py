@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .backbone import list_models
 from .checkpoint import CheckpointError
+from .checks import InputWarning
 from .files import WriteError
 from .train_flags import add_train_arguments
 
@@ -96,7 +97,8 @@ def _saved_device(checkpoint: dict, device: str, path: str) -> str:
         device = "cuda" if "cuda" in checkpoint["rng"] else "cpu"
         if device == "cpu" and torch.cuda.is_available():
             warnings.warn(f"{path} was trained on the CPU (--device auto on a machine without a GPU); the resume "
-                          "continues there, bit for bit: pass --device cuda to move it to the GPU (not bit for bit)")
+                          "continues there, bit for bit: pass --device cuda to move it to the GPU (not bit for bit)",
+                          InputWarning)
     if device.startswith("cuda") and not torch.cuda.is_available():
         # CUDA's generator state, kernels and float16 GradScaler do not carry over to the CPU: no silent move there
         raise ValueError(f"{path} was trained on {device}, which a resume keeps so that the run continues bit for "

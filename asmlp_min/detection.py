@@ -38,6 +38,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, ASMLP
 from .checkpoint import LoadReport
+from .checks import InputWarning
 from .data.transforms import rescaled_size
 from .dense_backbone import build_backbone, freeze_stages
 from .fcos import FCOSHead, assign_targets, decode_boxes, fcos_losses, fcos_regress_ranges, level_points
@@ -65,7 +66,8 @@ def sanitize_boxes(boxes: Tensor, labels: Tensor, image_size: tuple[int, int],
     keep = finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if not keep.all():
         warnings.warn(f"{where}: dropped {int((~keep).sum())} of {len(keep)} boxes that are empty after clipping "
-                      f"to the {h}x{w} image (x2 <= x1, y2 <= y1, or outside it) or not finite", stacklevel=4)
+                      f"to the {h}x{w} image (x2 <= x1, y2 <= y1, or outside it) or not finite", InputWarning,
+                      stacklevel=4)
     return boxes[keep], labels[keep]
 
 
@@ -187,7 +189,7 @@ class SimpleFPNDetector(nn.Module):
         keep = iscrowd == 0
         if len(boxes) and min(image_size) > 8 and (boxes.abs() <= 1).all():
             warnings.warn(f"targets[{index}]: every box lies within [0, 1], as if normalised: the detector takes "
-                          "boxes in pixels (xyxy) of the image as given")
+                          "boxes in pixels (xyxy) of the image as given", InputWarning)
         return sanitize_boxes(boxes[keep], labels[keep].long(), image_size, where=f"targets[{index}]")
 
     # ---- forward
@@ -282,9 +284,13 @@ def _check_images(images) -> list[Tensor]:
             raise ValueError(f"images[{i}] is empty, shape {tuple(img.shape)}: height and width must be >= 1")
         if not img.dtype.is_floating_point:
             raise TypeError(f"images[{i}] has dtype {img.dtype}; pass floats in [0, 1] (v2.ToDtype(scale=True))")
-    if max(img.amax() for img in images) > 1.5:  # one check a batch: 0-255 floats would train without an error
+    # one check a batch: 0-255 floats, or images normalised twice, would train without an error
+    if min(img.amin() for img in images) < -0.5:
         warnings.warn("the detector takes images in [0, 1] and normalises them itself, and some pixels here are "
-                      "above 1.5: divide 0-255 images by 255 (v2.ToDtype(torch.float32, scale=True))")
+                      "below -0.5, as if normalised (x - mean) / std already: pass the images in [0, 1]", InputWarning)
+    elif max(img.amax() for img in images) > 1.5:
+        warnings.warn("the detector takes images in [0, 1] and normalises them itself, and some pixels here are "
+                      "above 1.5: divide 0-255 images by 255 (v2.ToDtype(torch.float32, scale=True))", InputWarning)
     return [img.as_subclass(Tensor) for img in images]
 
 

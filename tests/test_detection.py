@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asmlp_min.backbone import create_model
+from asmlp_min.backbone import IMAGENET_MEAN, IMAGENET_STD, create_model
 from asmlp_min.block import DropPath
 from asmlp_min.checkpoint import CheckpointError
 from asmlp_min.complexity import count_params
@@ -490,11 +490,17 @@ def test_detector_arguments_it_cannot_use_are_refused():
             tiny_detector(**kwargs)
 
 
-def test_images_in_0_255_and_boxes_in_0_1_are_warned_about():
-    """Both train without an error and learn nothing useful: 255 x the expected input, boxes under a pixel."""
+def test_images_in_0_255_or_normalised_and_boxes_in_0_1_are_warned_about():
+    """All train without an error and learn nothing useful: 255 x the expected input, images normalised twice,
+    boxes under a pixel."""
     model = tiny_detector().train()
     with pytest.warns(UserWarning, match=r"images in \[0, 1\].*divide 0-255 images by 255"):
         model([torch.rand(3, 64, 64) * 255], [target([[8, 8, 40, 40]], [1])])
+    mean, std = (torch.tensor(v).reshape(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    normalised = (torch.rand(3, 64, 64) - mean) / std   # a habit from classification: it got the 0-255 advice
+    with pytest.warns(UserWarning, match=r"below -0.5, as if normalised \(x - mean\) / std already: pass the images "
+                                         r"in \[0, 1\]"):
+        model([normalised], [target([[8, 8, 40, 40]], [1])])
     with pytest.warns(UserWarning, match=r"targets\[0\]: every box lies within \[0, 1\], as if normalised"):
         model([torch.rand(3, 64, 64)], [target([[0.1, 0.1, 0.5, 0.6]], [1])])
     with warnings.catch_warnings():

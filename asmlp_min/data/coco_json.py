@@ -15,7 +15,7 @@ import warnings
 
 from pycocotools.coco import COCO
 
-from ..checks import is_finite_number, is_int
+from ..checks import InputWarning, is_finite_number, is_int
 from .rle import check_runs
 
 
@@ -57,7 +57,7 @@ def validate_coco(dataset: dict, source: str, require_file_name: bool = False, r
     annotations = dataset.get("annotations", [])
     if not annotations:
         warnings.warn(f"{source}: no annotations: AP will be -1 (undefined) because there are no objects to find",
-                      stacklevel=3)
+                      InputWarning, stacklevel=3)
     checked = _checked_annotations(annotations, images, category_ids, source)
     ids = [ann["id"] for ann in checked]
     if min(ids, default=1) < 1 or len(set(ids)) < len(ids):

@@ -34,6 +34,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
+from ..checks import InputWarning
 from . import ade20k
 # The COCO JSON gate has its own module; its public names stay importable from here.
 from .coco_json import ANNOTATION_RULES, coco_index, load_coco, polygons_of, read_json, validate_coco  # noqa: F401
@@ -118,11 +119,11 @@ def training_annotations(coco: COCO, source: str) -> dict[int, list[dict]]:
         kept[ann["image_id"]].append(ann)
     if degenerate:
         warnings.warn(f"{source}: skipped {degenerate} annotation(s) whose 'bbox' has zero or negative width/height "
-                      "(for training; evaluation keeps them)", stacklevel=3)
+                      "(for training; evaluation keeps them)", InputWarning, stacklevel=3)
     if short_polygons:
         warnings.warn(f"{source}: dropped polygons of fewer than 3 points from {short_polygons} annotation(s); "
                       "those left with no polygon keep their box, without a mask (for training; evaluation keeps "
-                      "them)", stacklevel=3)
+                      "them)", InputWarning, stacklevel=3)
     return kept
 
 
@@ -231,7 +232,7 @@ class ADE20KSegmentation(Dataset):
         unused = [str(path) for stem, path in masks.items() if stem not in images]
         if unused:
             warnings.warn(f"{len(unused)} mask(s) have no image ({', '.join(IMAGE_EXTENSIONS)}) and are not used, "
-                          f"e.g. {unused[0]}", stacklevel=2)
+                          f"e.g. {unused[0]}", InputWarning, stacklevel=2)
         self.images = list(images.values())                  # sorted by path
         self.masks = [masks[p.stem] for p in self.images]
         self.transform = transform or to_float_image

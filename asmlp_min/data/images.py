@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from ..checks import InputWarning
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
 
 
@@ -41,7 +43,7 @@ def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Ima
                 warnings.warn(f"{path}: its EXIF orientation tag is not applied here, so its boxes or mask must be "
                               "drawn on the stored pixels, as torchvision and pycocotools read them; if the labelling "
                               "tool showed it turned, save the image upright (one warning for all such images)",
-                              stacklevel=2)
+                              InputWarning, stacklevel=2)
             rgb = _to_rgb(img.transpose(turn) if upright and turn is not None else img)
     except FileNotFoundError as err:
         raise ValueError(f"{path}: image file not found; check the image folder and, for COCO, the image's "
