@@ -9,6 +9,7 @@ checkpoint) and partly frozen here, so the detector and the segmenter check a ba
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 from .backbone import ASMLP, MODEL_CONFIGS, create_model
@@ -16,14 +17,19 @@ from .checkpoint import LoadReport, load_backbone_checkpoint
 
 
 def build_backbone(name: str, out_indices: Sequence[int] | slice | None, pretrained_backbone=None,
-                   frozen_stages: int = -1, **backbone_kwargs) -> tuple[ASMLP, LoadReport | None]:
+                   frozen_stages: int = -1, /, **backbone_kwargs) -> tuple[ASMLP, LoadReport | None]:
     """A ``features_only`` AS-MLP with ``out_indices`` (None: every stage), its weights loaded and its first stages
-    frozen."""
+    frozen. ``backbone_kwargs``: what the detector or segmenter was given beyond its own arguments, for
+    :func:`create_model`; a misspelt argument of theirs lands here, so the message names both."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown backbone {name!r}: choose from {sorted(MODEL_CONFIGS)}")
-    if {"features_only", "num_classes"} & set(backbone_kwargs):
-        raise ValueError(f"backbone_kwargs {sorted(backbone_kwargs)}: features_only and num_classes are set by the "
-                         "detector or segmenter itself; leave them out")
+    if set_here := sorted({"features_only", "num_classes", "out_indices"} & set(backbone_kwargs)):
+        raise ValueError(f"{', '.join(set_here)}: set by the detector or segmenter itself; leave out" + (
+            " (the detector's stages are its 'levels' argument)" if "out_indices" in set_here else ""))
+    if unknown := sorted(set(backbone_kwargs) - set(inspect.signature(ASMLP).parameters) - {"fast", "pretrained"}):
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}: neither the detector's or "
+                        "segmenter's own nor one of the AS-MLP backbone's (create_model), to which it passes the rest; "
+                        "check the spelling")
     backbone = create_model(name, features_only=True, out_indices=out_indices, **backbone_kwargs)
     if not -1 <= frozen_stages <= len(backbone.layers):
         raise ValueError(f"frozen_stages must be in [-1, {len(backbone.layers)}], got {frozen_stages}: "

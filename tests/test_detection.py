@@ -488,6 +488,12 @@ def test_detector_arguments_it_cannot_use_are_refused():
                             (dict(detections_per_img=0), "detections_per_img >= 1; got 0.05, 0.6, 0")]:
         with pytest.raises(ValueError, match=message):
             tiny_detector(**kwargs)
+    # these named ASMLP.__init__ and build_backbone, which the student never called
+    with pytest.raises(TypeError, match=r"argument\(s\) 'fpn_channel': neither the detector's or segmenter's own"):
+        tiny_detector(fpn_channel=64)
+    with pytest.raises(ValueError, match=r"^out_indices: set by the detector or segmenter itself; leave out \(the "
+                                         r"detector's stages are its 'levels' argument\)"):
+        tiny_detector(out_indices=(0, 1))
 
 
 def test_images_in_0_255_or_normalised_and_boxes_in_0_1_are_warned_about():

@@ -234,8 +234,12 @@ def test_frozen_stages_stay_frozen_through_train():
 def test_bad_arguments_are_rejected_early():
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet50': choose from \['asmlp_base'"):
         SemanticSegmenter("resnet50", num_classes=3)
-    with pytest.raises(ValueError, match="features_only and num_classes are set by the detector or segmenter"):
+    with pytest.raises(ValueError, match="^features_only: set by the detector or segmenter itself"):
         SemanticSegmenter("asmlp_tiny", num_classes=3, features_only=False)
+    # a misspelt argument of the segmenter's own reached the backbone: "ASMLP.__init__() got an unexpected ..."
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'channel': neither the detector's or "
+                                        r"segmenter's own nor one of the AS-MLP backbone's \(create_model\)"):
+        SemanticSegmenter("asmlp_tiny", num_classes=3, channel=64)
     with pytest.raises(ValueError, match="inference"):
         tiny(inference="tiles")
     model = tiny()
