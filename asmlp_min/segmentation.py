@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import MODEL_CONFIGS
-from .checks import is_count
+from .backbone import MODEL_CONFIGS, check_image_batch
+from .checks import is_count, is_int
 from .dense_backbone import build_backbone, freeze_stages
 
 # The paper's ADE20K table: UperNet + auxiliary head, 150 ADE20K classes, parameters in millions.
@@ -184,7 +184,8 @@ def segmentation_loss(logits: Tensor, masks: Tensor, ignore_index: int = 255,
     bad = labelled & ((masks < 0) | (masks >= num_classes))
     if bad.any():
         raise ValueError(f"masks have values {masks[bad].unique()[:5].tolist()} that are neither class ids in [0, "
-                         f"num_classes={num_classes}) nor ignore_index={ignore_index} (check reduce_zero_label)")
+                         f"num_classes={num_classes}) nor ignore_index={ignore_index}; masks whose 0 means 'no label', "
+                         "as ADE20K's, are read with reduce_zero_label=True (0 -> ignore, k -> k - 1)")
     logits = resize(logits, masks.shape[-2:]) if logits.shape[-2:] != masks.shape[-2:] else logits
     if not labelled.any():
         return logits.sum() * 0.0
@@ -246,6 +247,9 @@ class SemanticSegmenter(nn.Module):
                  stride: int | tuple[int, int] = 341, class_weight: Tensor | list[float] | None = None,
                  frozen_stages: int = -1, **backbone_kwargs):
         super().__init__()
+        if is_int(num_classes) and num_classes == 1:  # UperHead refuses the other counts below 2 (and True)
+            raise ValueError("num_classes=1: a softmax over one class is 1 everywhere, so nothing can be learnt; "
+                             "object against background is num_classes=2, with masks of 0 and 1")
         self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
         self.inference, self.crop_size, self.stride = inference, _pair(crop_size), _pair(stride)
         kwargs = {**SEG_BACKBONE_DEFAULTS.get(backbone, {}), **backbone_kwargs}
@@ -286,6 +290,7 @@ class SemanticSegmenter(nn.Module):
             if not self.training and self.inference == "slide":
                 return self.slide_inference(images)
             return self.forward_logits(images)
+        check_image_batch(images, self.backbone.in_chans, self.backbone.patch_embed.proj.weight.dtype)  # then masks
         _check_masks(images, masks)
         feats = self.backbone(images)
         weight = self.class_weight
@@ -337,8 +342,11 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _check_masks(images: Tensor, masks: Tensor) -> None:
-    if not isinstance(masks, Tensor) or masks.dtype != torch.int64:
-        got = masks.dtype if isinstance(masks, Tensor) else type(masks).__name__
-        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class ids, got {got}; use masks.long()")
+    if not isinstance(masks, Tensor):
+        listed = isinstance(masks, (list, tuple))
+        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class ids, got {type(masks).__name__}"
+                        + ("; stack a list of (H, W) masks with torch.stack" if listed else ""))
+    if masks.dtype != torch.int64:
+        raise TypeError(f"masks must be an int64 tensor (b, H, W) of class ids, got {masks.dtype}; use masks.long()")
     if masks.shape != (images.shape[0], *images.shape[-2:]):
         raise ValueError(f"masks must be (b, H, W) = {(images.shape[0], *images.shape[-2:])}, got {tuple(masks.shape)}")

@@ -251,6 +251,24 @@ def test_bad_arguments_are_rejected_early():
         UperHead((8, 16, 32, 64), channels=8)([torch.randn(1, 8, 8, 8)] * 4)
     with pytest.raises(ValueError, match=r"UperHead needs >= 2 input levels.*got \(8,\)"):
         UperHead((8,), channels=8, num_classes=3)
+    with pytest.raises(ValueError, match=r"num_classes=1: a softmax over one class .* object against background is "
+                                         r"num_classes=2, with masks of 0 and 1"):     # trained to a loss of 0
+        SemanticSegmenter("asmlp_tiny", num_classes=1, embed_dim=8, depths=(1, 1, 1, 1))
+
+
+def test_a_training_call_checks_the_images_before_reading_the_masks_against_them():
+    """The masks' expected shape comes from the images: a list of images, or one image without its batch axis, was
+    reported as an AttributeError or as masks of the wrong shape ((3, H, W): the colours read as the batch)."""
+    model, images, masks = tiny().train(), torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"expected an image tensor \(b, 3, h, w\), got list"):
+        model(list(images), masks)
+    with pytest.raises(ValueError, match=r"expected a 4-D image batch .*; add a batch dimension with x\[None\]"):
+        model(images[0], masks[0])
+    with pytest.raises(TypeError, match=r"got list; stack a list of \(H, W\) masks with torch.stack"):
+        model(images, list(masks))
+    with pytest.raises(ValueError, match=r"neither class ids in \[0, num_classes=3\) nor ignore_index=255; masks "
+                                         r"whose 0 means 'no label', as ADE20K's, are read with reduce_zero_label"):
+        model(images, masks + 3)
 
 
 @pytest.mark.parametrize("num_classes", [2.5, True, "3"])
