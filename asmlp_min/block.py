@@ -65,6 +65,9 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        if hidden < 1:  # torch would refuse it only at the first forward call
+            raise ValueError(f"mlp_ratio {mlp_ratio!r} leaves int(dim * mlp_ratio) = {hidden} hidden channels for dim "
+                             f"{dim}; it needs at least 1 (the paper uses 4)")
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)

@@ -108,6 +108,8 @@ def test_bad_options_fail_at_construction():
         ASMLPBlock(8, padding="same")
     with pytest.raises(ValueError, match="drop path probability"):
         DropPath(1.0)
+    with pytest.raises(ValueError, match=r"mlp_ratio 0.1 leaves int\(dim \* mlp_ratio\) = 0 hidden channels for dim 4"):
+        ASMLPBlock(4, mlp_ratio=0.1)                  # built, then failed at the first forward inside torch
 
 
 class DropSample(torch.nn.Module):
