@@ -135,11 +135,16 @@ def _load_for(args: argparse.Namespace):
 
 
 def writable_file(path: str, flag: str, example: str = "metrics.json", reads=()) -> Path:
-    """Check now, before minutes of work, that ``path`` can be written: not a folder, in a writable folder, not read."""
+    """Check now, before minutes of work, that ``path`` can be written: not a folder, in a writable folder, not read,
+    and not a file of the run beside the checkpoint (``reads[0]``), such as its metrics.jsonl."""
     from .engine import prepare_output_folder
+    from .engine.runs import RUN_FILES
     path = Path(path)
-    if path.is_dir() or any(path.resolve() == Path(read).resolve() for read in reads):
-        what, near = ("a folder", path) if path.is_dir() else ("a file this command reads", path.parent)
+    run_files = [Path(reads[0]).parent / name for name in RUN_FILES] if reads else []
+    if path.is_dir() or any(path.resolve() == Path(kept).resolve() for kept in [*reads, *run_files]):
+        what, near = ("a folder", path) if path.is_dir() else (
+            "a file this command reads" if any(path.resolve() == Path(r).resolve() for r in reads)
+            else "a file of the run that wrote the checkpoint", path.parent)
         raise ValueError(f"--{flag} {str(path)!r} is {what}; give a file name such as {str(near / example)!r}")
     prepare_output_folder(path.parent, flag, file=path)
     return path

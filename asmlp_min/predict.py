@@ -7,6 +7,7 @@ that cannot be read, or that runs out of memory, costs only its own result (exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def _predict(args: argparse.Namespace) -> int:
     json_path = (writable_file(args.json, "json", "predictions.json", reads=[args.checkpoint, *images]) if args.json
                  else None)
     output = prepare_output_folder(args.output, "output")
-    model, cfg, checkpoint = _load_for(args)
+    model, cfg, checkpoint = _load_for(args)  # on the CPU, where a GPU run's --amp would run in bfloat16: many
+    cfg = dataclasses.replace(cfg, amp=False)  # times slower, and other numbers than evaluate's (which drops it too)
     classes = list(checkpoint["classes"])
     destinations = _output_names(images, output, cfg.task)
     masks = [d.with_name(d.stem + "_mask.png") if cfg.task == "seg" else None for d in destinations]
@@ -119,6 +121,7 @@ def _describe(task: str, result, image: Tensor, classes: list[str], args: argpar
         lines = [f"{f['class']} {f['probability']:.3f}" for f in found]
         fig = draw_scenes([image], [int(top.indices[0])], classes, ncols=1, panel_size=4)
         fig.axes[0].set_title("\n".join(lines), fontsize=9)
+        fig.tight_layout()  # again, for the title's lines: the top-1 line was cut off
         return lines, fig, {"top": found}
     if task == "det":
         keep = result["scores"] >= args.score_threshold

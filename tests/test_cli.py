@@ -532,6 +532,34 @@ def test_predict_writes_a_png(runs, image, tmp_path, capsys, task):
         assert "% of pixels" in out
 
 
+def test_the_classification_picture_shows_every_line_of_its_title(runs, image):
+    """The top-k lines stand above the picture; the first (the top-1 class) was drawn above the figure's edge."""
+    import matplotlib
+    from asmlp_min.predict import _describe
+    matplotlib.use("Agg")
+    classes = ["circle", "square", "triangle"]
+    lines, fig, _ = _describe("cls", torch.tensor([0.2, 0.3, 0.5]), torch.zeros(3, 64, 64, dtype=torch.uint8),
+                              classes, argparse.Namespace(topk=5))
+    fig.canvas.draw()
+    title = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+    assert lines[0] == "triangle 0.500" and len(lines) == 3
+    assert 0 <= title.y0 < title.y1 <= fig.bbox.y1, (title, fig.bbox)
+
+
+def test_predict_runs_a_gpu_amp_run_in_float32_as_evaluate_does(runs, image, tmp_path):
+    """On the CPU a run's --amp would be bfloat16 autocast: slower, and other probabilities than evaluate's."""
+    from asmlp_min.checkpoint import load_checkpoint, save_checkpoint
+    saved = load_checkpoint(runs / "cls" / "checkpoint.pt")
+    amp = tmp_path / "amp" / "checkpoint.pt"
+    amp.parent.mkdir()
+    save_checkpoint({**saved, "config": {**saved["config"], "amp": True}}, amp)
+    for checkpoint, report in ((runs / "cls" / "checkpoint.pt", tmp_path / "plain.json"), (amp, tmp_path / "amp.json")):
+        assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--output", str(tmp_path / "out"),
+                     f"--json={report}"]) == 0
+    assert json.loads((tmp_path / "amp.json").read_text())[0]["top"] == json.loads(
+        (tmp_path / "plain.json").read_text())[0]["top"]
+
+
 def test_predict_json_and_the_seg_class_mask_hold_what_the_model_predicts(runs, image, tmp_path, capsys):
     from asmlp_min.data.images import load_image
     from asmlp_min.engine import load_trained, predict
@@ -567,20 +595,25 @@ def test_predicted_names_differ_in_more_than_case_as_macos_and_windows_compare_t
 
 def test_an_output_that_is_a_file_the_command_reads_is_refused_and_the_file_kept(runs, image, tmp_path, capsys,
                                                                                  monkeypatch):
-    """`--json p1.png p2.png` reads as a switch; it would have replaced the image (and --json CKPT the run)."""
+    """`--json p1.png p2.png` reads as a switch; it would have replaced the image (and --json CKPT the run). The
+    run's training log beside the checkpoint was replaced by one JSON object, without a word."""
     monkeypatch.chdir(tmp_path)
-    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint, log = tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl"
     shutil.copy(runs / "cls" / "checkpoint.pt", checkpoint)
+    shutil.copy(runs / "cls" / "metrics.jsonl", log)
     shutil.copy(image, tmp_path / "p1.png")
-    kept = {p: p.read_bytes() for p in (checkpoint, tmp_path / "p1.png")}
+    kept = {p: p.read_bytes() for p in (checkpoint, tmp_path / "p1.png", log)}
     for argv in (["predict", "--checkpoint", str(checkpoint), "--json", str(tmp_path / "p1.png"), str(image)],
                  ["predict", "--checkpoint", str(checkpoint), str(image), "--json", str(checkpoint)],
                  ["evaluate", "--checkpoint", str(checkpoint), "--json", str(checkpoint)],
-                 ["export", "--weights", str(checkpoint), "--output", str(checkpoint)]):
+                 ["export", "--weights", str(checkpoint), "--output", str(checkpoint)],
+                 ["evaluate", "--checkpoint", str(checkpoint), "--json", str(log)],
+                 ["predict", "--checkpoint", str(checkpoint), str(image), "--json", "metrics.jsonl"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         json_is_an_image = argv[-1] == str(image)
         assert ("names an image; the file the predictions go to comes right after --json" if json_is_an_image
+                else "is a file of the run that wrote the checkpoint" if "metrics.jsonl" in argv[-1]
                 else "is a file this command reads") in err, err
     assert all(p.read_bytes() == data for p, data in kept.items())
 
