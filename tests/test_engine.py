@@ -603,13 +603,18 @@ def test_bfloat16_amp_on_cpu_runs_and_overfits(tmp_path):
 
 # ---------------------------------------------------------------- run folder, evaluation, prediction
 
-def test_run_folder_has_metrics_curves_and_a_loadable_model(tmp_path, capsys):
+def test_run_folder_has_metrics_curves_and_a_loadable_model(tmp_path, capsys, monkeypatch):
+    import asmlp_min.viz
+    plotted, plot = [], asmlp_min.viz.plot_curves
+    monkeypatch.setattr(asmlp_min.viz, "plot_curves", lambda curves, path: plotted.append(curves) or plot(curves, path))
     history = Trainer(tiny(tmp_path), log=quiet).fit()
     run = tmp_path / "run"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in lines] == [1, 2]
     assert {"train_loss", "lr", "val_loss", "top1", "top5", "train_img_per_s"} <= lines[-1].keys()
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # losses and metrics, not the lr, which on the metrics' 0-1 axis was a flat line at 0
+    assert set(plotted[-1][-1]) == {"epoch", "train_loss", "val_loss", "top1", "top5"}
     assert "it/s" not in capsys.readouterr().err              # no progress bar when stderr is not a terminal
     model, cfg, checkpoint = load_trained(run / "checkpoint.pt")
     assert checkpoint["classes"] == ["circle", "square", "triangle"]

@@ -41,11 +41,12 @@ _CURVE_METRICS = ("top1", "top5", "AP", "AP50", "mIoU", "aAcc")
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """metrics.jsonl, one line per epoch (rewritten from the history, so a resumed run stays consistent), and
-    curves.png."""
+    curves.png of the losses and metrics. The learning rate stays in metrics.jsonl only: on the metrics' 0-1 axis
+    its 1e-3 was a flat line at 0."""
     from ..viz import plot_curves
     with atomic_write(run_dir / "metrics.jsonl", "w") as f:
         f.write("".join(strict_json(record) + "\n" for record in history))
-    curves = [{k: v for k, v in r.items() if k in ("epoch", "train_loss", "val_loss", "lr") or k in _CURVE_METRICS}
+    curves = [{k: v for k, v in r.items() if k in ("epoch", "train_loss", "val_loss") or k in _CURVE_METRICS}
               for r in history]
     plot_curves(curves, run_dir / "curves.png")
 
