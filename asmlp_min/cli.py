@@ -140,11 +140,11 @@ def writable_file(path: str, flag: str, example: str = "metrics.json", reads=())
     from .engine import prepare_output_folder
     from .engine.runs import RUN_FILES
     path = Path(path)
-    run_files = [Path(reads[0]).parent / name for name in RUN_FILES] if reads else []
-    if path.is_dir() or any(path.resolve() == Path(kept).resolve() for kept in [*reads, *run_files]):
+    read = any(path.resolve() == Path(r).resolve() for r in reads)
+    of_the_run = bool(reads) and any(path.resolve() == (Path(reads[0]).parent / name).resolve() for name in RUN_FILES)
+    if path.is_dir() or read or of_the_run:
         what, near = ("a folder", path) if path.is_dir() else (
-            "a file this command reads" if any(path.resolve() == Path(r).resolve() for r in reads)
-            else "a file of the run that wrote the checkpoint", path.parent)
+            "a file this command reads" if read else "a file of the run that wrote the checkpoint", path.parent)
         raise ValueError(f"--{flag} {str(path)!r} is {what}; give a file name such as {str(near / example)!r}")
     prepare_output_folder(path.parent, flag, file=path)
     return path
