@@ -32,6 +32,8 @@ def add_predict_parser(sub) -> None:
     pr.add_argument("--output", default="runs/predict", help="folder for the PNGs (default: runs/predict)")
     pr.add_argument("--topk", type=int, default=5, help="cls: classes to list (default: 5)")
     pr.add_argument("--score-threshold", type=float, default=0.3, help="det: hide boxes scored below (default: 0.3)")
+    pr.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N "
+                    "(default: auto)")
     pr.add_argument("--json", help="also write every image's result to this JSON file (top-k classes, boxes with "
                                    "scores, or pixel shares; unreadable images with their error)")
     pr.set_defaults(func=_predict)
@@ -43,22 +45,19 @@ def _predict(args: argparse.Namespace) -> int:
 
     from .files import atomic_write
     from .cli import _load_for, writable_file
-    from .data.images import is_image_file, load_image
+    from .data.images import load_image
     from .engine import prepare_output_folder, strict_json
+    from .engine.distributed import resolve_device
     from .viz import save_figure
-    if args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    if not 0.0 <= args.score_threshold <= 1.0:  # nan fails both comparisons: it would hide every box
-        raise ValueError(f"--score-threshold must be a number in [0, 1], got {args.score_threshold}")
-    if args.json and is_image_file(args.json):  # `--json a.png b.png` taken as a switch: a.png would be replaced
-        raise ValueError(f"--json {args.json!r} names an image; the file the predictions go to comes right after "
-                         "--json, e.g. --json predictions.json IMAGE ...")
+    _check_arguments(args)
+    device = resolve_device(args.device)
     images = _image_files(args.images)
     json_path = (writable_file(args.json, "json", "predictions.json", reads=[args.checkpoint, *images]) if args.json
                  else None)
     output = prepare_output_folder(args.output, "output")
-    model, cfg, checkpoint = _load_for(args)  # on the CPU, where a GPU run's --amp would run in bfloat16: many
-    cfg = dataclasses.replace(cfg, amp=False)  # times slower, and other numbers than evaluate's (which drops it too)
+    model, cfg, checkpoint = _load_for(args)
+    model.to(device)  # a GPU run's --amp on the CPU would be bfloat16: many times slower, other numbers than evaluate's
+    cfg = dataclasses.replace(cfg, amp=cfg.amp and device.type == "cuda")
     classes = list(checkpoint["classes"])
     destinations = _output_names(images, output, cfg.task)
     masks = [d.with_name(d.stem + "_mask.png") if cfg.task == "seg" else None for d in destinations]
@@ -95,6 +94,17 @@ def _predict(args: argparse.Namespace) -> int:
               + ", ".join(map(str, skipped)), file=sys.stderr)
         return 2
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    from .data.images import is_image_file
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    if not 0.0 <= args.score_threshold <= 1.0:  # nan fails both comparisons: it would hide every box
+        raise ValueError(f"--score-threshold must be a number in [0, 1], got {args.score_threshold}")
+    if args.json and is_image_file(args.json):  # `--json a.png b.png` taken as a switch: a.png would be replaced
+        raise ValueError(f"--json {args.json!r} names an image; the file the predictions go to comes right after "
+                         "--json, e.g. --json predictions.json IMAGE ...")
 
 
 def _predicted(model, cfg, image: Tensor, path: Path):

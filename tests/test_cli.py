@@ -560,6 +560,28 @@ def test_predict_runs_a_gpu_amp_run_in_float32_as_evaluate_does(runs, image, tmp
         (tmp_path / "plain.json").read_text())[0]["top"]
 
 
+@pytest.mark.parametrize("device, says", [("cuda", "no CUDA GPU is visible; use --device cpu"),
+                                          ("mps", "--device must be auto, cpu, cuda or cuda:N"),
+                                          ("gpu", "--device must be auto, cpu, cuda or cuda:N")])
+def test_predict_refuses_a_device_this_machine_lacks_before_reading_anything(runs, image, tmp_path, capsys,
+                                                                             monkeypatch, device, says):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("the checkpoint was read"))
+    assert main(["predict", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), str(image),
+                 f"--output={tmp_path / 'out'}", f"--device={device}"]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_on_the_cpu_asked_for_gives_what_auto_gives_without_a_gpu(runs, image, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("auto", "cpu"):
+        assert main(["predict", "--checkpoint", str(runs / "seg" / "checkpoint.pt"), str(image), f"--device={device}",
+                     f"--output={tmp_path / device}", f"--json={tmp_path / device}.json"]) == 0
+    auto, cpu = (json.loads((tmp_path / f"{d}.json").read_text())[0]["pixel_share"] for d in ("auto", "cpu"))
+    assert auto == cpu and sum(cpu.values()) == pytest.approx(1.0)
+
+
 def test_predict_json_and_the_seg_class_mask_hold_what_the_model_predicts(runs, image, tmp_path, capsys):
     from asmlp_min.data.images import load_image
     from asmlp_min.engine import load_trained, predict

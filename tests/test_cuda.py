@@ -177,3 +177,22 @@ def test_detector_and_segmenter_train_and_predict_on_cuda():
     with torch.no_grad():
         logits = segmenter(torch.rand(1, 3, 45, 61, device=CUDA))
     assert logits.shape == (1, 3, 45, 61)
+
+
+def test_predict_runs_on_the_gpu_and_agrees_with_the_cpu(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from asmlp_min.cli import main
+    from asmlp_min.data.shapes import make_scene, scene_rng
+    from tests.test_cli import tiny_for
+    image = tmp_path / "scene.png"
+    Image.fromarray(make_scene(scene_rng(7, "test", 0), 64).image).save(image)
+    assert main(["train", "cls", *tiny_for("cls"), f"--output={tmp_path / 'run'}"]) == 0
+    for device in ("cpu", "cuda"):
+        assert main(["predict", f"--checkpoint={tmp_path / 'run' / 'checkpoint.pt'}", str(image), f"--device={device}",
+                     f"--output={tmp_path / device}", f"--json={tmp_path / device}.json"]) == 0
+    cpu, cuda = (json.loads((tmp_path / f"{d}.json").read_text())[0]["top"] for d in ("cpu", "cuda"))
+    assert [c["class"] for c in cpu] == [c["class"] for c in cuda]
+    assert [c["probability"] for c in cpu] == pytest.approx([c["probability"] for c in cuda], abs=1e-4)

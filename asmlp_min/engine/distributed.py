@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import _DEVICE
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -41,8 +43,11 @@ def print_line(*values, file=None) -> None:
     (file or sys.stdout).write(" ".join(map(str, values)) + "\n")
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU); pick the device."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device ``--device`` names (auto, cpu, cuda or cuda:N; auto is cuda when a GPU is visible), refused with
+    what to pass instead when this machine does not have it."""
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (N a GPU index), got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -50,11 +55,17 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if device.startswith("cuda:") and int(device[5:]) >= (count := torch.cuda.device_count()):
         raise ValueError(f"--device {device} was asked for but this machine has {count} GPU(s), cuda:0 to "
                          f"cuda:{count - 1}; use one of those, or --device cuda")
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU); pick the device."""
+    resolved = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return DistEnv(0, 1, torch.device(device))
+        return DistEnv(0, 1, resolved)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
+    if resolved.type == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
