@@ -674,6 +674,10 @@ def test_predict_skips_an_unreadable_image_keeps_the_others_and_exits_2(runs, im
     assert f"1 of 3 images could not be predicted: {folder / 'b.jpg'}" in captured.err
     assert main(["predict", "--checkpoint", checkpoint, str(folder / "b.jpg"), "--output", str(out)]) == 2
     assert "none of the 1 image(s) could be predicted" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("a list of photos, given by mistake")    # named, so not left out as in a folder
+    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "notes.txt"), "--output", str(out)]) == 2
+    assert (f"warning: skipped {tmp_path / 'notes.txt'}: not an image file: Pillow cannot read it, and its name has "
+            "no image extension; give images (.jpg, .jpeg, .png," in capsys.readouterr().err)
 
 
 def test_predict_skips_an_image_that_runs_out_of_memory_and_writes_the_others_and_the_json(runs, image, tmp_path,

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
 from ..checks import InputWarning
@@ -54,6 +54,9 @@ def load_image(path: str | os.PathLike, upright: bool = False) -> tv_tensors.Ima
     except NoRGBView as err:                                # decoded, but no 8-bit RGB picture to make of it
         raise ValueError(f"{path}: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:      # PIL uses all three for corrupt files
+        if isinstance(err, UnidentifiedImageError) and not is_image_file(path):  # notes.txt given to predict
+            raise ValueError(f"{path}: not an image file: Pillow cannot read it, and its name has no image "
+                             f"extension; give images ({', '.join(IMAGE_EXTENSIONS)})") from None
         raise ValueError(f"{path}: unreadable or truncated image ({err}); replace it with a readable copy") from err
     return tv_tensors.Image(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous())
 
