@@ -18,7 +18,7 @@ from PIL import Image
 
 import torch
 
-from asmlp_min.checkpoint import load_checkpoint
+from asmlp_min.checkpoint import CheckpointError, load_checkpoint
 from asmlp_min import cli
 from asmlp_min.cli import build_parser, main
 from asmlp_min.engine.config import SIZE_FIELD, TrainConfig
@@ -506,6 +506,34 @@ def test_an_official_mmseg_upernet_is_rebuilt_with_its_shift_and_evaluated(tmp_p
     assert main(["evaluate", f"--checkpoint={path}", f"--data={tmp_path / 'seg'}",
                  f"--json={tmp_path / 'm.json'}"]) == 0
     assert 0 <= json.loads((tmp_path / "m.json").read_text())["mIoU"] <= 1
+
+
+@pytest.mark.parametrize("aux_channels", [None, 24])
+def test_an_mmseg_upernet_without_its_auxiliary_head_or_with_another_width_loads(tmp_path, image, aux_channels):
+    """The auxiliary head only trains: a config with auxiliary_head=None saves none, another one other channels
+    than half the decode head's. Both load, and compute the file's function."""
+    from asmlp_min.engine import load_released
+    from asmlp_min.segmentation import FCNHead, SemanticSegmenter
+    torch.manual_seed(0)
+    official = SemanticSegmenter("asmlp_tiny", num_classes=4, embed_dim=16, depths=(1, 1, 1, 1), channels=32,
+                                 aux=aux_channels is not None, aux_channels=aux_channels or 16).eval()
+    path = tmp_path / "upernet.pth"
+    torch.save({"state_dict": official.state_dict()}, path)
+    model, _, _ = load_released(path)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), official(x))
+    if aux_channels is None:
+        assert model.auxiliary_head is None
+    else:
+        assert isinstance(model.auxiliary_head, FCNHead)
+        assert torch.equal(model.auxiliary_head.conv_seg.weight, official.auxiliary_head.conv_seg.weight)
+    assert main(["predict", f"--checkpoint={path}", str(image), f"--output={tmp_path / 'out'}"]) == 0
+    state = official.state_dict()
+    state["auxiliary_head.convs.0.conv.weight"] = torch.zeros(24, 7, 3, 3)    # not the stage's 64 channels
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError, match="auxiliary_head.convs.0.conv.weight"):
+        load_released(path)
 
 
 def test_evaluate_prints_and_writes_metrics(runs, tmp_path, capsys):

@@ -117,8 +117,21 @@ def load_released(path: str | os.PathLike, device: str | torch.device = "cpu",
                       head_channels=sd["decode_head.bottleneck.conv.weight"].shape[0] if task == "seg" else None,
                       **{SIZE_FIELD[task]: FOLDER_IMAGE_SIZE[task]}).resolved()    # at the paper's input size
     model = build_model(**cfg.model_kwargs())
+    if task == "seg":
+        _fit_auxiliary_head(model, sd)
     load_official_checkpoint(model, checkpoint)       # strict: a CheckpointError names what does not fit
     return model.to(device).eval(), cfg, {"classes": [f"class {k}" for k in range(cfg.num_classes)]}
+
+
+def _fit_auxiliary_head(model: nn.Module, sd: dict) -> None:
+    """The segmenter's training-only auxiliary head as the mmseg file has it: none (a config with
+    ``auxiliary_head=None``), or as wide as its weights, so that the strict load checks everything else."""
+    from ..segmentation import FCNHead
+    weight = sd.get("auxiliary_head.convs.0.conv.weight")
+    if weight is None:
+        model.auxiliary_head = None
+    elif weight.ndim == 4 and weight.shape[0] != (conv := model.auxiliary_head.convs[0].conv).out_channels:
+        model.auxiliary_head = FCNHead(conv.in_channels, weight.shape[0], model.num_classes)
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
