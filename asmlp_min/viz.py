@@ -161,7 +161,9 @@ def plot_curves(history: Sequence[dict], path_or_ax: str | os.PathLike | Axes) -
     if right is not ax:
         right.set_ylabel("metric")
     handles = [h for axis in dict.fromkeys((ax, right)) for h in axis.get_legend_handles_labels()[0]]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
+    # above the plot: loc="best" weighs one axes' lines only, and put the legend over the twin axes' curves
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncols=min(len(handles), 3), frameon=False)
     if fig is None:
         return ax
     fig.tight_layout()

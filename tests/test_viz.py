@@ -121,3 +121,19 @@ def test_plot_curves_writes_a_png_and_draws_on_axes(tmp_path):
     plt.close(fig)
     with pytest.raises(ValueError, match="empty"):
         plot_curves([], tmp_path / "x.png")
+
+
+def test_the_curves_legend_stands_above_the_plot_inside_the_picture(tmp_path, monkeypatch):
+    """Inside the axes it covered curves of the twin axes, which loc="best" does not look at."""
+    import asmlp_min.viz
+    drawn = []
+    monkeypatch.setattr(asmlp_min.viz, "save_figure", lambda fig, path: drawn.append(fig))
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "val_top1": 1 - 1 / e, "val_top5": 1 - 0.5 / e}
+               for e in range(1, 11)]
+    plot_curves(history, tmp_path / "curves.png")
+    (fig,) = drawn
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend, plot = fig.axes[0].get_legend().get_window_extent(renderer), fig.axes[0].get_window_extent(renderer)
+    assert legend.y0 >= plot.y1 - 1 and legend.y1 <= fig.bbox.y1 and 0 <= legend.x0 < legend.x1 <= fig.bbox.x1
+    assert len(fig.axes[0].get_legend().get_texts()) == 4
