@@ -7,6 +7,9 @@
   it does not know, and yacs need not be installed: :data:`SAFE_GLOBALS` lets the loader build each CfgNode as an
   ``OrderedDict`` of its keys and values (yacs' own flags land as attributes), and no yacs code runs.
   ``checkpoint.load_checkpoint`` keeps it, as nested dicts (:func:`plain_config`), under ``official_config``.
+- mmcv's ``EvalHook(save_best=...)`` stores the best score in ``meta["hook_msgs"]["best_score"]``, for mmseg a
+  numpy float64. :data:`SAFE_GLOBALS` also holds numpy's scalar constructor, under numpy 2's module name and
+  numpy 1's (the files are from numpy 1), and the dtypes it is called with: it builds a number from its bytes.
 """
 from __future__ import annotations
 
@@ -24,7 +27,26 @@ class _CfgNodeAsDict:
 # torch's weights-only unpickler allows a class by its module and name, so the stand-in takes yacs' (every torch
 # from 2.4 on; the (class, name) pair form came only with torch 2.6)
 _CfgNodeAsDict.__module__, _CfgNodeAsDict.__name__, _CfgNodeAsDict.__qualname__ = "yacs.config", "CfgNode", "CfgNode"
-SAFE_GLOBALS = [_CfgNodeAsDict, set]  # a CfgNode keeps its deprecated keys in a set, which torch 2.4 refuses by itself
+
+
+def _numpy_scalar_globals() -> list:
+    """numpy's ``scalar(dtype, bytes)`` under the module name this numpy gives it and under the other one (numpy 1
+    ``numpy.core.multiarray``, numpy 2 ``numpy._core.multiarray``), ``numpy.dtype`` and its numeric dtype classes."""
+    import numpy as np
+    scalar = np.dtype("f8").type(0).__reduce__()[0]     # the function a numpy scalar pickles as
+    renamed = {"numpy.core.multiarray": "numpy._core.multiarray"}
+    renamed.update({b: a for a, b in renamed.items()})
+
+    def other_scalar(*args):
+        return scalar(*args)
+    other_scalar.__module__, other_scalar.__name__ = renamed[scalar.__module__], "scalar"
+    other_scalar.__qualname__ = "scalar"
+    return [scalar, other_scalar, np.dtype, *{type(np.dtype(code)) for code in np.typecodes["AllFloat"]
+                                              + np.typecodes["AllInteger"] + "?"}]
+
+
+# a CfgNode keeps its deprecated keys in a set, which torch 2.4 refuses by itself
+SAFE_GLOBALS = [_CfgNodeAsDict, set, *_numpy_scalar_globals()]
 
 
 def is_yacs_config(value) -> bool:

@@ -622,6 +622,31 @@ def test_the_official_trainers_checkpoint_with_its_yacs_config_loads_without_yac
         load_official_checkpoint(create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=10), path)
 
 
+@pytest.mark.parametrize("numpy_module", ["numpy._core.multiarray", "numpy.core.multiarray"])
+def test_an_mmseg_save_best_checkpoint_with_a_numpy_score_in_its_meta_loads(tmp_path, numpy_module):
+    """mmcv's EvalHook(save_best='mIoU') keeps mmseg's score, a numpy float64, in meta['hook_msgs']. numpy 2 pickles
+    it as numpy._core.multiarray.scalar, the numpy 1 of mmcv's time as numpy.core.multiarray.scalar: the pickle's
+    name is rewritten here (a legacy torch.save, whose pickle carries names as plain text)."""
+    import numpy as np
+    path = tmp_path / "best_mIoU_iter_16000.pth"
+    meta = {"hook_msgs": {"best_score": np.float64(0.4123), "best_ckpt": "work_dirs/x.pth"}, "iter": np.int64(16000),
+            "scale": np.float32(0.5), "flags": np.bool_(True)}
+    weights = tiny().state_dict()
+    torch.save({"meta": meta, "state_dict": weights}, path, _use_new_zipfile_serialization=False)
+    written = path.read_bytes()
+    names = {b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"}
+    (mine,) = [name for name in names if name in written]
+    path.write_bytes(written.replace(mine, numpy_module.encode() + b"\nscalar"))
+    loaded = load_checkpoint(path)
+    assert loaded["meta"] == meta and type(loaded["meta"]["hook_msgs"]["best_score"]) is np.float64
+    assert type(loaded["meta"]["scale"]) is np.float32 and loaded["meta"]["scale"] == 0.5
+    assert loaded["state_dict"].keys() == weights.keys()
+    assert all(torch.equal(loaded["state_dict"][k], weights[k]) for k in weights)
+    torch.save({"meta": {"mask": np.zeros(3)}, "state_dict": {}}, tmp_path / "array.pth")   # arrays stay refused
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        load_checkpoint(tmp_path / "array.pth")
+
+
 def test_settings_objects_load_on_a_torch_without_safe_globals_and_the_allow_list_is_put_back(tmp_path, monkeypatch):
     """torch 2.4 has only the process-wide add_safe_globals: the loader adds yacs' and argparse's classes for its
     one load, and afterwards the list holds what it held before, also when the load is refused."""
