@@ -56,7 +56,7 @@ def _predict(args: argparse.Namespace) -> int:
                  else None)
     output = prepare_output_folder(args.output, "output")
     model, cfg, checkpoint = _load_for(args)
-    model.to(device)  # a GPU run's --amp on the CPU would be bfloat16: many times slower, other numbers than evaluate's
+    model.to(device)  # a GPU run's --amp stays on the GPU; on the CPU it would be bfloat16, as evaluate drops it there
     cfg = dataclasses.replace(cfg, amp=cfg.amp and device.type == "cuda")
     classes = list(checkpoint["classes"])
     destinations = _output_names(images, output, cfg.task)
@@ -97,6 +97,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
+    """The flags' values, refused before any file is read."""
     from .data.images import is_image_file
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
