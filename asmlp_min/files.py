@@ -29,7 +29,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         raise not_written(err, path) from None
     try:
         with os.fdopen(fd, mode) as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            if hasattr(os, "fchmod"):  # Windows has it from Python 3.13 on, and no POSIX permissions to set
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -336,6 +336,13 @@ def test_atomic_write_gives_normal_permissions_and_removes_its_temp_file_on_fail
     assert (tmp_path / "sub" / "notes.txt").read_text() == "all or nothing"
 
 
+def test_atomic_write_works_where_os_has_no_fchmod_as_on_windows_before_python_3_13(tmp_path, monkeypatch):
+    """Without the guard no checkpoint, picture or JSON could be written there: AttributeError after an epoch."""
+    monkeypatch.delattr(os, "fchmod")
+    save_checkpoint({"step": torch.tensor(1)}, tmp_path / "ckpt.pth")
+    assert load_checkpoint(tmp_path / "ckpt.pth")["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pth"]
+
+
 @pytest.mark.parametrize("name", ["写" * 78 + "_cls.png", "a" * 255, "é" * 127])
 def test_atomic_write_writes_a_name_near_the_255_byte_limit(tmp_path, name):
     """The temp file's name is 14 bytes longer than ``name``; it is cut, not refused ("File name too long")."""
