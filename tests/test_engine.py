@@ -668,6 +668,26 @@ def test_more_than_four_workers_per_usable_cpu_are_refused_before_any_data_is_ma
     assert build_data(tiny(tmp_path, workers=8).resolved()).num_classes == 3
 
 
+def _as_read(*values):
+    """A transform (image, mask) and a collate function (samples) that change nothing, picklable for workers."""
+    return values if len(values) > 1 else values[0]
+
+
+def test_a_filled_shapes_cache_stays_out_of_spawned_workers(tmp_path):
+    """--class-weight balanced reads every training scene into the cache first. A forkserver worker (spawn: macOS,
+    Windows) is sent the dataset pickled, each cached tensor as a file descriptor: 'too many fds' past 256."""
+    from torch.utils.data import DataLoader
+    train = build_data(tiny(tmp_path, task="seg", mixup=0.0, cutmix=0.0, train_size=160).resolved()).train
+    train.transform = _as_read                   # the same tensors in the main process and the worker
+    ours = [train[i] for i in range(len(train))]                              # 320 cached tensors
+    assert len(train.cache) == 160
+    loader = DataLoader(train, batch_size=80, num_workers=1, multiprocessing_context="forkserver",
+                        collate_fn=_as_read)
+    theirs = [sample for batch in loader for sample in batch]
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(ours, theirs, strict=True))
+    assert len(train.cache) == 160                                            # the main process keeps its own
+
+
 def test_class_weight_balanced_is_computed_from_the_training_masks(tmp_path):
     seg = dict(task="seg", mixup=0.0, cutmix=0.0, train_size=16, val_size=4, batch_size=4, epochs=1)
     lines = []

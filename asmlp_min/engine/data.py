@@ -108,6 +108,11 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def __getstate__(self) -> dict:
+        """Without the cache: spawn and forkserver workers (macOS, Windows, Python 3.14's Linux default) get the
+        dataset pickled, each cached tensor as a file descriptor ('too many fds' past 256); each fills its own."""
+        return {**self.__dict__, "cache": {}}
+
     def __getitem__(self, index: int):
         if index not in self.cache:
             self.cache[index] = self.base[index]
