@@ -9,7 +9,8 @@ optimizer keeps its parameters. tests/test_fast.py checks each piece and whole m
 - CPU activations are channels_last (:class:`FastPatchEmbed`, :class:`FastPatchMerging`), where oneDNN runs each
   plain 1x1 ``nn.Conv2d`` as one matrix product over channels, forward and backward, and GELU runs on the
   contiguous (b, h, w, c) view.
-- CPU inference runs each stage on pieces of the batch (:func:`inference_pieces`), which reuse freed memory.
+- CPU inference runs each stage on pieces of the batch (:func:`inference_pieces`), which reuse freed memory; a
+  stage whose blocks carry forward hooks runs whole, so that each hook sees the batch once.
 - The zero-padded shift writes each output element once: slice copies (:func:`slice_shift`), on CUDA one Triton
   kernel (:func:`kernel_shift`) where Triton is installed; its backward is the same shift the other way.
 - CUDA inference takes GroupNorm(1, c)'s statistics with ``torch.var_mean`` (:func:`var_mean_group_norm`), which
@@ -263,12 +264,20 @@ def inference_pieces(x: Tensor, hidden: int) -> int:
     return min(b, -(-b * hidden * h * w * x.element_size() // PIECE_BYTES))
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook, of ``module``, of a module inside it or of every module, would see the call."""
+    from torch.nn.modules import module as hooks
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 class FastASMLPStage(ASMLPStage):
-    """:class:`ASMLPStage` whose CPU inference runs the blocks on :func:`inference_pieces` of the batch."""
+    """:class:`ASMLPStage` whose CPU inference runs the blocks on :func:`inference_pieces` of the batch, unless a
+    forward hook is on a block or inside one: it runs once, with the whole batch, as on the plain model."""
 
     def forward_blocks(self, x: Tensor) -> Tensor:
         pieces = inference_pieces(x, self.blocks[0].mlp.fc1.out_channels)
-        if pieces > 1:
+        if pieces > 1 and not _hooked(self.blocks):
             return torch.cat([self.run_blocks(piece) for piece in x.tensor_split(pieces)])
         return self.run_blocks(x)
 
@@ -280,9 +289,9 @@ PLAIN = {fast: plain for plain, fast in FAST.items()}
 
 
 def _has_fast_twin(module: nn.Module) -> bool:
-    """Only modules the fast classes compute exactly: one-group norms, exact GELU."""
+    """Only modules the fast classes compute exactly: one-group norms with weights, exact GELU."""
     if isinstance(module, nn.GroupNorm):
-        return module.num_groups == 1
+        return module.num_groups == 1 and module.affine
     return not isinstance(module, nn.GELU) or module.approximate == "none"
 
 

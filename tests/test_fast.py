@@ -80,6 +80,33 @@ def test_fast_stage_computes_the_plain_stage_in_pieces(monkeypatch):
     assert_same_function(plain, quick, torch.randn(3, 8, 6, 5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("hook_on", ["block", "inside a block", "every module"])
+def test_a_forward_hook_sees_the_whole_batch_once_as_on_the_plain_model(monkeypatch, hook_on):
+    """A hook that keeps a block's output (a feature extractor) kept the last piece only: [1] of [1, 1, 1]."""
+    plain = randomise(ASMLPStage(8, 2, 3, [0.0, 0.0], downsample=False)).eval()
+    quick = fast.enable(copy.deepcopy(plain))
+    monkeypatch.setattr(fast, "PIECE_BYTES", 32 * 6 * 5 * 4)  # one image's hidden layer: a piece per image
+    x, outputs = torch.randn(3, 8, 6, 5), {}
+    for model in (plain, quick):
+        seen = outputs.setdefault(type(model), [])
+        keep = lambda module, args, out, seen=seen: seen.append(out) if module is model.blocks[1].mlp else None
+        if hook_on == "every module":
+            handle = nn.modules.module.register_module_forward_hook(keep)
+        else:
+            handle = (model.blocks[1] if hook_on == "block" else model.blocks[1].mlp).register_forward_hook(
+                lambda module, args, out, seen=seen: seen.append(out))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+    (plain_out,), (quick_out,) = outputs[ASMLPStage], outputs[FastASMLPStage]
+    torch.testing.assert_close(quick_out, plain_out, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # without a hook the pieces run again
+        pieces = []
+        monkeypatch.setattr(quick, "run_blocks", lambda piece: pieces.append(len(piece)) or piece)
+        quick(x)
+    assert pieces == [1, 1, 1]
+
+
 # ---------------------------------------------------------------- whole models
 
 def model_pair(name, **kwargs):
@@ -155,10 +182,11 @@ def test_switch_keeps_parameters_and_checkpoint_keys():
 
 def test_enable_leaves_modules_it_cannot_compute_alone():
     others = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 1, stride=2), nn.GroupNorm(3, 3),
-                           nn.GELU(approximate="tanh"))
+                           nn.GELU(approximate="tanh"), nn.GroupNorm(1, 3, affine=False))
     fast.enable(others)
-    assert [type(m) for m in others] == [nn.Conv2d, nn.Conv2d, nn.GroupNorm, nn.GELU]
+    assert [type(m) for m in others] == [nn.Conv2d, nn.Conv2d, nn.GroupNorm, nn.GELU, nn.GroupNorm]
     assert not fast.is_enabled(others)
+    others(torch.randn(2, 3, 9, 9, requires_grad=True)).sum().backward()   # GroupNorm1 read the missing weight
 
 
 # ---------------------------------------------------------------- the norm: GroupNorm(1, c)
