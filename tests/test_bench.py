@@ -96,6 +96,17 @@ def test_official_configuration_is_the_nchw_algorithm1_model_with_the_same_weigh
     assert seen == [True]  # NCHW inside
 
 
+def test_official_configuration_of_a_float64_model_keeps_float64_weights():
+    """The twins were built in float32 and given the weights rounded: a float64 model's copy crashed on its input."""
+    model = randomise(tiny(num_classes=10)).double().eval()
+    official = official_configuration(model)
+    sd, sd_off = model.state_dict(), official.state_dict()
+    assert all(sd_off[k].dtype == sd[k].dtype and torch.equal(sd[k], sd_off[k]) for k in sd)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(official(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("option", [dict(dilation=2), dict(padding="circular")])
 def test_official_configuration_refuses_shift_options_the_official_code_lacks(option):
     with pytest.raises(ValueError, match="no dilation and only zero padding"):

@@ -51,15 +51,17 @@ def official_configuration(model: ASMLP) -> ASMLP:
                          "default shift options to compare it with the official configuration")
     official = copy.deepcopy(model)
     enable(official, False)  # the reference modules: NCHW, nn.Conv2d, nn.GroupNorm, nn.GELU
-    _swap_in_twins(official, next(model.parameters()).device)
+    _swap_in_twins(official, next(model.parameters()))
     return official
 
 
-def _swap_in_twins(parent: nn.Module, device: torch.device) -> None:
+def _swap_in_twins(parent: nn.Module, like: torch.Tensor) -> None:
+    """Each module that has an official twin replaced by it, on ``like``'s device and in its dtype (a float64
+    model's weights would otherwise be rounded to the twin's float32)."""
     for name, child in list(parent.named_children()):
         twin = _official_twin(child)
         if twin is not None:
-            twin.load_state_dict(child.state_dict())
-            child = twin.to(device).train(child.training)
+            child = twin.to(like.device, like.dtype).train(child.training)
+            child.load_state_dict(parent.get_submodule(name).state_dict())
             setattr(parent, name, child)
-        _swap_in_twins(child, device)  # also reaches the modules inside a new twin
+        _swap_in_twins(child, like)  # also reaches the modules inside a new twin
