@@ -102,6 +102,8 @@ class GELU(nn.GELU):
 def to_fast_layout(x: Tensor) -> Tensor:
     """channels_last on CPU, where it makes every 1x1 conv one GEMM; NCHW elsewhere (on CUDA, cuDNN's NCHW
     convs are as fast: benchmarks/README.md)."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x  # torch.func's vmap refuses a memory format
     layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
     return x.contiguous(memory_format=layout)
 
@@ -197,16 +199,26 @@ def zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 
 
 
 class _ZeroShift(torch.autograd.Function):
-    """With zero padding the shift's backward is the same shift with the offsets negated: its exact adjoint."""
+    """With zero padding the shift's backward is the same shift with the offsets negated: its exact adjoint. The
+    shift is linear, so its forward-mode derivative (jvp) is the shift itself; ``setup_context`` and the generated
+    vmap rule let ``torch.func`` (grad, vmap, jvp: per-sample gradients) run it as it runs the plain shift."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, shift_size: int, dim: int, dilation: int) -> Tensor:
-        ctx.config = (shift_size, dim, dilation)
+    def forward(x: Tensor, shift_size: int, dim: int, dilation: int) -> Tensor:
         return zero_shift(x, shift_size, dim, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.config = tuple(inputs[1:])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return zero_shift(grad, *ctx.config, sign=-1), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, *_) -> Tensor:
+        return zero_shift(tangent, *ctx.config)
 
 
 def _exporting() -> bool:

@@ -138,6 +138,28 @@ def test_fast_model_equals_the_plain_model(name, kwargs, training):
                         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, scale))
 
 
+def test_torch_func_grad_vmap_and_jvp_run_the_fast_model_as_the_plain_one():
+    """Per-sample gradients (vmap of grad), input gradients and forward-mode derivatives: the shift's
+    autograd.Function needed setup_context, a vmap rule and a jvp, and vmap refused the channels_last copy."""
+    import torch.autograd.forward_ad as forward_ad
+    from torch.func import functional_call, grad, jvp, vmap
+    plain, quick = model_pair("asmlp_tiny", embed_dim=8, depths=(1, 1, 1, 1))
+    params = {k: v.detach() for k, v in plain.named_parameters()}
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 4, 6])
+    results = []
+    for model in (plain, quick.eval()):
+        model.eval()
+        loss = lambda p, xi, yi: F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])  # noqa: B023
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        to_input = grad(lambda xi: functional_call(model, params, (xi,)).square().sum())(x)  # noqa: B023
+        _, tangent = jvp(model, (x,), (torch.ones_like(x),))
+        with forward_ad.dual_level():  # the weights require grad: the shift runs its autograd.Function
+            dual = forward_ad.unpack_dual(model(forward_ad.make_dual(x, torch.ones_like(x)))).tangent
+        results.append([per_sample[k] for k in params] + [to_input, tangent, dual])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 def test_float32_fast_model_is_within_rounding_of_the_plain_one():
     plain, quick = model_pair("asmlp_tiny", embed_dim=16, depths=(1, 1, 2, 1))
     plain, quick = plain.float().eval(), quick.float().eval()
