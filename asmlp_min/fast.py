@@ -300,6 +300,12 @@ FAST = {nn.GroupNorm: GroupNorm1, nn.GELU: GELU, PatchEmbed: FastPatchEmbed, Pat
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 
 
+# torch.fx traces into modules defined outside torch.nn, so the twins of nn.GELU and nn.GroupNorm would add nodes
+# of their own: create_feature_extractor(model, nodes, tracer_kwargs={"leaf_modules": list(FX_LEAF_MODULES)}) keeps
+# the plain model's node names (and what each name returns).
+FX_LEAF_MODULES = (GELU, GroupNorm1)
+
+
 def _has_fast_twin(module: nn.Module) -> bool:
     """Only modules the fast classes compute exactly: one-group norms with weights, exact GELU."""
     if isinstance(module, nn.GroupNorm):

@@ -75,6 +75,26 @@ def test_create_feature_extractor_taps_stages_and_a_shift():
     torch.testing.assert_close(out["logits"], model(x), rtol=0, atol=0)
 
 
+def test_with_the_fast_leaf_modules_the_fast_model_has_the_plain_models_node_names_and_values():
+    """Traced into, the fast GELU's three calls in a block became nodes of their own, and "...actn" named the last
+    one, where on the plain model it names the first."""
+    from asmlp_min import fast
+    model = tiny(num_classes=5)
+    plain = fast.enable(create_model("asmlp_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_classes=5), False)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    leaves = {"leaf_modules": list(fast.FX_LEAF_MODULES)}
+    for quick, want in zip(get_graph_node_names(model, tracer_kwargs=leaves), get_graph_node_names(plain)):
+        assert [n for n in quick if n != "patch_embed.to_fast_layout"] == want
+    nodes = ["layers.1.blocks.0.axial_shift.actn", "layers.1.blocks.0.axial_shift.actn_2", "layers.2.blocks.0.norm1"]
+    assert all(n in get_graph_node_names(plain)[1] for n in nodes)
+    x = torch.randn(2, 3, 64, 64)
+    got = create_feature_extractor(model, nodes, tracer_kwargs=leaves)(x)
+    want = create_feature_extractor(plain, nodes)(x)
+    for n in nodes:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
+
+
 @EVAL_ONLY
 def test_create_feature_extractor_on_the_features_model():
     model = tiny(features_only=True)
