@@ -444,9 +444,44 @@ def test_a_killed_loader_worker_saves_the_epochs_progress_and_says_why_and_how_t
     assert_saved_after_step_3_and_resumes_to(straight, cfg)
 
 
+_CTRL_C_AS_WORKERS_START = """
+import os, signal
+from torch.utils.data import DataLoader
+from asmlp_min.engine.data import _loaded
+from asmlp_min.engine.distributed import leave_ctrl_c_to_the_main_process
+
+class Started(DataLoader):
+    def __iter__(self):
+        iterator = super().__iter__()   # the spawned workers are importing torch now
+        os.killpg(0, signal.SIGINT)     # a terminal's Ctrl-C reaches every process of its group
+        return iterator
+
+if __name__ == "__main__":
+    stops = []
+    signal.signal(signal.SIGINT, lambda *args: stops.append("stop at the next safe point"))
+    loader = Started(list(range(8)), batch_size=2, num_workers=2, multiprocessing_context="spawn",
+                     worker_init_fn=leave_ctrl_c_to_the_main_process)
+    print([batch.tolist() for batch in _loaded(loader)], stops)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="Windows cannot block a signal")
+def test_ctrl_c_while_spawned_workers_start_stops_the_run_instead_of_killing_them(tmp_path):
+    """macOS and Windows spawn workers, which take seconds to import torch before their worker_init_fn ignores
+    Ctrl-C: killed by it meanwhile, their deaths were reported as the out-of-memory killer's (exit 2, not 130)."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(_CTRL_C_AS_WORKERS_START)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[[0, 1], [2, 3], [4, 5], [6, 7]] ['stop at the next safe point']"
+    assert "KeyboardInterrupt" not in done.stderr
+
+
 class _PipeOfADeadWorker:
     """A loader whose next batch fails as the main process's read of a dead worker's pipe can: ECONNRESET, before
     torch's own check has seen the death. ``worker``: a real process, already ended (or None)."""
+    num_workers, multiprocessing_context = 1, None   # DataLoader's: one worker, the default start method
 
     def __init__(self, worker):
         self._workers = [worker] if worker is not None else []

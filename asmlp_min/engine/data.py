@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import TrainConfig
+from .distributed import ctrl_c_held, leave_ctrl_c_to_the_main_process
 
 
 class DataError(ValueError):
@@ -259,15 +260,7 @@ def _loader(dataset: Dataset, batches, collate_fn, workers: int, seed: int, devi
         dataset = SeededSamples(dataset, seed)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda",
-                      worker_init_fn=_leave_ctrl_c_to_the_main_process if workers else None)
-
-
-def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
-    """A terminal's Ctrl-C reaches every process of the group. A forked worker would run the main process's stop
-    handler (printing its message again) and die on a second Ctrl-C; the main process stops the run at a safe
-    point and ends its workers itself. SIGTERM ends a worker at once again, as the DataLoader's shutdown expects."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                      worker_init_fn=leave_ctrl_c_to_the_main_process if workers else None)
 
 
 class SeededSamples(Dataset):
@@ -296,7 +289,9 @@ def _loaded(loader: DataLoader):
     with the reader's one-line message, whether it failed here (``--workers 0``) or in a worker process, which torch
     reports as the worker's whole traceback. A worker process that dies is raised as :class:`WorkerDied`, between
     batches (:func:`_worker_deaths_deferred`)."""
-    iterator = iter(loader)
+    context = loader.multiprocessing_context or multiprocessing.get_context()
+    with ctrl_c_held(context.get_start_method() if loader.num_workers else "fork"):  # the workers iter starts
+        iterator = iter(loader)
     with _worker_deaths_deferred() as died:
         try:
             while True:

@@ -224,6 +224,37 @@ def stop_requests(on_signal: Callable[[int], None]):
             signal.signal(s, handler)
 
 
+def leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``. A terminal's Ctrl-C reaches every process of the group. A forked
+    worker would run the main process's stop handler (printing its message again) and die on a second Ctrl-C; the
+    main process stops the run at a safe point and ends its workers itself. SIGTERM ends a worker at once again,
+    as the DataLoader's shutdown expects."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def ctrl_c_held(start_method: str = "fork"):
+    """SIGINT blocked in this thread while the block runs, and delivered when it ends. DataLoader workers started
+    inside inherit the block until :func:`leave_ctrl_c_to_the_main_process` ignores Ctrl-C: a spawned worker (macOS,
+    Windows, forkserver) takes seconds to import torch and get there, and a Ctrl-C meanwhile killed it, which the
+    run then reported as a worker death. Where signals cannot be blocked (Windows) nothing changes.
+
+    For ``start_method`` spawn and forkserver, Python's resource tracker is started first: started beside the first
+    worker, it would unblock SIGINT after itself (it holds the signal the same way while it starts, bpo-33613)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    if start_method != "fork":
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def process_group_closed_at_exit():
     """Destroy the torch.distributed process group, if one is up, when the block ends. After a block that finished
