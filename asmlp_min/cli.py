@@ -28,7 +28,7 @@ from pathlib import Path
 from .backbone import list_models
 from .checkpoint import CheckpointError
 from .checks import InputWarning
-from .files import WriteError
+from .files import WriteError, shell_word
 from .train_flags import add_train_arguments
 
 
@@ -66,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         base = TrainConfig(task=task, output=f"runs/{task}")
         existing = Path(overrides.get("output", base.output)) / "checkpoint.pt"
         if existing.exists() and not args.overwrite and int(os.environ.get("RANK", "0")) == 0:
-            raise ValueError(f"{existing} exists: continue it with --resume {existing}, or start over with "
+            raise ValueError(f"{existing} exists: continue it with --resume {shell_word(existing)}, or start over with "
                              "--overwrite or another --output")
     _refuse_shapes_only(overrides, overrides.get("data", base.data))
     trainer = Trainer(dataclasses.replace(base, **overrides), resume=args.resume, loaded=loaded)
@@ -130,7 +130,7 @@ def _load_for(args: argparse.Namespace):
     asked = getattr(args, "task", None)
     if asked and asked != cfg.task:
         raise ValueError(f"{args.checkpoint} holds a {cfg.task} model, not {asked}: "
-                         f"run 'asmlp-min {args.command} {cfg.task} --checkpoint {args.checkpoint}'")
+                         f"run: asmlp-min {args.command} {cfg.task} --checkpoint {shell_word(args.checkpoint)}")
     return model, cfg, checkpoint
 
 

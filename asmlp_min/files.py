@@ -9,6 +9,8 @@ import contextlib
 import errno
 import os
 import re
+import shlex
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -58,6 +60,12 @@ def not_written(err: OSError, path: Path, started: bool = False) -> OSError:
         return WriteError(err.errno, f"{path} was not written: {reason}. Any earlier {path.name} is unchanged, no "
                           f"temp file is left; {advice}", str(path))
     return type(err)(err.errno, err.strerror, str(path))
+
+
+def shell_word(path: str | os.PathLike) -> str:
+    """``path`` as one word of a command a user pastes into a shell: quoted where it holds spaces or other
+    characters the shell would split or expand (``--resume 'my runs/checkpoint.pt'``)."""
+    return subprocess.list2cmdline([str(path)]) if os.name == "nt" else shlex.quote(str(path))
 
 
 class WriteError(OSError):

@@ -180,6 +180,20 @@ def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(runs, capsys):
     assert "exists: continue it with --resume" in capsys.readouterr().err
 
 
+def test_a_suggested_command_pastes_back_whole_when_its_path_has_a_space(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from asmlp_min.files import shell_word
+    out = tmp_path / "my runs" / "été"
+    assert main(["train", "cls", *TINY, f"--output={out}"]) == 0
+    assert main(["train", "cls", *TINY, f"--output={out}"]) == 2
+    suggested = capsys.readouterr().err.split("continue it with ", 1)[1].split(", or start over")[0]
+    assert shlex.split(suggested) == ["--resume", str(out / "checkpoint.pt")]
+    assert shell_word("runs/cls/checkpoint.pt") == "runs/cls/checkpoint.pt"      # no quotes where none are needed
+    monkeypatch.setattr(os, "name", "nt")
+    assert shell_word(r"C:\my runs\checkpoint.pt") == r'"C:\my runs\checkpoint.pt"'  # cmd.exe and PowerShell
+
+
 def test_resume_reuses_the_checkpoint_settings_and_reads_the_checkpoint_once(runs, tmp_path, capsys, reads):
     assert main(["train", "cls", *TINY[1:], "--epochs=2", "--stop-at-epoch=1", f"--output={tmp_path}"]) == 0
     reads.clear()

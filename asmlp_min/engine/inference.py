@@ -92,6 +92,7 @@ def load_released(path: str | os.PathLike, device: str | torch.device = "cpu",
     read off the tensors' shapes (a registered variant where they match one), an mmseg file's shift size off its
     config; the weights then load strictly. ``loaded``: the file's contents, if already read."""
     from ..backbone import MODEL_CONFIGS
+    from ..files import shell_word
     from ..checkpoint import (CheckpointError, _saved_shift_size, extract_state_dict, load_checkpoint,
                               load_official_checkpoint)
     from .tasks import build_model
@@ -104,7 +105,7 @@ def load_released(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path} is neither a training run's checkpoint.pt nor released AS-MLP weights with "
                               "their head (an official classification .pth with head.weight, or an mmseg UperNet "
                               "with decode_head): evaluate and predict need one of those; backbone weights start a "
-                              f"training instead: asmlp-min train --pretrained {path}")
+                              f"training instead: asmlp-min train --pretrained {shell_word(path)}")
     found = [(int(m[1]), int(m[2])) for m in blocks if m]   # (stage, block)
     depths = tuple(1 + max(j for i, j in found if i == stage) for stage in range(1 + max(i for i, _ in found)))
     embed_dim = sd[f"{prefix}patch_embed.proj.weight"].shape[0]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError, compare_state_dicts, load_checkpoint, non_finite_keys, shown_keys
 from ..checks import is_int
 from ..data import ade20k
-from ..files import NO_ROOM, WriteError, atomic_write, not_written, remove_stale_temp_files
+from ..files import NO_ROOM, WriteError, atomic_write, not_written, remove_stale_temp_files, shell_word
 from ..segmentation import variant_setting
 from .config import BACKBONE_FIELDS, SIZE_FIELDS, TrainConfig
 from .data import TaskData
@@ -57,7 +57,7 @@ def stopped_writing(err: OSError, path: Path, resume: Path | None) -> WriteError
     checkpoint to continue from; None: train again)."""
     said = err if isinstance(err, WriteError) else not_written(err, Path(err.filename or path), started=True)
     fix = "there is room" if err.errno in NO_ROOM else "that is fixed"
-    again = f"continue with --resume {resume}" if resume else "train again"
+    again = f"continue with --resume {shell_word(resume)}" if resume else "train again"
     return WriteError(err.errno, f"{said}; training stopped: once {fix}, {again}", err.filename or str(path))
 
 
@@ -323,7 +323,8 @@ def _check_compatible(checkpoint: dict, cfg: TrainConfig, path) -> None:
                        "different random streams)")
     if changed:
         raise CheckpointError(f"cannot resume from {path} with {', '.join(changed)}: a resumed run keeps its recipe. "
-                              f"Leave the flag out, or start a new run from these weights with --pretrained {path}")
+                              "Leave the flag out, or start a new run from these weights with --pretrained "
+                              f"{shell_word(path)}")
 
 
 def _in_effect(cfg: TrainConfig, key: str):
@@ -341,7 +342,7 @@ def check_resume_state(checkpoint: dict, model: nn.Module, cfg: TrainConfig, wor
     if checkpoint["world_size"] != world_size:
         raise CheckpointError(f"the checkpoint was written by {checkpoint['world_size']} process(es), this run has "
                               f"{world_size}: resume with as many (data order and random streams are per process), or "
-                              f"start a new run from these weights with --pretrained {path}")
+                              f"start a new run from these weights with --pretrained {shell_word(path)}")
     _check_weights(model, checkpoint, cfg, path)
     saved = checkpoint.get("batches_per_epoch"), checkpoint.get("train_images")  # absent from older checkpoints
     if any(was is not None and was != now for was, now in zip(saved, (batches_per_epoch, train_images))):

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from ..checkpoint import non_finite_keys, save_checkpoint, shown_keys
+from ..files import shell_word
 from .config import TrainConfig
 from .data import DataError, TaskData, _loaded, _loader, build_data
 from .distributed import (DistEnv, _all_reduce_sum, _autocast, init_distributed, peer_failures_explained, rng_state,
@@ -143,8 +144,7 @@ class Trainer:
     def _train_batches(self) -> DataLoader:
         """This rank's batches of the current epoch, minus the ones a resumed run already trained on.
 
-        The permutation depends only on (seed, epoch): rank r of N takes every N-th index, so the N
-        batches of one step together are the batch one process of N times the size would take.
+        Rank r of N takes every N-th index of a (seed, epoch) permutation: one step's N batches are one N-times batch.
         """
         sampler = DistributedSampler(self.data.train, self.env.world_size, self.env.rank, shuffle=True,
                                      seed=self.cfg.seed, drop_last=True)
@@ -186,12 +186,13 @@ class Trainer:
                     self.save()
                     self.log(f"stopped in epoch {self.epoch + 1} after {self.batch_in_epoch} of "
                              f"{self.batches_per_epoch} batches; saved {self.checkpoint_path}. "
-                             f"Continue with: --resume {self.checkpoint_path}")
+                             f"Continue with: --resume {shell_word(self.checkpoint_path)}")
                     break
                 self._end_epoch()
                 if (self._stopping or self._signal_since_the_last_step()) and self.epoch < last:
                     self.stop_signal = self._signal_received or signal.SIGTERM
-                    self.log(f"stopped after epoch {self.epoch}; continue with: --resume {self.checkpoint_path}")
+                    self.log(f"stopped after epoch {self.epoch}; continue with: --resume "
+                             f"{shell_word(self.checkpoint_path)}")
                     break
         return self.history
 
@@ -284,7 +285,7 @@ class Trainer:
         self.save()
         self._write_metrics()
         return type(err)(f"{err}. Saved epoch {self.epoch} without its validation in {self.checkpoint_path}; "
-                         f"{err.fix}continue with --resume {self.checkpoint_path}")
+                         f"{err.fix}continue with --resume {shell_word(self.checkpoint_path)}")
 
     def _remember_step(self) -> None:
         """What the last optimiser step left (generator state, epoch totals): a save after a data error goes back to
@@ -307,7 +308,7 @@ class Trainer:
         self.save()
         return type(err)(f"{err}. Saved epoch {self.epoch + 1}'s progress ({self.batch_in_epoch} of "
                          f"{self.batches_per_epoch} batches) in {self.checkpoint_path}; {err.fix}continue with "
-                         f"--resume {self.checkpoint_path}")
+                         f"--resume {shell_word(self.checkpoint_path)}")
 
     def _non_finite_message(self, value: float) -> str:
         return (f"the training loss became {value} in epoch {self.epoch + 1} (step {self.step + 1}); stopped before "
@@ -318,7 +319,7 @@ class Trainer:
                 f"{self._checkpoint_on_disk()}. {self._advice()}")
 
     def _after_a_peer_stopped(self) -> str:
-        resume = f"; once the cause is fixed, continue with --resume {self.checkpoint_path}"
+        resume = f"; once the cause is fixed, continue with --resume {shell_word(self.checkpoint_path)}"
         return self._checkpoint_on_disk() + (resume if self._verified_epoch is not None else "")
 
     def _checkpoint_on_disk(self) -> str:
