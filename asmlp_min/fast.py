@@ -284,11 +284,12 @@ def _hooked(module: nn.Module) -> bool:
 
 
 class FastASMLPStage(ASMLPStage):
-    """:class:`ASMLPStage` whose CPU inference runs the blocks on :func:`inference_pieces` of the batch, unless a
-    forward hook is on a block or inside one: it runs once, with the whole batch, as on the plain model."""
+    """:class:`ASMLPStage` whose CPU inference (eval mode) runs the blocks on :func:`inference_pieces` of the batch,
+    unless a forward hook is on a block or inside one: it runs once, with the whole batch, as on the plain model.
+    In train mode without autograd (an EMA teacher) the whole batch draws its drop-path masks, as the plain one."""
 
     def forward_blocks(self, x: Tensor) -> Tensor:
-        pieces = inference_pieces(x, self.blocks[0].mlp.fc1.out_channels)
+        pieces = 1 if self.training else inference_pieces(x, self.blocks[0].mlp.fc1.out_channels)
         if pieces > 1 and not _hooked(self.blocks):
             return torch.cat([self.run_blocks(piece) for piece in x.tensor_split(pieces)])
         return self.run_blocks(x)

@@ -80,6 +80,19 @@ def test_fast_stage_computes_the_plain_stage_in_pieces(monkeypatch):
     assert_same_function(plain, quick, torch.randn(3, 8, 6, 5, dtype=torch.float64))
 
 
+def test_a_fast_stage_in_train_mode_without_autograd_draws_drop_path_as_the_plain_one(monkeypatch):
+    """An EMA teacher runs in train mode under no_grad: in pieces, its drop-path masks came piece by piece."""
+    plain = randomise(ASMLPStage(8, 2, 3, [0.5, 0.5], downsample=False)).train()
+    quick = fast.enable(copy.deepcopy(plain))
+    monkeypatch.setattr(fast, "PIECE_BYTES", 32 * 6 * 5 * 4)  # one image's hidden layer
+    x, outputs = torch.randn(4, 8, 6, 5), []
+    for model in (plain, quick):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hook_on", ["block", "inside a block", "every module"])
 def test_a_forward_hook_sees_the_whole_batch_once_as_on_the_plain_model(monkeypatch, hook_on):
     """A hook that keeps a block's output (a feature extractor) kept the last piece only: [1] of [1, 1, 1]."""
