@@ -85,6 +85,21 @@ def test_lr_factor_matches_hand_computed_values():
     assert lr_factor(4, **warm) == pytest.approx(0.6)
 
 
+@pytest.mark.parametrize("total, warmup", [(300, 40), (30, 10), (12, 0)])
+def test_cosine_with_warm_up_is_timms_cosine_lr_scheduler_as_the_official_imagenet_code_steps_it(total, warmup):
+    """The official code: CosineLRScheduler(t_initial=T, lr_min, warmup_lr_init, warmup_t=W, t_in_epochs=False).
+    Its warm-up is a ramp to the base lr; mmcv's rule times the cosine peaked at 0.75x the lr in a 3-epoch run."""
+    from timm.scheduler import CosineLRScheduler
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    official = CosineLRScheduler(optimizer, t_initial=total, lr_min=0.01, warmup_lr_init=1e-3, warmup_t=warmup,
+                                 cycle_limit=1, t_in_epochs=False)
+    ours = [lr_factor(t, schedule="cosine", total_steps=total, warmup_steps=warmup, warmup_ratio=1e-3,
+                      min_ratio=0.01) for t in range(total + 1)]
+    assert ours == pytest.approx([official._get_lr(t)[0] for t in range(total + 1)], rel=1e-12, abs=1e-15)
+    if warmup:
+        assert ours[warmup - 1] == pytest.approx(1e-3 + (1 - 1e-3) * (warmup - 1) / warmup)   # by hand
+
+
 def test_scheduler_follows_lr_factor_per_iteration(tmp_path):
     trainer = Trainer(tiny(tmp_path, lr=1e-3, warmup_epochs=1.0, schedule="cosine", min_lr_ratio=0.01), log=quiet)
     steps = trainer.steps_per_epoch * 2

@@ -33,9 +33,12 @@ def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int =
     main(t):  cosine  min + (1 - min) (1 + cos(pi t / T)) / 2
               poly    min + (1 - min) (1 - t / T) ** power
               step    gamma ** (number of milestones <= t)
-    warm-up (t < W, mmcv's linear rule): main(t) * (r + (1 - r) t / W), so it starts at r * main(0).
+    warm-up (t < W): cosine, as timm's CosineLRScheduler (the official ImageNet code): r + (1 - r) t / W, a ramp
+    that reaches the base lr; poly and step, mmcv's linear rule: main(t) * (r + (1 - r) t / W).
     """
     t = min(step, total_steps)
+    if schedule == "cosine" and step < warmup_steps:
+        return warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
     if schedule == "cosine":
         main = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t / total_steps))
     elif schedule == "poly":
