@@ -127,8 +127,9 @@ class TrainConfig:
                                     interval=f"[{PATCH_SIZE}, inf)", why=_PATCHES)
     train_size: int = setting(2000, "shapes only: number of training scenes", group=_DATA, interval="[1, inf)")
     val_size: int = setting(400, "shapes only: number of validation scenes", group=_DATA, interval="[1, inf)")
-    augment: str = setting("auto", "'paper': the paper's pipelines (cls random resized crop, det flip, seg rescale + "
-                           "crop); 'light': resize + flip; 'none': no randomness", group=_DATA, choices=AUGMENTATIONS,
+    augment: str = setting("auto", "'paper': the paper's pipelines (cls random resized crop + flip, without its "
+                           "RandAugment and random erasing; det flip; seg rescale + crop); 'light': resize + flip; "
+                           "'none': no randomness", group=_DATA, choices=AUGMENTATIONS,
                            shown="auto: light on shapes, paper on folders")
     workers: int = setting(0, "DataLoader worker processes (0: load in the main process)", group=_SPEED,
                            interval="[0, inf)")
