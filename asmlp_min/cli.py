@@ -284,8 +284,9 @@ _LESS_MEMORY = {"info": "use a smaller --image-size",
 
 
 def out_of_memory(err: RuntimeError) -> bool:
-    """Whether torch ran out of memory: CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
-    return "out of memory" in str(err) or "can't allocate memory" in str(err)
+    """Whether torch ran out of memory: CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+    (Linux, macOS) or "not enough memory" (Windows)."""
+    return any(words in str(err) for words in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 def _say(line: str) -> None:

@@ -107,6 +107,13 @@ def test_official_configuration_of_a_float64_model_keeps_float64_weights():
         torch.testing.assert_close(official(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+def test_the_load_average_is_none_where_the_system_keeps_none(monkeypatch):
+    from asmlp_min.bench.measure import _loadavg
+    assert len(_loadavg()) == 3
+    monkeypatch.delattr(os, "getloadavg")  # Windows: the bench crashed with AttributeError before any timing
+    assert _loadavg() is None
+
+
 @pytest.mark.parametrize("option", [dict(dilation=2), dict(padding="circular")])
 def test_official_configuration_refuses_shift_options_the_official_code_lacks(option):
     with pytest.raises(ValueError, match="no dilation and only zero padding"):

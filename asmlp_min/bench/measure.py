@@ -276,9 +276,10 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
 
 
 def _loadavg() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages; None where the system keeps none (Windows has no os.getloadavg)."""
     try:
         return list(os.getloadavg())
-    except OSError:  # not available on this platform
+    except (OSError, AttributeError):
         return None
 
 
