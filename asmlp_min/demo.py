@@ -167,7 +167,8 @@ def write_figures(results: dict[str, Trainer], folder: Path) -> dict[str, str]:
                               ncols=3, mask_alpha=0.7)
             fig.suptitle("top: ground-truth masks, bottom: predicted masks", fontsize=10)
         paths[f"predictions_{task}"] = _save(fig, folder / f"predictions_{task}.png")
-    return {name: str(Path(path).relative_to(folder.parent)) for name, path in paths.items()}
+    # '/' on Windows too: markdown viewers read 'figures\x.png' as one file name
+    return {name: Path(path).relative_to(folder.parent).as_posix() for name, path in paths.items()}
 
 
 def shift_figure():

@@ -59,7 +59,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU); pick the device."""
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU and where torch has no
+    NCCL, as on Windows); pick the device."""
     resolved = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -71,7 +72,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" and dist.is_nccl_available() else "gloo")
     return DistEnv(dist.get_rank(), dist.get_world_size(), dev)
 
 
