@@ -48,6 +48,9 @@ def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+KILLED = signal.strsignal(signal.SIGKILL) if hasattr(signal, "SIGKILL") else None  # "Killed: 9" on macOS
+
+
 def quiet(*args, **kwargs):
     pass
 
@@ -450,8 +453,9 @@ def test_a_killed_loader_worker_saves_the_epochs_progress_and_says_why_and_how_t
     text = str(err.value)
     # torch names the signal itself ("is killed by signal: Killed") or, when its queue noticed the death first,
     # says "exited unexpectedly", and the worker's exit code names it
+    killed = re.escape(KILLED)
     assert re.match(r"a data-loading worker process died \(DataLoader worker \(pid(\(s\))? \d+\) "
-                    r"(is killed by signal: Killed|exited unexpectedly; killed by signal 9 \(Killed\))\); ", text)
+                    rf"(is killed by signal: Killed|exited unexpectedly; killed by signal 9 \({killed}\))\); ", text)
     assert "out-of-memory killer" in text and "--workers" in text and "\n" not in text and "Traceback" not in text
     assert "Saved epoch 2's progress (2 of 4 batches)" in text
     assert text.endswith(f"continue with --resume {tmp_path / 'run' / 'checkpoint.pt'}")
@@ -522,7 +526,7 @@ def test_a_dead_workers_reset_pipe_is_a_worker_death_and_a_reset_without_one_a_d
     with pytest.raises(WorkerDied) as err:
         list(_loaded(_PipeOfADeadWorker(worker)))
     assert str(err.value).startswith(f"a data-loading worker process died (DataLoader worker (pid(s) {worker.pid}) "
-                                      "exited unexpectedly; killed by signal 9 (Killed)); ")
+                                      f"exited unexpectedly; killed by signal 9 ({KILLED})); ")
     with pytest.raises(DataError) as err:                 # no worker died: a reader's own connection failed
         list(_loaded(_PipeOfADeadWorker(None)))
     assert type(err.value) is DataError and "Connection reset by peer" in str(err.value)
@@ -555,8 +559,8 @@ def test_a_worker_death_that_torch_reports_without_its_signal_is_named_by_the_ex
     torch_says = RuntimeError("DataLoader worker (pid(s) 4577, 4578) exited unexpectedly")
     assert _worker_death_message(torch_says, [None, -9, 0, -15, -9]) == (
         "a data-loading worker process died (DataLoader worker (pid(s) 4577, 4578) exited unexpectedly; killed by "
-        "signal 9 (Killed), signal 15 (Terminated)); 'Killed' (signal 9) is most often the kernel's out-of-memory "
-        "killer")
+        f"signal 9 ({KILLED}), signal 15 ({signal.strsignal(15)})); 'Killed' (signal 9) is most often the kernel's "
+        "out-of-memory killer")
     named = RuntimeError("DataLoader worker (pid 4577) is killed by signal: Killed.")
     assert _worker_death_message(named, [-9]).startswith(
         "a data-loading worker process died (DataLoader worker (pid 4577) is killed by signal: Killed); ")
@@ -711,7 +715,7 @@ def test_a_gpu_index_the_machine_does_not_have_is_refused_naming_the_ones_it_has
 
 
 def test_more_than_four_workers_per_usable_cpu_are_refused_before_any_data_is_made(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_data.os, "sched_getaffinity", lambda pid: {0, 1})   # a 2-CPU machine: at most 8
+    monkeypatch.setattr(engine_data, "_usable_cpus", lambda: 2)   # a 2-CPU machine: at most 8
     with pytest.raises(ValueError, match="--workers 9 would start 9 loader processes .* for the 2 CPU\\(s\\) this "
                                          "process may use; use at most 8"):
         build_data(tiny(tmp_path, workers=9).resolved())
@@ -721,6 +725,11 @@ def test_more_than_four_workers_per_usable_cpu_are_refused_before_any_data_is_ma
 def _as_read(*values):
     """A transform (image, mask) and a collate function (samples) that change nothing, picklable for workers."""
     return values if len(values) > 1 else values[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="macOS and Windows have no CPU affinity call")
+def test_the_usable_cpus_are_the_affinity_of_this_process_not_every_cpu_of_the_machine():
+    assert engine_data._usable_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_a_filled_shapes_cache_stays_out_of_spawned_workers(tmp_path):

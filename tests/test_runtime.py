@@ -1,11 +1,12 @@
 """keep_freed_memory: freed activations are reused instead of being mapped afresh (page faults), values unchanged."""
 import platform
-import resource
 
 import pytest
 import torch
 
 from asmlp_min.runtime import freed_memory_kept, keep_freed_memory
+
+resource = pytest.importorskip("resource", reason="page faults are counted with getrusage, which Windows lacks")
 
 glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
