@@ -17,6 +17,9 @@ venv install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 10) and "asmlp_min needs Python 3.10 or newer, \
+	and .venv has Python " + sys.version.split()[0] + ": remove .venv and run make again with PYTHON=python3.12 \
+	(or another python3.1x)")'
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name asmlp_min --display-name "Python (asmlp_min)" >/dev/null

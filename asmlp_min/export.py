@@ -1,5 +1,5 @@
 """ONNX export of a classifier or a ``features_only`` backbone: ``torch.onnx.export(..., dynamo=True)``, one file per
-input size, any batch size, written atomically. Needs ``onnx`` and ``onnxscript`` (``pip install -e .[dev]``).
+input size, any batch size, written atomically. Needs ``onnx`` and ``onnxscript`` (``pip install -e ".[dev]"``).
 
 Height and width are fixed in each file: torch.export specialises the traced graph on them (it guards on size
 expressions such as ``w // 32``), and a file exported with free height/width (``Dim.AUTO``) gave wrong
@@ -26,7 +26,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int
     for any batch and the given (h, w); outputs ``logits``, or ``stage{i}`` for each of a backbone's ``out_indices``."""
     if importlib.util.find_spec("onnxscript") is None:
         raise ValueError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript "
-                         "(or pip install -e .[dev])")
+                         "(or pip install -e \".[dev]\")")
     if not isinstance(model, ASMLP):  # a detector or segmenter: its post-processing is not exported
         inner = " (export its .backbone)" if isinstance(getattr(model, "backbone", None), ASMLP) else ""
         raise TypeError(f"export_onnx writes an AS-MLP classifier or backbone (asmlp_min.ASMLP), not a "

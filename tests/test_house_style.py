@@ -1,6 +1,7 @@
 """The measured house limits of STYLE.md: package modules under 400 lines, functions under 60, no line over 120
-characters (tests included)."""
+characters (tests included); and the README's Windows test command, which repeats the Makefile's."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +22,12 @@ def test_package_modules_are_under_400_lines_and_their_functions_under_60():
             for path in PACKAGE for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 59]
     assert not big and not long, f"modules of 400 lines or more: {big}; functions of 60 lines or more: {long}"
+
+
+def test_the_readmes_windows_commands_run_what_make_test_runs():
+    """Windows has no make: the README spells out the Makefile's test command, which must not drift from it."""
+    make, readme = (ROOT / "Makefile").read_text(encoding="utf-8"), (ROOT / "README.md").read_text(encoding="utf-8")
+    nbval = re.search(r"^NBVAL\s*:=\s*(.+)$", make, re.M)[1].strip()
+    pytest_flags = re.search(r"^PYTEST\s*:=.*-m pytest (.+)$", make, re.M)[1].strip().replace("$(JOBS)", "2")
+    assert f".venv\\Scripts\\python -m pytest {pytest_flags} {nbval} notebooks tests" in readme
+    assert "$(PYTEST) $(NBVAL) notebooks tests" in make
