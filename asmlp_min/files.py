@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -36,12 +37,27 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):  # about this file
             raise not_written(err, path, started=err.filename is None) from None  # tmp: os.replace failed
         raise
+
+
+REPLACE_TRIES, WINDOWS = 5, os.name == "nt"
+
+
+def _replace(tmp: str, path: Path) -> None:
+    """``os.replace``; on Windows tried again for about a second while it is refused: there a file that another
+    program holds open (metrics.jsonl in a spreadsheet, a virus scanner, a sync client) cannot be replaced."""
+    for attempt in range(REPLACE_TRIES):
+        try:
+            return os.replace(tmp, path)
+        except PermissionError:
+            if not WINDOWS or attempt == REPLACE_TRIES - 1:
+                raise
+            time.sleep(0.25)
 
 
 def _temp_prefix(name: str) -> str:

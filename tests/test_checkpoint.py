@@ -343,6 +343,31 @@ def test_atomic_write_works_where_os_has_no_fchmod_as_on_windows_before_python_3
     assert load_checkpoint(tmp_path / "ckpt.pth")["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pth"]
 
 
+@pytest.mark.parametrize("windows, refusals, written", [(True, 2, True), (True, 5, False), (False, 1, False)])
+def test_a_file_held_open_elsewhere_on_windows_is_replaced_once_let_go(tmp_path, monkeypatch, windows, refusals,
+                                                                     written):
+    """Windows refuses to replace a file another program holds open (metrics.jsonl in a spreadsheet, a scanner):
+    tried for about a second. Elsewhere a PermissionError is the folder's, and trying again would not help."""
+    calls, replace = [], os.replace
+
+    def held_open(src, dst):
+        calls.append(dst)
+        if len(calls) <= refusals:
+            raise PermissionError(13, "Permission denied", src, None, dst)
+        return replace(src, dst)
+    monkeypatch.setattr(asmlp_min.files.os, "replace", held_open)
+    monkeypatch.setattr(asmlp_min.files, "WINDOWS", windows)
+    monkeypatch.setattr(asmlp_min.files.time, "sleep", lambda seconds: None)
+    (tmp_path / "metrics.jsonl").write_text("epoch 1\n")
+    try:
+        with atomic_write(tmp_path / "metrics.jsonl", "w") as f:
+            f.write("epoch 1\nepoch 2\n")
+    except PermissionError as err:
+        assert not written and str(tmp_path / "metrics.jsonl") in str(err)
+    assert (tmp_path / "metrics.jsonl").read_text() == ("epoch 1\nepoch 2\n" if written else "epoch 1\n")
+    assert len(calls) == (refusals + 1 if written else min(refusals, 5)) and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
 @pytest.mark.parametrize("name", ["写" * 78 + "_cls.png", "a" * 255, "é" * 127])
 def test_atomic_write_writes_a_name_near_the_255_byte_limit(tmp_path, name):
     """The temp file's name is 14 bytes longer than ``name``; it is cut, not refused ("File name too long")."""
