@@ -319,9 +319,18 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} is empty: give a path (was a shell variable unset?)")
 
 
+def _escape_what_the_output_cannot_encode() -> None:
+    """Windows writes redirected output in its ANSI code page (cp1252, ...), where a path or class name in another
+    script raised UnicodeEncodeError and ended the command: such characters are written as \\u escapes instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .engine import NonFiniteLossError, PeerStopped, new_folders_removed_on_failure
     from .engine.distributed import sigterm_back_on
+    _escape_what_the_output_cannot_encode()
     args = build_parser().parse_args(argv)
     named = [path for path in (getattr(args, "output", None), getattr(args, "json", None)) if path]
     try:  # a command that fails leaves no empty folder behind; the package's warnings are one line each

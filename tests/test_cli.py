@@ -751,6 +751,21 @@ def test_predict_skips_an_image_that_runs_out_of_memory_and_writes_the_others_an
     assert [("top" in r, "error" in r) for r in records] == [(True, False), (False, True), (True, False)]
 
 
+def test_output_in_a_code_page_without_a_paths_letters_escapes_them_instead_of_failing(runs, image, tmp_path,
+                                                                                       monkeypatch):
+    """Windows writes redirected output (asmlp-min predict ... > log.txt) in its ANSI code page, here cp1252: the
+    Cyrillic folder name raised UnicodeEncodeError, and the command ended with 'charmap' codec can't encode."""
+    import io
+    folder = tmp_path / "Фото"
+    folder.mkdir()
+    shutil.copy(image, folder / "a.png")
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="cp1252", write_through=True))
+    assert main(["predict", "--checkpoint", str(runs / "cls" / "checkpoint.pt"), str(folder),
+                 f"--output={tmp_path / 'out'}"]) == 0
+    assert written.getvalue().decode("cp1252").startswith(str(tmp_path / "\\u0424\\u043e\\u0442\\u043e" / "a.png"))
+
+
 def test_predict_into_the_input_folder_numbers_its_results_and_leaves_every_input_image(runs, image, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
