@@ -75,6 +75,7 @@ def test_create_feature_extractor_taps_stages_and_a_shift():
     torch.testing.assert_close(out["logits"], model(x), rtol=0, atol=0)
 
 
+@EVAL_ONLY
 def test_with_the_fast_leaf_modules_the_fast_model_has_the_plain_models_node_names_and_values():
     """Traced into, the fast GELU's three calls in a block became nodes of their own, and "...actn" named the last
     one, where on the plain model it names the first."""

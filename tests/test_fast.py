@@ -151,6 +151,7 @@ def test_fast_model_equals_the_plain_model(name, kwargs, training):
                         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, scale))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's import of torch.jit, not ours
 def test_torch_func_grad_vmap_and_jvp_run_the_fast_model_as_the_plain_one():
     """Per-sample gradients (vmap of grad), input gradients and forward-mode derivatives: the shift's
     autograd.Function needed setup_context, a vmap rule and a jvp, and vmap refused the channels_last copy."""
