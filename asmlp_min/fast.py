@@ -21,6 +21,8 @@ How much each path gains, and what was tried and dropped: benchmarks/README.md.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -188,13 +190,36 @@ def kernel_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int 
     return out
 
 
+_kernel = {"works": None}  # whether kernel_shift has run in this process: None before its first launch
+
+
+def _kernel_usable(x: Tensor) -> bool:
+    """CUDA where Triton is installed, except under torch.compile, which fuses the slice copies, for tensors of
+    2**31 elements or more, which the kernel's int32 indices cannot address, and once its first launch failed.
+    ``is_compiling`` is asked first: torch 2.4's torch.export refuses to trace ``x.is_cuda``."""
+    return (triton is not None and not torch.compiler.is_compiling() and _kernel["works"] is not False and x.is_cuda
+            and x.numel() < 2**31)
+
+
 def zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 1) -> Tensor:
-    """:func:`kernel_shift` on CUDA where Triton is installed, except under torch.compile, which fuses the slice
-    copies, and for tensors of 2**31 elements or more, which the kernel's int32 indices cannot address;
-    :func:`slice_shift` otherwise. ``is_compiling`` is asked first: torch 2.4's torch.export refuses to trace
-    ``x.is_cuda``."""
-    if triton is not None and not torch.compiler.is_compiling() and x.is_cuda and x.numel() < 2**31:
-        return kernel_shift(x, shift_size, dim, dilation, sign)
+    """:func:`kernel_shift` where :func:`_kernel_usable`, :func:`slice_shift` otherwise.
+
+    Triton can be installed and still unable to build a kernel: it compiles a launcher with the system's C compiler,
+    which PyTorch's runtime Docker images lack. A first launch that fails is said in a warning, and the slices run
+    from then on (the same values); a failure after the kernel has run once is an error.
+    """
+    if _kernel_usable(x):
+        try:
+            out = kernel_shift(x, shift_size, dim, dilation, sign)
+        except Exception as err:  # Triton's build errors have no common class: RuntimeError, CalledProcessError, ...
+            if _kernel["works"]:
+                raise
+            _kernel["works"] = False
+            warnings.warn(f"the Triton shift kernel could not run here ({type(err).__name__}: {err}); the shift runs "
+                          "as PyTorch slice copies instead: the same values, somewhat slower on the GPU", stacklevel=2)
+        else:
+            _kernel["works"] = True
+            return out
     return slice_shift(x, shift_size, dim, dilation, sign)
 
 

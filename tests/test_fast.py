@@ -5,6 +5,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -328,6 +329,39 @@ class _AskedIsCuda(torch.Tensor):
     @property
     def is_cuda(self):
         raise AssertionError("zero_shift asked x.is_cuda under tracing")
+
+
+class _SaysCuda(torch.Tensor):
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_a_triton_that_cannot_build_its_kernel_leaves_the_shift_to_the_slices_after_one_warning(monkeypatch):
+    """Triton imports but compiles its launcher with the system's C compiler, which PyTorch's runtime Docker images
+    lack: every CUDA forward failed. The first failure warns; later calls go straight to the slices."""
+    launches = []
+
+    def cannot_build(*args, **kwargs):
+        launches.append(1)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+    monkeypatch.setattr(fast, "triton", fast.triton or object())
+    monkeypatch.setattr(fast, "kernel_shift", cannot_build)
+    monkeypatch.setattr(fast, "_kernel", {"works": None})
+    x = torch.randn(2, 7, 3, 5)
+    with pytest.warns(UserWarning, match="Triton shift kernel could not run here .*Failed to find C compiler"):
+        assert torch.equal(fast.zero_shift(x.as_subclass(_SaysCuda), 5, 3, 1), algorithm1(x, 5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fast.zero_shift(x.as_subclass(_SaysCuda), 5, 2, 1), algorithm1(x, 5, 2))
+    assert launches == [1]
+    monkeypatch.setattr(fast, "_kernel", {"works": None})   # once it has run, a later failure is a real error
+    monkeypatch.setattr(fast, "kernel_shift", lambda *args: launches.append(1) or fast.slice_shift(*args))
+    fast.zero_shift(x.as_subclass(_SaysCuda), 5, 3, 1)
+    monkeypatch.setattr(fast, "kernel_shift", cannot_build)
+    with pytest.raises(RuntimeError, match="C compiler"):
+        fast.zero_shift(x.as_subclass(_SaysCuda), 5, 3, 1)
+    assert len(launches) == 3
 
 
 def test_fast_shift_under_tracing_never_asks_the_device(monkeypatch):

@@ -302,4 +302,6 @@ def _cuda_shift(device: str) -> str | None:
     """How asmlp_min's zero-padded shift runs in eager CUDA mode (a Triton A/B sets ``fast.triton = None``)."""
     if device != "cuda":
         return None
-    return "one Triton kernel" if fast.triton is not None else "torch slice copies (no Triton)"
+    if fast.triton is None:
+        return "torch slice copies (no Triton)"
+    return "one Triton kernel" if fast._kernel["works"] is not False else "torch slice copies (Triton failed to build)"
