@@ -237,8 +237,8 @@ def leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
 @contextlib.contextmanager
 def ctrl_c_held(start_method: str = "fork"):
     """SIGINT blocked in this thread while the block runs, and delivered when it ends. DataLoader workers started
-    inside inherit the block until :func:`leave_ctrl_c_to_the_main_process` ignores Ctrl-C: a spawned worker (macOS,
-    Windows, forkserver) takes seconds to import torch and get there, and a Ctrl-C meanwhile killed it, which the
+    inside inherit the block until :func:`leave_ctrl_c_to_the_main_process` ignores Ctrl-C: a spawned worker (macOS;
+    forkserver on Linux) takes seconds to import torch and get there, and a Ctrl-C meanwhile killed it, which the
     run then reported as a worker death. Where signals cannot be blocked (Windows) nothing changes.
 
     For ``start_method`` spawn and forkserver, Python's resource tracker is started first: started beside the first
