@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .backbone import list_models
 from .checkpoint import CheckpointError
@@ -114,7 +114,8 @@ def _check_saved_data(checkpoint: dict, path: str) -> None:
     data = checkpoint["config"].get("data", "shapes")
     if data == "shapes" or Path(data).is_dir():
         return
-    where = ("does not exist" if Path(data).is_absolute() else
+    absolute = PurePosixPath(data).is_absolute() or PureWindowsPath(data).is_absolute()  # trained on another system
+    where = ("does not exist here" if absolute else
              f"is relative to the folder that training ran in, and {Path.cwd()} has no such folder")
     raise FileNotFoundError(f"{path} was trained on the data folder {data!r}, which {where}: pass --data with the "
                             "folder's path (absolute, or relative to here)")

@@ -299,6 +299,10 @@ def test_a_checkpoint_holding_a_relative_data_folder_says_where_it_came_from(tmp
                 f"ran in, and {path.parent} has no such folder: pass --data with the folder's path") in err, argv
         assert main([*argv, "--data=../ifold"]) == 0
     assert load_checkpoint(path)["epoch"] == 2
+    checkpoint["config"]["data"] = r"C:\Users\me\ifold"      # trained on Windows: absolute there, not relative
+    torch.save(checkpoint, path)
+    assert main(["evaluate", "--checkpoint", "checkpoint.pt"]) == 2
+    assert "data folder 'C:\\\\Users\\\\me\\\\ifold', which does not exist here: pass --data" in capsys.readouterr().err
 
 
 def test_a_checkpoint_trained_on_a_gpu_is_evaluated_without_one_and_resumes_where_asked(runs, image, tmp_path,
