@@ -81,7 +81,7 @@ def not_written(err: OSError, path: Path, started: bool = False) -> OSError:
 def shell_word(path: str | os.PathLike) -> str:
     """``path`` as one word of a command a user pastes into a shell: quoted where it holds spaces or other
     characters the shell would split or expand (``--resume 'my runs/checkpoint.pt'``)."""
-    return subprocess.list2cmdline([str(path)]) if os.name == "nt" else shlex.quote(str(path))
+    return subprocess.list2cmdline([str(path)]) if WINDOWS else shlex.quote(str(path))
 
 
 class WriteError(OSError):

@@ -183,6 +183,7 @@ def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(runs, capsys):
 def test_a_suggested_command_pastes_back_whole_when_its_path_has_a_space(tmp_path, capsys, monkeypatch):
     import shlex
 
+    import asmlp_min.files
     from asmlp_min.files import shell_word
     out = tmp_path / "my runs" / "été"
     assert main(["train", "cls", *TINY, f"--output={out}"]) == 0
@@ -190,7 +191,7 @@ def test_a_suggested_command_pastes_back_whole_when_its_path_has_a_space(tmp_pat
     suggested = capsys.readouterr().err.split("continue it with ", 1)[1].split(", or start over")[0]
     assert shlex.split(suggested) == ["--resume", str(out / "checkpoint.pt")]
     assert shell_word("runs/cls/checkpoint.pt") == "runs/cls/checkpoint.pt"      # no quotes where none are needed
-    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(asmlp_min.files, "WINDOWS", True)
     assert shell_word(r"C:\my runs\checkpoint.pt") == r'"C:\my runs\checkpoint.pt"'  # cmd.exe and PowerShell
 
 
