@@ -216,7 +216,8 @@ def zero_shift(x: Tensor, shift_size: int, dim: int, dilation: int, sign: int = 
                 raise
             _kernel["works"] = False
             warnings.warn(f"the Triton shift kernel could not run here ({type(err).__name__}: {err}); the shift runs "
-                          "as PyTorch slice copies instead: the same values, somewhat slower on the GPU", stacklevel=2)
+                          "as PyTorch slice copies instead: the same values, somewhat slower on the GPU",
+                          RuntimeWarning, stacklevel=2)
         else:
             _kernel["works"] = True
             return out

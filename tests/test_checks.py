@@ -25,10 +25,13 @@ def test_numbers_and_what_is_not_one(value, finite_number, integer, count):
 def test_the_packages_warnings_are_input_warnings_which_the_notebooks_filter_keeps():
     """The notebooks hide other libraries' warnings (they would land in the stored outputs) and keep these: with a
     plain "ignore", a student's boxes in [0, 1] trained to a box loss of 0 in silence."""
-    calls = [node for path in sorted((Path(asmlp_min.__file__).parent).rglob("*.py"))
+    calls = {(path.name, node.lineno): ast.unparse(node.args[1]) if len(node.args) > 1 else "UserWarning"
+             for path in sorted((Path(asmlp_min.__file__).parent).rglob("*.py"))
              for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "warn"]
-    assert len(calls) >= 9 and all(ast.unparse(call.args[1]) == "InputWarning" for call in calls)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "warn"}
+    machine = {where: kind for where, kind in calls.items() if kind != "InputWarning"}
+    # the one warning about the machine, not the input: Triton installed but unable to build the shift kernel
+    assert len(calls) >= 10 and [(name, kind) for (name, _), kind in machine.items()] == [("fast.py", "RuntimeWarning")]
     detector = asmlp_min.SimpleFPNDetector("asmlp_tiny", num_classes=3, embed_dim=8, depths=(1, 1, 1, 1),
                                            fpn_channels=16).train()
     with warnings.catch_warnings(record=True) as caught:

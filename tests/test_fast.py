@@ -349,7 +349,7 @@ def test_a_triton_that_cannot_build_its_kernel_leaves_the_shift_to_the_slices_af
     monkeypatch.setattr(fast, "kernel_shift", cannot_build)
     monkeypatch.setattr(fast, "_kernel", {"works": None})
     x = torch.randn(2, 7, 3, 5)
-    with pytest.warns(UserWarning, match="Triton shift kernel could not run here .*Failed to find C compiler"):
+    with pytest.warns(RuntimeWarning, match="Triton shift kernel could not run here .*Failed to find C compiler"):
         assert torch.equal(fast.zero_shift(x.as_subclass(_SaysCuda), 5, 3, 1), algorithm1(x, 5, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
