@@ -61,7 +61,7 @@ def _swap_in_twins(parent: nn.Module, like: torch.Tensor) -> None:
     for name, child in list(parent.named_children()):
         twin = _official_twin(child)
         if twin is not None:
-            child = twin.to(like.device, like.dtype).train(child.training)
-            child.load_state_dict(parent.get_submodule(name).state_dict())
-            setattr(parent, name, child)
+            twin.to(like.device, like.dtype).train(child.training).load_state_dict(child.state_dict())
+            setattr(parent, name, twin)
+            child = twin
         _swap_in_twins(child, like)  # also reaches the modules inside a new twin
