@@ -92,9 +92,9 @@ def load_released(path: str | os.PathLike, device: str | torch.device = "cpu",
     read off the tensors' shapes (a registered variant where they match one), an mmseg file's shift size off its
     config; the weights then load strictly. ``loaded``: the file's contents, if already read."""
     from ..backbone import MODEL_CONFIGS
-    from ..files import shell_word
     from ..checkpoint import (CheckpointError, _saved_shift_size, extract_state_dict, load_checkpoint,
                               load_official_checkpoint)
+    from ..files import shell_word
     from .tasks import build_model
     checkpoint = load_checkpoint(path) if loaded is None else loaded
     sd = extract_state_dict(checkpoint, whole_model=True)
